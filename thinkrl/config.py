@@ -1,0 +1,289 @@
+"""The configuration schema: dataclasses are the schema, YAML is data.
+
+A config is built from (1) the defaults below, (2) an optional YAML file and
+(3) dotted ``key=value`` overrides from the command line, in that order. Any key
+that is not in the schema is an error that lists the valid keys, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or override that the user can fix."""
+
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. First think about the problem step by step inside "
+    "<think> </think> tags, then give only the final answer inside <answer> </answer> tags, "
+    "for example: <think> reasoning here </think> <answer> 42 </answer>"
+)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "chain_sum"  # a reasoning-gym dataset name, or a path to a .jsonl file
+    params: dict = field(default_factory=dict)  # the reasoning-gym dataset's own config
+    train_size: int = 20000
+    eval_size: int = 200
+    seed: int = 0
+    eval_seed: int = 1_000_003  # a seed range disjoint from training; duplicates are removed too
+    eval_path: str | None = None  # held-out JSONL for file tasks (else a split of the file)
+    template: str = "chat"  # chat | r1_zero | plain
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # used by the chat template
+    prefill: str = ""  # text the assistant turn starts with, e.g. "<think>"
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    prompts_per_step: int = 8
+    group_size: int = 8  # G samples per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 64  # sequences generated at once
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"  # grpo | dr_grpo
+    loss: str = "ppo_clip"
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # DAPO clip-higher; None means clip_eps
+    num_iterations: int = 1  # optimisation passes over one batch of rollouts
+    kl_coef: float = 0.0  # beta; 0 loads no reference model
+    kl_estimator: str = "k3"
+    loss_agg: str | None = None  # None: the advantage's own default (see algorithms.losses)
+    std_eps: float = 1e-4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.99)
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine | linear
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 16
+
+
+@dataclass
+class EvalConfig:
+    n: int = 200  # held-out questions
+    before: bool = True  # evaluate the initial model
+    after: bool = True  # evaluate the final model
+    every: int = 0  # also evaluate every N steps (0: never)
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    model: str = "smollm2-135m"
+    output_dir: str = "runs/default"
+    max_steps: int = 60
+    seed: int = 0
+    dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU supports it)
+    threads: int = 0  # torch threads; 0 = all cores
+    resume: bool = False
+    save_every: int = 20
+    keep_checkpoints: int = 2
+    log_samples: int = 4  # completions written to samples.jsonl per step
+    plot: bool = True
+    progress: bool = True
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Building a config from dicts, YAML and overrides
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type, with the few safe coercions YAML needs."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if typ is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    if typ is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return value
+
+
+def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+    """Write ``data`` into the dataclass ``obj`` in place, validating every key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(type(obj))
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in types_:
+            valid = ", ".join(prefix + k for k in types_)
+            raise ConfigError(f"unknown config key '{full}'. Valid keys here: {valid}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, types_[key], full))
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ``["a.b=1", "model=x"]`` into a nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(out, key, value)
+    return out
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "rewards":
+            _deep_update(base[k], v)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return base
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    return data
+
+
+def build_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                 base: dict | None = None) -> Config:
+    """Defaults <- ``base`` <- YAML file <- overrides, then validation."""
+    data: dict = {}
+    for layer in (base or {}, load_yaml(path) if path else {}, parse_overrides(overrides or [])):
+        _deep_update(data, layer)
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from thinkrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+    from thinkrl.rewards import REWARDS
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.max_steps >= 1, "max_steps must be >= 1")
+    need(cfg.rollout.group_size >= 2, "rollout.group_size must be >= 2 (GRPO compares samples in a group)")
+    need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
+    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    need(cfg.rollout.temperature > 0, "rollout.temperature must be > 0 for RL sampling")
+    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
+    need(cfg.rollout.backend in ("hf",), f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: hf")
+    need(cfg.algo.num_iterations >= 1, "algo.num_iterations must be >= 1")
+    need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
+    need(cfg.algo.clip_eps > 0, "algo.clip_eps must be > 0")
+    need(cfg.optim.lr > 0, "optim.lr must be > 0")
+    need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    need(cfg.optim.schedule in ("constant", "cosine", "linear"),
+         f"optim.schedule '{cfg.optim.schedule}' unknown; choose from: constant, cosine, linear")
+    need(cfg.dtype in ("auto", "bf16", "fp32"), f"dtype '{cfg.dtype}' unknown; choose from: auto, bf16, fp32")
+    need(cfg.task.template in ("chat", "r1_zero", "plain"),
+         f"task.template '{cfg.task.template}' unknown; choose from: chat, r1_zero, plain")
+    for reg, key in ((ADVANTAGES, cfg.algo.advantage), (POLICY_LOSSES, cfg.algo.loss),
+                     (KL_ESTIMATORS, cfg.algo.kl_estimator)):
+        reg.check(key)
+    if cfg.algo.loss_agg is not None:
+        LOSS_AGGREGATIONS.check(cfg.algo.loss_agg)
+    need(len(cfg.rewards) > 0, "rewards: at least one reward is needed")
+    for name, w in cfg.rewards.items():
+        REWARDS.check(name)
+        need(isinstance(w, (int, float)) and not isinstance(w, bool), f"rewards.{name}: weight must be a number")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    d = cfg.to_dict()
+    d["optim"]["betas"] = list(d["optim"]["betas"])
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))

@@ -1,0 +1,106 @@
+"""Rollout engines: prompts in, sampled completions out.
+
+Every engine follows :class:`Engine`: ``generate(prompts, n, params) -> Rollout``,
+with the ``n`` samples of one prompt next to each other in the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[list[int]]  # one per sequence (repeated n times per prompt)
+    completion_ids: list[list[int]]  # sampled tokens, ending with EOS if the sequence stopped
+    texts: list[str]  # decoded completions without special tokens
+    truncated: list[bool]  # hit max_new_tokens before EOS
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> Rollout: ...
+
+
+def autocast(enabled: bool):
+    """bf16 autocast on CPU, or nothing."""
+    if enabled:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+class HFEngine:
+    """Reference engine: ``transformers`` ``generate`` on left-padded batches."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, bf16: bool = False):
+        self.model, self.tok, self.batch_size, self.bf16 = model, tokenizer, batch_size, bf16
+        self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> Rollout:
+        tok = self.tok
+        prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        flat = [ids for ids in prompt_ids for _ in range(n)]  # [N] with N = len(prompts) * n
+        out_ids: list[list[int]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, len(flat), self.batch_size):
+                out_ids += self._generate_batch(flat[s: s + self.batch_size], params)
+        finally:
+            self.model.train(was_training)
+        completions, truncated = [], []
+        for ids in out_ids:
+            cut = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+            completions.append(ids if cut is None else ids[: cut + 1])
+            truncated.append(cut is None)
+        texts = tok.batch_decode(completions, skip_special_tokens=True)
+        return Rollout(prompt_ids=flat, completion_ids=completions, texts=texts, truncated=truncated)
+
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        pad = self.tok.pad_token_id
+        width = max(len(x) for x in batch)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])  # [b, P], left-padded
+        attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])  # [b, P]
+        greedy = params.temperature <= 0
+        kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=not greedy, pad_token_id=pad,
+                      eos_token_id=sorted(self.eos_ids))
+        if not greedy:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with autocast(self.bf16):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)  # [b, P + T]
+        return out[:, width:].tolist()
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def build_engine(name: str, model, tokenizer, *, batch_size: int, bf16: bool) -> Engine:
+    if name == "hf":
+        return HFEngine(model, tokenizer, batch_size=batch_size, bf16=bf16)
+    from thinkrl.config import ConfigError
+
+    raise ConfigError(f"rollout.backend '{name}' unknown; choose from: hf")

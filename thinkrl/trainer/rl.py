@@ -1,0 +1,329 @@
+"""The RL loop: sample, score, compute advantages, update. One step reads top to bottom.
+
+    prompts -> rollout engine -> completions -> rewards -> advantages
+      -> policy loss (+ KL to the reference) -> optimizer step -> logs, checkpoints
+
+GRPO, Dr. GRPO and RLOO are the same loop with different registered parts
+(``algo.advantage``, ``algo.loss``, ``algo.kl_estimator``, ``algo.loss_agg``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from thinkrl.algorithms import ADVANTAGES, DEFAULT_LOSS_AGG, KL_ESTIMATORS, POLICY_LOSSES, aggregate
+from thinkrl.config import Config, ConfigError, save_config
+from thinkrl.eval import evaluate, write_json
+from thinkrl.models import load_model
+from thinkrl.rewards import RewardModel
+from thinkrl.rollout import SamplingParams, bf16_supported, build_engine
+from thinkrl.tasks import build_task
+from thinkrl.tasks.templates import render_prompt
+from thinkrl.trainer import checkpoint as ckpt
+from thinkrl.trainer.batch import split_micro_batches, token_logps
+from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    """Everything a step needs, built once."""
+
+    cfg: Config
+    model: object
+    ref_model: object | None
+    tok: object
+    task: object
+    rewards: RewardModel
+    engine: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    bf16: bool
+
+
+def use_bf16(dtype: str) -> bool:
+    if dtype == "fp32":
+        return False
+    if dtype == "bf16":
+        if not bf16_supported():
+            raise ConfigError("dtype=bf16 but this CPU has no bf16 support; use dtype=fp32 or auto")
+        return True
+    return bf16_supported()
+
+
+def lr_lambda(cfg: Config, total: int):
+    o = cfg.optim
+
+    def f(i: int) -> float:
+        if o.warmup_steps and i < o.warmup_steps:
+            return (i + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (i - o.warmup_steps) / max(1, total - o.warmup_steps))
+        if o.schedule == "linear":
+            return 1.0 - (1.0 - o.min_lr_ratio) * frac
+        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------
+# One step
+
+
+def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
+    cfg, G = p.cfg, p.cfg.rollout.group_size
+    timings = {}
+
+    # 1. Sample G completions for each prompt.
+    t0 = time.perf_counter()
+    examples = p.task.next_batch(cfg.rollout.prompts_per_step)
+    rendered = [render_prompt(ex.question, p.tok, cfg.task) for ex in examples]
+    ro = p.engine.generate([r[0] for r in rendered], G, SamplingParams(
+        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k))
+    timings["time_generate"] = time.perf_counter() - t0
+
+    # 2. Score them.
+    t0 = time.perf_counter()
+    exs = [ex for ex in examples for _ in range(G)]  # [N]
+    texts = [rendered[i // G][1] + t for i, t in enumerate(ro.texts)]  # the reward sees prefill + completion
+    totals, parts = p.rewards.score(texts, exs)
+    timings["time_score"] = time.perf_counter() - t0
+
+    # 3. Advantages, per sequence, broadcast to tokens.
+    t0 = time.perf_counter()
+    N = len(texts)
+    T = max(len(c) for c in ro.completion_ids)
+    lengths = torch.tensor([len(c) for c in ro.completion_ids])  # [N]
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()  # [N, T]
+    rewards = torch.tensor(totals, dtype=torch.float32)  # [N]
+    group_ids = torch.arange(len(examples)).repeat_interleave(G)  # [N]
+    adv = ADVANTAGES.get(cfg.algo.advantage)(rewards, group_ids, mask, eps=cfg.algo.std_eps)  # [N, T]
+
+    train_metrics = policy_update(p, ro, adv, mask)
+    timings["time_train"] = time.perf_counter() - t0
+
+    acc = parts.get("accuracy")
+    fmt = parts.get("format")
+    gen_tokens = int(lengths.sum())
+    metrics = {
+        "step": step,
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if N > 1 else 0.0,
+        **{f"reward/{k}": sum(v) / N for k, v in parts.items()},
+        "accuracy": sum(acc) / N if acc is not None else float("nan"),
+        "format_rate": sum(fmt) / N if fmt is not None else float("nan"),
+        "response_len_mean": gen_tokens / N,
+        "response_len_max": int(lengths.max()),
+        "truncation_rate": sum(ro.truncated) / N,
+        "zero_std_groups": _zero_std_fraction(rewards, G),
+        **train_metrics,
+        **timings,
+        "step_time": sum(timings.values()),
+        "tokens_per_s": gen_tokens / max(timings["time_generate"], 1e-9),
+        "lr": p.scheduler.get_last_lr()[0],
+    }
+    for k, v in p.rewards.failures.items():
+        metrics[f"reward_failures/{k}"] = v
+    samples = [{"step": step, "prompt": rendered[i // G][0], "completion": texts[i], "answer": exs[i].answer,
+                "reward": totals[i], **{k: v[i] for k, v in parts.items()}}
+               for i in range(0, N, max(1, N // max(1, cfg.log_samples)))][: cfg.log_samples]
+    return metrics, samples
+
+
+def _zero_std_fraction(rewards: torch.Tensor, G: int) -> float:
+    groups = rewards.view(-1, G)  # [n_prompts, G]
+    return float((groups.max(1).values == groups.min(1).values).float().mean())
+
+
+def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor) -> dict:
+    """``num_iterations`` optimizer steps on one batch of rollouts (PPO-style reuse)."""
+    cfg = p.cfg
+    a = cfg.algo
+    N = adv.shape[0]
+    agg = a.loss_agg or DEFAULT_LOSS_AGG.get(a.advantage, "token_mean")
+    # A sequence with zero advantage adds nothing to the policy-gradient term; without a
+    # KL term it can be skipped outright (the normalisers below still count it).
+    needs_all = a.kl_coef > 0
+    rows = [i for i in range(N) if needs_all or bool(adv[i].abs().sum() > 0)]
+    total_seqs, total_tokens = N, float(mask.sum())
+    pad = p.tok.pad_token_id
+    mbs = split_micro_batches(ro.prompt_ids, ro.completion_ids, rows, cfg.optim.micro_batch_size, pad)
+    temp = cfg.rollout.temperature
+    policy_loss = POLICY_LOSSES.get(a.loss)
+    kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
+
+    # Log-probs that stay fixed during the update: the sampling policy's and the reference's.
+    old, ref = {}, {}
+    with torch.no_grad():
+        for j, mb in enumerate(mbs):
+            if a.num_iterations > 1:
+                old[j] = token_logps(p.model, mb, temperature=temp, bf16=p.bf16)[0]
+            if p.ref_model is not None:
+                ref[j] = token_logps(p.ref_model, mb, temperature=temp, bf16=p.bf16)[0]
+
+    sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    p.model.train()
+    for it in range(a.num_iterations):
+        p.optimizer.zero_grad(set_to_none=True)
+        for j, mb in enumerate(mbs):
+            last = it == a.num_iterations - 1
+            logp, ent = token_logps(p.model, mb, temperature=temp, bf16=p.bf16, with_entropy=last)  # [b, T']
+            m = mb.mask  # [b, T']
+            Tm = m.shape[1]
+            mb_adv = adv[mb.index, :Tm]  # [b, T']
+            old_logp = old[j] if j in old else logp.detach()
+            tok_loss, lm = policy_loss(logp, old_logp, mb_adv, m, clip_low=a.clip_eps,
+                                       clip_high=a.clip_eps_high if a.clip_eps_high is not None else a.clip_eps)
+            kl = None
+            if j in ref:
+                kl = kl_fn(logp, ref[j])  # [b, T']
+                tok_loss = tok_loss + a.kl_coef * kl
+            loss = aggregate(tok_loss, m, agg, norm=float(cfg.rollout.max_new_tokens))
+            n_tok = float(m.sum())
+            weight = n_tok / total_tokens if agg == "token_mean" else mb.mask.shape[0] / total_seqs
+            (loss * weight).backward()
+            if last:
+                sums["loss"] += float(loss) * weight
+                sums["clip_frac"] += lm["clip_frac"] * n_tok
+                sums["entropy"] += float((ent * m).sum())
+                sums["tokens"] += n_tok
+                if kl is not None:
+                    sums["kl"] += float((kl.detach() * m).sum())
+        gn = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.max_grad_norm)
+        sums["grad_norm"] = float(gn)
+        p.optimizer.step()
+        p.scheduler.step()
+    n = max(sums["tokens"], 1.0)
+    out = {"loss": sums["loss"], "grad_norm": sums["grad_norm"], "clip_frac": sums["clip_frac"] / n,
+           "entropy": sums["entropy"] / n if mbs else float("nan"), "trained_seqs": len(rows)}
+    if p.ref_model is not None:
+        out["kl"] = sums["kl"] / n
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+def build_parts(cfg: Config, model_path: str) -> Parts:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    bf16 = use_bf16(cfg.dtype)
+    task = build_task(cfg.task)
+    model, tok = load_model(model_path)
+    ref_model = None
+    if cfg.algo.kl_coef > 0:  # beta = 0 loads no reference model
+        ref_model, _ = load_model(cfg.model)
+        ref_model.eval().requires_grad_(False)
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = False  # training forward passes keep no KV cache
+    engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay)
+    total = cfg.max_steps * cfg.algo.num_iterations
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    return Parts(cfg, model, ref_model, tok, task, RewardModel(cfg.rewards), engine, opt, sched, bf16)
+
+
+def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
+    cfg = p.cfg
+    res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task,
+                   max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    summary = {"step": step, "label": label, **res["summary"]}
+    write_json(out / f"eval_{label}.json", {"summary": summary, "records": res["records"]})
+    JsonlWriter(out / "evals.jsonl").write(summary)
+    log.info("held-out %s: accuracy %.3f, format %.3f (n=%d)", label, summary["accuracy"],
+             summary["format_rate"], summary["n"])
+    return summary
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) RL training as configured; returns the held-out results."""
+    out = Path(cfg.output_dir)
+    resume_from = ckpt.latest_checkpoint(out) if out.exists() else None
+    if resume_from is not None and not cfg.resume:
+        raise ConfigError(f"{out} already holds a run with checkpoints; pass resume=true to continue it, "
+                          "or choose another output_dir")
+    if cfg.resume and resume_from is None and (out / "final").is_dir():
+        raise ConfigError(f"{out} has a finished run (final/) and no step checkpoint to resume from")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+
+    p = build_parts(cfg, str(resume_from) if resume_from else cfg.model)
+    start = 0
+    if resume_from is not None:
+        state = ckpt.load_state(resume_from)
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        p.task.load_state_dict(state["task"])
+        ckpt.set_rng_state(state["rng"])
+        start = state["step"]
+        log.info("resumed from %s at step %d", resume_from, start)
+
+    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start)
+    samples_log = JsonlWriter(out / "samples.jsonl", truncate_after_step=start)
+    results: dict = {}
+    if cfg.eval.before and start == 0:
+        results["before"] = _run_eval(p, 0, "before", out)
+
+    def save(step: int, path: Path) -> None:
+        state = {"step": step, "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+                 "task": p.task.state_dict(), "rng": ckpt.rng_state()}
+        ckpt.save_checkpoint(path, p.model, p.tok, state)
+
+    bar = _progress(cfg, start)
+    step = start
+    try:
+        for step in range(start + 1, cfg.max_steps + 1):
+            metrics, samples = rl_step(p, step)
+            metrics_log.write(metrics)
+            for s in samples:
+                samples_log.write(s)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                            len=f"{metrics['response_len_mean']:.0f}", s=f"{metrics['step_time']:.1f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save(step, out / "checkpoints" / f"step-{step}")
+                ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
+                _run_eval(p, step, f"step-{step}", out)
+    except KeyboardInterrupt:
+        bar.close()
+        done = step - 1
+        if done > start:
+            save(done, out / "checkpoints" / f"step-{done}")
+            log.warning("interrupted: saved checkpoints/step-%d; continue with resume=true", done)
+        raise
+    bar.close()
+    save(cfg.max_steps, out / "final")
+    if cfg.eval.after:
+        results["after"] = _run_eval(p, cfg.max_steps, "after", out)
+    if cfg.plot:
+        evals = [e for e in read_jsonl(out / "evals.jsonl")]
+        plot_metrics(read_jsonl(out / "metrics.jsonl"), out / "curves.png",
+                     title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage}", evals=evals)
+    return results
+
+
+def _progress(cfg: Config, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not cfg.progress, dynamic_ncols=True)
