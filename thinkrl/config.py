@@ -104,7 +104,8 @@ class Config:
     log_samples: int = 4  # completions written to samples.jsonl per step
     plot: bool = True
     progress: bool = True
-    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    # Merged key by key: ``rewards.format=0.5`` keeps the other rewards (weight 0 turns one off).
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1}, metadata={"merge": True})
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -117,6 +118,10 @@ class Config:
 
 # ---------------------------------------------------------------------------
 # Building a config from dicts, YAML and overrides
+
+
+def _merged_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("merge")}
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -151,6 +156,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -180,6 +190,8 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, prefix=f"{full}.")
+        elif key in _merged_fields(type(obj)) and isinstance(value, dict):
+            setattr(obj, key, {**current, **_coerce(value, types_[key], full)})
         else:
             setattr(obj, key, _coerce(value, types_[key], full))
 
@@ -213,13 +225,20 @@ def parse_overrides(items: list[str]) -> dict:
 
 def _deep_update(base: dict, new: dict) -> dict:
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "rewards":
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "params":
             _deep_update(base[k], v)
-        elif isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = {**base[k], **v}
         else:
             base[k] = v
     return base
+
+
+def _reset_params_with_name(layer: dict) -> dict:
+    """A layer that picks another task without giving its params starts from no params:
+    the previous task's knobs mean nothing to a different dataset."""
+    task = layer.get("task")
+    if isinstance(task, dict) and "name" in task and "params" not in task:
+        task["params"] = {}
+    return layer
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -240,7 +259,7 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
     """Defaults <- ``base`` <- YAML file <- overrides, then validation."""
     data: dict = {}
     for layer in (base or {}, load_yaml(path) if path else {}, parse_overrides(overrides or [])):
-        _deep_update(data, layer)
+        _deep_update(data, _reset_params_with_name(layer))
     cfg = Config()
     _merge(cfg, data)
     validate(cfg)

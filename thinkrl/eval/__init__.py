@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from thinkrl.config import TaskConfig
+from thinkrl.config import ConfigError, TaskConfig
 from thinkrl.rewards import RewardModel
 from thinkrl.rollout import Engine, SamplingParams
 from thinkrl.tasks import Example
@@ -17,7 +17,7 @@ def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskC
              max_new_tokens: int, temperature: float = 0.0) -> dict:
     """Score one (greedy by default) completion per held-out example."""
     if not examples:
-        raise ValueError("no held-out examples to evaluate on")
+        raise ConfigError("no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)")
     rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
     t0 = time.perf_counter()
     ro = engine.generate([r[0] for r in rendered], 1, SamplingParams(max_new_tokens=max_new_tokens,

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 REWARDS: Registry = Registry("reward")
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_FORMAT = re.compile(r"^\s*<think>(?:(?!<think>|</think>).)+</think>\s*<answer>(?:(?!<answer>).)+?</answer>\s*$",
-                     re.DOTALL)
+# Inside each block, no tag of either kind may appear (no nesting, no stray closers).
+_NO_TAG = r"(?:(?!</?(?:think|answer)>).)+"
+_FORMAT = re.compile(rf"^\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*$", re.DOTALL)
 
 
 def extract_answer(completion: str) -> str | None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 from thinkrl.config import ConfigError, TaskConfig
@@ -146,8 +146,7 @@ def answers_match(pred: str, gold: str) -> bool:
         return True
     p, g = p.replace(",", ""), g.replace(",", "")
     if _NUM.match(p) and _NUM.match(g):
-        a, b = float(p), float(g)
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+        return Decimal(p) == Decimal(g)  # exact: 3.0 == 3, but 1000000001 != 1000000000
     return False
 
 
@@ -185,9 +184,12 @@ class JsonlTask(Task):
             eval_ = read_jsonl(Path(cfg.eval_path).expanduser(), self.name)[: cfg.eval_size]
             train = rows
         else:  # hold out a seeded slice of the file
+            if len(rows) < 2:
+                raise DataError(f"{path} has {len(rows)} usable row(s): too few to hold out an eval set; "
+                                "add rows or give task.eval_path")
             order = list(range(len(rows)))
             random.Random(cfg.eval_seed).shuffle(order)
-            k = min(cfg.eval_size, len(rows) // 5)
+            k = min(cfg.eval_size, max(1, len(rows) // 5))
             eval_ = [rows[i] for i in order[:k]]
             train = [rows[i] for i in order[k:]]
         for ex in rows + eval_:

@@ -200,7 +200,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor) -> dict:
             weight = n_tok / total_tokens if agg == "token_mean" else mb.mask.shape[0] / total_seqs
             (loss * weight).backward()
             if last:
-                sums["loss"] += float(loss) * weight
+                sums["loss"] += loss.item() * weight
                 sums["clip_frac"] += lm["clip_frac"] * n_tok
                 sums["entropy"] += float((ent * m).sum())
                 sums["tokens"] += n_tok
@@ -280,6 +280,7 @@ def train(cfg: Config) -> dict:
 
     metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start)
     samples_log = JsonlWriter(out / "samples.jsonl", truncate_after_step=start)
+    JsonlWriter(out / "evals.jsonl", truncate_after_step=start)  # drop evals of steps being redone
     results: dict = {}
     if cfg.eval.before and start == 0:
         results["before"] = _run_eval(p, 0, "before", out)

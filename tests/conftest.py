@@ -1,0 +1,44 @@
+"""Shared fixtures. Everything runs on CPU with the built-in ``tiny-random`` model, offline."""
+
+import copy
+import os
+import uuid
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never try the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """The cached tiny-random model and tokenizer, loaded once; do not mutate (use ``tiny``)."""
+    from thinkrl.models import load_model
+
+    model, tok = load_model("tiny-random")
+    model.eval()
+    return model, tok
+
+
+@pytest.fixture
+def tiny(tiny_pair):
+    """A private copy of tiny-random that a test may train."""
+    model, tok = tiny_pair
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def byte_sum_reward():
+    """A deterministic reward that varies between random completions, so GRPO groups have non-zero
+    advantages and training actually moves the weights. Registered once under a unique name (the
+    registry has no way to unregister)."""
+    from thinkrl.rewards import REWARDS
+
+    name = f"test_byte_sum_{uuid.uuid4().hex[:8]}"
+
+    @REWARDS.register(name)
+    def _reward(completion, example):
+        return (sum(map(ord, completion)) % 7) / 6
+
+    return name
+

@@ -1,0 +1,110 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from thinkrl.algorithms import ADVANTAGES, POLICY_LOSSES, aggregate
+from thinkrl.config import Config
+from thinkrl.rollout import Rollout
+from thinkrl.trainer.batch import make_micro_batch, token_logps
+from thinkrl.trainer.rl import Parts, lr_lambda, policy_update
+
+# Two prompts x two samples; completion lengths 3, 1, 4, 2 (T = 4).
+PROMPTS = [[72, 105, 33], [72, 105, 33], [49, 43, 49, 61], [49, 43, 49, 61]]
+COMPLETIONS = [[50, 51, 258], [52], [50, 32, 50, 258], [55, 56]]
+LENGTHS = torch.tensor([len(c) for c in COMPLETIONS])
+MASK = (torch.arange(4)[None, :] < LENGTHS[:, None]).float()  # [4, 4]
+GROUPS = torch.tensor([0, 0, 1, 1])
+
+
+def rollout():
+    return Rollout(prompt_ids=PROMPTS, completion_ids=COMPLETIONS, texts=[""] * 4, truncated=[False] * 4)
+
+
+def make_parts(model, tok, optimizer=None, ref_model=None, **algo):
+    cfg = Config()
+    cfg.rollout.max_new_tokens = 4
+    cfg.optim.micro_batch_size = algo.pop("micro_batch_size", 2)
+    cfg.optim.max_grad_norm = algo.pop("max_grad_norm", 1.0)
+    for k, v in algo.items():
+        setattr(cfg.algo, k, v)
+    opt = optimizer(model.parameters()) if optimizer else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    return Parts(cfg, model, ref_model, tok, None, None, None, opt, sched, False)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_policy_update_changes_weights(tiny):
+    model, tok = tiny
+    before = weights(model)
+    adv = ADVANTAGES.get("grpo")(torch.tensor([1.0, 0.0, 0.0, 1.0]), GROUPS, MASK)
+    m = policy_update(make_parts(model, tok), rollout(), adv, MASK)
+    after = weights(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert m["trained_seqs"] == 4 and m["grad_norm"] > 0
+    assert m["clip_frac"] == 0.0  # one pass on fresh samples: ratio 1, nothing clipped
+    assert math.isfinite(m["loss"]) and m["entropy"] > 0
+    assert "kl" not in m
+
+
+def test_policy_update_with_zero_advantages_and_no_kl_leaves_weights(tiny):
+    model, tok = tiny
+    before = weights(model)
+    m = policy_update(make_parts(model, tok, kl_coef=0.0), rollout(), torch.zeros(4, 4), MASK)
+    after = weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert m["trained_seqs"] == 0 and m["grad_norm"] == 0.0 and m["loss"] == 0.0
+
+
+def test_policy_update_with_kl_trains_every_row(tiny):
+    model, tok = tiny
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    adv = ADVANTAGES.get("grpo")(torch.tensor([1.0, 1.0, 0.0, 1.0]), GROUPS, MASK)  # group 0 has A = 0
+    m = policy_update(make_parts(model, tok, ref_model=ref, kl_coef=0.1), rollout(), adv, MASK)
+    assert m["trained_seqs"] == 4  # the KL term needs the zero-advantage rows too
+    assert m["kl"] == 0.0  # policy == reference before the step: d = 0, k3 = e^0 - 0 - 1 = 0 exactly
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("micro_batch_size", [1, 3])
+def test_micro_batches_accumulate_the_full_batch_gradient(tiny, agg, micro_batch_size):
+    """SGD with lr=1 and no clipping moves the weights by exactly -grad; compare with the gradient of the
+    whole batch's loss computed in one pass (including the zero-advantage rows that the update skips)."""
+    model, tok = tiny
+    reference = copy.deepcopy(model)
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0])  # group 0 is all right: its rows are skipped
+    adv = ADVANTAGES.get("grpo")(rewards, GROUPS, MASK)  # [4, 4]
+
+    mb = make_micro_batch(PROMPTS, COMPLETIONS, [0, 1, 2, 3], tok.pad_token_id)
+    logp, _ = token_logps(reference, mb)
+    tok_loss, _ = POLICY_LOSSES.get("ppo_clip")(logp, logp.detach(), adv, MASK)
+    aggregate(tok_loss, MASK, agg, norm=4.0).backward()
+    expected = {k: p.grad for k, p in reference.named_parameters()}
+
+    before = weights(model)
+    parts = make_parts(model, tok, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), loss_agg=agg,
+                       micro_batch_size=micro_batch_size, max_grad_norm=1e9)
+    m = policy_update(parts, rollout(), adv, MASK)
+    assert m["trained_seqs"] == 2
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(before[k] - p.detach(), expected[k], atol=1e-6, rtol=0)
+    assert any(expected[k].abs().max() > 1e-3 for k in expected)  # the comparison is not between zeros
+
+
+def test_lr_schedules_hand_worked():
+    cfg = Config()
+    cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = 2, 0.1
+    cfg.optim.schedule = "linear"
+    f = lr_lambda(cfg, total=10)
+    # warmup: (i + 1) / 2; then frac = (i - 2) / 8: 1 - 0.9 * frac
+    assert [f(0), f(1), f(2), f(6), f(10)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1], abs=1e-12)
+    cfg.optim.schedule = "cosine"
+    f = lr_lambda(cfg, total=10)
+    # 0.1 + 0.9 * (1 + cos(pi * frac)) / 2: frac 0 -> 1, frac 0.5 -> 0.55, frac 1 -> 0.1
+    assert [f(2), f(6), f(10)] == pytest.approx([1.0, 0.55, 0.1], abs=1e-12)
+    cfg.optim.schedule, cfg.optim.warmup_steps = "constant", 0
+    assert lr_lambda(cfg, total=10)(7) == 1.0
