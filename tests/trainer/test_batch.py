@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from thinkrl.trainer.batch import make_micro_batch, split_micro_batches, token_logps
+from thinkrl.trainer.batch import (make_grouped_micro_batch, make_micro_batch, split_grouped_micro_batches,
+                                  split_micro_batches, token_logps)
 
 
 def test_make_micro_batch_layout():
@@ -78,3 +79,42 @@ def test_token_logps_gradient_flows(tiny):
     assert ent is None
     logp.sum().backward()
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_grouped_micro_batch_layout():
+    mb = make_grouped_micro_batch([[5, 6, 7], [8]], [[1], [2, 3], [4], []], index=[0, 1, 2, 3], group_size=2,
+                                  pad_id=0)
+    # each prompt once, left-padded to P = 3; the full rows repeat it per sample
+    assert mb.prompt_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mb.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert mb.input_ids.tolist() == [[5, 6, 7, 1, 0], [5, 6, 7, 2, 3], [0, 0, 8, 4, 0], [0, 0, 8, 0, 0]]
+    assert mb.mask.tolist() == [[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
+
+
+def test_grouped_logps_and_gradients_equal_the_full_rows(tiny):
+    """Running a group's prompt once and repeating its keys/values gives the same log-probs and
+    the same gradients as running every row in full (fp32)."""
+    model, _ = tiny
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]  # different lengths: the second is left-padded
+    comps = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11], [12, 13]]
+    rows = list(range(6))
+    full = make_micro_batch([prompts[i // 3] for i in rows], comps, rows, pad_id=0)
+    grouped = make_grouped_micro_batch(prompts, comps, rows, group_size=3, pad_id=0)
+    a, _ = token_logps(model, full)
+    b, _ = token_logps(model, grouped)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    model.zero_grad()
+    a.sum().backward()
+    g_full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    token_logps(model, grouped)[0].sum().backward()
+    for g1, p in zip(g_full, model.parameters()):
+        torch.testing.assert_close(g1, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_split_grouped_micro_batches_keeps_groups_whole():
+    prompts = [[1, 2]] * 2 + [[3]] * 2 + [[4, 5, 6]] * 2  # 3 groups of G = 2
+    comps = [[7], [7, 7], [8], [8], [9, 9, 9], [9]]
+    mbs = split_grouped_micro_batches(prompts, comps, groups=[0, 2], group_size=2, size=2, pad_id=0)
+    # one group per micro-batch (size // G = 1); sorted by prompt + longest completion: g0 (4) < g2 (6)
+    assert [mb.index.tolist() for mb in mbs] == [[0, 1], [4, 5]]

@@ -24,6 +24,9 @@ def render_prompt(question: str, tokenizer, cfg: TaskConfig) -> tuple[str, str]:
     messages = []
     if cfg.system_prompt:
         messages.append({"role": "system", "content": cfg.system_prompt})
+    for shot in cfg.fewshot:
+        messages += [{"role": "user", "content": shot["question"]},
+                     {"role": "assistant", "content": shot["response"]}]
     messages.append({"role": "user", "content": question})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + cfg.prefill, cfg.prefill

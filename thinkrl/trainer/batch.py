@@ -8,6 +8,13 @@ Layout of a micro-batch (the layout ``generate`` uses)::
 so every completion starts at column P and the logits that predict it are one
 column earlier. Only those T columns go through the LM head, so prompt tokens
 cost no vocabulary projection.
+
+Grouped micro-batches go further: the G completions of one prompt share it, so
+the prompt is run once per group and its keys/values are repeated G times
+(``DynamicCache.batch_repeat_interleave``). Gradients flow back through the
+repeat into the one prompt pass, so the result is the same as running every
+row in full, at 1/G of the prompt cost. With a long system prompt and few-shot
+turns, the prompt is most of the tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ class MicroBatch:
     attention_mask: Tensor  # [b, P + T]
     prompt_len: int  # P
     mask: Tensor  # [b, T] float, 1.0 on completion tokens
+    group_size: int = 1  # G > 1: rows come in groups of G sharing one prompt
+    prompt_ids: Tensor | None = None  # [b / G, P] the groups' prompts, left-padded
+    prompt_mask: Tensor | None = None  # [b / G, P]
 
 
 def make_micro_batch(prompts: list[list[int]], completions: list[list[int]], index: list[int],
@@ -41,6 +51,37 @@ def make_micro_batch(prompts: list[list[int]], completions: list[list[int]], ind
         mask.append([1.0] * len(c) + [0.0] * rp)
     return MicroBatch(index=torch.tensor(index), input_ids=torch.tensor(ids), attention_mask=torch.tensor(attn),
                       prompt_len=P, mask=torch.tensor(mask))
+
+
+def make_grouped_micro_batch(prompts: list[list[int]], completions: list[list[int]], index: list[int],
+                             group_size: int, pad_id: int) -> MicroBatch:
+    """``prompts`` has one entry per group; ``completions`` and ``index`` have G per group."""
+    P = max(len(p) for p in prompts)
+    T = max(max(len(c) for c in completions), 1)
+    p_ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])  # [g, P]
+    p_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])  # [g, P]
+    c_ids = torch.tensor([c + [pad_id] * (T - len(c)) for c in completions])  # [g*G, T]
+    c_mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completions])  # [g*G, T]
+    rep_ids = p_ids.repeat_interleave(group_size, 0)  # [g*G, P]
+    rep_mask = p_mask.repeat_interleave(group_size, 0)  # [g*G, P]
+    return MicroBatch(index=torch.tensor(index), input_ids=torch.cat([rep_ids, c_ids], 1),
+                      attention_mask=torch.cat([rep_mask, c_mask], 1), prompt_len=P, mask=c_mask.float(),
+                      group_size=group_size, prompt_ids=p_ids, prompt_mask=p_mask)
+
+
+def split_grouped_micro_batches(prompts: list[list[int]], completions: list[list[int]], groups: list[int],
+                                group_size: int, size: int, pad_id: int) -> list[MicroBatch]:
+    """Micro-batches of whole groups (row ``g*G + j`` is sample j of group g), about ``size`` rows each."""
+    G = group_size
+    per = max(1, size // G)
+    order = sorted(groups, key=lambda g: (len(prompts[g * G]) + max(len(completions[g * G + j]) for j in range(G)), g))
+    out = []
+    for s in range(0, len(order), per):
+        gs = order[s: s + per]
+        rows = [g * G + j for g in gs for j in range(G)]
+        out.append(make_grouped_micro_batch([prompts[g * G] for g in gs], [completions[i] for i in rows], rows,
+                                            G, pad_id))
+    return out
 
 
 def split_micro_batches(prompts: list[list[int]], completions: list[list[int]], rows: list[int], size: int,
@@ -69,11 +110,14 @@ def token_logps(model, mb: MicroBatch, *, temperature: float = 1.0, bf16: bool =
     inner, head = _backbone_and_head(model)
     P = mb.prompt_len
     T = mb.mask.shape[1]
-    positions = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, P+T]; left padding shifts them
     with autocast(bf16):
-        hidden = inner(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                       position_ids=positions).last_hidden_state  # [b, P+T, H]
-        logits = head(hidden[:, P - 1: P - 1 + T])  # [b, T, V]
+        if mb.prompt_ids is not None and mb.group_size > 1:
+            hidden = _grouped_hidden(inner, mb)  # [b, T, H]
+        else:
+            positions = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, P+T]; left padding shifts them
+            hidden = inner(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                           position_ids=positions).last_hidden_state[:, P - 1: P - 1 + T]  # [b, T, H]
+        logits = head(hidden)  # [b, T, V]
     logits = logits.float() / temperature  # [b, T, V]
     targets = mb.input_ids[:, P: P + T]  # [b, T]
     lse = torch.logsumexp(logits, dim=-1)  # [b, T]
@@ -84,3 +128,22 @@ def token_logps(model, mb: MicroBatch, *, temperature: float = 1.0, bf16: bool =
             probs = torch.softmax(logits, dim=-1)  # [b, T, V]
             entropy = lse - (probs * logits).sum(-1)  # [b, T]
     return logp * mb.mask, entropy
+
+
+def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
+    """Hidden states that predict each completion token, running each prompt once."""
+    G, P = mb.group_size, mb.prompt_len
+    p_pos = (mb.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [g, P]
+    out = inner(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=p_pos, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)  # keys/values [g, ...] -> [g*G, ...], differentiable
+    last = out.last_hidden_state[:, -1:].repeat_interleave(G, 0)  # [g*G, 1, H] predicts token 0
+    c_ids = mb.input_ids[:, P:]  # [g*G, T]
+    T = c_ids.shape[1]
+    start = mb.prompt_mask.sum(-1).repeat_interleave(G)[:, None]  # [g*G, 1] true prompt lengths
+    c_pos = start + torch.arange(T)[None, :]  # [g*G, T]
+    if T == 1:
+        return last
+    rest = inner(input_ids=c_ids[:, :-1], attention_mask=mb.attention_mask[:, :-1], position_ids=c_pos[:, :-1],
+                 past_key_values=cache, use_cache=True).last_hidden_state  # [g*G, T-1, H]
+    return torch.cat([last, rest], 1)  # [g*G, T, H]

@@ -28,7 +28,7 @@ from thinkrl.rollout import SamplingParams, bf16_supported, build_engine
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import render_prompt
 from thinkrl.trainer import checkpoint as ckpt
-from thinkrl.trainer.batch import split_micro_batches, token_logps
+from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,16 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor) -> dict:
     a = cfg.algo
     N = adv.shape[0]
     agg = a.loss_agg or DEFAULT_LOSS_AGG.get(a.advantage, "token_mean")
-    # A sequence with zero advantage adds nothing to the policy-gradient term; without a
-    # KL term it can be skipped outright (the normalisers below still count it).
+    # A group whose advantages are all zero (all rewards equal) adds nothing to the
+    # policy-gradient term; without a KL term it is skipped outright (the normalisers
+    # below still count it, so the loss is unchanged).
+    G = cfg.rollout.group_size
     needs_all = a.kl_coef > 0
-    rows = [i for i in range(N) if needs_all or bool(adv[i].abs().sum() > 0)]
+    groups = [g for g in range(N // G) if needs_all or bool(adv[g * G:(g + 1) * G].abs().sum() > 0)]
+    rows = [g * G + j for g in groups for j in range(G)]
     total_seqs, total_tokens = N, float(mask.sum())
-    pad = p.tok.pad_token_id
-    mbs = split_micro_batches(ro.prompt_ids, ro.completion_ids, rows, cfg.optim.micro_batch_size, pad)
+    mbs = split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, groups, G,
+                                      cfg.optim.micro_batch_size, p.tok.pad_token_id)
     temp = cfg.rollout.temperature
     policy_loss = POLICY_LOSSES.get(a.loss)
     kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
