@@ -49,7 +49,7 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"
+    backend: str = "fast"  # fast (thinkrl's engine, Llama-family models) | hf (transformers generate)
     prompts_per_step: int = 8
     group_size: int = 8  # G samples per prompt
     max_new_tokens: int = 128
@@ -288,7 +288,8 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     need(cfg.rollout.temperature > 0, "rollout.temperature must be > 0 for RL sampling")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
-    need(cfg.rollout.backend in ("hf",), f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: hf")
+    need(cfg.rollout.backend in ("fast", "hf"),
+         f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: fast, hf")
     need(cfg.algo.num_iterations >= 1, "algo.num_iterations must be >= 1")
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
     need(cfg.algo.clip_eps > 0, "algo.clip_eps must be > 0")

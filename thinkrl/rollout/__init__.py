@@ -27,6 +27,7 @@ class Rollout:
     completion_ids: list[list[int]]  # sampled tokens, ending with EOS if the sequence stopped
     texts: list[str]  # decoded completions without special tokens
     truncated: list[bool]  # hit max_new_tokens before EOS
+    logps: list[list[float]] | None = None  # sampled tokens' log-probs, where the engine gives them
 
 
 class Engine(Protocol):
@@ -101,6 +102,10 @@ def _as_list(x) -> list:
 def build_engine(name: str, model, tokenizer, *, batch_size: int, bf16: bool) -> Engine:
     if name == "hf":
         return HFEngine(model, tokenizer, batch_size=batch_size, bf16=bf16)
+    if name == "fast":
+        from thinkrl.rollout.fast import FastEngine
+
+        return FastEngine(model, tokenizer, batch_size=batch_size, bf16=bf16)
     from thinkrl.config import ConfigError
 
-    raise ConfigError(f"rollout.backend '{name}' unknown; choose from: hf")
+    raise ConfigError(f"rollout.backend '{name}' unknown; choose from: fast, hf")

@@ -91,7 +91,7 @@ class ReasoningGymTask(Task):
                               f"reasoning-gym datasets: {', '.join(sorted(DATASETS))}")
         try:
             self.ds = rg.create_dataset(cfg.name, size=cfg.train_size, seed=cfg.seed, **cfg.params)
-            self.eval_ds = rg.create_dataset(cfg.name, size=cfg.eval_size * 2 + 20, seed=cfg.eval_seed,
+            self.eval_ds = rg.create_dataset(cfg.name, size=cfg.eval_size * 5 + 50, seed=cfg.eval_seed,
                                              **cfg.params)
         except (TypeError, ValueError, AssertionError) as e:
             raise ConfigError(f"task.params {cfg.params} rejected by reasoning-gym '{cfg.name}': {e}") from None
