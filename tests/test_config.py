@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from thinkrl.config import Config, ConfigError, build_config, load_yaml, parse_overrides, save_config
@@ -152,3 +154,10 @@ def test_save_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = build_config(tmp_path / "config.yaml")
     assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    cfg = build_config(path)
+    assert cfg.max_steps >= 1 and cfg.output_dir

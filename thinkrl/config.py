@@ -32,19 +32,22 @@ DEFAULT_SYSTEM_PROMPT = (
 @dataclass
 class TaskConfig:
     name: str = "chain_sum"  # a reasoning-gym dataset name, or a path to a .jsonl file
-    params: dict = field(default_factory=dict)  # the reasoning-gym dataset's own config
-    train_size: int = 20000
+    # The reasoning-gym dataset's own config. The default recipe: sums and differences of
+    # two numbers of 1-2 digits, where SmolLM2-135M starts near 16% (greedy).
+    params: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2})
+    train_size: int = 2000
     eval_size: int = 200
     seed: int = 0
     eval_seed: int = 1_000_003  # a seed range disjoint from training; duplicates are removed too
     eval_path: str | None = None  # held-out JSONL for file tasks (else a split of the file)
     template: str = "chat"  # chat | r1_zero | plain
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # used by the chat template
-    prefill: str = ""  # text the assistant turn starts with, e.g. "<think>"
+    prefill: str = "<think>"  # text the assistant turn starts with (chat and plain templates)
     # Demonstration turns shown before the question (chat template only), each a mapping
     # {question: ..., response: ...}. Small chat models copy a format far more reliably
     # from one worked exchange than from an instruction alone.
-    fewshot: list = field(default_factory=list)
+    fewshot: list = field(default_factory=lambda: [
+        {"question": "What is 7 + 8?", "response": "<think> 7 plus 8 is 15. </think> <answer> 15 </answer>"}])
 
 
 @dataclass
@@ -52,8 +55,8 @@ class RolloutConfig:
     backend: str = "fast"  # fast (thinkrl's engine, Llama-family models) | hf (transformers generate)
     prompts_per_step: int = 8
     group_size: int = 8  # G samples per prompt
-    max_new_tokens: int = 128
-    temperature: float = 1.0
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # at 1.0 a 135M model loses the format in most samples
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 64  # sequences generated at once
@@ -98,12 +101,12 @@ class EvalConfig:
 class Config:
     model: str = "smollm2-135m"
     output_dir: str = "runs/default"
-    max_steps: int = 60
+    max_steps: int = 50
     seed: int = 0
     dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU supports it)
     threads: int = 0  # torch threads; 0 = all cores
     resume: bool = False
-    save_every: int = 20
+    save_every: int = 10
     keep_checkpoints: int = 2
     log_samples: int = 4  # completions written to samples.jsonl per step
     plot: bool = True

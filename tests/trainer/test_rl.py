@@ -26,6 +26,7 @@ def make_parts(model, tok, optimizer=None, ref_model=None, **algo):
     cfg = Config()
     cfg.rollout.max_new_tokens = 4
     cfg.rollout.group_size = 2  # PROMPTS come in groups of two
+    cfg.rollout.temperature = 1.0  # log-probs of the untempered model, as computed by the references here
     cfg.optim.micro_batch_size = algo.pop("micro_batch_size", 2)
     cfg.optim.max_grad_norm = algo.pop("max_grad_norm", 1.0)
     for k, v in algo.items():

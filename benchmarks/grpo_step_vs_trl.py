@@ -1,0 +1,124 @@
+"""One GRPO step, thinkrl vs TRL's GRPOTrainer, side by side in one run on this machine.
+
+Same model (smollm2-135m, the plain fp32 copy thinkrl caches), same prompts (the
+default task's), same settings: 8 prompts x 8 generations, at most 128 new tokens,
+temperature 1.0, beta = 0.04 (so both keep a reference model), bf16, one optimizer
+step per batch. TRL gets its best CPU settings (no gradient checkpointing).
+
+TRL is not a thinkrl dependency; install it for this benchmark only:
+
+    pip install torch==2.13.0 trl==1.16.0
+    python benchmarks/grpo_step_vs_trl.py [--steps 3]
+
+Each side runs ``--steps`` steps; the first is a warm-up and is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def prompts_and_examples(n: int):
+    from thinkrl.config import Config
+    from thinkrl.tasks import build_task
+
+    cfg = Config()
+    task = build_task(cfg.task)
+    return cfg, task.next_batch(n)
+
+
+def chat_messages(cfg, question: str) -> list[dict]:
+    msgs = [{"role": "system", "content": cfg.task.system_prompt}]
+    for shot in cfg.task.fewshot:
+        msgs += [{"role": "user", "content": shot["question"]}, {"role": "assistant", "content": shot["response"]}]
+    return msgs + [{"role": "user", "content": question}]
+
+
+def run_trl(steps: int, max_new: int) -> list[float]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from thinkrl.models import load_model, resolve
+    from thinkrl.rewards import RewardModel
+
+    cfg, examples = prompts_and_examples(8 * steps)
+    by_q = {ex.question: ex for ex in examples}
+    rm = RewardModel(cfg.rewards)
+
+    def reward(prompts, completions, **kw):
+        qs = [p[-1]["content"] for p in prompts]
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return rm.score(texts, [by_q[q] for q in qs])[0]
+
+    data = Dataset.from_list([{"prompt": chat_messages(cfg, ex.question)} for ex in examples])
+    model, tok = load_model("smollm2-135m")
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(output_dir=out, per_device_train_batch_size=64, num_generations=8,
+                          gradient_accumulation_steps=1, max_completion_length=max_new, beta=0.04,
+                          temperature=1.0, bf16=True, use_cpu=True, gradient_checkpointing=False,
+                          loss_type="grpo", max_steps=steps, logging_steps=1, save_strategy="no",
+                          report_to="none", learning_rate=1e-5, shuffle_dataset=False)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                              processing_class=tok, callbacks=[Timer()])
+        del resolve
+        trainer.train()
+    return times
+
+
+def run_thinkrl(steps: int, max_new: int) -> tuple[list[float], dict]:
+    from thinkrl.config import build_config
+    from thinkrl.trainer.rl import build_parts, rl_step
+
+    cfg = build_config(overrides=[f"max_steps={steps}", f"rollout.max_new_tokens={max_new}",
+                                  "rollout.temperature=1.0", "algo.kl_coef=0.04", "optim.micro_batch_size=16",
+                                  "progress=false"])
+    p = build_parts(cfg, cfg.model)
+    times, last = [], {}
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        last, _ = rl_step(p, step)
+        times.append(time.perf_counter() - t0)
+    return times, last
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--skip-trl", action="store_true")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 8 prompts x 8 generations, "
+          f"<= {args.max_new} new tokens, beta 0.04, bf16")
+    ours, last = run_thinkrl(args.steps, args.max_new)
+    ours_mean = statistics.mean(ours[1:] or ours)
+    print(f"thinkrl: step times {[round(t, 1) for t in ours]} s -> {ours_mean:.1f} s/step "
+          f"(last step: generate {last['time_generate']:.1f} s, train {last['time_train']:.1f} s, "
+          f"mean length {last['response_len_mean']:.0f})")
+    if args.skip_trl:
+        return
+    trl = run_trl(args.steps, args.max_new)
+    trl_mean = statistics.mean(trl[1:] or trl)
+    print(f"TRL GRPOTrainer: step times {[round(t, 1) for t in trl]} s -> {trl_mean:.1f} s/step")
+    print(f"ratio TRL / thinkrl = {trl_mean / ours_mean:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
