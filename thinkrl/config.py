@@ -101,7 +101,7 @@ class EvalConfig:
 class Config:
     model: str = "smollm2-135m"
     output_dir: str = "runs/default"
-    max_steps: int = 50
+    max_steps: int = 40
     seed: int = 0
     dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU supports it)
     threads: int = 0  # torch threads; 0 = all cores
