@@ -2,6 +2,11 @@
 
     thinkrl train [CONFIG.yaml] [key=value ...]
     thinkrl eval  [CONFIG.yaml] model=PATH[,PATH...] [task=NAME] [n=N] [output=FILE] [key=value ...]
+    thinkrl sft    [CONFIG.yaml] model=NAME data=FILE.jsonl output_dir=DIR [key=value ...]
+    thinkrl sample [CONFIG.yaml] model=NAME output=FILE.jsonl [mode=all|shortest|pairs] [n=N] [key=value ...]
+    thinkrl dpo    [CONFIG.yaml] model=NAME data=FILE.jsonl [loss=dpo|ln_dpo|simpo] [key=value ...]
+    thinkrl merge  models=A,B[,...] [weights=WA,WB,...] output_dir=DIR
+    thinkrl pipeline PIPELINE.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -103,7 +108,60 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+def cmd_sft(args: list[str]) -> int:
+    from thinkrl.trainer.common import build_cfg
+    from thinkrl.trainer.sft import SFTConfig, train_sft
+
+    print(f"wrote {train_sft(build_cfg(SFTConfig, *_split(args)))}")
+    return 0
+
+
+def cmd_dpo(args: list[str]) -> int:
+    from thinkrl.trainer.common import build_cfg
+    from thinkrl.trainer.dpo import DPOConfig, train_dpo
+
+    print(f"wrote {train_dpo(build_cfg(DPOConfig, *_split(args)))}")
+    return 0
+
+
+def cmd_sample(args: list[str]) -> int:
+    import json
+
+    from thinkrl.pipeline.sample import SampleConfig, run_sample
+    from thinkrl.trainer.common import build_cfg
+
+    cfg = build_cfg(SampleConfig, *_split(args))
+    print(json.dumps(run_sample(cfg), indent=2))
+    print(f"wrote {cfg.output}")
+    return 0
+
+
+def cmd_merge(args: list[str]) -> int:
+    from thinkrl.pipeline.merge import MergeConfig, run_merge
+    from thinkrl.trainer.common import build_cfg
+
+    config, items = _split(args)  # models=A,B and weights=1,0 are comma lists
+    items = [f"{k}=[{v}]" if k in ("models", "weights") and not v.startswith("[") else f"{k}={v}"
+             for k, v in (i.split("=", 1) for i in items)]
+    print(f"wrote {run_merge(build_cfg(MergeConfig, config, items))}")
+    return 0
+
+
+def cmd_pipeline(args: list[str]) -> int:
+    from thinkrl.pipeline.run import PipelineConfig, format_report, run_pipeline
+    from thinkrl.trainer.common import build_cfg
+
+    config, overrides = _split(args)
+    if config is None:
+        raise ConfigError("thinkrl pipeline needs a PIPELINE.yaml (see configs/pipelines/)")
+    cfg = build_cfg(PipelineConfig, config, overrides)
+    print(format_report(run_pipeline(cfg)))
+    print(f"report: {Path(cfg.output_dir) / 'report.json'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "sample": cmd_sample,
+            "merge": cmd_merge, "pipeline": cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,183 @@
+"""``thinkrl pipeline PIPELINE.yaml``: stages run in order, each one's model and data
+feeding the next, resumable stage by stage.
+
+DeepSeek-R1 (DeepSeek-AI 2025, section 2.3) is four stages: cold-start SFT,
+reasoning RL, rejection sampling + SFT, and a final RL stage; R1-Zero is RL alone.
+Kimi k1.5's long2short (Kimi Team 2025, section 2.4) is shortest-correct sampling,
+SFT or DPO on the result, and weight merging. See ``configs/pipelines/``.
+
+A stage is a mapping with ``name``, ``kind`` (sft | rl | sample | dpo | merge) and
+that kind's config keys. ``model`` (and ``data``, ``models``) may name an earlier
+stage, ``base`` (the pipeline's model) or a path; by default a stage takes the
+latest model and the latest data. A finished stage leaves ``stage.json`` in its
+folder and is skipped on a re-run; an RL stage interrupted mid-way resumes from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thinkrl.config import Config, ConfigError, TaskConfig, build_config
+from thinkrl.pipeline.merge import MergeConfig, run_merge
+from thinkrl.pipeline.sample import SampleConfig, run_sample
+from thinkrl.trainer.common import build_cfg, need, to_dict
+from thinkrl.trainer.dpo import DPOConfig, train_dpo
+from thinkrl.trainer.sft import SFTConfig, train_sft
+
+log = logging.getLogger(__name__)
+
+KINDS = {"sft": SFTConfig, "rl": Config, "sample": SampleConfig, "dpo": DPOConfig, "merge": MergeConfig}
+PLACEHOLDER = "<from an earlier stage>"
+
+
+@dataclass
+class PipelineConfig:
+    model: str = "smollm2-135m"
+    output_dir: str = "runs/pipeline"
+    dtype: str = "auto"
+    seed: int = 0
+    eval_n: int = 50  # held-out questions scored (greedy) after every model stage; 0: none
+    eval_max_new_tokens: int = 128
+    eval_backend: str = "fast"
+    task: TaskConfig = field(default_factory=TaskConfig)  # shared by every stage unless a stage overrides it
+    stages: list = field(default_factory=list)
+
+    def validate(self) -> None:
+        need(len(self.stages) >= 1, "a pipeline needs stages: a list of {name, kind, ...}")
+        names = set()
+        for i, st in enumerate(self.stages):
+            need(isinstance(st, dict) and "name" in st and "kind" in st,
+                 f"stages[{i}] must be a mapping with 'name' and 'kind'")
+            need(st["kind"] in KINDS, f"stages[{i}] ('{st['name']}'): unknown stage kind '{st['kind']}'; "
+                 f"choose from: {', '.join(KINDS)}")
+            need(st["name"] not in names and st["name"] != "base", f"stage name '{st['name']}' is used twice")
+            names.add(st["name"])
+            stage_config(self, st, Path(PLACEHOLDER), {"model": PLACEHOLDER, "data": PLACEHOLDER}, {})
+
+
+def _pick(ref, latest: str | None, outputs: dict, key: str, stage: str) -> str:
+    if ref is None:
+        if latest is None:
+            raise ConfigError(f"stage '{stage}' has no {key}: give {key}=PATH or put a stage that makes one before it")
+        return latest
+    ref = str(ref)
+    if ref in outputs:
+        if outputs[ref].get(key) is None:
+            raise ConfigError(f"stage '{stage}': stage '{ref}' produced no {key}")
+        return outputs[ref][key]
+    return ref
+
+
+def stage_config(cfg: PipelineConfig, st: dict, folder: Path, latest: dict, outputs: dict):
+    """The stage's own config: pipeline defaults <- wiring from earlier stages <- the stage's keys."""
+    kind, name = st["kind"], st["name"]
+    keys = {k: v for k, v in st.items() if k not in ("name", "kind")}
+    base: dict = {"task": to_dict(cfg.task), "dtype": cfg.dtype, "seed": cfg.seed}
+    if kind == "merge":
+        base = {"models": [_pick(m, None, outputs, "model", name) for m in keys.pop("models", [])],
+                "output_dir": str(folder)}
+    else:
+        base["model"] = _pick(keys.pop("model", None), latest["model"], outputs, "model", name)
+    if kind in ("sft", "dpo"):
+        base.update(data=_pick(keys.pop("data", None), latest["data"], outputs, "data", name), output_dir=str(folder))
+    elif kind == "sample":
+        base["output"] = str(folder / "data.jsonl")
+    elif kind == "rl":
+        base.update(output_dir=str(folder), resume=(folder / "checkpoints").is_dir())
+    layered = copy.deepcopy(base)
+    for k, v in keys.items():
+        if isinstance(v, dict) and isinstance(layered.get(k), dict):
+            layered[k] = {**layered[k], **v}
+            if k == "task" and "name" in v and "params" not in v:
+                layered[k]["params"] = {}
+        else:
+            layered[k] = v
+    try:
+        return build_config(base=layered) if kind == "rl" else build_cfg(KINDS[kind], base=layered)
+    except ConfigError as e:
+        raise ConfigError(f"stage '{name}' ({kind}): {e}") from None
+
+
+def run_stage(kind: str, scfg, folder: Path) -> dict:
+    """Run one stage; returns what it produced: {'model': path} and/or {'data': path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "sft":
+        return {"model": str(train_sft(scfg))}
+    if kind == "dpo":
+        return {"model": str(train_dpo(scfg))}
+    if kind == "merge":
+        return {"model": str(run_merge(scfg))}
+    if kind == "sample":
+        stats = run_sample(scfg)
+        if stats["rows"] == 0:
+            raise ConfigError(f"sample stage kept no rows ({stats['reasons']}); sample more prompts or relax filters")
+        return {"data": scfg.output, "sample_stats": stats}
+    from thinkrl.trainer.rl import train
+
+    train(scfg)
+    return {"model": str(folder / "final")}
+
+
+def evaluate_model(cfg: PipelineConfig, model_path: str) -> dict:
+    from thinkrl.eval import evaluate
+    from thinkrl.models import load_model
+    from thinkrl.rollout import build_engine
+    from thinkrl.tasks import build_task
+    from thinkrl.trainer.rl import use_bf16
+
+    task = build_task(cfg.task)
+    model, tok = load_model(model_path)
+    engine = build_engine(cfg.eval_backend, model, tok, batch_size=64, bf16=use_bf16(cfg.dtype))
+    res = evaluate(engine, tok, task.eval[: cfg.eval_n], cfg.task, max_new_tokens=cfg.eval_max_new_tokens)
+    return res["summary"]
+
+
+def run_pipeline(cfg: PipelineConfig) -> list[dict]:
+    """Run every unfinished stage; returns the report rows (base model first)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = [{"stage": "base", "kind": "-", "model": cfg.model, **_cached_eval(cfg, cfg.model, out / "base_eval.json")}]
+    latest = {"model": cfg.model, "data": None}
+    outputs: dict = {"base": {"model": cfg.model, "data": None}}
+    for i, st in enumerate(cfg.stages):
+        folder = out / f"{i + 1:02d}-{st['name']}"
+        marker = folder / "stage.json"
+        if marker.is_file():
+            result = json.loads(marker.read_text())
+            log.info("stage %s: done earlier, skipped", st["name"])
+        else:
+            log.info("stage %s (%s): running in %s", st["name"], st["kind"], folder)
+            scfg = stage_config(cfg, st, folder, latest, outputs)
+            result = {"name": st["name"], "kind": st["kind"], **run_stage(st["kind"], scfg, folder)}
+            if "model" in result and cfg.eval_n:
+                result["eval"] = evaluate_model(cfg, result["model"])
+            marker.write_text(json.dumps(result, indent=2))
+        outputs[st["name"]] = result
+        latest.update({k: result[k] for k in ("model", "data") if k in result})
+        if "eval" in result:
+            report.append({"stage": st["name"], "kind": st["kind"], "model": result["model"], **result["eval"]})
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _cached_eval(cfg: PipelineConfig, model: str, path: Path) -> dict:
+    if not cfg.eval_n:
+        return {}
+    if path.is_file():
+        return json.loads(path.read_text())
+    summary = evaluate_model(cfg, model)
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_report(rows: list[dict]) -> str:
+    head = ["stage", "kind", "accuracy", "format_rate", "response_len_mean", "n"]
+    body = [[str(r.get("stage")), str(r.get("kind"))] +
+            [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in head[2:]] for r in rows]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [head] + body)

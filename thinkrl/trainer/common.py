@@ -1,0 +1,90 @@
+"""Pieces shared by the SFT, DPO and sampling commands: config building, LoRA,
+batch collation and the optimizer, on top of thinkrl.config's schema helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from thinkrl.config import ConfigError, _deep_update, _merge, _reset_params_with_name, load_yaml, parse_overrides
+from thinkrl.data import IGNORE
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def build_cfg(cls, path=None, overrides: list[str] | None = None, base: dict | None = None):
+    """Defaults <- ``base`` <- YAML file <- ``key=value`` overrides, for any schema dataclass."""
+    data: dict = {}
+    for layer in (base or {}, load_yaml(path) if path else {}, parse_overrides(overrides or [])):
+        _deep_update(data, _reset_params_with_name(layer))
+    cfg = cls()
+    _merge(cfg, data)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_lora(model, lora: LoraConfig):
+    """Wrap ``model`` with LoRA adapters (Hu et al. 2021) when enabled; otherwise return it."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLora, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in lora.target_modules if t not in names]
+    need(not missing, f"lora.target_modules {missing} are not modules of this model")
+    return get_peft_model(model, PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
+def unwrap_lora(model):
+    """Fold LoRA weights into the base model, so the saved folder is a plain HF model."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def collate(encoded: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padding is never a target."""
+    width = max(len(e.input_ids) for e in encoded)
+    ids = [e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in encoded]
+    labels = [e.labels + [IGNORE] * (width - len(e.labels)) for e in encoded]
+    attn = [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),  # [B, L]
+            "attention_mask": torch.tensor(attn)}  # [B, L]
+
+
+def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    """AdamW with linear warmup then cosine decay to 10% of ``lr``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def f(i: int) -> float:
+        if warmup_steps and i < warmup_steps:
+            return (i + 1) / warmup_steps
+        frac = min(1.0, (i - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def finished(out: Path) -> bool:
+    return (Path(out) / "config.json").is_file()

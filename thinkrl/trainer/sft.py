@@ -1,0 +1,166 @@
+"""Supervised fine-tuning on chat data: the cold-start and rejection-sampling stages of
+DeepSeek-R1 (DeepSeek-AI 2025, sections 2.3.1 and 2.3.3) and distillation into small
+models by plain SFT on a teacher's traces (section 2.4).
+
+The loss is the mean next-token cross-entropy over assistant (target) tokens only;
+prompt tokens are context. With ``kd_teacher`` set (a model sharing the student's
+vocabulary) the loss mixes in the token-level forward KL from the teacher's
+next-token distribution (Hinton et al. 2015; Agarwal et al. 2024, "GKD").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from thinkrl.config import ConfigError, TaskConfig
+from thinkrl.data import IGNORE, encode_sft_rows, length_buckets, read_rows
+from thinkrl.models import load_model, save_model
+from thinkrl.rollout import autocast
+from thinkrl.trainer.batch import _backbone_and_head
+from thinkrl.trainer.common import LoraConfig, apply_lora, collate, make_optimizer, need, unwrap_lora
+from thinkrl.trainer.logs import JsonlWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    model: str = "smollm2-135m"
+    data: str = ""  # JSONL of messages rows or prompt/completion rows
+    output_dir: str = "runs/sft"
+    epochs: int = 1
+    max_steps: int = 0  # 0: as many as the epochs take
+    batch_size: int = 8
+    max_len: int = 512  # tokens per row; longer rows are cut
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"  # auto | bf16 | fp32
+    progress: bool = True
+    kd_teacher: str | None = None  # a model with the same vocabulary: adds token-level KL distillation
+    kd_coef: float = 0.5  # loss = (1 - kd_coef) * CE + kd_coef * KL(teacher || student)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # renders prompt/completion rows
+
+    def validate(self) -> None:
+        need(bool(self.data), "sft needs data=PATH (a JSONL file)")
+        need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
+        need(self.batch_size >= 1 and self.max_len >= 2, "batch_size must be >= 1 and max_len >= 2")
+        need(self.lr > 0, "lr must be > 0")
+        need(0 <= self.kd_coef <= 1, "kd_coef must be in [0, 1]")
+        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
+
+
+def sft_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Mean cross-entropy of next-token targets where ``labels != IGNORE``.
+
+    logits [B, L, V] at every input position, labels [B, L] aligned with the input
+    (position t's logits predict labels[t + 1]). Returns (loss, number of targets).
+    """
+    targets = labels[:, 1:]  # [B, L-1]
+    keep = targets != IGNORE  # [B, L-1]
+    n = int(keep.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    picked = logits[:, :-1][keep].float()  # [n, V]
+    return F.cross_entropy(picked, targets[keep], reduction="mean"), n
+
+
+def target_logits(model, batch: dict, bf16: bool) -> tuple[Tensor, Tensor]:
+    """Logits only at the positions that predict a target: [n, V] and the targets [n].
+
+    Running the LM head on target positions alone saves most of the vocabulary
+    projection when prompts are long."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers live inside
+    inner, head = _backbone_and_head(base)
+    with autocast(bf16):
+        hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]  # [B, L-1]
+        keep = targets != IGNORE  # [B, L-1]
+        logits = head(hidden[:, :-1][keep])  # [n, V]
+    return logits.float(), targets[keep]
+
+
+def kd_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over positions of KL(p_teacher || p_student); both [n, V]."""
+    t_logp = F.log_softmax(teacher_logits.float(), -1)  # [n, V]
+    s_logp = F.log_softmax(student_logits.float(), -1)  # [n, V]
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+
+
+def batch_loss(model, batch: dict, bf16: bool, teacher=None, kd_coef: float = 0.0) -> tuple[Tensor, dict]:
+    logits, targets = target_logits(model, batch, bf16)  # [n, V], [n]
+    ce = F.cross_entropy(logits, targets)
+    metrics = {"ce": float(ce.detach()), "targets": int(targets.numel())}
+    if teacher is None:
+        return ce, metrics
+    with torch.no_grad():
+        t_logits, _ = target_logits(teacher, batch, bf16)  # [n, V]
+    kl = kd_kl(logits, t_logits)
+    metrics["kd_kl"] = float(kl.detach())
+    return (1 - kd_coef) * ce + kd_coef * kl, metrics
+
+
+def _same_vocab(tok_a, tok_b) -> bool:
+    return len(tok_a) == len(tok_b) and tok_a.get_vocab() == tok_b.get_vocab()
+
+
+def load_teacher(name: str, tok):
+    teacher, t_tok = load_model(name)
+    if not _same_vocab(tok, t_tok):
+        raise ConfigError(f"kd_teacher {name} has a different vocabulary from the student; token-level KL "
+                          "needs the same tokenizer (distil by SFT on its traces instead)")
+    return teacher.eval().requires_grad_(False)
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Train and write an HF model folder to ``output_dir/final``; returns that path."""
+    from thinkrl.trainer.rl import seed_everything, use_bf16
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    bf16 = use_bf16(cfg.dtype)
+    rows = read_rows(cfg.data)
+    model, tok = load_model(cfg.model)
+    data = encode_sft_rows(rows, tok, cfg.task, cfg.max_len, source=cfg.data)
+    teacher = load_teacher(cfg.kd_teacher, tok) if cfg.kd_teacher else None
+    model.config.use_cache = False
+    model = apply_lora(model, cfg.lora)
+    lengths = [len(e.input_ids) for e in data]
+    per_epoch = -(-len(data) // cfg.batch_size)
+    total = cfg.max_steps or per_epoch * cfg.epochs
+    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total)
+    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=0)
+    log.info("sft: %d rows, %d steps of %d rows", len(data), total, cfg.batch_size)
+    model.train()
+    step, epoch = 0, 0
+    while step < total:
+        for idx in length_buckets(lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch):
+            if step >= total:
+                break
+            batch = collate([data[i] for i in idx], tok.pad_token_id)
+            loss, m = batch_loss(model, batch, bf16, teacher, cfg.kd_coef)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            metrics_log.write({"step": step, "epoch": epoch, "loss": float(loss.detach()), **m,
+                               "grad_norm": float(gn), "lr": sched.get_last_lr()[0]})
+            if cfg.progress and (step % 10 == 0 or step == total):
+                log.info("sft step %d/%d loss %.4f", step, total, float(loss.detach()))
+        epoch += 1
+    final = out / "final"
+    save_model(unwrap_lora(model), tok, final)
+    return final
+
