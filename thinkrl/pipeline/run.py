@@ -25,7 +25,7 @@ from pathlib import Path
 from thinkrl.config import Config, ConfigError, TaskConfig, build_config
 from thinkrl.pipeline.merge import MergeConfig, run_merge
 from thinkrl.pipeline.sample import SampleConfig, run_sample
-from thinkrl.trainer.common import build_cfg, need, to_dict
+from thinkrl.trainer.common import need, to_dict
 from thinkrl.trainer.dpo import DPOConfig, train_dpo
 from thinkrl.trainer.sft import SFTConfig, train_sft
 
@@ -98,7 +98,7 @@ def stage_config(cfg: PipelineConfig, st: dict, folder: Path, latest: dict, outp
         else:
             layered[k] = v
     try:
-        return build_config(base=layered) if kind == "rl" else build_cfg(KINDS[kind], base=layered)
+        return build_config(base=layered) if kind == "rl" else build_config(base=layered, cls=KINDS[kind])
     except ConfigError as e:
         raise ConfigError(f"stage '{name}' ({kind}): {e}") from None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from thinkrl.config import ConfigError, _deep_update, _merge, _reset_params_with_name, load_yaml, parse_overrides
+from thinkrl.config import ConfigError
 from thinkrl.data import IGNORE
 
 
@@ -21,18 +21,6 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-def build_cfg(cls, path=None, overrides: list[str] | None = None, base: dict | None = None):
-    """Defaults <- ``base`` <- YAML file <- ``key=value`` overrides, for any schema dataclass."""
-    data: dict = {}
-    for layer in (base or {}, load_yaml(path) if path else {}, parse_overrides(overrides or [])):
-        _deep_update(data, _reset_params_with_name(layer))
-    cfg = cls()
-    _merge(cfg, data)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
 
 
 def need(cond: bool, msg: str) -> None:
