@@ -117,6 +117,34 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
+def _uid_of(pid_dir: Path) -> int | None:
+    """Real uid of a live process (None for zombies: they hold nothing and cannot be killed)."""
+    try:
+        for line in (pid_dir / "status").read_text().splitlines():
+            if line.startswith("State:") and line.split()[1] == "Z":
+                return None
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def kill_uid(uid: int, patience: float = 5.0) -> None:
+    """SIGKILL every process running as ``uid`` until none is left (uids are per-run, see _Slot)."""
+    end = time.monotonic() + patience
+    while time.monotonic() < end:
+        pids = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _uid_of(d) == uid]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
+
+
 def run(argv: list[str], files: dict[str, str], stdin: str = "", limits: Limits = Limits()) -> Result:
     """Run ``python <argv>`` in a fresh sandbox whose work folder holds ``files``."""
     t0 = time.monotonic()
@@ -125,8 +153,9 @@ def run(argv: list[str], files: dict[str, str], stdin: str = "", limits: Limits 
         try:
             return _collect(proc, head + stdin.encode(), limits, t0)
         finally:
-            _kill(proc)  # stragglers in the group (the PID namespace already took the rest)
+            _kill(proc)
             proc.wait()
+            kill_uid(uid)  # whatever left the group (setsid) or is still dying in the PID namespace
             shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -4,9 +4,10 @@ Executed as ``python -I -S _launch.py`` by ``thinkrl.sandbox`` (standard library
 from thinkrl is imported). It reads a length-prefixed JSON spec from stdin; whatever follows on
 stdin is the program's own input. Steps, each recorded in ``applied`` (``probe`` prints it):
 
-1. new mount, network, PID, IPC and UTS namespaces (root only). The launcher forks; the child is
-   PID 1 of the new PID namespace, so when it exits the kernel kills every process left inside
-   (fork bombs, ``setsid`` escapees). The launcher waits and mirrors the child's exit status.
+1. new mount, network, PID, IPC and UTS namespaces (root only). The launcher forks an init
+   (PID 1 of the new PID namespace), which forks the program; when init exits the kernel kills
+   every process left inside (fork bombs, ``setsid`` escapees). The launcher mirrors the
+   program's exit status or fatal signal.
 2. inside: every existing mount is remounted read-only; a fresh, size-capped tmpfs goes on
    ``/tmp`` (the work folder is ``/tmp/work``); directories of the interpreter that the
    unprivileged uid cannot reach (e.g. a Python under ``/root``) are re-exposed read-only;
@@ -175,22 +176,62 @@ def become_program(spec: dict, workdir: str, applied: dict) -> None:
     os.execve(spec["argv"][0], spec["argv"], env)
 
 
-def supervise(child: int) -> None:
-    """Mirror the namespace init's end: same exit code, or the same fatal signal."""
-    for fd in range(0, 3):
-        os.close(fd)
+def wait_for(child: int) -> int:
+    """Wait for ``child``, reaping any orphans handed to us on the way; its wait status."""
     while True:
         try:
-            _, status = os.waitpid(child, 0)
-            break
+            pid, status = os.waitpid(-1, 0)
         except InterruptedError:
             continue
+        except ChildProcessError:
+            return 1 << 8
+        if pid == child:
+            return status
+
+
+def mirror(status: int) -> None:
+    """End this process the way the program ended: same exit code, or the same fatal signal."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         signal.signal(sig, signal.SIG_DFL)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         os.kill(os.getpid(), sig)
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+
+def run_namespaced(spec: dict, applied: dict) -> None:
+    """launcher (host PID namespace) -> init (PID 1: mounts, reaps) -> program (PID 2, unprivileged).
+
+    The program is not PID 1 because the kernel ignores default-action signals to a namespace's
+    init, RLIMIT_CPU's SIGXCPU included. When init exits, the kernel kills what is left inside.
+    init cannot die of a signal it sends itself, so it passes the program's wait status up a pipe.
+    """
+    r, w = os.pipe()
+    init = os.fork()
+    if init:
+        os.close(w)
+        for fd in range(0, 3):
+            os.close(fd)
+        status = wait_for(init)
+        got = os.read(r, 32)
+        mirror(int(got) if got else status)
+    os.close(r)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    applied.update(netns=True, mountns=True, pidns=True)
+    try:
+        workdir = setup_filesystem(spec, applied)
+    except OSError as e:  # never run the program half-isolated
+        os.write(2, f"sandbox launcher: filesystem setup failed: {e}\n".encode())
+        os._exit(125)
+    program = os.fork()
+    if program == 0:
+        os.close(w)
+        become_program(spec, workdir, applied)
+    for fd in range(0, 3):
+        os.close(fd)
+    status = wait_for(program)
+    os.write(w, str(status).encode())
+    os._exit(0)
 
 
 def main() -> None:
@@ -214,18 +255,7 @@ def main() -> None:
             spec["uid"] = None  # the unprivileged uid could not even start the interpreter
         become_program(spec, spec["host_workdir"], applied)
         return
-    child = os.fork()
-    if child:
-        supervise(child)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    applied.update(netns=True, mountns=True, pidns=True)
-    try:
-        workdir = setup_filesystem(spec, applied)
-    except OSError as e:  # never run the program half-isolated
-        os.write(2, f"sandbox launcher: filesystem setup failed: {e}\n".encode())
-        os._exit(125)
-    become_program(spec, workdir, applied)
-
+    run_namespaced(spec, applied)
 
 if __name__ == "__main__":
     main()
