@@ -17,9 +17,10 @@ is killed raises :class:`RewardFailure` with that reason: it scores 0 and is cou
 from __future__ import annotations
 
 import re
+import textwrap
 from functools import lru_cache
 
-from thinkrl.rewards.base import REWARDS, RewardFailure, extract_answer, parallel
+from thinkrl.rewards.base import _ANSWER, REWARDS, RewardFailure, extract_answer, parallel
 from thinkrl.sandbox import Limits, run_check, run_python
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -31,16 +32,17 @@ def extract_code(completion: str) -> str | None:
     blocks = _FENCE.findall(completion)
     if blocks:
         return blocks[-1]
-    ans = extract_answer(completion)
-    if ans:
-        inner = _FENCE.findall(ans + "\n```") if ans.startswith("```") else []
-        return inner[-1] if inner else ans
+    if extract_answer(completion):
+        raw = _ANSWER.findall(completion)[-1]  # unstripped: a function body keeps its indentation
+        return raw.strip("\n").rstrip()
     return None
 
 
 def program_for(code: str, example) -> str:
     entry = example.meta.get("entry_point")
     if entry and not re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE):
+        if not code[:1].isspace():  # a body written flush left goes under the signature
+            code = textwrap.indent(code, "    ")
         return example.meta.get("prompt", "") + code
     return code
 
