@@ -8,9 +8,7 @@ import json
 import logging
 import sys
 
-logging.disable(logging.WARNING)  # math-verify warns on every call that its timeout is off
-
-from math_verify import parse, verify  # noqa: E402
+from math_verify import parse, verify
 
 
 def parsed(s: str):
@@ -19,6 +17,7 @@ def parsed(s: str):
 
 
 def main() -> None:
+    logging.disable(logging.WARNING)  # math-verify warns on every call that its timeout is off
     print("ready", flush=True)
     for line in sys.stdin:
         try:
