@@ -1,7 +1,8 @@
 """Reward throughput: 1,000 code completions through the sandbox and 10,000 math answers.
 
 Code: HumanEval problems in turn, alternating the canonical solution and a ``return None`` body,
-scored by the ``code`` reward (one sandbox run each, a pool of one run per core). Math: answers
+each program made unique, scored by the ``code`` reward (one sandbox run each, a pool of one run
+per core). Math: answers
 in several forms (integers, fractions, LaTeX), half right, scored by ``math`` (math-verify in
 sandboxed workers with a deadline) and by ``exact``. Prints completions per second.
 
@@ -27,7 +28,8 @@ def code_batch(n: int):
         ex = problems[(i // 2) % len(problems)]
         good = i % 2 == 0
         body = ex.answer if good else ex.meta["prompt"] + "    return None\n"
-        texts.append(f"<think>...</think>\n```python\n{body}```")
+        # the comment makes every program unique, so the code reward's verdict cache never hits
+        texts.append(f"<think>...</think>\n```python\n# sample {i}\n{body}```")
         exs.append(ex)
         expected.append(1.0 if good else 0.0)
     return texts, exs, expected
