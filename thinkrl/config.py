@@ -113,6 +113,9 @@ class Config:
     progress: bool = True
     # Merged key by key: ``rewards.format=0.5`` keeps the other rewards (weight 0 turns one off).
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1}, metadata={"merge": True})
+    # Options of individual rewards, e.g. {code: {mode: fraction, timeout: 5}, overlong: {buffer: 32}}
+    # (each reward's keyword-only parameters; see docs/rewards.md).
+    reward_args: dict = field(default_factory=dict, metadata={"merge": True})
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -287,7 +290,7 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
 
 def validate(cfg: Config) -> None:
     from thinkrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
-    from thinkrl.rewards import REWARDS
+    from thinkrl.rewards import check_options, resolve
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -321,8 +324,12 @@ def validate(cfg: Config) -> None:
              f"task.fewshot[{i}] must be a mapping with exactly the keys 'question' and 'response'")
     need(len(cfg.rewards) > 0, "rewards: at least one reward is needed")
     for name, w in cfg.rewards.items():
-        REWARDS.check(name)
+        resolve(name)
         need(isinstance(w, (int, float)) and not isinstance(w, bool), f"rewards.{name}: weight must be a number")
+    for name, opts in cfg.reward_args.items():
+        need(name in cfg.rewards, f"reward_args.{name}: '{name}' is not in rewards ({', '.join(cfg.rewards)})")
+        need(isinstance(opts, dict), f"reward_args.{name}: expected a mapping of options, got {opts!r}")
+        check_options(name, resolve(name), opts)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

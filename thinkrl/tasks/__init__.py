@@ -87,7 +87,7 @@ class ReasoningGymTask(Task):
 
         self.name = cfg.name
         if cfg.name not in DATASETS:
-            raise ConfigError(f"unknown task '{cfg.name}': not a reasoning-gym dataset and not a .jsonl file. "
+            raise ConfigError(f"unknown task '{cfg.name}': not humaneval, a reasoning-gym dataset or a .jsonl file. "
                               f"reasoning-gym datasets: {', '.join(sorted(DATASETS))}")
         try:
             self.ds = rg.create_dataset(cfg.name, size=cfg.train_size, seed=cfg.seed, **cfg.params)
@@ -201,6 +201,10 @@ class JsonlTask(Task):
 
 
 def build_task(cfg: TaskConfig) -> Task:
+    if cfg.name == "humaneval":
+        from thinkrl.tasks.humaneval import HumanEvalTask
+
+        return HumanEvalTask(cfg)
     if cfg.name.endswith(".jsonl"):
         return JsonlTask(cfg)
     if "/" in cfg.name or cfg.name.endswith((".json", ".csv", ".parquet")):

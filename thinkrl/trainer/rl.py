@@ -103,7 +103,9 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     t0 = time.perf_counter()
     exs = [ex for ex in examples for _ in range(G)]  # [N]
     texts = [rendered[i // G][1] + t for i, t in enumerate(ro.texts)]  # the reward sees prefill + completion
-    totals, parts = p.rewards.score(texts, exs)
+    totals, parts = p.rewards.score(texts, exs, group_size=G, context={
+        "num_tokens": [len(c) for c in ro.completion_ids], "max_tokens": cfg.rollout.max_new_tokens,
+        "truncated": list(ro.truncated)})
     timings["time_score"] = time.perf_counter() - t0
 
     # 3. Advantages, per sequence, broadcast to tokens.
@@ -242,7 +244,7 @@ def build_parts(cfg: Config, model_path: str) -> Parts:
                             weight_decay=cfg.optim.weight_decay)
     total = cfg.max_steps * cfg.algo.num_iterations
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    return Parts(cfg, model, ref_model, tok, task, RewardModel(cfg.rewards), engine, opt, sched, bf16)
+    return Parts(cfg, model, ref_model, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt, sched, bf16)
 
 
 def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:

@@ -1,0 +1,132 @@
+"""Long-lived sandboxed workers with a per-request deadline.
+
+Some checks are not model-written programs but still chew on model-written input with code that
+can hang or blow up: math-verify hands answers to sympy, and ``9**9**9**9`` evaluates forever.
+math-verify's own timeout uses ``signal.alarm`` (main thread only), so instead the check runs in
+a worker process inside the sandbox (same namespaces, uid, memory limit) that speaks JSON lines
+on stdin/stdout. A request that misses its deadline gets the worker killed (process group and
+PID namespace) and replaced; the caller sees :class:`WorkerTimeout`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import queue
+import selectors
+import shutil
+import threading
+import time
+
+from thinkrl.sandbox import Limits, _kill, _Slot, _spawn
+
+
+class WorkerTimeout(Exception):
+    pass
+
+
+class WorkerCrashed(Exception):
+    pass
+
+
+class Worker:
+    """One sandboxed process running ``script`` (which must print one line ``ready`` first)."""
+
+    def __init__(self, script: str, limits: Limits, start_timeout: float = 120.0):
+        self.slot = _Slot()
+        uid = self.slot.__enter__()
+        self.proc, self.workdir, head = _spawn(["-I", "-B", "worker.py"], {"worker.py": script}, limits, uid)
+        self.proc.stdin.write(head)
+        self.proc.stdin.flush()
+        self.buf = b""
+        self.sel = selectors.DefaultSelector()
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if self._readline(time.monotonic() + start_timeout) != "ready":
+            self.close()
+            raise WorkerCrashed("worker did not start: " + self.proc.stderr.read().decode(errors="replace")[-500:])
+
+    def _readline(self, deadline: float) -> str:
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerTimeout
+            if self.sel.select(timeout=left):
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    raise WorkerCrashed("worker exited")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def call(self, request: dict, timeout: float) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise WorkerCrashed("worker exited") from None
+        return json.loads(self._readline(time.monotonic() + timeout))
+
+    def close(self) -> None:
+        _kill(self.proc)
+        self.proc.wait()
+        self.sel.close()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.slot.__exit__(None, None, None)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class WorkerPool:
+    """``size`` workers, started lazily; a worker that times out or crashes is replaced."""
+
+    def __init__(self, script: str, size: int, limits: Limits):
+        self.script, self.size, self.limits = script, size, limits
+        self.idle: queue.Queue = queue.Queue()
+        self.started = 0
+        self.lock = threading.Lock()
+        self.restarts = 0
+        atexit.register(self.close)
+
+    def _take(self) -> Worker:
+        with self.lock:
+            if self.idle.empty() and self.started < self.size:
+                self.started += 1
+                fresh = True
+            else:
+                fresh = False
+        if fresh:
+            try:
+                return Worker(self.script, self.limits)
+            except Exception:
+                with self.lock:
+                    self.started -= 1
+                raise
+        return self.idle.get()
+
+    def call(self, request: dict, timeout: float) -> dict:
+        w = self._take()
+        try:
+            out = w.call(request, timeout)
+        except (WorkerTimeout, WorkerCrashed, ValueError):
+            w.close()
+            with self.lock:
+                self.started -= 1
+                self.restarts += 1
+            raise
+        self.idle.put(w)
+        return out
+
+    def close(self) -> None:
+        while True:
+            try:
+                w = self.idle.get_nowait()
+            except queue.Empty:
+                break
+            w.close()
+            with self.lock:
+                self.started -= 1
