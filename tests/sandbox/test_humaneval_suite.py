@@ -10,7 +10,7 @@ from thinkrl.tasks import build_task
 
 @pytest.fixture(scope="module")
 def problems():
-    task = build_task(TaskConfig(name="humaneval"))
+    task = build_task(TaskConfig(name="humaneval", params={}))
     exs = task.train + task.eval
     assert len(exs) == 164 and len({e.meta["task_id"] for e in exs}) == 164
     return exs

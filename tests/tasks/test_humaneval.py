@@ -8,7 +8,7 @@ from thinkrl.tasks.humaneval import HumanEvalTask
 
 
 def test_humaneval_task_splits_and_prompts():
-    task = build_task(TaskConfig(name="humaneval", eval_size=10))
+    task = build_task(TaskConfig(name="humaneval", params={}, eval_size=10))
     assert isinstance(task, HumanEvalTask)
     assert len(task.eval) == 10 and len(task.train) == 154
     assert not {e.meta["task_id"] for e in task.eval} & {e.meta["task_id"] for e in task.train}
@@ -16,11 +16,11 @@ def test_humaneval_task_splits_and_prompts():
     assert "def has_close_elements(numbers: List[float], threshold: float) -> bool:" in ex.question
     assert ex.question.startswith("Complete the following Python function")
     # the default eval_size (200) is capped at a fifth of the 164 problems
-    assert len(build_task(TaskConfig(name="humaneval")).eval) == 32
+    assert len(build_task(TaskConfig(name="humaneval", params={})).eval) == 32
 
 
 def test_humaneval_accuracy_is_pass_at_1():
-    task = build_task(TaskConfig(name="humaneval", eval_size=5))
+    task = build_task(TaskConfig(name="humaneval", params={}, eval_size=5))
     ex = task.train[0]
     acc = REWARDS.get("accuracy")
     assert acc(f"<think>easy</think>\n```python\n{ex.answer}```", ex) == 1.0
