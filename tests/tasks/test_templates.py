@@ -34,3 +34,44 @@ def test_default_chat_prompt_asks_for_the_tags(tiny_pair):
 def test_plain_template(tiny_pair):
     assert render_prompt(Q, tiny_pair[1], TaskConfig(template="plain", prefill="<think>")) == (
         Q + "\n<think>", "<think>")
+
+
+def test_qwen3_thinking_switches_end_the_user_turn(tiny_pair):
+    tok = tiny_pair[1]
+    prompt, _ = render_prompt(Q, tok, TaskConfig(template="chat", system_prompt=None, thinking="no_think"))
+    assert prompt == f"<|im_start|>user\n{Q} /no_think<|im_end|>\n<|im_start|>assistant\n"
+    prompt, _ = render_prompt(Q, tok, TaskConfig(template="chat", system_prompt=None, thinking="think"))
+    assert prompt == f"<|im_start|>user\n{Q} /think<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(Q, tok, TaskConfig(template="plain", thinking="think"))[0] == Q + " /think\n"
+
+
+def test_thinking_must_be_think_or_no_think():
+    import pytest
+
+    from thinkrl.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="task.thinking 'maybe' unknown"):
+        build_config(overrides=["task.thinking=maybe"])
+
+
+def test_prompts_over_max_prompt_tokens_are_skipped_and_counted(tiny_pair, caplog):
+    import logging
+
+    from thinkrl.tasks import Example, Task
+    from thinkrl.tasks.templates import drop_long_prompts
+
+    class ListTask(Task):
+        name = "list"
+
+    tok = tiny_pair[1]
+    rows = [Example(question="x" * n, answer="1") for n in (3, 10, 4, 30, 5)]
+    task = ListTask(rows, rows[:2], seed=0)
+    cfg = TaskConfig(template="plain", max_prompt_tokens=8)
+    # tiny-random's tokenizer is byte-level: "x" * n + "\n" is n + 1 tokens, so n <= 7 fits in 8
+    assert [len(tok(render_prompt(r.question, tok, cfg)[0], add_special_tokens=False).input_ids)
+            for r in rows] == [4, 11, 5, 31, 6]
+    with caplog.at_level(logging.WARNING):
+        assert drop_long_prompts(task, tok, cfg) == 3  # train drops 10 and 30; eval drops 10
+    assert [len(r.question) for r in task.train] == [3, 4, 5]
+    assert [len(r.question) for r in task.eval] == [3]
+    assert sum("skipped 2 of 5 train rows" in r.getMessage() for r in caplog.records) == 1
