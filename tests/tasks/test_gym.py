@@ -49,3 +49,17 @@ def test_mixture_and_level_errors():
         build_task(TaskConfig(name="mix", mixture=[{"name": "nope"}]))
     with pytest.raises(ConfigError, match="curriculum levels 0..9, got 99"):
         build_task(TaskConfig(name="chain_sum", levels=[99], train_size=4, eval_size=1))
+
+
+def test_levels_recipe_loads():
+    from pathlib import Path
+
+    from thinkrl.sampling import CurriculumSampler, build_sampler
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "chain_sum_levels_dapo.yaml"
+    cfg = build_config(path, ["task.train_size=30", "task.eval_size=6"])
+    assert cfg.sampling.dynamic and cfg.task.levels == [0, 1, 2]
+    task = build_task(cfg.task)
+    assert Counter(ex.meta["level"] for ex in task.train) == {0: 10, 1: 10, 2: 10}
+    sampler = build_sampler(task, cfg)
+    assert isinstance(sampler, CurriculumSampler) and sampler.horizon == 40 * 8
