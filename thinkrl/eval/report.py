@@ -70,6 +70,8 @@ def _plot(metrics: list[dict], evals: list[dict], stem: str, title: str, series,
     if stem == "accuracy" and evals:
         ax.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", color="tab:red",
                 label="held-out")
+    if stem in ("accuracy", "reflection"):  # shares: the whole [0, 1] range, so runs compare by eye
+        ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
