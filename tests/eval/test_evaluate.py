@@ -78,3 +78,21 @@ def test_difficulty_labels_round_trip_and_filter(task, tmp_path):
     apply_pass_rates(task, TaskConfig(pass_rates=str(path), min_pass_rate=0.1, max_pass_rate=0.6))
     assert [ex.question for ex in task.train] == ["q1", "q2"]
     assert [ex.meta["pass_rate"] for ex in task.eval] == [0.25, 0.5, 0.75, 0.0]  # labelled, not filtered
+
+
+def test_eval_command_with_k_samples_side_by_side(tmp_path, capsys):
+    from thinkrl.cli import main
+
+    dest = tmp_path / "eval.json"
+    args = ["eval", "model=tiny-random,tiny-random", "k=3", "n=2", "task.train_size=10", "task.eval_size=4",
+            "rollout.max_new_tokens=4", "task.template=plain", "dtype=fp32", f"output={dest}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "task: chain_sum  (held-out, 3 samples at temperature 1)"
+    assert out[1].split()[:4] == ["model", "accuracy", "pass@3", "maj@3"]
+    assert sum(line.startswith("tiny-random") for line in out) == 2  # one row per model
+    data = json.loads(dest.read_text())
+    assert data["samples"] == 3 and data["temperature"] == 1.0
+    summary = data["results"]["tiny-random"]["summary"]
+    assert summary["n"] == 2 and summary["samples"] == 3
+    assert len(data["results"]["tiny-random"]["records"][0]["samples"]) == 3

@@ -65,8 +65,11 @@ def _plot(metrics: list[dict], evals: list[dict], stem: str, title: str, series,
     fig, ax = plt.subplots(figsize=(6, 3.6))
     k = max(1, len(metrics) // 10)
     for (key, label, xs, ys), color in zip(drawn, ("tab:blue", "tab:orange")):
-        ax.plot(xs, ys, color=color, alpha=0.3, lw=1)
-        ax.plot(xs, _moving_average(ys, k), color=color, lw=2, label=f"{label} (moving average of {k})")
+        if k > 1:  # raw values faint, the moving average bold
+            ax.plot(xs, ys, color=color, alpha=0.3, lw=1)
+            label = f"{label} (moving average of {k})"
+        ax.plot(xs, _moving_average(ys, k), color=color, lw=2, marker="o" if len(xs) < 20 else None, ms=3,
+                label=label)
     if stem == "accuracy" and evals:
         ax.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", color="tab:red",
                 label="held-out")
