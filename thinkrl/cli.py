@@ -1,12 +1,14 @@
 """The ``thinkrl`` command: parse, build, run.
 
     thinkrl train [CONFIG.yaml] [key=value ...]
-    thinkrl eval  [CONFIG.yaml] model=PATH[,PATH...] [task=NAME] [n=N] [output=FILE] [key=value ...]
+    thinkrl eval  [CONFIG.yaml] model=PATH[,PATH...] [task=NAME] [n=N] [k=SAMPLES] [output=FILE] [key=value ...]
     thinkrl sft    [CONFIG.yaml] model=NAME data=FILE.jsonl output_dir=DIR [key=value ...]
     thinkrl sample [CONFIG.yaml] model=NAME output=FILE.jsonl [mode=all|shortest|pairs] [n=N] [key=value ...]
     thinkrl dpo    [CONFIG.yaml] model=NAME data=FILE.jsonl [loss=dpo|ln_dpo|simpo] [key=value ...]
     thinkrl merge  models=A,B[,...] [weights=WA,WB,...] output_dir=DIR
     thinkrl pipeline PIPELINE.yaml [key=value ...]
+    thinkrl difficulty [CONFIG.yaml] model=PATH task=NAME [k=8] [n=N] output=FILE.jsonl [key=value ...]
+    thinkrl report RUN_DIR [output=DIR]
 """
 
 from __future__ import annotations
@@ -67,16 +69,8 @@ def _eval_base(model: str) -> dict:
     return {}
 
 
-def cmd_eval(args: list[str]) -> int:
-    from thinkrl.config import build_config
-    from thinkrl.eval import evaluate, format_table, write_json
-    from thinkrl.models import load_model
-    from thinkrl.rollout import build_engine
-    from thinkrl.tasks import build_task
-    from thinkrl.trainer.rl import use_bf16
-
-    config, items = _split(args)
-    short = {"task": "task.name", "n": "eval.n"}
+def _model_args(items: list[str], short: dict) -> tuple[list[str], str | None, list[str]]:
+    """Split ``model=a,b`` and ``output=...`` from the config overrides (with short aliases)."""
     models, output, overrides = [], None, []
     for item in items:
         key, value = item.split("=", 1)
@@ -86,24 +80,44 @@ def cmd_eval(args: list[str]) -> int:
             output = value
         else:
             overrides.append(f"{short.get(key, key)}={value}")
+    return models, output, overrides
+
+
+def cmd_eval(args: list[str]) -> int:
+    from thinkrl.config import build_config
+    from thinkrl.eval import evaluate, format_table, write_json
+    from thinkrl.models import load_model
+    from thinkrl.rollout import build_engine
+    from thinkrl.tasks import build_task
+    from thinkrl.tasks.templates import drop_long_prompts
+    from thinkrl.trainer.rl import use_bf16
+
+    config, items = _split(args)
+    models, output, overrides = _model_args(items, {"task": "task.name", "n": "eval.n", "k": "eval.samples"})
     if not models:
         raise ConfigError("thinkrl eval needs model=PATH (a built-in name, an HF folder or a .gguf file)")
     base = _eval_base(models[0]) if config is None else {}
     cfg = build_config(config, overrides, base=base)
     task = build_task(cfg.task)
     bf16 = use_bf16(cfg.dtype)
+    k = cfg.eval.samples
+    temperature = cfg.eval.temperature if cfg.eval.temperature is not None else (
+        0.0 if k == 1 else cfg.rollout.temperature)
     rows, results = [], {}
     for name in models:
         model, tok = load_model(name)
+        drop_long_prompts(task, tok, cfg.task)
         engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, bf16=bf16)
         res = evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task,
-                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                       temperature=temperature, samples=k, reflection_words=cfg.eval.reflection_words)
         rows.append((name, res["summary"]))
         results[name] = res
-    print(f"task: {cfg.task.name}  (held-out, greedy)")
+    how = "greedy" if temperature == 0 else f"{k} samples at temperature {temperature:g}"
+    print(f"task: {cfg.task.name}  (held-out, {how})")
     print(format_table(rows))
     output = output or "eval_results.json"
-    write_json(Path(output), {"task": cfg.task.name, "results": results})
+    write_json(Path(output), {"task": cfg.task.name, "samples": k, "temperature": temperature, "results": results})
     print(f"wrote {output}")
     return 0
 
@@ -160,8 +174,55 @@ def cmd_pipeline(args: list[str]) -> int:
     return 0
 
 
+def cmd_difficulty(args: list[str]) -> int:
+    """Label training questions with a model's pass rate over k samples (Kimi k1.5's difficulty)."""
+    from thinkrl.config import build_config
+    from thinkrl.models import load_model
+    from thinkrl.rollout import build_engine
+    from thinkrl.sampling.difficulty import estimate_pass_rates, write_rows
+    from thinkrl.tasks import build_task
+    from thinkrl.trainer.rl import use_bf16
+
+    config, items = _split(args)
+    k, n, rest = 8, None, []
+    for item in items:
+        key, value = item.split("=", 1)
+        if key in ("k", "n"):
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+            k, n = (int(value), n) if key == "k" else (k, int(value))
+        else:
+            rest.append(item)
+    models, output, overrides = _model_args(rest, {"task": "task.name"})
+    if len(models) != 1 or not output:
+        raise ConfigError("thinkrl difficulty needs one model=PATH and output=FILE.jsonl")
+    cfg = build_config(config, overrides)
+    task = build_task(cfg.task)
+    model, tok = load_model(models[0])
+    engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=use_bf16(cfg.dtype))
+    examples = task.train[:n] if n else task.train
+    rows = estimate_pass_rates(engine, tok, examples, cfg.task, k=k, max_new_tokens=cfg.rollout.max_new_tokens,
+                               temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    write_rows(rows, Path(output))
+    mean = sum(r["pass_rate"] for r in rows) / len(rows)
+    print(f"wrote {output}: {len(rows)} questions, mean pass rate {mean:.3f} over k={k} samples")
+    return 0
+
+
+def cmd_report(args: list[str]) -> int:
+    from thinkrl.eval.report import build_report
+
+    run = [a for a in args if "=" not in a]
+    opts = dict(a.split("=", 1) for a in args if "=" in a)
+    if len(run) != 1 or set(opts) - {"output"}:
+        raise ConfigError("usage: thinkrl report RUN_DIR [output=DIR]")
+    md = build_report(run[0], opts.get("output"))
+    print(f"wrote {md}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "sample": cmd_sample,
-            "merge": cmd_merge, "pipeline": cmd_pipeline}
+            "merge": cmd_merge, "pipeline": cmd_pipeline, "difficulty": cmd_difficulty, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """A mistake in a config file or override that the user can fix."""
 
 
+# Phrases that mark a model re-examining its own reasoning (R1's "aha moment"), counted in the thinking.
+REFLECTION_WORDS = ("wait", "re-check", "recheck", "let me verify", "let me check", "double-check")
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant. First think about the problem step by step inside "
     "<think> </think> tags, then give only the final answer inside <answer> </answer> tags, "
@@ -48,6 +51,31 @@ class TaskConfig:
     # from one worked exchange than from an instruction alone.
     fewshot: list = field(default_factory=lambda: [
         {"question": "What is 7 + 8?", "response": "<think> 7 plus 8 is 15. </think> <answer> 15 </answer>"}])
+    # name=mix: a weighted mixture of reasoning-gym datasets, each {name, params, weight}.
+    mixture: list = field(default_factory=list)
+    # reasoning-gym curriculum levels to draw from in equal shares, e.g. [0, 1, 2]; each
+    # example keeps its level (meta "level"), which curriculum sampling orders by.
+    levels: list = field(default_factory=list)
+    # Columns of a data file that hold the question, answer and (optionally) pass rate,
+    # e.g. {question: problem, answer: solution}; unnamed ones keep their own name.
+    fields: dict = field(default_factory=dict)
+    thinking: str | None = None  # think | no_think: Qwen3's "/think" or "/no_think" after the question
+    max_prompt_tokens: int = 0  # rows whose rendered prompt is longer are skipped and counted (0: no limit)
+    pass_rates: str | None = None  # JSONL written by `thinkrl difficulty`, joined on the question text
+    min_pass_rate: float = 0.0  # keep training rows with min_pass_rate <= pass rate <= max_pass_rate
+    max_pass_rate: float = 1.0
+
+
+@dataclass
+class SamplingConfig:
+    """Which training prompts a step sees (Kimi k1.5 section 2.3.4; DAPO section 3.2)."""
+
+    order: str = "shuffle"  # shuffle | curriculum (easy to hard) | prioritized (by 1 - success rate)
+    priority_floor: float = 0.05  # weight of a prompt that is always solved, so it is still revisited
+    priority_ema: float = 0.5  # weight of the newest group in a prompt's tracked success rate
+    priority_prior: float = 0.5  # success rate assumed for a prompt not yet seen
+    dynamic: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal, refill
+    max_rounds: int = 3  # extra generation rounds a step may spend refilling dropped groups
 
 
 @dataclass
@@ -95,6 +123,9 @@ class EvalConfig:
     every: int = 0  # also evaluate every N steps (0: never)
     max_new_tokens: int | None = None  # None: rollout.max_new_tokens
     batch_size: int = 64
+    samples: int = 1  # completions per question: pass@1 is their mean, plus pass@k and maj@k for k = samples
+    temperature: float | None = None  # None: greedy for samples=1, else rollout.temperature
+    reflection_words: list = field(default_factory=lambda: list(REFLECTION_WORDS))
 
 
 @dataclass
@@ -102,6 +133,7 @@ class Config:
     model: str = "smollm2-135m"
     output_dir: str = "runs/default"
     max_steps: int = 40
+    max_minutes: float = 0.0  # stop training after this much wall time (0: no limit); final/ and eval still run
     seed: int = 0
     dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU supports it)
     threads: int = 0  # torch threads; 0 = all cores
@@ -118,6 +150,7 @@ class Config:
     reward_args: dict = field(default_factory=dict, metadata={"merge": True})
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -319,6 +352,7 @@ def validate(cfg: Config) -> None:
         reg.check(key)
     if cfg.algo.loss_agg is not None:
         LOSS_AGGREGATIONS.check(cfg.algo.loss_agg)
+    _validate_data(cfg, need)
     for i, shot in enumerate(cfg.task.fewshot):
         need(isinstance(shot, dict) and set(shot) == {"question", "response"},
              f"task.fewshot[{i}] must be a mapping with exactly the keys 'question' and 'response'")
@@ -330,6 +364,36 @@ def validate(cfg: Config) -> None:
         need(name in cfg.rewards, f"reward_args.{name}: '{name}' is not in rewards ({', '.join(cfg.rewards)})")
         need(isinstance(opts, dict), f"reward_args.{name}: expected a mapping of options, got {opts!r}")
         check_options(name, resolve(name), opts)
+
+
+def _validate_data(cfg: Config, need) -> None:
+    t, s = cfg.task, cfg.sampling
+    need(t.thinking in (None, "think", "no_think"), f"task.thinking '{t.thinking}' unknown; choose from: think, no_think")
+    need(t.max_prompt_tokens >= 0, "task.max_prompt_tokens must be >= 0 (0: no limit)")
+    need(0.0 <= t.min_pass_rate <= t.max_pass_rate <= 1.0,
+         "task.min_pass_rate and task.max_pass_rate must satisfy 0 <= min <= max <= 1")
+    need(set(t.fields) <= {"question", "answer", "pass_rate"},
+         f"task.fields: unknown key(s) {sorted(set(t.fields) - {'question', 'answer', 'pass_rate'})}; "
+         "valid keys: question, answer, pass_rate")
+    need(t.name != "mix" or len(t.mixture) > 0, "task.name=mix needs task.mixture: a list of {name, params, weight}")
+    need(not (t.mixture and t.levels), "task.levels and task.mixture cannot be combined")
+    for i, item in enumerate(t.mixture):
+        need(isinstance(item, dict) and "name" in item and set(item) <= {"name", "params", "weight"},
+             f"task.mixture[{i}] must be a mapping with 'name' and optionally 'params' and 'weight'")
+        w = item.get("weight", 1.0)
+        need(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0, f"task.mixture[{i}].weight must be > 0")
+    need(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in t.levels),
+         "task.levels must be a list of integers >= 0")
+    need(s.order in ("shuffle", "curriculum", "prioritized"),
+         f"sampling.order '{s.order}' unknown; choose from: shuffle, curriculum, prioritized")
+    need(0.0 < s.priority_floor <= 1.0, "sampling.priority_floor must be in (0, 1]")
+    need(0.0 < s.priority_ema <= 1.0, "sampling.priority_ema must be in (0, 1]")
+    need(0.0 <= s.priority_prior <= 1.0, "sampling.priority_prior must be in [0, 1]")
+    need(s.max_rounds >= 0, "sampling.max_rounds must be >= 0")
+    need(cfg.max_minutes >= 0, "max_minutes must be >= 0 (0: no limit)")
+    need(cfg.eval.samples >= 1, "eval.samples must be >= 1")
+    need(cfg.eval.samples == 1 or cfg.eval.temperature is None or cfg.eval.temperature > 0,
+         "eval.samples > 1 needs eval.temperature > 0 (greedy samples would all be the same)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -106,3 +106,13 @@ def test_default_loss_aggregation_names_are_registered():
     assert set(DEFAULT_LOSS_AGG) == set(ADVANTAGES.names())
     for agg in DEFAULT_LOSS_AGG.values():
         assert agg in LOSS_AGGREGATIONS
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("value", [0.1, 1.1, 0.3])
+def test_equal_non_dyadic_rewards_give_exactly_zero(name, value):
+    """0.1 is not exact in binary; a float32 group mean of eight 0.1s used to differ from 0.1 by an ulp,
+    and GRPO's division by a tiny std blew that up to ~1e-4. The advantage must be exactly 0."""
+    rewards = torch.full((8,), value)
+    adv = ADVANTAGES.get(name)(rewards, torch.zeros(8, dtype=torch.long), torch.ones(8, 3))
+    assert torch.equal(adv, torch.zeros(8, 3))

@@ -50,7 +50,7 @@ def test_reasoning_gym_bad_params_are_config_errors():
 def test_unknown_task_lists_datasets():
     with pytest.raises(ConfigError, match="unknown task 'nope_task'.*chain_sum"):
         build_task(TaskConfig(name="nope_task"))
-    with pytest.raises(ConfigError, match="only .jsonl"):
+    with pytest.raises(DataError, match="data file not found: data/x.csv"):  # CSV is a data format now
         build_task(TaskConfig(name="data/x.csv"))
 
 

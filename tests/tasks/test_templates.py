@@ -44,3 +44,44 @@ def test_fewshot_turns_come_before_the_question(tiny_pair):
     assert prompt == ("<|im_start|>user\n1+1?<|im_end|>\n"
                       "<|im_start|>assistant\n<think> 2 </think> <answer> 2 </answer><|im_end|>\n"
                       f"<|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n<think>")
+
+
+def test_qwen3_thinking_switches_end_the_user_turn(tiny_pair):
+    tok = tiny_pair[1]
+    prompt, _ = render_prompt(Q, tok, TaskConfig(template="chat", system_prompt=None, thinking="no_think", prefill="", fewshot=[]))
+    assert prompt == f"<|im_start|>user\n{Q} /no_think<|im_end|>\n<|im_start|>assistant\n"
+    prompt, _ = render_prompt(Q, tok, TaskConfig(template="chat", system_prompt=None, thinking="think", prefill="", fewshot=[]))
+    assert prompt == f"<|im_start|>user\n{Q} /think<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(Q, tok, TaskConfig(template="plain", thinking="think", prefill=""))[0] == Q + " /think\n"
+
+
+def test_thinking_must_be_think_or_no_think():
+    import pytest
+
+    from thinkrl.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="task.thinking 'maybe' unknown"):
+        build_config(overrides=["task.thinking=maybe"])
+
+
+def test_prompts_over_max_prompt_tokens_are_skipped_and_counted(tiny_pair, caplog):
+    import logging
+
+    from thinkrl.tasks import Example, Task
+    from thinkrl.tasks.templates import drop_long_prompts
+
+    class ListTask(Task):
+        name = "list"
+
+    tok = tiny_pair[1]
+    rows = [Example(question="x" * n, answer="1") for n in (3, 10, 4, 30, 5)]
+    task = ListTask(rows, rows[:2], seed=0)
+    cfg = TaskConfig(template="plain", max_prompt_tokens=8, prefill="")
+    # tiny-random's tokenizer is byte-level: "x" * n + "\n" is n + 1 tokens, so n <= 7 fits in 8
+    assert [len(tok(render_prompt(r.question, tok, cfg)[0], add_special_tokens=False).input_ids)
+            for r in rows] == [4, 11, 5, 31, 6]
+    with caplog.at_level(logging.WARNING):
+        assert drop_long_prompts(task, tok, cfg) == 3  # train drops 10 and 30; eval drops 10
+    assert [len(r.question) for r in task.train] == [3, 4, 5]
+    assert [len(r.question) for r in task.eval] == [3]
+    assert sum("skipped 2 of 5 train rows" in r.getMessage() for r in caplog.records) == 1

@@ -30,6 +30,10 @@ def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tens
 
     values: [B] float, group_ids: [B] int -> three [B] tensors.
     """
+    # In float64 the mean of G equal float32 values is exactly that value, so a group of
+    # equal rewards gets an advantage of exactly 0 (in float32, 0.1 * 8 / 8 != 0.1).
+    out_dtype = values.dtype
+    values = values.double()
     _, inv = torch.unique(group_ids, return_inverse=True)  # [B] in 0..n_groups-1
     n_groups = int(inv.max()) + 1
     count = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
@@ -38,7 +42,7 @@ def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tens
     mean = total / count  # [n_groups]
     sq = torch.zeros_like(count).index_add_(0, inv, (values - mean[inv]) ** 2)  # [n_groups]
     std = torch.sqrt(sq / (count - 1).clamp(min=1))  # [n_groups], Bessel-corrected like torch.std
-    return mean[inv], std[inv], count[inv]
+    return mean[inv].to(out_dtype), std[inv].to(out_dtype), count[inv].to(out_dtype)
 
 
 def _broadcast(adv: Tensor, mask: Tensor) -> Tensor:

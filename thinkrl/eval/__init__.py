@@ -1,4 +1,4 @@
-"""Held-out evaluation: greedy accuracy and format rate, as a table and a JSON file."""
+"""Held-out evaluation: accuracy (pass@1), pass@k, maj@k, format, length and reflection, as a table and JSON."""
 
 from __future__ import annotations
 
@@ -6,44 +6,70 @@ import json
 import time
 from pathlib import Path
 
-from thinkrl.config import ConfigError, TaskConfig
-from thinkrl.rewards import RewardModel
+from thinkrl.config import REFLECTION_WORDS, ConfigError, TaskConfig
+from thinkrl.eval.metrics import majority_vote, pass_at_k, reflection_stats
+from thinkrl.rewards import RewardModel, extract_answer
 from thinkrl.rollout import Engine, SamplingParams
 from thinkrl.tasks import Example
 from thinkrl.tasks.templates import render_prompt
 
 
 def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskConfig, *,
-             max_new_tokens: int, temperature: float = 0.0) -> dict:
-    """Score one (greedy by default) completion per held-out example."""
+             max_new_tokens: int, temperature: float = 0.0, samples: int = 1,
+             reflection_words=REFLECTION_WORDS) -> dict:
+    """Score ``samples`` completions per held-out example (one greedy one by default).
+
+    ``accuracy`` is pass@1 averaged over the samples; with samples = k > 1 the summary also
+    has the unbiased ``pass@k`` and ``maj@k`` (see :mod:`thinkrl.eval.metrics`).
+    """
     if not examples:
         raise ConfigError("no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)")
+    k = samples
     rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
     t0 = time.perf_counter()
-    ro = engine.generate([r[0] for r in rendered], 1, SamplingParams(max_new_tokens=max_new_tokens,
+    ro = engine.generate([r[0] for r in rendered], k, SamplingParams(max_new_tokens=max_new_tokens,
                                                                      temperature=temperature))
     seconds = time.perf_counter() - t0
-    texts = [pre + t for (_, pre), t in zip(rendered, ro.texts)]
-    _, parts = RewardModel({"accuracy": 1.0, "format": 1.0}).score(texts, examples)
+    texts = [rendered[i // k][1] + t for i, t in enumerate(ro.texts)]  # [n * k]
+    _, parts = RewardModel({"accuracy": 1.0, "format": 1.0}).score(texts, [ex for ex in examples for _ in range(k)])
+    acc, fmt = parts["accuracy"], parts["format"]
     n = len(examples)
     lengths = [len(c) for c in ro.completion_ids]
     summary = {
         "n": n,
-        "accuracy": sum(parts["accuracy"]) / n,
-        "format_rate": sum(parts["format"]) / n,
-        "response_len_mean": sum(lengths) / n,
+        "samples": k,
+        "accuracy": sum(acc) / (n * k),
+        "format_rate": sum(fmt) / (n * k),
+        "response_len_mean": sum(lengths) / (n * k),
         "response_len_max": max(lengths),
-        "truncation_rate": sum(ro.truncated) / n,
+        "truncation_rate": sum(ro.truncated) / (n * k),
+        **reflection_stats(texts, reflection_words),
         "seconds": round(seconds, 2),
     }
-    records = [{"question": ex.question, "answer": ex.answer, "completion": t, "correct": a, "format": f}
-               for ex, t, a, f in zip(examples, texts, parts["accuracy"], parts["format"])]
+    records = []
+    maj_hits = 0
+    for q, ex in enumerate(examples):
+        rows = range(q * k, (q + 1) * k)
+        rec = {"question": ex.question, "answer": ex.answer, "completion": texts[q * k], "correct": acc[q * k],
+               "format": fmt[q * k]}
+        if k > 1:
+            winner = majority_vote([extract_answer(texts[i]) for i in rows])
+            maj = winner is not None and acc[q * k + winner] == 1.0
+            maj_hits += maj
+            rec.update(pass_rate=sum(acc[i] for i in rows) / k, maj_correct=maj,
+                       samples=[{"completion": texts[i], "correct": acc[i], "format": fmt[i]} for i in rows])
+        records.append(rec)
+    if k > 1:
+        summary[f"pass@{k}"] = sum(pass_at_k(k, int(sum(acc[q * k:(q + 1) * k])), k) for q in range(n)) / n
+        summary[f"maj@{k}"] = maj_hits / n
     return {"summary": summary, "records": records}
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
     """Plain-text table: one row per model."""
-    cols = ["accuracy", "format_rate", "response_len_mean", "truncation_rate", "n"]
+    ks = sorted({s.get("samples", 1) for _, s in rows} - {1})
+    cols = (["accuracy"] + [c for k in ks for c in (f"pass@{k}", f"maj@{k}")]
+            + ["format_rate", "response_len_mean", "response_len_max", "truncation_rate", "reflection_rate", "n"])
     head = ["model"] + cols
     body = [[name] + [_fmt(s.get(c)) for c in cols] for name, s in rows]
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
@@ -52,6 +78,8 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v)

@@ -6,13 +6,11 @@ never drift apart (the nanochat habit). ``Task.check(pred, example)`` is binary.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 
 from thinkrl.config import ConfigError, TaskConfig
 
@@ -59,6 +57,23 @@ class Task:
             self.pos += 1
         return out
 
+    def keep(self, pred, why: str, split: str = "train") -> int:
+        """Drop the ``split`` examples for which ``pred`` is false; log the count once, return it."""
+        rows = self.train if split == "train" else self.eval
+        kept = [ex for ex in rows if pred(ex)]
+        dropped = len(rows) - len(kept)
+        if dropped:
+            log.warning("task '%s': skipped %d of %d %s rows: %s", self.name, dropped, len(rows), split, why)
+        if split == "train":
+            if not kept:
+                raise DataError(f"task '{self.name}': no training rows left after skipping those with {why}")
+            self.train = kept
+            self._order = self._shuffled(self.epoch)
+            self.pos = min(self.pos, len(self._order))
+        else:
+            self.eval = kept
+        return dropped
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 
@@ -75,52 +90,69 @@ class Task:
 
 
 class ReasoningGymTask(Task):
-    """Any reasoning-gym dataset. The dataset's scorer decides; only a full score counts.
+    """One reasoning-gym dataset, several curriculum levels of one, or a weighted mixture.
 
-    reasoning-gym scorers give partial credit (e.g. 0.01 for a wrong number in the
-    right form); an RLVR reward must be a yes/no, so anything below 1.0 is wrong.
+    Each part is a (dataset name, params, weight, level); the training and held-out
+    sets are split between the parts in proportion to their weights, so a mixture's
+    proportions are exact rather than expected. The dataset's scorer decides; only a
+    full score counts: reasoning-gym scorers give partial credit (e.g. 0.01 for a wrong
+    number in the right form), and an RLVR reward must be a yes/no.
     """
 
     def __init__(self, cfg: TaskConfig):
-        import reasoning_gym as rg
-        from reasoning_gym.factory import DATASETS
+        from thinkrl.tasks.gym import gym_parts, make_datasets, split_counts
 
         self.name = cfg.name
-        if cfg.name not in DATASETS:
-            raise ConfigError(f"unknown task '{cfg.name}': not humaneval, a reasoning-gym dataset or a .jsonl file. "
-                              f"reasoning-gym datasets: {', '.join(sorted(DATASETS))}")
-        try:
-            self.ds = rg.create_dataset(cfg.name, size=cfg.train_size, seed=cfg.seed, **cfg.params)
-            self.eval_ds = rg.create_dataset(cfg.name, size=cfg.eval_size * 5 + 50, seed=cfg.eval_seed,
-                                             **cfg.params)
-        except (TypeError, ValueError, AssertionError) as e:
-            raise ConfigError(f"task.params {cfg.params} rejected by reasoning-gym '{cfg.name}': {e}") from None
-        train = [self._example(self.ds[i], i) for i in range(cfg.train_size)]
+        parts = gym_parts(cfg)
+        weights = [w for _, _, w, _ in parts]
+        train_n, eval_n = split_counts(cfg.train_size, weights), split_counts(cfg.eval_size, weights)
+        self.parts = make_datasets(parts, train_n, eval_n, cfg)  # [(train_ds, eval_ds)]
+        train = [self._example(j, i) for j in range(len(parts)) for i in range(train_n[j])]
         seen = {ex.question for ex in train}
         eval_: list[Example] = []
         dropped = 0
-        for i in range(len(self.eval_ds)):
-            ex = self._example(self.eval_ds[i], i, split="eval")
-            if ex.question in seen:
-                dropped += 1
-                continue
-            seen.add(ex.question)
-            eval_.append(ex)
-            if len(eval_) == cfg.eval_size:
-                break
+        for j in range(len(parts)):
+            got = 0
+            for i in range(len(self.parts[j][1])):
+                if got == eval_n[j]:
+                    break
+                ex = self._example(j, i, split="eval")
+                if ex.question in seen:
+                    dropped += 1
+                    continue
+                seen.add(ex.question)
+                eval_.append(ex)
+                got += 1
         if dropped:
             log.info("held-out set: dropped %d questions that also occur in training", dropped)
         if len(eval_) < cfg.eval_size:
             log.warning("held-out set has only %d unseen questions (asked for %d); the task's question "
                         "space is small", len(eval_), cfg.eval_size)
+        self._levels = [lvl for _, _, _, lvl in parts]
+        self._names = [name for name, _, _, _ in parts]
+        for ex in train + eval_:
+            j = ex.meta["part"]
+            ex.task = self._names[j]
+            if self._levels[j] is not None:
+                ex.meta["level"] = self._levels[j]
         super().__init__(train, eval_, cfg.seed)
 
-    def _example(self, entry: dict, idx: int, split: str = "train") -> Example:
+    def _example(self, part: int, idx: int, split: str = "train") -> Example:
+        entry = self.parts[part][0 if split == "train" else 1][idx]
         return Example(question=entry["question"], answer=str(entry["answer"]), task=self.name,
-                       meta={"index": idx, "split": split}, source=self)
+                       meta={"index": idx, "split": split, "part": part}, source=self)
+
+    @property
+    def ds(self):
+        return self.parts[0][0]
+
+    @property
+    def eval_ds(self):
+        return self.parts[0][1]
 
     def check(self, pred: str, ex: Example) -> bool:
-        ds = self.ds if ex.meta.get("split", "train") == "train" else self.eval_ds
+        train_ds, eval_ds = self.parts[ex.meta.get("part", 0)]
+        ds = train_ds if ex.meta.get("split", "train") == "train" else eval_ds
         entry = ds[ex.meta["index"]]
         return ds.score_answer(answer=pred, entry=entry) >= 1.0
 
@@ -150,63 +182,24 @@ def answers_match(pred: str, gold: str) -> bool:
     return False
 
 
-def read_jsonl(path: Path, name: str) -> list[Example]:
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    out, skipped = [], 0
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-            raise DataError(f"{path}:{n}: each line must be a JSON object with 'question' and 'answer' fields")
-        if row["answer"] is None or str(row["answer"]).strip() == "":
-            skipped += 1
-            continue
-        out.append(Example(question=str(row["question"]), answer=str(row["answer"]), task=name,
-                           meta={"line": n}))
-    if skipped:
-        log.warning("%s: skipped %d rows with an empty answer", path, skipped)
-    if not out:
-        raise DataError(f"{path} holds no usable rows (need JSON lines with 'question' and 'answer')")
-    return out
-
-
-class JsonlTask(Task):
-    def __init__(self, cfg: TaskConfig):
-        path = Path(cfg.name).expanduser()
-        self.name = path.stem
-        rows = read_jsonl(path, self.name)
-        if cfg.eval_path:
-            eval_ = read_jsonl(Path(cfg.eval_path).expanduser(), self.name)[: cfg.eval_size]
-            train = rows
-        else:  # hold out a seeded slice of the file
-            if len(rows) < 2:
-                raise DataError(f"{path} has {len(rows)} usable row(s): too few to hold out an eval set; "
-                                "add rows or give task.eval_path")
-            order = list(range(len(rows)))
-            random.Random(cfg.eval_seed).shuffle(order)
-            k = min(cfg.eval_size, max(1, len(rows) // 5))
-            eval_ = [rows[i] for i in order[:k]]
-            train = [rows[i] for i in order[k:]]
-        for ex in rows + eval_:
-            ex.source = self
-        super().__init__(train, eval_, cfg.seed)
-
-    def check(self, pred: str, ex: Example) -> bool:
-        return answers_match(pred, ex.answer)
-
-
 def build_task(cfg: TaskConfig) -> Task:
+    """The task ``cfg`` names, with pass-rate labels attached and filtered (see thinkrl.sampling)."""
+    from thinkrl.sampling.difficulty import apply_pass_rates
+    from thinkrl.tasks.files import FileTask, is_data_path
+
     if cfg.name == "humaneval":
         from thinkrl.tasks.humaneval import HumanEvalTask
 
-        return HumanEvalTask(cfg)
-    if cfg.name.endswith(".jsonl"):
-        return JsonlTask(cfg)
-    if "/" in cfg.name or cfg.name.endswith((".json", ".csv", ".parquet")):
-        raise ConfigError(f"task '{cfg.name}': only .jsonl files are supported as local data")
-    return ReasoningGymTask(cfg)
+        task = HumanEvalTask(cfg)
+    else:
+        task = FileTask(cfg) if is_data_path(cfg.name) else ReasoningGymTask(cfg)
+    apply_pass_rates(task, cfg)
+    return task
+
+
+def __getattr__(name: str):
+    if name in ("FileTask", "JsonlTask", "read_rows"):  # lazy: files.py imports this module
+        from thinkrl.tasks import files
+
+        return getattr(files, "FileTask" if name == "JsonlTask" else name)
+    raise AttributeError(name)

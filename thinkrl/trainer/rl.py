@@ -22,11 +22,13 @@ import torch
 from thinkrl.algorithms import ADVANTAGES, DEFAULT_LOSS_AGG, KL_ESTIMATORS, POLICY_LOSSES, aggregate
 from thinkrl.config import Config, ConfigError, save_config
 from thinkrl.eval import evaluate, write_json
+from thinkrl.eval.metrics import reflection_stats
 from thinkrl.models import load_model
 from thinkrl.rewards import RewardModel
 from thinkrl.rollout import SamplingParams, bf16_supported, build_engine
+from thinkrl.sampling import Groups, build_sampler, collect_groups
 from thinkrl.tasks import build_task
-from thinkrl.tasks.templates import render_prompt
+from thinkrl.tasks.templates import drop_long_prompts, render_prompt
 from thinkrl.trainer import checkpoint as ckpt
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
@@ -48,6 +50,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     bf16: bool
+    sampler: object = None  # thinkrl.sampling: which prompts each step draws
 
 
 def use_bf16(dtype: str) -> bool:
@@ -88,29 +91,22 @@ def seed_everything(seed: int) -> None:
 
 def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     cfg, G = p.cfg, p.cfg.rollout.group_size
-    timings = {}
 
-    # 1. Sample G completions for each prompt.
-    t0 = time.perf_counter()
-    examples = p.task.next_batch(cfg.rollout.prompts_per_step)
-    rendered = [render_prompt(ex.question, p.tok, cfg.task) for ex in examples]
-    ro = p.engine.generate([r[0] for r in rendered], G, SamplingParams(
-        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k))
-    timings["time_generate"] = time.perf_counter() - t0
-
-    # 2. Score them.
-    t0 = time.perf_counter()
-    exs = [ex for ex in examples for _ in range(G)]  # [N]
-    texts = [rendered[i // G][1] + t for i, t in enumerate(ro.texts)]  # the reward sees prefill + completion
-    totals, parts = p.rewards.score(texts, exs, group_size=G, context={
-        "num_tokens": [len(c) for c in ro.completion_ids], "max_tokens": cfg.rollout.max_new_tokens,
-        "truncated": list(ro.truncated)})
-    timings["time_score"] = time.perf_counter() - t0
+    # 1-2. Sample G completions for each prompt and score them. With DAPO dynamic sampling,
+    # groups whose rewards are all equal are dropped and refilled (thinkrl/sampling/dynamic.py).
+    timings = {"time_generate": 0.0, "time_score": 0.0}
+    kept, seen, dyn_stats = collect_groups(p.sampler.next_batch, lambda exs: generate_and_score(p, exs, timings),
+                                           cfg.rollout.prompts_per_step, dynamic=cfg.sampling.dynamic,
+                                           max_rounds=cfg.sampling.max_rounds)
+    p.sampler.update(seen.examples, seen.success())  # prioritized sampling tracks every group it saw
+    samples = _samples(cfg, step, seen)
+    if not len(kept):  # dynamic sampling hit its cap without one group that has a learning signal
+        return {"step": step, **_sample_metrics(cfg, seen), **dyn_stats, "trained_seqs": 0, **timings,
+                "step_time": sum(timings.values()), "lr": p.scheduler.get_last_lr()[0]}, samples
+    examples, ro, totals = kept.examples, kept.ro, kept.totals
 
     # 3. Advantages, per sequence, broadcast to tokens.
     t0 = time.perf_counter()
-    N = len(texts)
     T = max(len(c) for c in ro.completion_ids)
     lengths = torch.tensor([len(c) for c in ro.completion_ids])  # [N]
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()  # [N, T]
@@ -121,37 +117,67 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     train_metrics = policy_update(p, ro, adv, mask)
     timings["time_train"] = time.perf_counter() - t0
 
-    acc = parts.get("accuracy")
-    fmt = parts.get("format")
-    gen_tokens = int(lengths.sum())
     metrics = {
         "step": step,
-        "reward": float(rewards.mean()),
-        "reward_std": float(rewards.std()) if N > 1 else 0.0,
-        **{f"reward/{k}": sum(v) / N for k, v in parts.items()},
-        "accuracy": sum(acc) / N if acc is not None else float("nan"),
-        "format_rate": sum(fmt) / N if fmt is not None else float("nan"),
-        "response_len_mean": gen_tokens / N,
-        "response_len_max": int(lengths.max()),
-        "truncation_rate": sum(ro.truncated) / N,
-        "zero_std_groups": _zero_std_fraction(rewards, G),
+        # reward, accuracy, lengths and reflection over every group generated this step (with dynamic
+        # sampling, also the dropped ones: the kept ones alone would overstate a mixed success rate)
+        **_sample_metrics(cfg, seen),
+        **dyn_stats,
         **train_metrics,
         **timings,
         "step_time": sum(timings.values()),
-        "tokens_per_s": gen_tokens / max(timings["time_generate"], 1e-9),
+        "tokens_per_s": sum(map(len, seen.ro.completion_ids)) / max(timings["time_generate"], 1e-9),
         "lr": p.scheduler.get_last_lr()[0],
     }
     for k, v in p.rewards.failures.items():
         metrics[f"reward_failures/{k}"] = v
-    samples = [{"step": step, "prompt": rendered[i // G][0], "completion": texts[i], "answer": exs[i].answer,
-                "reward": totals[i], **{k: v[i] for k, v in parts.items()}}
-               for i in range(0, N, max(1, N // max(1, cfg.log_samples)))][: cfg.log_samples]
     return metrics, samples
 
 
-def _zero_std_fraction(rewards: torch.Tensor, G: int) -> float:
-    groups = rewards.view(-1, G)  # [n_prompts, G]
-    return float((groups.max(1).values == groups.min(1).values).float().mean())
+def generate_and_score(p: Parts, examples: list, timings: dict) -> Groups:
+    """G completions for each prompt, and their rewards; adds to ``timings``."""
+    cfg, G = p.cfg, p.cfg.rollout.group_size
+    t0 = time.perf_counter()
+    rendered = [render_prompt(ex.question, p.tok, cfg.task) for ex in examples]
+    ro = p.engine.generate([r[0] for r in rendered], G, SamplingParams(
+        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k))
+    timings["time_generate"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exs = [ex for ex in examples for _ in range(G)]  # [N]
+    texts = [rendered[i // G][1] + t for i, t in enumerate(ro.texts)]  # the reward sees prefill + completion
+    totals, parts = p.rewards.score(texts, exs, group_size=G, context={
+        "num_tokens": [len(c) for c in ro.completion_ids], "max_tokens": cfg.rollout.max_new_tokens,
+        "truncated": list(ro.truncated)})
+    timings["time_score"] += time.perf_counter() - t0
+    return Groups(examples, rendered, ro, texts, totals, parts)
+
+
+def _sample_metrics(cfg: Config, g: Groups) -> dict:
+    N = len(g.totals)
+    rewards = torch.tensor(g.totals, dtype=torch.float32)  # [N]
+    lengths = [len(c) for c in g.ro.completion_ids]  # [N]
+    acc, fmt = g.parts.get("accuracy"), g.parts.get("format")
+    return {
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if N > 1 else 0.0,
+        **{f"reward/{k}": sum(v) / N for k, v in g.parts.items()},
+        "accuracy": sum(acc) / N if acc is not None else float("nan"),
+        "format_rate": sum(fmt) / N if fmt is not None else float("nan"),
+        "response_len_mean": sum(lengths) / N,
+        "response_len_max": max(lengths),
+        "truncation_rate": sum(g.ro.truncated) / N,
+        "zero_std_groups": 1.0 - len(g.varied()) / len(g),
+        **reflection_stats(g.texts, cfg.eval.reflection_words),
+        "generated_seqs": N,
+    }
+
+
+def _samples(cfg: Config, step: int, g: Groups) -> list[dict]:
+    N, G = len(g.totals), cfg.rollout.group_size
+    return [{"step": step, "prompt": g.rendered[i // G][0], "completion": g.texts[i],
+             "answer": g.examples[i // G].answer, "reward": g.totals[i], **{k: v[i] for k, v in g.parts.items()}}
+            for i in range(0, N, max(1, N // max(1, cfg.log_samples)))][: cfg.log_samples]
 
 
 def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -233,6 +259,7 @@ def build_parts(cfg: Config, model_path: str) -> Parts:
     bf16 = use_bf16(cfg.dtype)
     task = build_task(cfg.task)
     model, tok = load_model(model_path)
+    drop_long_prompts(task, tok, cfg.task)
     ref_model = None
     if cfg.algo.kl_coef > 0:  # beta = 0 loads no reference model
         ref_model, _ = load_model(cfg.model)
@@ -244,7 +271,8 @@ def build_parts(cfg: Config, model_path: str) -> Parts:
                             weight_decay=cfg.optim.weight_decay)
     total = cfg.max_steps * cfg.algo.num_iterations
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    return Parts(cfg, model, ref_model, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt, sched, bf16)
+    return Parts(cfg, model, ref_model, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt, sched, bf16,
+                 sampler=build_sampler(task, cfg))
 
 
 def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
@@ -279,6 +307,7 @@ def train(cfg: Config) -> dict:
         p.optimizer.load_state_dict(state["optimizer"])
         p.scheduler.load_state_dict(state["scheduler"])
         p.task.load_state_dict(state["task"])
+        p.sampler.load_state_dict(state.get("sampler", {}))  # checkpoints before samplers have none
         ckpt.set_rng_state(state["rng"])
         start = state["step"]
         log.info("resumed from %s at step %d", resume_from, start)
@@ -292,11 +321,12 @@ def train(cfg: Config) -> dict:
 
     def save(step: int, path: Path) -> None:
         state = {"step": step, "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
-                 "task": p.task.state_dict(), "rng": ckpt.rng_state()}
+                 "task": p.task.state_dict(), "sampler": p.sampler.state_dict(), "rng": ckpt.rng_state()}
         ckpt.save_checkpoint(path, p.model, p.tok, state)
 
     bar = _progress(cfg, start)
     step = start
+    t_start = time.monotonic()  # max_minutes counts the training loop of this process
     try:
         for step in range(start + 1, cfg.max_steps + 1):
             metrics, samples = rl_step(p, step)
@@ -311,6 +341,9 @@ def train(cfg: Config) -> dict:
                 ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
                 _run_eval(p, step, f"step-{step}", out)
+            if cfg.max_minutes and time.monotonic() - t_start >= 60 * cfg.max_minutes:
+                log.info("max_minutes=%g reached after step %d of %d: stopping", cfg.max_minutes, step, cfg.max_steps)
+                break
     except KeyboardInterrupt:
         bar.close()
         done = step - 1
@@ -319,9 +352,9 @@ def train(cfg: Config) -> dict:
             log.warning("interrupted: saved checkpoints/step-%d; continue with resume=true", done)
         raise
     bar.close()
-    save(cfg.max_steps, out / "final")
+    save(step, out / "final")  # step < max_steps when max_minutes stopped the run
     if cfg.eval.after:
-        results["after"] = _run_eval(p, cfg.max_steps, "after", out)
+        results["after"] = _run_eval(p, step, "after", out)
     if cfg.plot:
         evals = [e for e in read_jsonl(out / "evals.jsonl")]
         plot_metrics(read_jsonl(out / "metrics.jsonl"), out / "curves.png",
