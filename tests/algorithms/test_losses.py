@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from thinkrl.algorithms import LOSS_AGGREGATIONS, POLICY_LOSSES, aggregate
+from thinkrl.algorithms import LOSS_AGGREGATIONS, POLICY_LOSSES, LossParams, aggregate
 from thinkrl.config import ConfigError
 
 ppo_clip = POLICY_LOSSES.get("ppo_clip")
@@ -15,7 +15,7 @@ def run_ppo(ratios, advs, mask=None, clip_low=0.2, clip_high=0.2):
     old = torch.zeros_like(logp)
     adv = torch.tensor([advs])
     mask = torch.ones_like(adv) if mask is None else torch.tensor([mask], dtype=torch.float32)
-    loss, metrics = ppo_clip(logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high)
+    loss, metrics = ppo_clip(logp, old, adv, mask, LossParams(clip_low=clip_low, clip_high=clip_high))
     loss.sum().backward()
     return loss.detach()[0], logp.grad[0], metrics
 
