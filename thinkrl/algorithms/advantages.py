@@ -205,6 +205,8 @@ def reinforce_pp(b: AdvantageInput) -> Advantages:
     Models", §3. The batch-level normalisation replaces a critic or a per-prompt
     baseline. The KL goes in the reward when ``algo.kl_coef > 0`` (the default
     ``kl_in`` for this estimator); the paper uses the k1 estimator there.
+    Departure: the whitening divides by the unbiased std plus ``eps`` (like GRPO's)
+    and no advantage clipping is applied.
     """
     r = token_rewards(b.rewards, b.mask, b.token_kl, b.kl_coef)  # [B, T]
     ret = discounted_returns(r, b.mask, b.gamma)  # [B, T]
@@ -234,6 +236,9 @@ def gae(b: AdvantageInput) -> Advantages:
     (token reward -beta*KL plus the outcome at the end); seed §6.2.3-6.2.4.
     ``returns`` (A + V before whitening) are the critic's targets; the advantages are
     then whitened over the batch, as in InstructGPT-style PPO.
+    Departures: the episode ends at the last completion token (V = 0 after it, no
+    bootstrapping past EOS or truncation); the critic is a separate copy of the
+    backbone (no weights shared with the policy), see ``thinkrl.trainer.critic``.
     """
     if b.values is None:
         raise ValueError("gae needs the critic's values (AdvantageInput.values)")
