@@ -255,3 +255,13 @@ def test_advantage_weighted_losses_vanish_with_zero_advantage(name):
 
 def test_all_policy_losses_are_covered():
     assert set(POLICY_LOSSES.names()) == {"ppo_clip", "dual_clip", "pg", "gspo", "kimi"}
+
+
+def test_default_aggregation_and_kl_placement():
+    from thinkrl.algorithms import kl_in_for, loss_agg_for
+
+    assert loss_agg_for("dr_grpo", "ppo_clip") == "seq_mean_token_sum_norm"  # the estimator's paper
+    assert loss_agg_for("dr_grpo", "kimi") == "seq_mean_token_mean"  # a sequence-level loss wins
+    assert loss_agg_for("grpo", "gspo", "token_mean") == "token_mean"  # the config wins over both
+    assert [kl_in_for(a) for a in ("grpo", "rloo", "gae", "reinforce_pp")] == ["loss", "loss", "reward", "reward"]
+    assert kl_in_for("gae", "loss") == "loss"
