@@ -3,10 +3,12 @@
 Each algorithm is one ``thinkrl train`` run of ``configs/chain_sum_grpo.yaml`` with the
 same seed, steps and batch, differing only in its ``algo.*`` parts. Every run goes
 through ``flock /tmp/thinkrl-cpu.lock`` so that heavy jobs never overlap on a small
-machine; the wall time reported is the sum of the runs' own step times (generation,
-scoring, update), so time spent waiting for the lock or evaluating does not count.
+machine (or run the whole script under that lock with ``--no-lock``, so that the
+runs follow each other under the same conditions); the wall time reported is the sum
+of the runs' own step times (generation, scoring, update), so time spent waiting for
+the lock or evaluating does not count.
 
-    python benchmarks/compare_algorithms.py --steps 8 --prompts 4
+    flock /tmp/thinkrl-cpu.lock python benchmarks/compare_algorithms.py --no-lock --steps 8 --prompts 4
 
 writes ``<out>/<algo>/`` run folders, ``docs/algorithms_rewards.png`` and the results
 block of ``docs/algorithms.md``.
@@ -46,7 +48,8 @@ def run(name: str, overrides: list[str], args, first: bool) -> Path:
     if (out / "final").is_dir() and not args.force:
         print(f"[{name}] reusing {out}")
         return out
-    cmd = ["flock", LOCK, sys.executable, "-m", "thinkrl.cli", "train", str(ROOT / "configs/chain_sum_grpo.yaml"),
+    lock = [] if args.no_lock else ["flock", LOCK]
+    cmd = [*lock, sys.executable, "-m", "thinkrl.cli", "train", str(ROOT / "configs/chain_sum_grpo.yaml"),
            f"output_dir={out}", f"max_steps={args.steps}", f"rollout.prompts_per_step={args.prompts}",
            f"eval.n={args.eval_n}", f"eval.before={'true' if first else 'false'}", "save_every=0", "plot=false",
            "progress=false", *overrides]
@@ -110,6 +113,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs/compare_algorithms"))
     ap.add_argument("--doc", default=str(ROOT / "docs/algorithms.md"))
     ap.add_argument("--only", nargs="*", help="run only these recipes (the doc lists every finished one)")
+    ap.add_argument("--no-lock", action="store_true", help=f"the caller already holds {LOCK}")
     ap.add_argument("--force", action="store_true", help="re-run recipes that already have a final/ folder")
     args = ap.parse_args()
 
@@ -122,7 +126,8 @@ def main() -> None:
             if (Path(args.out) / n.split()[0] / "evals.jsonl").is_file()]
     plot(rows, Path(args.doc).parent / "algorithms_rewards.png",
          f"smollm2-135m on chain_sum, {args.steps} steps x {args.prompts * 8} samples")
-    command = shlex.join(["python", "benchmarks/compare_algorithms.py", "--steps", str(args.steps), "--prompts",
+    command = shlex.join([*(["flock", LOCK] if args.no_lock else []), "python", "benchmarks/compare_algorithms.py",
+                          *(["--no-lock"] if args.no_lock else []), "--steps", str(args.steps), "--prompts",
                           str(args.prompts), "--eval-n", str(args.eval_n)])
     doc = Path(args.doc)
     text = doc.read_text() if doc.is_file() else f"# Algorithms\n\n{START}\n{END}\n"
