@@ -62,10 +62,11 @@ def summarise(name: str, out: Path) -> dict:
     metrics = read_jsonl(out / "metrics.jsonl")
     evals = {e["label"]: e for e in read_jsonl(out / "evals.jsonl")}
     train_s = sum(m["step_time"] for m in metrics)
+    times = sorted(m["step_time"] for m in metrics)
     return {"name": name, "steps": len(metrics), "rewards": [m["reward"] for m in metrics],
             "acc": evals["after"]["accuracy"], "before": evals.get("before", {}).get("accuracy"),
             "len": evals["after"]["response_len_mean"], "train_len": sum(m["response_len_mean"] for m in metrics)
-            / max(1, len(metrics)), "wall": train_s, "per_step": train_s / max(1, len(metrics)),
+            / max(1, len(metrics)), "wall": train_s, "median_step": times[len(times) // 2] if times else float("nan"),
             "n": evals["after"]["n"]}
 
 
@@ -97,10 +98,10 @@ def table(rows: list[dict], args, command: str) -> str:
              f"{args.prompts} prompts x 8 samples, 64 new tokens, seed 0; held-out accuracy on {rows[0]['n']} "
              "questions (greedy)" + (f"; the initial model scores {before:.3f}." if before is not None else "."),
              "", "| algorithm | held-out accuracy | mean response length (eval) | mean response length (train) "
-             "| train wall time (s) | s / step |", "|---|---|---|---|---|---|"]
+             "| train wall time (s) | median s / step |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['acc']:.3f} | {r['len']:.1f} | {r['train_len']:.1f} | {r['wall']:.0f} "
-                     f"| {r['per_step']:.1f} |")
+                     f"| {r['median_step']:.1f} |")
     lines += ["", "![reward curves](algorithms_rewards.png)"]
     return "\n".join(lines)
 
