@@ -80,8 +80,8 @@ def test_wrong_types_raise(item, match):
 
 
 @pytest.mark.parametrize("item,match", [
-    ("algo.advantage=nope", "unknown advantage estimator 'nope'; choose from: dr_grpo, grpo, rloo"),
-    ("algo.loss=nope", "unknown policy loss 'nope'; choose from: ppo_clip"),
+    ("algo.advantage=nope", "unknown advantage estimator 'nope'; choose from: dr_grpo, gae, grpo, reinforce, reinforce_pp, reinforce_pp_baseline, rloo"),
+    ("algo.loss=nope", "unknown policy loss 'nope'; choose from: dual_clip, gspo, kimi, pg, ppo_clip"),
     ("algo.kl_estimator=k4", "unknown KL estimator 'k4'; choose from: k1, k2, k3"),
     ("algo.loss_agg=nope", "unknown loss aggregation 'nope'; choose from: seq_mean_token_mean"),
     ("rewards.nope=1", "unknown reward 'nope'; choose from: accuracy, choice, code, exact, format, hedging, "

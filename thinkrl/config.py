@@ -92,15 +92,26 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage: str = "grpo"  # grpo | dr_grpo
-    loss: str = "ppo_clip"
+    # grpo | dr_grpo | rloo | reinforce | reinforce_pp | reinforce_pp_baseline | gae (PPO, with a critic)
+    advantage: str = "grpo"
+    loss: str = "ppo_clip"  # ppo_clip | dual_clip | pg | gspo | kimi
     clip_eps: float = 0.2
     clip_eps_high: float | None = None  # DAPO clip-higher; None means clip_eps
+    clip_c: float = 3.0  # dual_clip: bound on the loss of negative-advantage tokens (c > 1)
+    tau: float = 0.1  # kimi: relative-entropy regularisation strength
     num_iterations: int = 1  # optimisation passes over one batch of rollouts
     kl_coef: float = 0.0  # beta; 0 loads no reference model
-    kl_estimator: str = "k3"
-    loss_agg: str | None = None  # None: the advantage's own default (see algorithms.losses)
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_in: str | None = None  # loss | reward; None: the estimator's default (reward for gae and reinforce*)
+    loss_agg: str | None = None  # None: the loss's or the advantage's own default (see algorithms)
     std_eps: float = 1e-4
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * entropy
+    gamma: float = 1.0  # discount of token rewards (reinforce*, gae)
+    lam: float = 1.0  # GAE lambda
+    baseline_decay: float | None = None  # reinforce: moving-average reward baseline; None: no baseline
+    critic_model: str | None = None  # gae: the critic's backbone; None: a copy of `model`
+    critic_lr: float = 1e-5  # gae: the critic's AdamW learning rate (constant)
+    vf_clip: float | None = 0.2  # gae: PPO value clip; None: unclipped
 
 
 @dataclass
@@ -340,6 +351,7 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.num_iterations >= 1, "algo.num_iterations must be >= 1")
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
     need(cfg.algo.clip_eps > 0, "algo.clip_eps must be > 0")
+    _validate_algo(cfg, need)
     need(cfg.optim.lr > 0, "optim.lr must be > 0")
     need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
     need(cfg.optim.schedule in ("constant", "cosine", "linear"),
@@ -394,6 +406,25 @@ def _validate_data(cfg: Config, need) -> None:
     need(cfg.eval.samples >= 1, "eval.samples must be >= 1")
     need(cfg.eval.samples == 1 or cfg.eval.temperature is None or cfg.eval.temperature > 0,
          "eval.samples > 1 needs eval.temperature > 0 (greedy samples would all be the same)")
+
+
+def _validate_algo(cfg: Config, need) -> None:
+    from thinkrl.algorithms import USES_TOKEN_REWARDS, kl_in_for
+
+    a = cfg.algo
+    need(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high must be > 0")
+    need(a.clip_c > 1, "algo.clip_c must be > 1 (dual clip bounds the loss at -clip_c * A)")
+    need(a.tau > 0, "algo.tau must be > 0")
+    need(a.entropy_coef >= 0, "algo.entropy_coef must be >= 0")
+    need(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algo.gamma and algo.lam must be in [0, 1]")
+    need(a.baseline_decay is None or 0 <= a.baseline_decay < 1, "algo.baseline_decay must be in [0, 1)")
+    need(a.critic_lr > 0, "algo.critic_lr must be > 0")
+    need(a.vf_clip is None or a.vf_clip > 0, "algo.vf_clip must be > 0 (or null for no clipping)")
+    need(a.kl_in in (None, "loss", "reward"), f"algo.kl_in '{a.kl_in}' unknown; choose from: loss, reward")
+    if a.kl_coef > 0 and kl_in_for(a.advantage, a.kl_in) == "reward":
+        need(a.advantage in USES_TOKEN_REWARDS,
+             f"algo.kl_in=reward needs an estimator with token rewards ({', '.join(sorted(USES_TOKEN_REWARDS))}); "
+             f"'{a.advantage}' uses one reward per completion: set algo.kl_in=loss")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

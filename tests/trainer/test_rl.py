@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from thinkrl.algorithms import ADVANTAGES, POLICY_LOSSES, aggregate
+from thinkrl.algorithms import ADVANTAGES, POLICY_LOSSES, AdvantageInput, aggregate
 from thinkrl.config import Config
 from thinkrl.rollout import Rollout
 from thinkrl.trainer.batch import make_micro_batch, token_logps
@@ -43,7 +43,7 @@ def weights(model):
 def test_policy_update_changes_weights(tiny):
     model, tok = tiny
     before = weights(model)
-    adv = ADVANTAGES.get("grpo")(torch.tensor([1.0, 0.0, 0.0, 1.0]), GROUPS, MASK)
+    adv = ADVANTAGES.get("grpo")(AdvantageInput(torch.tensor([1.0, 0.0, 0.0, 1.0]), GROUPS, MASK)).adv
     m = policy_update(make_parts(model, tok), rollout(), adv, MASK)
     after = weights(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -65,7 +65,8 @@ def test_policy_update_with_zero_advantages_and_no_kl_leaves_weights(tiny):
 def test_policy_update_with_kl_trains_every_row(tiny):
     model, tok = tiny
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    adv = ADVANTAGES.get("grpo")(torch.tensor([1.0, 1.0, 0.0, 1.0]), GROUPS, MASK)  # group 0 has A = 0
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0])  # group 0 has A = 0
+    adv = ADVANTAGES.get("grpo")(AdvantageInput(rewards, GROUPS, MASK)).adv
     m = policy_update(make_parts(model, tok, ref_model=ref, kl_coef=0.1), rollout(), adv, MASK)
     assert m["trained_seqs"] == 4  # the KL term needs the zero-advantage rows too
     assert m["kl"] == 0.0  # policy == reference before the step: d = 0, k3 = e^0 - 0 - 1 = 0 exactly
@@ -79,7 +80,7 @@ def test_micro_batches_accumulate_the_full_batch_gradient(tiny, agg, micro_batch
     model, tok = tiny
     reference = copy.deepcopy(model)
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0])  # group 0 is all right: its rows are skipped
-    adv = ADVANTAGES.get("grpo")(rewards, GROUPS, MASK)  # [4, 4]
+    adv = ADVANTAGES.get("grpo")(AdvantageInput(rewards, GROUPS, MASK)).adv  # [4, 4]
 
     mb = make_micro_batch(PROMPTS, COMPLETIONS, [0, 1, 2, 3], tok.pad_token_id)
     logp, _ = token_logps(reference, mb)

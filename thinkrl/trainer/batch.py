@@ -103,28 +103,36 @@ def _backbone_and_head(model):
     return inner, head
 
 
+def completion_hidden(inner, mb: MicroBatch) -> Tensor:
+    """Hidden states [b, T, H] at the positions that predict each completion token, i.e. of the
+    state s_t before token t (the policy's logits and the critic's values both read them)."""
+    P = mb.prompt_len
+    T = mb.mask.shape[1]
+    if mb.prompt_ids is not None and mb.group_size > 1:
+        return _grouped_hidden(inner, mb)  # [b, T, H]
+    positions = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, P+T]; left padding shifts them
+    return inner(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                 position_ids=positions).last_hidden_state[:, P - 1: P - 1 + T]  # [b, T, H]
+
+
 def token_logps(model, mb: MicroBatch, *, temperature: float = 1.0, bf16: bool = False,
-                with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                with_entropy: bool = False, entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the completion tokens under ``model``: [b, T] (fp32), and optionally
-    the entropy of the full next-token distribution at each position (detached)."""
+    the entropy of the full next-token distribution at each position (detached unless
+    ``entropy_grad``, which an entropy bonus needs)."""
     inner, head = _backbone_and_head(model)
     P = mb.prompt_len
     T = mb.mask.shape[1]
     with autocast(bf16):
-        if mb.prompt_ids is not None and mb.group_size > 1:
-            hidden = _grouped_hidden(inner, mb)  # [b, T, H]
-        else:
-            positions = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, P+T]; left padding shifts them
-            hidden = inner(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                           position_ids=positions).last_hidden_state[:, P - 1: P - 1 + T]  # [b, T, H]
+        hidden = completion_hidden(inner, mb)  # [b, T, H]
         logits = head(hidden)  # [b, T, V]
     logits = logits.float() / temperature  # [b, T, V]
     targets = mb.input_ids[:, P: P + T]  # [b, T]
     lse = torch.logsumexp(logits, dim=-1)  # [b, T]
     logp = logits.gather(-1, targets[..., None]).squeeze(-1) - lse  # [b, T]
     entropy = None
-    if with_entropy:
-        with torch.no_grad():
+    if with_entropy or entropy_grad:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             probs = torch.softmax(logits, dim=-1)  # [b, T, V]
             entropy = lse - (probs * logits).sum(-1)  # [b, T]
     return logp * mb.mask, entropy

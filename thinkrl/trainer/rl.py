@@ -1,10 +1,12 @@
 """The RL loop: sample, score, compute advantages, update. One step reads top to bottom.
 
     prompts -> rollout engine -> completions -> rewards -> advantages
-      -> policy loss (+ KL to the reference) -> optimizer step -> logs, checkpoints
+      -> policy loss (+ KL, entropy) -> optimizer step (+ critic step) -> logs, checkpoints
 
-GRPO, Dr. GRPO and RLOO are the same loop with different registered parts
-(``algo.advantage``, ``algo.loss``, ``algo.kl_estimator``, ``algo.loss_agg``).
+Every algorithm is the same loop with different registered parts (``algo.advantage``,
+``algo.loss``, ``algo.kl_estimator`` placed by ``algo.kl_in``, ``algo.loss_agg``):
+GRPO, Dr. GRPO, RLOO, REINFORCE, REINFORCE++(-baseline), Kimi's mirror descent, and
+PPO, whose critic lives in :mod:`thinkrl.trainer.critic`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thinkrl.algorithms import ADVANTAGES, DEFAULT_LOSS_AGG, KL_ESTIMATORS, POLICY_LOSSES, aggregate
+from thinkrl.algorithms import (ADVANTAGE_WEIGHTED, ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, USES_VALUES,
+                                AdvantageInput, LossParams, MovingAverage, aggregate, kl_in_for, loss_agg_for)
 from thinkrl.config import Config, ConfigError, save_config
 from thinkrl.eval import evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
@@ -31,6 +34,7 @@ from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import drop_long_prompts, render_prompt
 from thinkrl.trainer import checkpoint as ckpt
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
+from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,8 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     bf16: bool
     sampler: object = None  # thinkrl.sampling: which prompts each step draws
+    critic: Critic | None = None  # gae only
+    baseline: MovingAverage | None = None  # reinforce's moving-average reward baseline, when configured
 
 
 def use_bf16(dtype: str) -> bool:
@@ -105,16 +111,34 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
                 "step_time": sum(timings.values()), "lr": p.scheduler.get_last_lr()[0]}, samples
     examples, ro, totals = kept.examples, kept.ro, kept.totals
 
-    # 3. Advantages, per sequence, broadcast to tokens.
+    # 3. Advantages: per token, from the rewards and whatever the estimator reads.
     t0 = time.perf_counter()
+    a = cfg.algo
+    N = len(ro.completion_ids)
     T = max(len(c) for c in ro.completion_ids)
     lengths = torch.tensor([len(c) for c in ro.completion_ids])  # [N]
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()  # [N, T]
     rewards = torch.tensor(totals, dtype=torch.float32)  # [N]
     group_ids = torch.arange(len(examples)).repeat_interleave(G)  # [N]
-    adv = ADVANTAGES.get(cfg.algo.advantage)(rewards, group_ids, mask, eps=cfg.algo.std_eps)  # [N, T]
+    mbs = split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, list(range(len(examples))), G,
+                                      cfg.optim.micro_batch_size, p.tok.pad_token_id)
+    fixed = advantage_inputs(p, mbs, N, T)  # old_logp/ref_logp (KL in the reward), values (critic)
+    token_kl = None
+    if "ref_logp" in fixed:
+        token_kl = KL_ESTIMATORS.get(a.kl_estimator)(fixed["old_logp"], fixed["ref_logp"]) * mask  # [N, T]
+    est = ADVANTAGES.get(a.advantage)(AdvantageInput(
+        rewards, group_ids, mask, token_kl=token_kl, kl_coef=a.kl_coef, values=fixed.get("values"),
+        baseline=p.baseline.value if p.baseline else 0.0, gamma=a.gamma, lam=a.lam, eps=a.std_eps))
 
-    train_metrics = policy_update(p, ro, adv, mask)
+    # 4. Update the policy (and the critic).
+    train_metrics = policy_update(p, ro, est.adv, mask, fixed)
+    if token_kl is not None:
+        train_metrics["kl"] = float(token_kl.sum() / mask.sum())
+    if p.critic is not None:
+        train_metrics.update(p.critic.update(mbs, est.returns, fixed["values"], a.num_iterations))
+    if p.baseline is not None:
+        train_metrics["baseline"] = p.baseline.value
+        p.baseline.update(float(rewards.mean()))
     timings["time_train"] = time.perf_counter() - t0
 
     metrics = {
@@ -180,61 +204,85 @@ def _samples(cfg: Config, step: int, g: Groups) -> list[dict]:
             for i in range(0, N, max(1, N // max(1, cfg.log_samples)))][: cfg.log_samples]
 
 
-def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor) -> dict:
-    """``num_iterations`` optimizer steps on one batch of rollouts (PPO-style reuse)."""
-    cfg = p.cfg
-    a = cfg.algo
-    N = adv.shape[0]
-    agg = a.loss_agg or DEFAULT_LOSS_AGG.get(a.advantage, "token_mean")
-    # A group whose advantages are all zero (all rewards equal) adds nothing to the
-    # policy-gradient term; without a KL term it is skipped outright (the normalisers
-    # below still count it, so the loss is unchanged).
+def _logps_of(model, mbs, N: int, T: int, p: Parts) -> torch.Tensor:
+    """Log-probs [N, T] of every row in ``mbs`` under ``model``, without gradients."""
+    out = torch.zeros(N, T)
+    with torch.no_grad():
+        for mb in mbs:
+            out[mb.index, : mb.mask.shape[1]] = token_logps(model, mb, temperature=p.cfg.rollout.temperature,
+                                                            bf16=p.bf16)[0]
+    return out
+
+
+def advantage_inputs(p: Parts, mbs, N: int, T: int) -> dict:
+    """Per-token tensors [N, T] that the estimator needs before any update: the sampling
+    policy's and the reference's log-probs when the KL goes in the reward, the critic's values."""
+    out = {}
+    if p.ref_model is not None and kl_in_for(p.cfg.algo.advantage, p.cfg.algo.kl_in) == "reward":
+        out["old_logp"] = _logps_of(p.model, mbs, N, T, p)
+        out["ref_logp"] = _logps_of(p.ref_model, mbs, N, T, p)
+    if p.critic is not None:
+        out["values"] = p.critic.values(mbs, N, T)
+    return out
+
+
+def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: dict | None = None) -> dict:
+    """``num_iterations`` optimizer steps on one batch of rollouts (PPO-style reuse).
+
+    ``fixed`` may hold ``old_logp`` [N, T] already computed for the advantages."""
+    cfg, a = p.cfg, p.cfg.algo
+    N, T = adv.shape
     G = cfg.rollout.group_size
-    needs_all = a.kl_coef > 0
+    agg = loss_agg_for(a.advantage, a.loss, a.loss_agg)
+    kl_in_loss = p.ref_model is not None and kl_in_for(a.advantage, a.kl_in) == "loss"
+    # A group whose advantages are all zero adds nothing to an advantage-weighted loss; unless a
+    # KL or entropy term or the loss itself needs it, it is skipped outright (the normalisers
+    # below still count it, so the loss is unchanged).
+    needs_all = kl_in_loss or a.entropy_coef > 0 or a.loss not in ADVANTAGE_WEIGHTED
     groups = [g for g in range(N // G) if needs_all or bool(adv[g * G:(g + 1) * G].abs().sum() > 0)]
-    rows = [g * G + j for g in groups for j in range(G)]
     total_seqs, total_tokens = N, float(mask.sum())
     mbs = split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, groups, G,
                                       cfg.optim.micro_batch_size, p.tok.pad_token_id)
-    temp = cfg.rollout.temperature
     policy_loss = POLICY_LOSSES.get(a.loss)
+    hp = LossParams(clip_low=a.clip_eps, clip_high=a.clip_eps_high if a.clip_eps_high is not None else a.clip_eps,
+                    clip_c=a.clip_c, tau=a.tau)
     kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
 
     # Log-probs that stay fixed during the update: the sampling policy's and the reference's.
-    old, ref = {}, {}
-    with torch.no_grad():
-        for j, mb in enumerate(mbs):
-            if a.num_iterations > 1:
-                old[j] = token_logps(p.model, mb, temperature=temp, bf16=p.bf16)[0]
-            if p.ref_model is not None:
-                ref[j] = token_logps(p.ref_model, mb, temperature=temp, bf16=p.bf16)[0]
+    old_logp = (fixed or {}).get("old_logp")
+    if old_logp is None and a.num_iterations > 1:
+        old_logp = _logps_of(p.model, mbs, N, T, p)
+    ref_logp = _logps_of(p.ref_model, mbs, N, T, p) if kl_in_loss else None
 
-    sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    loss_metrics: dict[str, float] = {}
     p.model.train()
     for it in range(a.num_iterations):
         p.optimizer.zero_grad(set_to_none=True)
-        for j, mb in enumerate(mbs):
-            last = it == a.num_iterations - 1
-            logp, ent = token_logps(p.model, mb, temperature=temp, bf16=p.bf16, with_entropy=last)  # [b, T']
+        last = it == a.num_iterations - 1
+        for mb in mbs:
+            logp, ent = token_logps(p.model, mb, temperature=cfg.rollout.temperature, bf16=p.bf16,
+                                    with_entropy=last, entropy_grad=a.entropy_coef > 0)  # [b, T']
             m = mb.mask  # [b, T']
             Tm = m.shape[1]
-            mb_adv = adv[mb.index, :Tm]  # [b, T']
-            old_logp = old[j] if j in old else logp.detach()
-            tok_loss, lm = policy_loss(logp, old_logp, mb_adv, m, clip_low=a.clip_eps,
-                                       clip_high=a.clip_eps_high if a.clip_eps_high is not None else a.clip_eps)
+            mb_old = old_logp[mb.index, :Tm] if old_logp is not None else logp.detach()
+            tok_loss, lm = policy_loss(logp, mb_old, adv[mb.index, :Tm], m, hp)  # [b, T']
             kl = None
-            if j in ref:
-                kl = kl_fn(logp, ref[j])  # [b, T']
+            if ref_logp is not None:
+                kl = kl_fn(logp, ref_logp[mb.index, :Tm])  # [b, T']
                 tok_loss = tok_loss + a.kl_coef * kl
+            if a.entropy_coef > 0:
+                tok_loss = tok_loss - a.entropy_coef * ent
             loss = aggregate(tok_loss, m, agg, norm=float(cfg.rollout.max_new_tokens))
             n_tok = float(m.sum())
-            weight = n_tok / total_tokens if agg == "token_mean" else mb.mask.shape[0] / total_seqs
+            weight = n_tok / total_tokens if agg == "token_mean" else m.shape[0] / total_seqs
             (loss * weight).backward()
             if last:
                 sums["loss"] += loss.item() * weight
-                sums["clip_frac"] += lm["clip_frac"] * n_tok
-                sums["entropy"] += float((ent * m).sum())
+                sums["entropy"] += float((ent.detach() * m).sum())
                 sums["tokens"] += n_tok
+                for k, v in lm.items():
+                    loss_metrics[k] = loss_metrics.get(k, 0.0) + v * n_tok
                 if kl is not None:
                     sums["kl"] += float((kl.detach() * m).sum())
         gn = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.max_grad_norm)
@@ -242,9 +290,11 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor) -> dict:
         p.optimizer.step()
         p.scheduler.step()
     n = max(sums["tokens"], 1.0)
-    out = {"loss": sums["loss"], "grad_norm": sums["grad_norm"], "clip_frac": sums["clip_frac"] / n,
-           "entropy": sums["entropy"] / n if mbs else float("nan"), "trained_seqs": len(rows)}
-    if p.ref_model is not None:
+    out = {"loss": sums["loss"], "grad_norm": sums["grad_norm"], "clip_frac": 0.0,
+           **{k: v / n for k, v in loss_metrics.items()},
+           "entropy": sums["entropy"] / n if mbs else float("nan"), "trained_seqs": sum(int(mb.mask.shape[0])
+                                                                                       for mb in mbs)}
+    if kl_in_loss:
         out["kl"] = sums["kl"] / n
     return out
 
@@ -271,8 +321,10 @@ def build_parts(cfg: Config, model_path: str) -> Parts:
                             weight_decay=cfg.optim.weight_decay)
     total = cfg.max_steps * cfg.algo.num_iterations
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    return Parts(cfg, model, ref_model, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt, sched, bf16,
-                 sampler=build_sampler(task, cfg))
+    critic = Critic.from_config(cfg, bf16) if cfg.algo.advantage in USES_VALUES else None
+    baseline = MovingAverage(cfg.algo.baseline_decay) if cfg.algo.baseline_decay is not None else None
+    return Parts(cfg, model, ref_model, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt,
+                 sched, bf16, sampler=build_sampler(task, cfg), critic=critic, baseline=baseline)
 
 
 def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
@@ -310,6 +362,13 @@ def train(cfg: Config) -> dict:
         p.sampler.load_state_dict(state.get("sampler", {}))  # checkpoints before samplers have none
         ckpt.set_rng_state(state["rng"])
         start = state["step"]
+        if p.baseline is not None and state.get("baseline"):
+            p.baseline.load_state_dict(state["baseline"])
+        if p.critic is not None:
+            cpath = critic_path(out, resume_from.name)
+            if not cpath.is_file():
+                raise ConfigError(f"{resume_from} has no critic checkpoint ({cpath}); cannot resume a gae run")
+            p.critic.load_state_dict(torch.load(cpath, weights_only=False))
         log.info("resumed from %s at step %d", resume_from, start)
 
     metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start)
@@ -321,7 +380,10 @@ def train(cfg: Config) -> dict:
 
     def save(step: int, path: Path) -> None:
         state = {"step": step, "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
-                 "task": p.task.state_dict(), "sampler": p.sampler.state_dict(), "rng": ckpt.rng_state()}
+                 "task": p.task.state_dict(), "sampler": p.sampler.state_dict(), "rng": ckpt.rng_state(),
+                 "baseline": p.baseline.state_dict() if p.baseline else None}
+        if p.critic is not None:  # first, so that every policy checkpoint has its critic
+            p.critic.save(critic_path(out, path.name), with_optimizer=path.name != "final")
         ckpt.save_checkpoint(path, p.model, p.tok, state)
 
     bar = _progress(cfg, start)
@@ -339,6 +401,7 @@ def train(cfg: Config) -> dict:
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step, out / "checkpoints" / f"step-{step}")
                 ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+                prune_critic(out, {c.name for _, c in ckpt.list_checkpoints(out)})
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
                 _run_eval(p, step, f"step-{step}", out)
             if cfg.max_minutes and time.monotonic() - t_start >= 60 * cfg.max_minutes:
@@ -358,7 +421,7 @@ def train(cfg: Config) -> dict:
     if cfg.plot:
         evals = [e for e in read_jsonl(out / "evals.jsonl")]
         plot_metrics(read_jsonl(out / "metrics.jsonl"), out / "curves.png",
-                     title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage}", evals=evals)
+                     title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} + {cfg.algo.loss}", evals=evals)
     return results
 
 
