@@ -115,16 +115,17 @@ def main() -> None:
     ap.add_argument("--doc", default=str(ROOT / "docs/algorithms.md"))
     ap.add_argument("--only", nargs="*", help="run only these recipes (the doc lists every finished one)")
     ap.add_argument("--no-lock", action="store_true", help=f"the caller already holds {LOCK}")
+    ap.add_argument("--report", action="store_true", help="run nothing; rewrite the doc from finished runs")
     ap.add_argument("--force", action="store_true", help="re-run recipes that already have a final/ folder")
     args = ap.parse_args()
 
     names = list(RECIPES)
     for i, name in enumerate(names):
-        if args.only and name.split()[0] not in args.only:
+        if args.report or (args.only and name.split()[0] not in args.only):
             continue
         run(name, RECIPES[name], args, first=i == 0)
     rows = [summarise(n, Path(args.out) / n.split()[0]) for n in names
-            if (Path(args.out) / n.split()[0] / "evals.jsonl").is_file()]
+            if (Path(args.out) / n.split()[0] / "final").is_dir()]
     plot(rows, Path(args.doc).parent / "algorithms_rewards.png",
          f"smollm2-135m on chain_sum, {args.steps} steps x {args.prompts * 8} samples")
     command = shlex.join([*(["flock", LOCK] if args.no_lock else []), "python", "benchmarks/compare_algorithms.py",
