@@ -90,7 +90,7 @@ class _Slot:
 def _expose_paths() -> list[str]:
     """Folders the interpreter needs; the launcher re-exposes them if the uid cannot reach them."""
     paths = {sys.base_prefix, sys.prefix, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-             os.path.dirname(os.path.realpath(sys.executable))}
+             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
     return sorted({os.path.realpath(p) for p in paths if p})
 
 

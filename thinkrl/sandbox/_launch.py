@@ -96,7 +96,17 @@ def setup_filesystem(spec: dict, applied: dict) -> str:
         except OSError:
             pass
     applied["readonly_mounts"] = ro
+    # Interpreter folders that live under /tmp (a virtualenv in a checkout under /tmp) would
+    # vanish under the fresh tmpfs: keep a handle on the old /tmp and bind them back read-only.
+    under_tmp = [p for p in spec.get("expose", []) if p.startswith("/tmp/") and os.path.isdir(p)]
+    old_tmp = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY) if under_tmp else None
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={spec['tmpfs_mb']}m,mode=1777")
+    for path in under_tmp:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{old_tmp}/{path[len('/tmp/'):]}", path, None, MS_BIND | MS_REC)
+        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    if old_tmp is not None:
+        os.close(old_tmp)
     # Re-expose interpreter folders hidden behind a 0700 ancestor (e.g. /root/.pyenv).
     staged, covers = [], set()
     for i, path in enumerate(spec.get("expose", [])):
