@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from thinkrl.config import ConfigError
-from thinkrl.data import IGNORE
+from thinkrl.data import IGNORE, length_buckets
 
 
 @dataclass
@@ -72,6 +72,29 @@ def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, tot
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def bucketed_steps(lengths: list[int], batch_size: int, seed: int, total: int):
+    """Yield ``(step, epoch, rows)`` for ``total`` optimizer steps over length-bucketed
+    batches, reshuffled each epoch; ``step`` counts from 1."""
+    step, epoch = 0, 0
+    while step < total:
+        for rows in length_buckets(lengths, batch_size, seed=seed * 1000 + epoch):
+            if step >= total:
+                return
+            step += 1
+            yield step, epoch, rows
+        epoch += 1
+
+
+def optimizer_step(model, opt, sched, loss: torch.Tensor, max_grad_norm: float) -> float:
+    """Backward, clip, step the optimizer and the schedule; returns the pre-clip grad norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    sched.step()
+    return float(gn)
 
 
 def finished(out: Path) -> bool:

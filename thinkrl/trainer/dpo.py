@@ -21,11 +21,11 @@ import torch
 
 from thinkrl.algorithms.preference import PREFERENCE_LOSSES
 from thinkrl.config import TaskConfig
-from thinkrl.data import IGNORE, encode_prompt_completion, length_buckets, read_rows
+from thinkrl.data import IGNORE, encode_prompt_completion, read_rows
 from thinkrl.models import load_model, save_model
 from thinkrl.tasks import DataError
 from thinkrl.trainer.batch import make_micro_batch, token_logps
-from thinkrl.trainer.common import make_optimizer, need
+from thinkrl.trainer.common import bucketed_steps, make_optimizer, need, optimizer_step
 from thinkrl.trainer.logs import JsonlWriter
 
 log = logging.getLogger(__name__)
@@ -124,28 +124,18 @@ def train_dpo(cfg: DPOConfig) -> Path:
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total)
     metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=0)
     model.train()
-    step, epoch = 0, 0
-    while step < total:
-        for idx in length_buckets(lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch):
-            if step >= total:
-                break
-            batch = [pairs[i] for i in idx]
-            logp_c, logp_r = sequence_logps(model, batch, tok.pad_token_id, bf16)  # [b], [b]
-            len_c = torch.tensor([float(len(p.chosen)) for p in batch])  # [b]
-            len_r = torch.tensor([float(len(p.rejected)) for p in batch])  # [b]
-            ref_c, ref_r = (ref[idx, 0], ref[idx, 1]) if ref is not None else (None, None)
-            loss, m = loss_fn(logp_c, logp_r, ref_c, ref_r, len_c, len_r, beta=cfg.beta, gamma=cfg.gamma)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            step += 1
-            metrics_log.write({"step": step, "loss": float(loss.detach()), **m, "grad_norm": float(gn),
-                               "chosen_len": float(len_c.mean()), "rejected_len": float(len_r.mean())})
-            if cfg.progress and (step % 10 == 0 or step == total):
-                log.info("%s step %d/%d loss %.4f", cfg.loss, step, total, float(loss.detach()))
-        epoch += 1
+    for step, _, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
+        batch = [pairs[i] for i in idx]
+        logp_c, logp_r = sequence_logps(model, batch, tok.pad_token_id, bf16)  # [b], [b]
+        len_c = torch.tensor([float(len(p.chosen)) for p in batch])  # [b]
+        len_r = torch.tensor([float(len(p.rejected)) for p in batch])  # [b]
+        ref_c, ref_r = (ref[idx, 0], ref[idx, 1]) if ref is not None else (None, None)
+        loss, m = loss_fn(logp_c, logp_r, ref_c, ref_r, len_c, len_r, beta=cfg.beta, gamma=cfg.gamma)
+        gn = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
+        metrics_log.write({"step": step, "loss": float(loss.detach()), **m, "grad_norm": gn,
+                           "chosen_len": float(len_c.mean()), "rejected_len": float(len_r.mean())})
+        if cfg.progress and (step % 10 == 0 or step == total):
+            log.info("%s step %d/%d loss %.4f", cfg.loss, step, total, float(loss.detach()))
     final = out / "final"
     save_model(model, tok, final)
     return final

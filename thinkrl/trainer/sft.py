@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from thinkrl.config import ConfigError, TaskConfig
-from thinkrl.data import IGNORE, encode_sft_rows, length_buckets, read_rows
+from thinkrl.data import IGNORE, encode_sft_rows, read_rows
 from thinkrl.models import load_model, save_model
 from thinkrl.rollout import autocast
 from thinkrl.trainer.batch import _backbone_and_head
-from thinkrl.trainer.common import LoraConfig, apply_lora, collate, make_optimizer, need, unwrap_lora
+from thinkrl.trainer.common import (LoraConfig, apply_lora, bucketed_steps, collate, make_optimizer, need,
+                                   optimizer_step, unwrap_lora)
 from thinkrl.trainer.logs import JsonlWriter
 
 log = logging.getLogger(__name__)
@@ -142,24 +143,14 @@ def train_sft(cfg: SFTConfig) -> Path:
     metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=0)
     log.info("sft: %d rows, %d steps of %d rows", len(data), total, cfg.batch_size)
     model.train()
-    step, epoch = 0, 0
-    while step < total:
-        for idx in length_buckets(lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch):
-            if step >= total:
-                break
-            batch = collate([data[i] for i in idx], tok.pad_token_id)
-            loss, m = batch_loss(model, batch, bf16, teacher, cfg.kd_coef)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            step += 1
-            metrics_log.write({"step": step, "epoch": epoch, "loss": float(loss.detach()), **m,
-                               "grad_norm": float(gn), "lr": sched.get_last_lr()[0]})
-            if cfg.progress and (step % 10 == 0 or step == total):
-                log.info("sft step %d/%d loss %.4f", step, total, float(loss.detach()))
-        epoch += 1
+    for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
+        batch = collate([data[i] for i in idx], tok.pad_token_id)
+        loss, m = batch_loss(model, batch, bf16, teacher, cfg.kd_coef)
+        gn = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
+        metrics_log.write({"step": step, "epoch": epoch, "loss": float(loss.detach()), **m,
+                           "grad_norm": gn, "lr": sched.get_last_lr()[0]})
+        if cfg.progress and (step % 10 == 0 or step == total):
+            log.info("sft step %d/%d loss %.4f", step, total, float(loss.detach()))
     final = out / "final"
     save_model(unwrap_lora(model), tok, final)
     return final
