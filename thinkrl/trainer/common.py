@@ -60,18 +60,28 @@ def collate(encoded: list, pad_id: int) -> dict[str, torch.Tensor]:
             "attention_mask": torch.tensor(attn)}  # [B, L]
 
 
-def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
-    """AdamW with linear warmup then cosine decay to 10% of ``lr``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+def lr_schedule(warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.1):
+    """LR multiplier per optimizer step: linear warm-up, then constant, linear or cosine
+    decay to ``min_ratio`` at ``total_steps``. Shared by the RL, SFT and DPO trainers."""
 
     def f(i: int) -> float:
         if warmup_steps and i < warmup_steps:
             return (i + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
         frac = min(1.0, (i - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+        if schedule == "linear":
+            return 1.0 - (1.0 - min_ratio) * frac
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
+    return f
+
+
+def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    """AdamW with linear warmup then cosine decay to 10% of ``lr``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(warmup_steps, total_steps))
 
 
 def bucketed_steps(lengths: list[int], batch_size: int, seed: int, total: int):

@@ -12,7 +12,6 @@ PPO, whose critic lives in :mod:`thinkrl.trainer.critic`.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from thinkrl.sampling import Groups, build_sampler, collect_groups
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import drop_long_prompts, render_prompt
 from thinkrl.trainer import checkpoint as ckpt
+from thinkrl.trainer.common import lr_schedule
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
@@ -71,18 +71,7 @@ def use_bf16(dtype: str) -> bool:
 
 def lr_lambda(cfg: Config, total: int):
     o = cfg.optim
-
-    def f(i: int) -> float:
-        if o.warmup_steps and i < o.warmup_steps:
-            return (i + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        frac = min(1.0, (i - o.warmup_steps) / max(1, total - o.warmup_steps))
-        if o.schedule == "linear":
-            return 1.0 - (1.0 - o.min_lr_ratio) * frac
-        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return f
+    return lr_schedule(o.warmup_steps, total, o.schedule, o.min_lr_ratio)
 
 
 def seed_everything(seed: int) -> None:
