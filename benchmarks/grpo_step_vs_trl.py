@@ -10,14 +10,19 @@ TRL is not a thinkrl dependency; install it for this benchmark only:
     pip install torch==2.13.0 trl==1.16.0
     python benchmarks/grpo_step_vs_trl.py [--steps 3]
 
-Each side runs ``--steps`` steps; the first is a warm-up and is not counted.
+Each side runs ``--steps`` steps in its own process (so each one's peak memory is its
+own); the first step is a warm-up and is not counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -71,8 +76,10 @@ def run_trl(steps: int, max_new: int) -> list[float]:
             times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(output_dir=out, per_device_train_batch_size=64, num_generations=8,
-                          gradient_accumulation_steps=1, max_completion_length=max_new, beta=0.04,
+        # 64 completions per optimizer step in micro-batches of 16, as thinkrl's side; one batch of 64
+        # runs out of 24 GB (full-vocabulary logits for prompt and completion of every row).
+        args = GRPOConfig(output_dir=out, per_device_train_batch_size=16, num_generations=8,
+                          gradient_accumulation_steps=4, max_completion_length=max_new, beta=0.04,
                           temperature=1.0, bf16=True, use_cpu=True, gradient_checkpointing=False,
                           loss_type="grpo", max_steps=steps, logging_steps=1, save_strategy="no",
                           report_to="none", learning_rate=1e-5, shuffle_dataset=False)
@@ -99,24 +106,47 @@ def run_thinkrl(steps: int, max_new: int) -> tuple[list[float], dict]:
     return times, last
 
 
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def side(name: str, steps: int, max_new: int) -> dict:
+    """Run one side in a fresh process and return its step times and peak memory."""
+    out = subprocess.run([sys.executable, __file__, "--side", name, "--steps", str(steps), "--max-new", str(max_new)],
+                         stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{name} side failed (exit {out.returncode})")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--side", choices=["thinkrl", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 8 prompts x 8 generations, "
-          f"<= {args.max_new} new tokens, beta 0.04, bf16")
-    ours, last = run_thinkrl(args.steps, args.max_new)
-    ours_mean = statistics.mean(ours[1:] or ours)
-    print(f"thinkrl: step times {[round(t, 1) for t in ours]} s -> {ours_mean:.1f} s/step "
+    if args.side == "thinkrl":
+        times, last = run_thinkrl(args.steps, args.max_new)
+        print(json.dumps({"times": times, "last": last, "peak_rss_gb": peak_rss_gb()}))
+        return
+    if args.side == "trl":
+        print(json.dumps({"times": run_trl(args.steps, args.max_new), "peak_rss_gb": peak_rss_gb()}))
+        return
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"8 prompts x 8 generations, <= {args.max_new} new tokens, beta 0.04, bf16", flush=True)
+    ours = side("thinkrl", args.steps, args.max_new)
+    ours_mean = statistics.mean(ours["times"][1:] or ours["times"])
+    last = ours["last"]
+    print(f"thinkrl: step times {[round(t, 1) for t in ours['times']]} s -> {ours_mean:.1f} s/step "
           f"(last step: generate {last['time_generate']:.1f} s, train {last['time_train']:.1f} s, "
-          f"mean length {last['response_len_mean']:.0f})")
+          f"mean length {last['response_len_mean']:.0f}); peak RSS {ours['peak_rss_gb']:.2f} GB", flush=True)
     if args.skip_trl:
         return
-    trl = run_trl(args.steps, args.max_new)
-    trl_mean = statistics.mean(trl[1:] or trl)
-    print(f"TRL GRPOTrainer: step times {[round(t, 1) for t in trl]} s -> {trl_mean:.1f} s/step")
+    trl = side("trl", args.steps, args.max_new)
+    trl_mean = statistics.mean(trl["times"][1:] or trl["times"])
+    print(f"TRL GRPOTrainer: step times {[round(t, 1) for t in trl['times']]} s -> {trl_mean:.1f} s/step; "
+          f"peak RSS {trl['peak_rss_gb']:.2f} GB")
     print(f"ratio TRL / thinkrl = {trl_mean / ours_mean:.1f}x")
 
 

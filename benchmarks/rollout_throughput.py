@@ -1,7 +1,18 @@
 """Rollout throughput: thinkrl's fast engine vs HF ``generate``, side by side in one run.
 
-Same model, same prompts, same sampling settings (temperature 1.0, no top-p/top-k),
-bf16 where the CPU supports it. Prints new tokens per second for each and the ratio.
+Same model, same prompts (the default task's chat prompts), same sampling settings
+(temperature 1.0, no top-p/top-k), bf16 where the CPU supports it. Two workloads:
+
+- ``fixed``: 64 sequences x exactly 128 new tokens (end-of-sequence banned until then,
+  ``min_new_tokens`` in both engines): the issue's yardstick, every row does the same work;
+- ``natural``: the same 64 sequences stopping at end-of-sequence (at most 128 new tokens),
+  which is what training sees: most answers are short, a few run long.
+
+HF ``generate`` runs twice: under bf16 autocast on the fp32 model (thinkrl's ``hf``
+backend) and on a copy of the model cast to bf16 (HF's fastest plain CPU setting). Ratios
+are taken against the faster of the two. Then, on the natural rollout, the engine's
+sampled-token log-probs are compared with the training forward pass (bf16 autocast and
+fp32), the correctness check the trainer relies on.
 
     python benchmarks/rollout_throughput.py [--model smollm2-135m] [--prompts 8] [--n 8] [--max-new 128]
 """
@@ -9,15 +20,19 @@ bf16 where the CPU supports it. Prints new tokens per second for each and the ra
 from __future__ import annotations
 
 import argparse
+import copy
+import resource
 import time
 
 import torch
 
+from thinkrl.config import Config
 from thinkrl.models import load_model
 from thinkrl.rollout import HFEngine, SamplingParams, bf16_supported
 from thinkrl.rollout.fast import FastEngine
+from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import render_prompt
-from thinkrl.config import TaskConfig
+from thinkrl.trainer.batch import split_micro_batches, token_logps
 
 
 def run(engine, prompts, n, params, seed):
@@ -25,8 +40,22 @@ def run(engine, prompts, n, params, seed):
     t0 = time.perf_counter()
     ro = engine.generate(prompts, n, params)
     dt = time.perf_counter() - t0
-    tokens = sum(len(c) for c in ro.completion_ids)
-    return tokens, dt
+    return ro, sum(len(c) for c in ro.completion_ids), dt
+
+
+def logp_gap(model, tok, ro, bf16: bool) -> tuple[float, float]:
+    """Max and mean |engine log-prob - training-forward log-prob| over the sampled tokens."""
+    rows = list(range(len(ro.completion_ids)))
+    mbs = split_micro_batches(ro.prompt_ids, ro.completion_ids, rows, 16, tok.pad_token_id or 0)
+    diffs = []
+    with torch.no_grad():
+        for mb in mbs:
+            lp, _ = token_logps(model, mb, bf16=bf16)  # [b, T]
+            for j, i in enumerate(mb.index.tolist()):
+                n = len(ro.completion_ids[i])
+                diffs.append((lp[j, :n] - torch.tensor(ro.logps[i])).abs())
+    d = torch.cat(diffs)
+    return d.max().item(), d.mean().item()
 
 
 def main() -> None:
@@ -35,31 +64,43 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-new", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--workloads", default="fixed,natural")
     args = ap.parse_args()
 
     model, tok = load_model(args.model)
     model.eval()
     bf16 = bf16_supported()
-    import reasoning_gym as rg
-
-    ds = rg.create_dataset("chain_sum", size=args.prompts, seed=7)
-    prompts = [render_prompt(ds[i]["question"], tok, TaskConfig())[0] for i in range(args.prompts)]
-    params = SamplingParams(max_new_tokens=args.max_new, temperature=1.0)
-    engines = {"hf_generate": HFEngine(model, tok, batch_size=args.prompts * args.n, bf16=bf16),
-               "thinkrl_fast": FastEngine(model, tok, batch_size=args.prompts * args.n, bf16=bf16)}
-    print(f"model={args.model} bf16={bf16} sequences={args.prompts * args.n} max_new_tokens={args.max_new} "
-          f"threads={torch.get_num_threads()}")
-    rates = {}
-    for name, eng in engines.items():
-        run(eng, prompts[:1], 2, SamplingParams(max_new_tokens=4), 0)  # warm-up
-        toks, secs = 0, 0.0
-        for r in range(args.repeats):
-            a, b = run(eng, prompts, args.n, params, seed=r)
-            toks, secs = toks + a, secs + b
-        rates[name] = toks / secs
-        print(f"{name:>13}: {toks} new tokens in {secs:.1f} s = {rates[name]:.0f} tokens/s")
-    print(f"ratio thinkrl_fast / hf_generate = {rates['thinkrl_fast'] / rates['hf_generate']:.1f}x")
+    cfg = Config()
+    examples = build_task(cfg.task).next_batch(args.prompts)
+    prompts = [render_prompt(ex.question, tok, cfg.task)[0] for ex in examples]
+    B = args.prompts * args.n
+    engines = {"hf_generate_autocast": HFEngine(model, tok, batch_size=B, bf16=bf16),
+               "thinkrl_fast": FastEngine(model, tok, batch_size=B, bf16=bf16)}
+    if bf16:
+        engines["hf_generate_bf16_model"] = HFEngine(copy.deepcopy(model).to(torch.bfloat16), tok, batch_size=B)
+    print(f"model={args.model} bf16={bf16} sequences={B} max_new_tokens={args.max_new} "
+          f"threads={torch.get_num_threads()} prompt tokens={[len(tok(p).input_ids) for p in prompts]}")
+    natural = None
+    for work in args.workloads.split(","):
+        params = SamplingParams(max_new_tokens=args.max_new, temperature=1.0,
+                                min_new_tokens=args.max_new if work == "fixed" else 0)
+        rates = {}
+        for name, eng in engines.items():
+            run(eng, prompts[:1], 2, SamplingParams(max_new_tokens=4), 0)  # warm-up
+            ro, toks, secs = run(eng, prompts, args.n, params, seed=0)
+            rates[name] = toks / secs
+            if name == "thinkrl_fast" and work == "natural":
+                natural = ro
+            print(f"[{work}] {name:>22}: {toks} new tokens in {secs:.1f} s = {rates[name]:.0f} tokens/s")
+        best_hf = max(v for k, v in rates.items() if k.startswith("hf"))
+        print(f"[{work}] ratio thinkrl_fast / best hf_generate = {rates['thinkrl_fast'] / best_hf:.1f}x "
+              f"(vs autocast: {rates['thinkrl_fast'] / rates['hf_generate_autocast']:.1f}x)")
+    if natural is not None:
+        for label, use_bf16 in (("bf16 autocast (training)", bf16), ("fp32", False)):
+            mx, mean = logp_gap(model, tok, natural, use_bf16)
+            print(f"log-prob gap engine vs training forward [{label}]: max {mx:.4f}, mean {mean:.4f} "
+                  f"over {sum(len(c) for c in natural.completion_ids)} tokens")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,36 @@ def test_samples_of_one_prompt_are_adjacent_and_stop_at_eos(lively):
         assert tok.eos_token_id not in c[:-1]  # nothing is kept after an EOS
         assert trunc == (c[-1] != tok.eos_token_id)
         assert trunc == (len(c) == 20) or not trunc
+
+
+def test_min_new_tokens_bans_eos_until_reached(lively):
+    model, tok = lively
+    model = copy.deepcopy(model)
+    prompts = [chat(tok, q) for q in PROMPTS[:2]]
+    eng = FastEngine(model, tok, bf16=False)
+    first = eng.generate(prompts, 1, SamplingParams(max_new_tokens=1, temperature=0)).completion_ids
+    with torch.no_grad():  # give EOS twice the logit of prompt 0's greedy first token: it now wins early
+        head = model.get_output_embeddings().weight
+        head[tok.eos_token_id] = 2 * head[first[0][0]]
+    torch.manual_seed(0)
+    free = eng.generate(prompts, 4, SamplingParams(max_new_tokens=20))
+    assert any(not t for t in free.truncated)  # without the ban some rows stop early: the ban matters
+    torch.manual_seed(0)
+    ro = eng.generate(prompts, 4, SamplingParams(max_new_tokens=20, min_new_tokens=20))
+    assert all(len(c) == 20 and tok.eos_token_id not in c for c in ro.completion_ids)
+    assert all(ro.truncated)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, min_new_tokens=12)
+    ref = HFEngine(model, tok, bf16=False).generate(prompts, 1, greedy)
+    assert eng.generate(prompts, 1, greedy).completion_ids == ref.completion_ids  # HF's min_new_tokens too
+
+
+def test_banned_tokens_are_never_drawn_and_logps_renormalise():
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)  # token 0 would win ~97% of draws
+    torch.manual_seed(0)
+    tok, lp = FastEngine._sample(logits.clone(), SamplingParams(temperature=1.0), torch.tensor([0]))
+    assert 0 not in tok.tolist()
+    expect = torch.log_softmax(torch.tensor([1.0, 0.0, -1.0]), -1)  # softmax over the allowed tokens
+    torch.testing.assert_close(lp, expect[tok - 1])
+    freq = torch.bincount(tok, minlength=4).float() / 4000
+    # binomial std <= 0.008 at n = 4000; allow 4 std
+    torch.testing.assert_close(freq[1:], expect.exp(), atol=0.032, rtol=0)

@@ -19,6 +19,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0
+    min_new_tokens: int = 0  # end-of-sequence tokens are banned before this many new tokens
 
 
 @dataclass
@@ -83,7 +84,7 @@ class HFEngine:
         attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])  # [b, P]
         greedy = params.temperature <= 0
         kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=not greedy, pad_token_id=pad,
-                      eos_token_id=sorted(self.eos_ids))
+                      eos_token_id=sorted(self.eos_ids), min_new_tokens=params.min_new_tokens or None)
         if not greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:

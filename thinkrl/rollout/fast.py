@@ -43,6 +43,13 @@ class _Layer:
     wd: Tensor  # [H, I]
 
 
+def _search(cdf: Tensor) -> Tensor:
+    """Draw one index per row of an (unnormalised) CDF [b, V]; the first index whose CDF
+    exceeds u, so entries of probability 0 (a flat CDF step) are never drawn."""
+    u = torch.rand(cdf.shape[0], 1) * cdf[:, -1:]  # [b, 1]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [b]
+
+
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     x32 = x.float()
     return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w
@@ -136,8 +143,11 @@ class FastEngine:
             k = self._rotate(k.view(b, s, nkv, hd).transpose(1, 2), cos, sin)  # [b, nkv, s, hd]
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v.view(b, s, nkv, hd).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
-                                               enable_gqa=nkv != nh)  # [b, nh, s, hd]
+            if s == 1:
+                a = self._decode_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask)  # [b, nh, 1, hd]
+            else:
+                a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
+                                                   enable_gqa=nkv != nh)  # [b, nh, s, hd]
             x = x + F.linear(a.transpose(1, 2).reshape(b, s, nh * hd), L.wo).float()
             h = _rms(x, L.ln_post, self.eps).to(dt)
             g, u = F.linear(h, L.wgu).chunk(2, -1)  # [b, s, I] each
@@ -145,32 +155,54 @@ class FastEngine:
         last = _rms(x[:, -1], self.ln_final, self.eps).to(dt)  # [b, H]
         return F.linear(last, self.head).float()  # [b, V]
 
+    def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """Attention of one new token per row: q [b, nh, 1, hd], k/v [b, nkv, L, hd],
+        bias [b, 1, 1, L] additive (0 or -inf). The nh / nkv query heads that share a key head
+        are stacked as rows of one small matmul, so keys are read once per key head.
+        (For a single query the fused SDPA kernel spends most of its time on set-up.)"""
+        b, nh, _, hd = q.shape
+        nkv = k.shape[1]
+        qg = q.reshape(b, nkv, nh // nkv, hd)  # query head h uses key head h // (nh / nkv)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * hd ** -0.5 + bias  # [b, nkv, nh/nkv, L]
+        probs = torch.softmax(scores, -1).to(v.dtype)
+        return torch.matmul(probs, v).reshape(b, nh, 1, hd)  # [b, nh, 1, hd]
+
     # -- sampling --------------------------------------------------------------------------
 
     @staticmethod
-    def _sample(logits: Tensor, p: SamplingParams) -> tuple[Tensor, Tensor]:
-        """Next tokens [b] and their log-probs [b] under softmax(logits / temperature)."""
+    def _sample(logits: Tensor, p: SamplingParams, banned: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Next tokens [b] and their log-probs [b] under softmax(logits / temperature).
+
+        ``logits`` [b, V] fp32 is overwritten. ``banned`` token ids get probability 0.
+        """
+        if banned is not None:
+            logits[:, banned] = float("-inf")
         if p.temperature <= 0:
             tok = logits.argmax(-1)
             return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-        logits = logits / p.temperature
-        logp = torch.log_softmax(logits, -1)  # [b, V]
+        if p.temperature != 1.0:
+            logits.mul_(1.0 / p.temperature)
+        top = logits.amax(-1, keepdim=True)  # [b, 1]
+        if not p.top_k and p.top_p >= 1.0:
+            # Inverse-CDF sampling on unnormalised probabilities: one exp, one cumsum and a
+            # binary search per row. (torch.multinomial draws an exponential per vocabulary
+            # entry and is ~30x slower on CPU here.) The last CDF entry is the normaliser Z.
+            cdf = torch.exp(logits - top).cumsum_(-1)  # [b, V]
+            tok = _search(cdf)
+            logz = cdf[:, -1].log() + top.squeeze(-1)  # [b] log-partition
+            return tok, logits.gather(-1, tok[:, None]).squeeze(-1) - logz
+        logp = torch.log_softmax(logits, -1)  # [b, V] the unfiltered distribution's log-probs
         filt = logits
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(filt, p.top_k, -1).values[:, -1:]  # [b, 1]
             filt = filt.masked_fill(filt < kth, float("-inf"))
         if p.top_p < 1.0:
             sorted_l, idx = torch.sort(filt, -1, descending=True)
-            cum = torch.softmax(sorted_l, -1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_l, -1) > p.top_p  # keep the smallest set reaching top_p
+            probs = torch.softmax(sorted_l, -1)
+            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
             sorted_l = sorted_l.masked_fill(drop, float("-inf"))
             filt = torch.full_like(filt, float("-inf")).scatter(-1, idx, sorted_l)
-        # Inverse-CDF sampling: one cumsum and a binary search per row. (torch.multinomial
-        # draws an exponential per vocabulary entry and is ~30x slower on CPU here.)
-        probs = logp.exp() if filt is logits else torch.softmax(filt, -1)  # [b, V]
-        cdf = probs.cumsum(-1)  # [b, V]
-        u = torch.rand(cdf.shape[0], 1) * cdf[:, -1:]  # [b, 1]
-        tok = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [b]
+        tok = _search(torch.softmax(filt, -1).cumsum_(-1))
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
     # -- the public API --------------------------------------------------------------------
@@ -221,7 +253,7 @@ class FastEngine:
         fin = torch.zeros(B, dtype=torch.bool)  # finished rows still in the batch
         eos = torch.tensor(self.eos_ids)
         for t in range(params.max_new_tokens):
-            tok, lp = self._sample(logits, params)  # [b]
+            tok, lp = self._sample(logits, params, eos if t < params.min_new_tokens else None)  # [b]
             for r, tk, l, f in zip(alive.tolist(), tok.tolist(), lp.tolist(), fin.tolist()):
                 if not f:
                     out[r].append(tk)
@@ -240,7 +272,8 @@ class FastEngine:
                 kv = [(k[keep], v[keep]) for k, v in kv]
             slot = P + t
             valid[:, slot] = True
-            step_mask = valid[:, None, None, : slot + 1]  # [b, 1, 1, slot+1]
+            step_mask = torch.zeros(valid.shape[0], 1, 1, slot + 1).masked_fill_(
+                ~valid[:, None, None, : slot + 1], float("-inf"))  # [b, 1, 1, slot+1] additive
             logits = self._forward(tok[:, None], next_pos[:, None], kv, slot, step_mask)
             next_pos = next_pos + 1
         return out, out_lp

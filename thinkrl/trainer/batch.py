@@ -117,25 +117,98 @@ def completion_hidden(inner, mb: MicroBatch) -> Tensor:
 
 def token_logps(model, mb: MicroBatch, *, temperature: float = 1.0, bf16: bool = False,
                 with_entropy: bool = False, entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Log-probs of the completion tokens under ``model``: [b, T] (fp32), and optionally
-    the entropy of the full next-token distribution at each position (detached unless
-    ``entropy_grad``, which an entropy bonus needs)."""
+    """Log-probs of the completion tokens under ``model``: [b, T] (fp32, zero on padding), and
+    optionally the entropy of the full next-token distribution at each position (detached
+    unless ``entropy_grad``, which an entropy bonus needs).
+
+    Only the real completion tokens go through the LM head, in chunks, by
+    :class:`HeadLogProbs`: no [b, T, V] logits tensor is ever built."""
     inner, head = _backbone_and_head(model)
     P = mb.prompt_len
     T = mb.mask.shape[1]
     with autocast(bf16):
         hidden = completion_hidden(inner, mb)  # [b, T, H]
-        logits = head(hidden)  # [b, T, V]
-    logits = logits.float() / temperature  # [b, T, V]
-    targets = mb.input_ids[:, P: P + T]  # [b, T]
-    lse = torch.logsumexp(logits, dim=-1)  # [b, T]
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - lse  # [b, T]
+    keep = mb.mask.bool()  # [b, T]
+    targets = mb.input_ids[:, P: P + T][keep]  # [n] the n real completion tokens
+    if getattr(head, "bias", None) is not None or not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"{type(model).__name__}: the LM head must be a bias-free nn.Linear")
+    want_ent = with_entropy or entropy_grad
+    logp, ent = HeadLogProbs.apply(hidden[keep], head.weight, targets, temperature, bf16, want_ent)  # [n] each
+    zeros = hidden.new_zeros(keep.shape, dtype=torch.float32)  # [b, T]
     entropy = None
-    if with_entropy or entropy_grad:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            probs = torch.softmax(logits, dim=-1)  # [b, T, V]
-            entropy = lse - (probs * logits).sum(-1)  # [b, T]
-    return logp * mb.mask, entropy
+    if want_ent:
+        entropy = zeros.masked_scatter(keep, ent if entropy_grad and torch.is_grad_enabled() else ent.detach())
+    return zeros.masked_scatter(keep, logp), entropy
+
+
+class HeadLogProbs(torch.autograd.Function):
+    """log softmax(h W^T / temperature)[target] and the entropy of that softmax, for n
+    positions, computed ``CHUNK`` positions at a time; the backward pass recomputes each
+    chunk's logits instead of keeping them (the vocabulary is ~50-150k wide, so [n, V]
+    fp32 logits are the largest tensor of a step by far).
+
+    With z = h W^T / t, p = softmax(z), lse = log sum exp z, H = -sum p log p:
+      d logp[y] / dz = onehot(y) - p,      dH / dz = -p (log p + H),
+    and dz/dh = W / t, dz/dW = h / t. The matmuls run in bf16 when ``bf16`` (as under
+    autocast), the softmax algebra in fp32.
+    """
+
+    CHUNK = 1024
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, temperature: float, bf16: bool,
+                with_entropy: bool):
+        n = h.shape[0]
+        w = weight.detach().to(torch.bfloat16 if bf16 else torch.float32)  # [V, H]
+        logp, lse, ent = (torch.zeros(n) for _ in range(3))  # [n] each
+        for s in range(0, n, HeadLogProbs.CHUNK):
+            e = min(n, s + HeadLogProbs.CHUNK)
+            z = HeadLogProbs._logits(h[s:e], w, temperature)  # [c, V] fp32
+            lse[s:e] = torch.logsumexp(z, -1)
+            logp[s:e] = z.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
+            if with_entropy:
+                z.sub_(lse[s:e, None])  # log p
+                ent[s:e] = -(z.exp() * z).sum(-1)
+        ctx.save_for_backward(h, weight, targets, lse, ent)
+        ctx.temperature, ctx.bf16, ctx.with_entropy = temperature, bf16, with_entropy
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def _logits(h: Tensor, w: Tensor, temperature: float) -> Tensor:
+        z = torch.matmul(h.to(w.dtype), w.t()).float()  # [c, V]
+        return z.div_(temperature) if temperature != 1.0 else z
+
+    @staticmethod
+    def backward(ctx, g_logp: Tensor, g_ent: Tensor):
+        h, weight, targets, lse, ent = ctx.saved_tensors
+        t = ctx.temperature
+        w = weight.detach().to(torch.bfloat16 if ctx.bf16 else torch.float32)  # [V, H]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32) if need_w else None
+        use_ent = ctx.with_entropy and g_ent is not None and bool(g_ent.abs().sum() > 0)
+        for s in range(0, h.shape[0], HeadLogProbs.CHUNK):
+            e = min(h.shape[0], s + HeadLogProbs.CHUNK)
+            logp_all = HeadLogProbs._logits(h[s:e], w, t).sub_(lse[s:e, None])  # [c, V] log p
+            p = logp_all.exp()  # [c, V]
+            if use_ent:
+                # dH/dz = -p (log p + H); logp_all becomes the combined gradient's -p factor
+                gz = logp_all.add_(ent[s:e, None]).mul_(p).mul_(-g_ent[s:e, None])
+                gz.sub_(p * g_logp[s:e, None])
+            else:
+                gz = p.mul_(-g_logp[s:e, None])  # -p * g
+            rows = torch.arange(e - s)
+            gz[rows, targets[s:e]] += g_logp[s:e]  # + onehot(y) * g
+            if t != 1.0:
+                gz.div_(t)
+            gz = gz.to(w.dtype)  # [c, V]
+            if need_h:
+                grad_h[s:e] = torch.matmul(gz, w).to(h.dtype)  # [c, H]
+            if need_w:
+                grad_w += torch.matmul(gz.t(), h[s:e].to(w.dtype)).float()  # [V, H]
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
 def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:

@@ -80,7 +80,7 @@ def lr_schedule(warmup_steps: int, total_steps: int, schedule: str = "cosine", m
 def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
     """AdamW with linear warmup then cosine decay to 10% of ``lr``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(warmup_steps, total_steps))
 
 

@@ -55,7 +55,7 @@ class Critic:
                  vf_clip: float | None = 0.2, max_grad_norm: float = 1.0, bf16: bool = False):
         self.model = value_model
         self.optimizer = torch.optim.AdamW(value_model.parameters(), lr=lr, betas=tuple(betas),
-                                           weight_decay=weight_decay)
+                                           weight_decay=weight_decay, fused=True)
         self.vf_clip, self.max_grad_norm, self.bf16 = vf_clip, max_grad_norm, bf16
 
     @classmethod
