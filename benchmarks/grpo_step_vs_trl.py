@@ -97,7 +97,7 @@ def run_thinkrl(steps: int, max_new: int) -> tuple[list[float], dict]:
     cfg = build_config(overrides=[f"max_steps={steps}", f"rollout.max_new_tokens={max_new}",
                                   "rollout.temperature=1.0", "algo.kl_coef=0.04", "optim.micro_batch_size=16",
                                   "progress=false"])
-    p = build_parts(cfg, cfg.model)
+    p = build_parts(cfg)
     times, last = [], {}
     for step in range(1, steps + 1):
         t0 = time.perf_counter()

@@ -118,3 +118,43 @@ def test_split_grouped_micro_batches_keeps_groups_whole():
     mbs = split_grouped_micro_batches(prompts, comps, groups=[0, 2], group_size=2, size=2, pad_id=0)
     # one group per micro-batch (size // G = 1); sorted by prompt + longest completion: g0 (4) < g2 (6)
     assert [mb.index.tolist() for mb in mbs] == [[0, 1], [4, 5]]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_logps_and_gradients(tiny, lora):
+    """Checkpointed layers drop the KV cache in training mode, so a grouped micro-batch runs its
+    full rows instead; log-probs and gradients match the grouped pass without checkpointing (fp32).
+    With LoRA (B made non-zero) the trainable parameters are the adapters."""
+    import copy
+
+    from thinkrl.config import LoraConfig
+    from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing
+
+    model, _ = tiny
+    plain, ckpt = model, copy.deepcopy(model)
+    enable_gradient_checkpointing(ckpt)
+    if lora:
+        plain, ckpt = apply_lora(plain, LoraConfig(enabled=True)), apply_lora(ckpt, LoraConfig(enabled=True))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+                if "lora_" in name:
+                    b.copy_(a.copy_(torch.randn(a.shape, generator=g) * 0.3))
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    comps = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11], [12, 13]]
+    mb = make_grouped_micro_batch(prompts, comps, list(range(6)), group_size=3, pad_id=0)
+    attn0 = (ckpt.get_base_model() if lora else ckpt).model.layers[0].self_attn  # called inside the checkpoint
+    calls = []
+    attn0.register_forward_hook(lambda *_: calls.append(1))
+    results = []
+    for m in (plain.train(), ckpt.train()):
+        logp, _ = token_logps(m, mb)  # [6, 4]
+        (logp * torch.arange(1.0, 5.0)).sum().backward()  # unequal weights per position
+        results.append((logp.detach(), {n: q.grad for n, q in m.named_parameters() if q.requires_grad}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert ga.keys() == gb.keys() and all(("lora_" in n) == lora for n in ga)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-5, rtol=1e-4)
+    assert any(g.abs().max() > 1e-3 for g in ga.values())  # not a comparison of zeros
+    assert len(calls) == 2  # one full-row forward, recomputed once in backward: checkpointing was on

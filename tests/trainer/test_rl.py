@@ -8,7 +8,7 @@ from thinkrl.algorithms import ADVANTAGES, POLICY_LOSSES, AdvantageInput, aggreg
 from thinkrl.config import Config
 from thinkrl.rollout import Rollout
 from thinkrl.trainer.batch import make_micro_batch, token_logps
-from thinkrl.trainer.rl import Parts, lr_lambda, policy_update
+from thinkrl.trainer.rl import Parts, Reference, lr_lambda, policy_update
 
 # Two prompts x two samples; completion lengths 3, 1, 4, 2 (T = 4).
 PROMPTS = [[72, 105, 33], [72, 105, 33], [49, 43, 49, 61], [49, 43, 49, 61]]
@@ -33,7 +33,8 @@ def make_parts(model, tok, optimizer=None, ref_model=None, **algo):
         setattr(cfg.algo, k, v)
     opt = optimizer(model.parameters()) if optimizer else torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    return Parts(cfg, model, ref_model, tok, None, None, None, opt, sched, False)
+    ref = Reference(ref_model) if ref_model is not None else None
+    return Parts(cfg, model, ref, tok, None, None, None, opt, sched, False)
 
 
 def weights(model):
@@ -111,3 +112,25 @@ def test_lr_schedules_hand_worked():
     assert [f(2), f(6), f(10)] == pytest.approx([1.0, 0.55, 0.1], abs=1e-12)
     cfg.optim.schedule, cfg.optim.warmup_steps = "constant", 0
     assert lr_lambda(cfg, total=10)(7) == 1.0
+
+
+def test_policy_update_with_gradient_checkpointing_matches(tiny):
+    """One SGD step (lr = 1, no clipping) with optim.gradient_checkpointing's layers moves the
+    weights exactly as without it, to fp32 rounding, and reports the same loss."""
+    from thinkrl.trainer.common import enable_gradient_checkpointing
+
+    model, tok = tiny
+    other = copy.deepcopy(model)
+    enable_gradient_checkpointing(other)
+    adv = ADVANTAGES.get("grpo")(AdvantageInput(torch.tensor([1.0, 0.0, 0.0, 1.0]), GROUPS, MASK)).adv
+    out = []
+    for m in (model, other):
+        before = weights(m)
+        parts = make_parts(m, tok, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), max_grad_norm=1e9)
+        metrics = policy_update(parts, rollout(), adv, MASK)
+        out.append((metrics, {k: before[k] - q.detach() for k, q in m.named_parameters()}))
+    (m1, d1), (m2, d2) = out
+    assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6) and m1["trained_seqs"] == 4
+    for k in d1:
+        torch.testing.assert_close(d1[k], d2[k], atol=1e-5, rtol=0)
+    assert any(d.abs().max() > 1e-3 for d in d1.values())

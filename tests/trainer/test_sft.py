@@ -76,3 +76,26 @@ def test_kd_kl_is_zero_for_equal_distributions_and_hand_value():
     assert kl.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
 
 
+
+
+def test_sft_loss_and_gradients_with_gradient_checkpointing_match(tiny):
+    """sft's gradient_checkpointing=true recomputes activations in backward: same loss and gradients."""
+    import copy
+
+    from thinkrl.trainer.common import enable_gradient_checkpointing
+
+    model, tok = tiny
+    other = copy.deepcopy(model)
+    enable_gradient_checkpointing(other)
+    rows = [{"prompt": "What is 2+2?", "completion": "<think> ok </think> <answer> 4 </answer>"},
+            {"prompt": "Hi", "completion": "hello"}]
+    batch = collate(encode_sft_rows(rows, tok, TaskConfig(template="plain"), max_len=256), tok.pad_token_id)
+    out = []
+    for m in (model.train(), other.train()):
+        loss, _ = batch_loss(m, batch, bf16=False)
+        loss.backward()
+        out.append((loss.item(), {n: q.grad for n, q in m.named_parameters()}))
+    (l1, g1), (l2, g2) = out
+    assert l1 == pytest.approx(l2, abs=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4)

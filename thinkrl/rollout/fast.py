@@ -55,6 +55,21 @@ def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def _effective_weight(module) -> Tensor:
+    """The weight [out, in] that ``module`` applies, detached. For a peft LoRA layer that is
+    the base weight plus the delta (alpha / r) B A of each active adapter, unless the
+    adapters are disabled or already merged into the base weight (which then holds them)."""
+    if not hasattr(module, "get_delta_weight"):  # a plain nn.Linear / nn.Embedding
+        return module.weight.detach()
+    w = module.get_base_layer().weight.detach()
+    if module.merged or module.disable_adapters:
+        return w
+    for name in module.active_adapters:
+        if name in module.lora_A or name in getattr(module, "lora_embedding_A", {}):
+            w = w + module.get_delta_weight(name).detach()
+    return w
+
+
 class FastEngine:
     def __init__(self, model, tokenizer, *, batch_size: int = 64, bf16: bool = True,
                  stop_strings: tuple[str, ...] = ()):
@@ -90,26 +105,29 @@ class FastEngine:
         return 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
 
     def sync(self) -> None:
-        """Copy the trained model's current weights into the engine's fused low-precision copy."""
-        m = self.model
+        """Copy the trained model's current weights into the engine's fused low-precision copy.
+
+        A peft (LoRA) model contributes its effective weights W + (alpha / r) B A, so the
+        engine samples from the policy being trained, not from its frozen base."""
+        m = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         inner = getattr(m, m.base_model_prefix)
         dt = self.dtype
+        W = _effective_weight
         with torch.no_grad():
-            self.embed = inner.embed_tokens.weight.detach().to(dt)  # [V, H]
-            self.head = m.get_output_embeddings().weight.detach().to(dt)  # [V, H]
+            self.embed = W(inner.embed_tokens).to(dt)  # [V, H]
+            self.head = W(m.get_output_embeddings()).to(dt)  # [V, H]
             self.ln_final = inner.norm.weight.detach().float()
             self.layers = []
             for layer in inner.layers:
                 at, mlp = layer.self_attn, layer.mlp
-                wqkv = torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]).to(dt)
+                wqkv = torch.cat([W(at.q_proj), W(at.k_proj), W(at.v_proj)]).to(dt)
                 b = None
                 if at.q_proj.bias is not None:
                     b = torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]).to(dt)
                 self.layers.append(_Layer(
-                    ln_in=layer.input_layernorm.weight.detach().float(), wqkv=wqkv.detach(), bqkv=b,
-                    wo=at.o_proj.weight.detach().to(dt), ln_post=layer.post_attention_layernorm.weight.detach().float(),
-                    wgu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().to(dt),
-                    wd=mlp.down_proj.weight.detach().to(dt)))
+                    ln_in=layer.input_layernorm.weight.detach().float(), wqkv=wqkv, bqkv=b,
+                    wo=W(at.o_proj).to(dt), ln_post=layer.post_attention_layernorm.weight.detach().float(),
+                    wgu=torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]).to(dt), wd=W(mlp.down_proj).to(dt)))
 
     # -- the forward pass ------------------------------------------------------------------
 

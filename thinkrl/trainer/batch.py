@@ -14,7 +14,9 @@ the prompt is run once per group and its keys/values are repeated G times
 (``DynamicCache.batch_repeat_interleave``). Gradients flow back through the
 repeat into the one prompt pass, so the result is the same as running every
 row in full, at 1/G of the prompt cost. With a long system prompt and few-shot
-turns, the prompt is most of the tokens.
+turns, the prompt is most of the tokens. Under activation checkpointing
+(``optim.gradient_checkpointing``) the layers refuse a cache in training mode, so
+grouped micro-batches then run their full rows instead: same result, full prompt cost.
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ def split_micro_batches(prompts: list[list[int]], completions: list[list[int]], 
 
 
 def _backbone_and_head(model):
+    """The decoder stack and the LM head of a causal LM. A peft (LoRA) model is unwrapped
+    first: its adapters live inside the base model's linears, so they still apply."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     inner = getattr(model, model.base_model_prefix, None)
     head = model.get_output_embeddings()
     if inner is None or head is None:
@@ -108,8 +114,9 @@ def completion_hidden(inner, mb: MicroBatch) -> Tensor:
     state s_t before token t (the policy's logits and the critic's values both read them)."""
     P = mb.prompt_len
     T = mb.mask.shape[1]
-    if mb.prompt_ids is not None and mb.group_size > 1:
+    if mb.prompt_ids is not None and mb.group_size > 1 and not _drops_cache(inner):
         return _grouped_hidden(inner, mb)  # [b, T, H]
+    # Full rows: a grouped micro-batch holds them too (input_ids repeat each prompt G times).
     positions = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, P+T]; left padding shifts them
     return inner(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                  position_ids=positions).last_hidden_state[:, P - 1: P - 1 + T]  # [b, T, H]
@@ -209,6 +216,13 @@ class HeadLogProbs(torch.autograd.Function):
             if need_w:
                 grad_w += torch.matmul(gz.t(), h[s:e].to(w.dtype)).float()  # [V, H]
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def _drops_cache(inner) -> bool:
+    """True when the decoder layers would ignore a KV cache: transformers' checkpointed layers
+    drop ``past_key_values`` in training mode (a recompute must not write the cache twice),
+    which would leave the grouped path's completions blind to their prompt."""
+    return inner.training and any(getattr(m, "gradient_checkpointing", False) for m in inner.modules())
 
 
 def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:

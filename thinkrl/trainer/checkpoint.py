@@ -2,6 +2,12 @@
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash
 mid-write never leaves a half checkpoint where a whole one is expected.
+
+With LoRA the folder still holds a plain model (the adapter merged into a copy), so
+``from_pretrained`` and ``thinkrl eval`` load it as any other; the adapter itself goes
+to ``adapter/`` (peft's format), which is what a resumed run loads on top of the
+untouched base weights: resuming from the merged weights would shift the base, and
+with it the KL reference.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from thinkrl.config import ConfigError
 from thinkrl.models import save_model
+from thinkrl.trainer.common import is_lora, merged_copy
 
 STATE_FILE = "trainer_state.pt"
+ADAPTER_DIR = "adapter"  # LoRA runs: peft's adapter_config.json + adapter_model.safetensors
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -34,7 +43,9 @@ def save_checkpoint(path: Path, model, tokenizer, state: dict) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
+    save_model(merged_copy(model), tokenizer, tmp)
+    if is_lora(model):
+        model.save_pretrained(tmp / ADAPTER_DIR)
     torch.save(state, tmp / STATE_FILE)
     if path.exists():
         old = path.with_name(path.name + ".old")
@@ -74,3 +85,23 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 def load_state(path: Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, weights_only=False)
+
+
+def has_adapter(path: Path) -> bool:
+    return (Path(path) / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+
+
+def load_adapter(model, path: Path) -> None:
+    """Load the LoRA weights saved in ``path/adapter/`` into the peft-wrapped ``model``
+    (same targets and rank), bit for bit."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    where = Path(path) / ADAPTER_DIR
+    try:
+        result = set_peft_model_state_dict(model, load_file(where / "adapter_model.safetensors"))
+    except RuntimeError as e:  # a shape mismatch: another rank
+        raise ConfigError(f"the LoRA adapter in {where} does not fit lora.*: {str(e).splitlines()[0]}") from None
+    if result.unexpected_keys:
+        raise ConfigError(f"the LoRA adapter in {where} does not fit lora.target_modules: it has "
+                          f"{result.unexpected_keys[:2]}; resume with the run's own lora.* settings")

@@ -1,26 +1,19 @@
-"""Pieces shared by the SFT, DPO and sampling commands: config building, LoRA,
-batch collation and the optimizer, on top of thinkrl.config's schema helpers."""
+"""Pieces shared by the RL, SFT, DPO and sampling commands: config building, LoRA,
+activation checkpointing, batch collation and the optimizer, on top of thinkrl.config's
+schema helpers."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 
 import torch
 
-from thinkrl.config import ConfigError
+from thinkrl.config import ConfigError, LoraConfig
 from thinkrl.data import IGNORE, length_buckets
-
-
-@dataclass
-class LoraConfig:
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 def need(cond: bool, msg: str) -> None:
@@ -41,13 +34,43 @@ def apply_lora(model, lora: LoraConfig):
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in lora.target_modules if t not in names]
     need(not missing, f"lora.target_modules {missing} are not modules of this model")
-    return get_peft_model(model, PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    config = PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing for a user to change
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def is_lora(model) -> bool:
+    """True for a model wrapped by :func:`apply_lora` (a ``peft.PeftModel``)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def unwrap_lora(model):
-    """Fold LoRA weights into the base model, so the saved folder is a plain HF model."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    """Fold LoRA weights into the base model, so the saved folder is a plain HF model.
+    In place: ``model`` is unusable as a LoRA model afterwards (see :func:`merged_copy`)."""
+    return model.merge_and_unload() if is_lora(model) else model
+
+
+def merged_copy(model):
+    """A plain HF model with the LoRA weights folded in, leaving ``model`` and its adapter
+    untouched (merging in place and unmerging would round the base weights: W + D - D != W
+    in floating point, and the base is also the KL reference). Costs one copy of the weights
+    while it lives; a model without LoRA is returned as is."""
+    return copy.deepcopy(model).merge_and_unload() if is_lora(model) else model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Activation checkpointing on every decoder layer, non-reentrant (which needs no input
+    that requires grad, so it also works when only LoRA weights train). Call it on the HF
+    model before :func:`apply_lora`."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def collate(encoded: list, pad_id: int) -> dict[str, torch.Tensor]:

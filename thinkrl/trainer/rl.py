@@ -11,6 +11,7 @@ PPO, whose critic lives in :mod:`thinkrl.trainer.critic`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -32,7 +33,7 @@ from thinkrl.sampling import Groups, build_sampler, collect_groups
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import drop_long_prompts, render_prompt
 from thinkrl.trainer import checkpoint as ckpt
-from thinkrl.trainer.common import lr_schedule
+from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
@@ -46,7 +47,7 @@ class Parts:
 
     cfg: Config
     model: object
-    ref_model: object | None
+    ref: Reference | None  # pi_ref of the KL term; None when algo.kl_coef = 0
     tok: object
     task: object
     rewards: RewardModel
@@ -57,6 +58,31 @@ class Parts:
     sampler: object = None  # thinkrl.sampling: which prompts each step draws
     critic: Critic | None = None  # gae only
     baseline: MovingAverage | None = None  # reinforce's moving-average reward baseline, when configured
+
+
+class Reference:
+    """The reference policy pi_ref of the KL penalty: the initial weights, frozen.
+
+    Without LoRA that is a second model, loaded from ``cfg.model``. With LoRA the base
+    weights never train, so pi_ref is the policy itself with its adapter switched off
+    (``peft``'s ``disable_adapter``): no second copy of the weights in memory, and the
+    same log-probs bit for bit as a freshly loaded base model.
+    """
+
+    def __init__(self, model, adapter_off: bool = False):
+        self.model, self.adapter_off = model, adapter_off
+
+    @classmethod
+    def for_policy(cls, policy, cfg: Config) -> Reference:
+        if is_lora(policy):
+            return cls(policy, adapter_off=True)
+        ref, _ = load_model(cfg.model)
+        return cls(ref.eval().requires_grad_(False))
+
+    def logps(self, p: Parts, mbs, N: int, T: int) -> torch.Tensor:
+        """log pi_ref of every row in ``mbs``: [N, T], without gradients."""
+        with self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext():
+            return _logps_of(self.model, mbs, N, T, p)
 
 
 def use_bf16(dtype: str) -> bool:
@@ -207,9 +233,9 @@ def advantage_inputs(p: Parts, mbs, N: int, T: int) -> dict:
     """Per-token tensors [N, T] that the estimator needs before any update: the sampling
     policy's and the reference's log-probs when the KL goes in the reward, the critic's values."""
     out = {}
-    if p.ref_model is not None and kl_in_for(p.cfg.algo.advantage, p.cfg.algo.kl_in) == "reward":
+    if p.ref is not None and kl_in_for(p.cfg.algo.advantage, p.cfg.algo.kl_in) == "reward":
         out["old_logp"] = _logps_of(p.model, mbs, N, T, p)
-        out["ref_logp"] = _logps_of(p.ref_model, mbs, N, T, p)
+        out["ref_logp"] = p.ref.logps(p, mbs, N, T)
     if p.critic is not None:
         out["values"] = p.critic.values(mbs, N, T)
     return out
@@ -223,7 +249,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     N, T = adv.shape
     G = cfg.rollout.group_size
     agg = loss_agg_for(a.advantage, a.loss, a.loss_agg)
-    kl_in_loss = p.ref_model is not None and kl_in_for(a.advantage, a.kl_in) == "loss"
+    kl_in_loss = p.ref is not None and kl_in_for(a.advantage, a.kl_in) == "loss"
     # A group whose advantages are all zero adds nothing to an advantage-weighted loss; unless a
     # KL or entropy term or the loss itself needs it, it is skipped outright (the normalisers
     # below still count it, so the loss is unchanged).
@@ -241,7 +267,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     old_logp = (fixed or {}).get("old_logp")
     if old_logp is None and a.num_iterations > 1:
         old_logp = _logps_of(p.model, mbs, N, T, p)
-    ref_logp = _logps_of(p.ref_model, mbs, N, T, p) if kl_in_loss else None
+    ref_logp = p.ref.logps(p, mbs, N, T) if kl_in_loss else None
 
     sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0}
     loss_metrics: dict[str, float] = {}
@@ -292,28 +318,46 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
 # The run
 
 
-def build_parts(cfg: Config, model_path: str) -> Parts:
+def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
+    """Build the policy, reference, engine, optimizer and the rest; ``resume_from`` is a
+    step checkpoint whose weights the policy starts from (its trainer state is loaded by
+    the caller)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bf16 = use_bf16(cfg.dtype)
     task = build_task(cfg.task)
-    model, tok = load_model(model_path)
+    model, tok = load_policy(cfg, resume_from)
     drop_long_prompts(task, tok, cfg.task)
-    ref_model = None
-    if cfg.algo.kl_coef > 0:  # beta = 0 loads no reference model
-        ref_model, _ = load_model(cfg.model)
-        ref_model.eval().requires_grad_(False)
-    if getattr(model.config, "use_cache", None) is not None:
-        model.config.use_cache = False  # training forward passes keep no KV cache
+    ref = Reference.for_policy(model, cfg) if cfg.algo.kl_coef > 0 else None  # beta = 0: no reference
     engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    trainable = [q for q in model.parameters() if q.requires_grad]  # with LoRA: the adapters only
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay, fused=True)  # one pass per tensor, ~8x faster on CPU
     total = cfg.max_steps * cfg.algo.num_iterations
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     critic = Critic.from_config(cfg, bf16) if cfg.algo.advantage in USES_VALUES else None
     baseline = MovingAverage(cfg.algo.baseline_decay) if cfg.algo.baseline_decay is not None else None
-    return Parts(cfg, model, ref_model, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt,
+    return Parts(cfg, model, ref, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt,
                  sched, bf16, sampler=build_sampler(task, cfg), critic=critic, baseline=baseline)
+
+
+def load_policy(cfg: Config, resume_from: Path | None = None):
+    """The policy to train and its tokenizer. Full fine-tuning starts from ``resume_from``'s
+    weights when resuming. LoRA always starts from ``cfg.model`` (the frozen base, which is
+    also the KL reference) and, when resuming, loads the adapter saved in the checkpoint."""
+    lora = cfg.lora.enabled
+    if resume_from is not None and lora != ckpt.has_adapter(resume_from):
+        raise ConfigError(f"{resume_from} was trained {'without' if lora else 'with'} LoRA: resume it with "
+                          f"lora.enabled={'false' if lora else 'true'} (and the same lora.* settings)")
+    model, tok = load_model(str(resume_from) if resume_from is not None and not lora else cfg.model)
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = False  # training forward passes keep no KV cache
+    if cfg.optim.gradient_checkpointing:
+        enable_gradient_checkpointing(model)  # before peft wraps the model
+    model = apply_lora(model, cfg.lora)
+    if lora and resume_from is not None:
+        ckpt.load_adapter(model, resume_from)
+    return model, tok
 
 
 def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
@@ -338,10 +382,10 @@ def train(cfg: Config) -> dict:
     if cfg.resume and resume_from is None and (out / "final").is_dir():
         raise ConfigError(f"{out} has a finished run (final/) and no step checkpoint to resume from")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     seed_everything(cfg.seed)
 
-    p = build_parts(cfg, str(resume_from) if resume_from else cfg.model)
+    p = build_parts(cfg, resume_from)
+    save_config(cfg, out / "config.yaml")  # after build_parts: a resume that cannot start leaves the run as it was
     start = 0
     if resume_from is not None:
         state = ckpt.load_state(resume_from)

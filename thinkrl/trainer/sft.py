@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from thinkrl.config import ConfigError, TaskConfig
+from thinkrl.config import ConfigError, TaskConfig, validate_lora
 from thinkrl.data import IGNORE, encode_sft_rows, read_rows
 from thinkrl.models import load_model, save_model
 from thinkrl.rollout import autocast
 from thinkrl.trainer.batch import _backbone_and_head
-from thinkrl.trainer.common import (LoraConfig, apply_lora, bucketed_steps, collate, make_optimizer, need,
-                                   optimizer_step, unwrap_lora)
+from thinkrl.trainer.common import (LoraConfig, apply_lora, bucketed_steps, collate, enable_gradient_checkpointing,
+                                   make_optimizer, need, optimizer_step, unwrap_lora)
 from thinkrl.trainer.logs import JsonlWriter
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class SFTConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more time
     seed: int = 0
     dtype: str = "auto"  # auto | bf16 | fp32
     progress: bool = True
@@ -58,6 +59,7 @@ class SFTConfig:
         need(self.lr > 0, "lr must be > 0")
         need(0 <= self.kd_coef <= 1, "kd_coef must be in [0, 1]")
         need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
+        validate_lora(self.lora)
 
 
 def sft_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
@@ -80,8 +82,7 @@ def target_logits(model, batch: dict, bf16: bool) -> tuple[Tensor, Tensor]:
 
     Running the LM head on target positions alone saves most of the vocabulary
     projection when prompts are long."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers live inside
-    inner, head = _backbone_and_head(base)
+    inner, head = _backbone_and_head(model)  # unwraps LoRA: its layers live inside the base model
     with autocast(bf16):
         hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]  # [B, L-1]
@@ -135,6 +136,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     data = encode_sft_rows(rows, tok, cfg.task, cfg.max_len, source=cfg.data)
     teacher = load_teacher(cfg.kd_teacher, tok) if cfg.kd_teacher else None
     model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model = apply_lora(model, cfg.lora)
     lengths = [len(e.input_ids) for e in data]
     per_epoch = -(-len(data) // cfg.batch_size)
