@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from thinkrl.config import ConfigError
+from thinkrl.perf import tune_allocator
 
 USAGE = __doc__
 
@@ -227,6 +228,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    tune_allocator()
     parser = argparse.ArgumentParser(prog="thinkrl", description=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS))

@@ -160,7 +160,7 @@ class HeadLogProbs(torch.autograd.Function):
     autocast), the softmax algebra in fp32.
     """
 
-    CHUNK = 1024
+    CHUNK = 128  # positions per chunk: [128, V] fp32 logits stay under glibc's 32 MB mmap limit
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, temperature: float, bf16: bool,
@@ -193,11 +193,11 @@ class HeadLogProbs(torch.autograd.Function):
         t = ctx.temperature
         w = weight.detach().to(torch.bfloat16 if ctx.bf16 else torch.float32)  # [V, H]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32) if need_w else None
+        n = h.shape[0]
+        gz_all = torch.empty(n, w.shape[0], dtype=w.dtype)  # [n, V] d loss / d logits, filled chunk by chunk
         use_ent = ctx.with_entropy and g_ent is not None and bool(g_ent.abs().sum() > 0)
-        for s in range(0, h.shape[0], HeadLogProbs.CHUNK):
-            e = min(h.shape[0], s + HeadLogProbs.CHUNK)
+        for s in range(0, n, HeadLogProbs.CHUNK):
+            e = min(n, s + HeadLogProbs.CHUNK)
             logp_all = HeadLogProbs._logits(h[s:e], w, t).sub_(lse[s:e, None])  # [c, V] log p
             p = logp_all.exp()  # [c, V]
             if use_ent:
@@ -206,16 +206,15 @@ class HeadLogProbs(torch.autograd.Function):
                 gz.sub_(p * g_logp[s:e, None])
             else:
                 gz = p.mul_(-g_logp[s:e, None])  # -p * g
-            rows = torch.arange(e - s)
-            gz[rows, targets[s:e]] += g_logp[s:e]  # + onehot(y) * g
+            gz[torch.arange(e - s), targets[s:e]] += g_logp[s:e]  # + onehot(y) * g
             if t != 1.0:
                 gz.div_(t)
-            gz = gz.to(w.dtype)  # [c, V]
-            if need_h:
-                grad_h[s:e] = torch.matmul(gz, w).to(h.dtype)  # [c, H]
-            if need_w:
-                grad_w += torch.matmul(gz.t(), h[s:e].to(w.dtype)).float()  # [V, H]
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+            gz_all[s:e] = gz
+        # One matmul each over all chunks: per-chunk [V, H] partial sums would be large
+        # temporaries, and summing them into fp32 costs more than the products.
+        grad_h = torch.matmul(gz_all, w).to(h.dtype) if need_h else None  # [n, H]
+        grad_w = torch.matmul(gz_all.t(), h.to(w.dtype)).to(weight.dtype) if need_w else None  # [V, H]
+        return grad_h, grad_w, None, None, None, None
 
 
 def _drops_cache(inner) -> bool:
