@@ -164,3 +164,23 @@ def test_lora_policy_greedy_fp32_tokens_equal_hf_generate(lively):
     assert ref.completion_ids != base_ids  # the adapter changes the greedy text: a real check
     assert got.completion_ids == ref.completion_ids
     assert not any(getattr(m, "merged", False) for m in policy.modules())
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_score_equals_the_training_forward(lively, grouped):
+    """FastEngine.score (used for the frozen KL reference) gives token_logps' values in fp32,
+    for plain and prompt-once grouped micro-batches, with ragged prompts and completions."""
+    from thinkrl.trainer.batch import make_grouped_micro_batch
+
+    model, tok = lively
+    prompts = [tok(chat(tok, q), add_special_tokens=False).input_ids for q in PROMPTS[:2]]
+    comps = [[40, 41, 42, 43, 44], [50], [60, 61, 62], [70, 71]]  # 2 per prompt, lengths 5, 1, 3, 2
+    if grouped:
+        mb = make_grouped_micro_batch(prompts, comps, [0, 1, 2, 3], 2, tok.pad_token_id)
+    else:
+        mb = make_micro_batch([prompts[i // 2] for i in range(4)], comps, [0, 1, 2, 3], tok.pad_token_id)
+    with torch.no_grad():
+        want, _ = token_logps(model, mb, temperature=0.8)
+    got = FastEngine(model, tok, bf16=False).freeze().score(mb, temperature=0.8)
+    assert want.abs().sum() > 0 and (want[1, 1:] == 0).all()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -104,6 +104,13 @@ class FastEngine:
             raise ConfigError(f"rollout.backend=fast: RoPE scaling '{kind}' is not implemented; use backend=hf")
         return 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
 
+    def freeze(self) -> FastEngine:
+        """Copy the weights once and let go of the model (for a model that never trains, such
+        as the KL reference: only the engine's low-precision copy stays in memory)."""
+        self.sync()
+        self.model = None
+        return self
+
     def sync(self) -> None:
         """Copy the trained model's current weights into the engine's fused low-precision copy.
 
@@ -143,8 +150,9 @@ class FastEngine:
         return x * cos + rot * sin
 
     def _forward(self, ids: Tensor, pos: Tensor, kv: list[tuple[Tensor, Tensor]], start: int,
-                 attn_mask: Tensor) -> Tensor:
-        """Run ``ids`` [b, s] at cache slots start..start+s-1; returns last-position logits [b, V] fp32.
+                 attn_mask: Tensor, all_hidden: bool = False) -> Tensor:
+        """Run ``ids`` [b, s] at cache slots start..start+s-1; returns last-position logits [b, V] fp32,
+        or with ``all_hidden`` the final-norm hidden states of every position [b, s, H].
 
         attn_mask: [b, 1, s, start+s] bool, True where a query may attend a key slot.
         """
@@ -170,6 +178,8 @@ class FastEngine:
             h = _rms(x, L.ln_post, self.eps).to(dt)
             g, u = F.linear(h, L.wgu).chunk(2, -1)  # [b, s, I] each
             x = x + F.linear(F.silu(g) * u, L.wd).float()
+        if all_hidden:
+            return _rms(x, self.ln_final, self.eps).to(dt)  # [b, s, H]
         last = _rms(x[:, -1], self.ln_final, self.eps).to(dt)  # [b, H]
         return F.linear(last, self.head).float()  # [b, V]
 
@@ -180,6 +190,8 @@ class FastEngine:
         (For a single query the fused SDPA kernel spends most of its time on set-up.)"""
         b, nh, _, hd = q.shape
         nkv = k.shape[1]
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape).masked_fill_(~bias, float("-inf"))
         qg = q.reshape(b, nkv, nh // nkv, hd)  # query head h uses key head h // (nh / nkv)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * hd ** -0.5 + bias  # [b, nkv, nh/nkv, L]
         probs = torch.softmax(scores, -1).to(v.dtype)
@@ -226,8 +238,54 @@ class FastEngine:
     # -- the public API --------------------------------------------------------------------
 
     @torch.inference_mode()
+    def score(self, mb, temperature: float = 1.0) -> Tensor:
+        """Log-probs [b, T] (zero on padding) of a trainer micro-batch's completion tokens
+        (:class:`thinkrl.trainer.batch.MicroBatch`) under the engine's current weights, with
+        no autograd: each prompt is prefilled once, its keys/values repeated for its G
+        completions, and all completion tokens run in one forward pass. What the trainer's
+        ``token_logps`` computes, in bf16 with fused weights; used for frozen models
+        (the KL reference), whose weights are synced once."""
+        from thinkrl.trainer.batch import HeadLogProbs
+
+        P, T = mb.prompt_len, mb.mask.shape[1]
+        grouped = mb.prompt_ids is not None and mb.group_size > 1
+        G = mb.group_size if grouped else 1
+        p_ids = mb.prompt_ids if grouped else mb.input_ids[:, :P]  # [g, P] left-padded
+        p_mask = (mb.prompt_mask if grouped else mb.attention_mask[:, :P]).bool()  # [g, P]
+        c_ids, c_mask = mb.input_ids[:, P:], mb.mask.bool()  # [b, T] right-padded
+        g, b = p_ids.shape[0], c_ids.shape[0]
+        valid = torch.zeros(g, P + T, dtype=torch.bool)  # key slots holding real tokens
+        valid[:, :P] = p_mask
+        pos = (p_mask.long().cumsum(-1) - 1).clamp(min=0)  # [g, P]
+        kv = [(torch.zeros(g, self.nkv, P + T, self.hd, dtype=self.dtype),
+               torch.zeros(g, self.nkv, P + T, self.hd, dtype=self.dtype)) for _ in self.layers]
+        mask = (torch.ones(P, P, dtype=torch.bool).tril()[None] & p_mask[:, None, :])[:, None]  # [g, 1, P, P]
+        last = self._forward(p_ids, pos, kv, 0, mask | torch.eye(P, dtype=torch.bool)[None, None])  # [g, V]
+        rep = torch.arange(g).repeat_interleave(G)  # [b]
+        out = torch.zeros(b, T)
+        first = torch.log_softmax(last[rep] / temperature, -1).gather(-1, c_ids[:, :1]).squeeze(-1)  # [b]
+        out[:, 0] = first * c_mask[:, 0]
+        if T == 1:
+            return out
+        kv = [(k[rep], v[rep]) for k, v in kv]
+        valid = valid[rep]
+        valid[:, P:] = c_mask
+        # Query i (completion position i, predicting token i+1) sees the prompt and tokens 0..i.
+        causal = torch.ones(T - 1, T - 1, dtype=torch.bool).tril()  # [T-1, T-1]
+        keys = torch.cat([valid[:, None, :P].expand(b, T - 1, P), causal[None] & c_mask[:, None, : T - 1]], -1)
+        start = p_mask.sum(-1)[rep, None]  # [b, 1] true prompt lengths
+        h = self._forward(c_ids[:, : T - 1], start + torch.arange(T - 1)[None], kv, P, keys[:, None],
+                          all_hidden=True)  # [b, T-1, H]
+        keep = c_mask[:, 1:]  # [b, T-1] positions whose next token is real
+        lp, _ = HeadLogProbs.apply(h[keep], self.head, c_ids[:, 1:][keep], temperature,
+                                   self.dtype == torch.bfloat16, False)  # [n]
+        out[:, 1:] = out[:, 1:].masked_scatter(keep, lp)
+        return out
+
+    @torch.inference_mode()
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> Rollout:
-        self.sync()
+        if self.model is not None:  # a frozen engine keeps the weights it copied
+            self.sync()
         ids = [self.tok(p, add_special_tokens=False).input_ids for p in prompts]
         per_chunk = max(1, self.batch_size // n)  # prompts per chunk, so a chunk holds ~batch_size rows
         comps: list[list[int]] = []

@@ -35,6 +35,7 @@ from thinkrl.tasks.templates import drop_long_prompts, render_prompt
 from thinkrl.trainer import checkpoint as ckpt
 from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule
 from thinkrl.perf import tune_allocator
+from thinkrl.rollout.fast import SUPPORTED as FAST_SUPPORTED, FastEngine
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
@@ -70,18 +71,27 @@ class Reference:
     same log-probs bit for bit as a freshly loaded base model.
     """
 
-    def __init__(self, model, adapter_off: bool = False):
-        self.model, self.adapter_off = model, adapter_off
+    def __init__(self, model=None, adapter_off: bool = False, scorer=None):
+        self.model, self.adapter_off, self.scorer = model, adapter_off, scorer
 
     @classmethod
-    def for_policy(cls, policy, cfg: Config) -> Reference:
+    def for_policy(cls, policy, tok, cfg: Config, bf16: bool) -> Reference:
         if is_lora(policy):
             return cls(policy, adapter_off=True)
         ref, _ = load_model(cfg.model)
+        if cfg.rollout.backend == "fast" and ref.config.model_type in FAST_SUPPORTED:
+            # The reference never changes: keep only the fast engine's fused bf16 copy of it and
+            # score with that (no autograd, each prompt run once per group).
+            return cls(scorer=FastEngine(ref, tok, bf16=bf16).freeze())
         return cls(ref.eval().requires_grad_(False))
 
     def logps(self, p: Parts, mbs, N: int, T: int) -> torch.Tensor:
         """log pi_ref of every row in ``mbs``: [N, T], without gradients."""
+        if self.scorer is not None:
+            out = torch.zeros(N, T)
+            for mb in mbs:
+                out[mb.index, : mb.mask.shape[1]] = self.scorer.score(mb, p.cfg.rollout.temperature)
+            return out
         with self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext():
             return _logps_of(self.model, mbs, N, T, p)
 
@@ -330,7 +340,7 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     task = build_task(cfg.task)
     model, tok = load_policy(cfg, resume_from)
     drop_long_prompts(task, tok, cfg.task)
-    ref = Reference.for_policy(model, cfg) if cfg.algo.kl_coef > 0 else None  # beta = 0: no reference
+    ref = Reference.for_policy(model, tok, cfg, bf16) if cfg.algo.kl_coef > 0 else None  # beta = 0: no reference
     engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16)
     trainable = [q for q in model.parameters() if q.requires_grad]  # with LoRA: the adapters only
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
