@@ -10,6 +10,9 @@ TRL is not a thinkrl dependency; install it for this benchmark only:
     pip install torch==2.13.0 trl==1.16.0
     python benchmarks/grpo_step_vs_trl.py [--steps 3]
 
+It also measures the machine's bf16 and fp32 matmul rates and prints how far thinkrl's
+rollout and training stages sit from the bf16 limit, and each side's peak memory.
+
 Each side runs ``--steps`` steps in its own process (so each one's peak memory is its
 own); the first step is a warm-up and is not counted.
 """
@@ -103,7 +106,42 @@ def run_thinkrl(steps: int, max_new: int) -> tuple[list[float], dict]:
         t0 = time.perf_counter()
         last, _ = rl_step(p, step)
         times.append(time.perf_counter() - t0)
+    from thinkrl.tasks.templates import render_prompt
+
+    prompts = [render_prompt(ex.question, p.tok, cfg.task)[0] for ex in p.task.eval[:8]]
+    last["prompt_len_mean"] = statistics.mean(len(p.tok(x).input_ids) for x in prompts)
+    c = p.model.config
+    last["params_body"] = sum(q.numel() for n, q in p.model.named_parameters() if "embed" not in n)  # no head (tied)
+    last["params_head"] = c.vocab_size * c.hidden_size
     return times, last
+
+
+def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) -> float:
+    """Measured GFLOP/s of an [m, k] x [k, n] matmul in ``dtype``."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    torch.mm(a, b)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        reps += 1
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def roofline(last: dict, bf16_rate: float) -> None:
+    """How far each stage of the last thinkrl step sits from the bf16 matmul limit. FLOPs
+    count the matmuls only (2 per multiply-add; backward = 2x forward; attention left out,
+    under 5% at these lengths): rollout = prompts once + every generated token; training =
+    policy forward+backward + reference forward over prompts once per group + completions."""
+    G, N = 8, last["generated_seqs"]
+    P, L = last["prompt_len_mean"], last["response_len_mean"]
+    body, head = last["params_body"], last["params_head"]
+    tokens = (N / G) * P + N * L  # prompt once per group, completions per row
+    rollout = 2 * body * tokens + 2 * head * (N * L)
+    train = 4 * (2 * body * tokens + 2 * head * N * L)  # policy fwd + bwd (3x) and reference fwd (1x)
+    for name, flops, secs in (("rollout", rollout, last["time_generate"]), ("training", train, last["time_train"])):
+        limit = flops / (bf16_rate * 1e9)
+        print(f"  {name:>8}: {flops / 1e12:.2f} TFLOP -> {limit:.1f} s at the bf16 matmul rate; measured "
+              f"{secs:.1f} s = {secs / limit:.1f}x the limit ({flops / secs / 1e9:.0f} GFLOP/s achieved)")
 
 
 def peak_rss_gb() -> float:
@@ -128,6 +166,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.side == "thinkrl":
         times, last = run_thinkrl(args.steps, args.max_new)
+        last["bf16_gflops"] = matmul_rate(torch.bfloat16, 2048, 2048, 2048)
+        last["fp32_gflops"] = matmul_rate(torch.float32, 2048, 2048, 2048)
+        last["bf16_gflops_decode"] = matmul_rate(torch.bfloat16, 64, 576, 1536)
         print(json.dumps({"times": times, "last": last, "peak_rss_gb": peak_rss_gb()}))
         return
     if args.side == "trl":
@@ -141,6 +182,9 @@ def main() -> None:
     print(f"thinkrl: step times {[round(t, 1) for t in ours['times']]} s -> {ours_mean:.1f} s/step "
           f"(last step: generate {last['time_generate']:.1f} s, train {last['time_train']:.1f} s, "
           f"mean length {last['response_len_mean']:.0f}); peak RSS {ours['peak_rss_gb']:.2f} GB", flush=True)
+    print(f"machine: bf16 matmul {last['bf16_gflops']:.0f} GFLOP/s, fp32 {last['fp32_gflops']:.0f} GFLOP/s "
+          f"(2048^3); bf16 at a decode shape (64x576 @ 576x1536) {last['bf16_gflops_decode']:.0f} GFLOP/s")
+    roofline(last, last["bf16_gflops"])
     if args.skip_trl:
         return
     trl = side("trl", args.steps, args.max_new)

@@ -170,7 +170,7 @@ class FastEngine:
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v.view(b, s, nkv, hd).transpose(1, 2)
             if s == 1:
-                a = self._decode_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask)  # [b, nh, 1, hd]
+                a = self._decode_attention(q, kc, vc, attn_mask)  # [b, nh, 1, hd]
             else:
                 a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
                                                    enable_gqa=nkv != nh)  # [b, nh, s, hd]
@@ -184,18 +184,27 @@ class FastEngine:
         return F.linear(last, self.head).float()  # [b, V]
 
     def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """Attention of one new token per row: q [b, nh, 1, hd], k/v [b, nkv, L, hd],
-        bias [b, 1, 1, L] additive (0 or -inf). The nh / nkv query heads that share a key head
-        are stacked as rows of one small matmul, so keys are read once per key head.
-        (For a single query the fused SDPA kernel spends most of its time on set-up.)"""
+        """Attention of one new token per row: q [b, nh, 1, hd] against the whole cache k/v
+        [b, nkv, L, hd]; bias [b, 1, 1, L'] (L' <= L) additive (0 or -inf) or bool (True =
+        visible), slots past L' are not visible. The nh / nkv query heads that share a key
+        head are stacked as rows of one small matmul, so keys are read once per key head.
+        (For a single query the fused SDPA kernel spends most of its time on set-up, and a
+        matmul on a slice of the cache copies the slice first: reading the whole contiguous
+        cache, unwritten slots masked, is ~2x faster.)"""
         b, nh, _, hd = q.shape
-        nkv = k.shape[1]
+        nkv, L = k.shape[1], k.shape[2]
         if bias.dtype == torch.bool:
             bias = torch.zeros(bias.shape).masked_fill_(~bias, float("-inf"))
-        qg = q.reshape(b, nkv, nh // nkv, hd)  # query head h uses key head h // (nh / nkv)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * hd ** -0.5 + bias  # [b, nkv, nh/nkv, L]
-        probs = torch.softmax(scores, -1).to(v.dtype)
-        return torch.matmul(probs, v).reshape(b, nh, 1, hd)  # [b, nh, 1, hd]
+        if bias.shape[-1] < L:
+            bias = F.pad(bias, (0, L - bias.shape[-1]), value=float("-inf"))
+        rep = nh // nkv
+        # [b, nkv, L, hd] slices of the cache merge (b, nkv) into one batch dim as views, so the
+        # two bmm calls read the cache in place (a 4-D matmul on the slice would copy it first).
+        k3, v3 = k.reshape(b * nkv, L, hd), v.reshape(b * nkv, L, hd)
+        qg = q.reshape(b * nkv, rep, hd)  # query head h uses key head h // rep
+        scores = torch.bmm(qg, k3.transpose(1, 2)).view(b, nkv, rep, L).float() * hd ** -0.5 + bias
+        probs = torch.softmax(scores, -1).to(v.dtype).view(b * nkv, rep, L)
+        return torch.bmm(probs, v3).view(b, nh, 1, hd)  # [b, nh, 1, hd]
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -348,8 +357,8 @@ class FastEngine:
                 kv = [(k[keep], v[keep]) for k, v in kv]
             slot = P + t
             valid[:, slot] = True
-            step_mask = torch.zeros(valid.shape[0], 1, 1, slot + 1).masked_fill_(
-                ~valid[:, None, None, : slot + 1], float("-inf"))  # [b, 1, 1, slot+1] additive
+            step_mask = torch.zeros(valid.shape[0], 1, 1, maxlen).masked_fill_(
+                ~valid[:, None, None, :], float("-inf"))  # [b, 1, 1, maxlen] additive; future slots masked
             logits = self._forward(tok[:, None], next_pos[:, None], kv, slot, step_mask)
             next_pos = next_pos + 1
         return out, out_lp
