@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from thinkrl.rollout import autocast
@@ -225,19 +226,50 @@ def _drops_cache(inner) -> bool:
 
 
 def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
-    """Hidden states that predict each completion token, running each prompt once."""
+    """Hidden states that predict each completion token, running each prompt once.
+
+    The completions then run in (at most) two length buckets, each against its rows' copy
+    of the prompt keys/values: one long sample in a group would otherwise pad all G rows
+    of the micro-batch to its length (RL completions are mostly short with a long tail)."""
+    from transformers import DynamicCache
+
     G, P = mb.group_size, mb.prompt_len
     p_pos = (mb.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [g, P]
     out = inner(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=p_pos, use_cache=True)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)  # keys/values [g, ...] -> [g*G, ...], differentiable
-    last = out.last_hidden_state[:, -1:].repeat_interleave(G, 0)  # [g*G, 1, H] predicts token 0
-    c_ids = mb.input_ids[:, P:]  # [g*G, T]
-    T = c_ids.shape[1]
-    start = mb.prompt_mask.sum(-1).repeat_interleave(G)[:, None]  # [g*G, 1] true prompt lengths
-    c_pos = start + torch.arange(T)[None, :]  # [g*G, T]
+    prompt_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [g, nkv, P, hd] each
+    b, T = mb.mask.shape
+    group = torch.arange(b) // G  # [b] the prompt of each row
+    last = out.last_hidden_state[:, -1][group]  # [b, H] predicts token 0
     if T == 1:
-        return last
-    rest = inner(input_ids=c_ids[:, :-1], attention_mask=mb.attention_mask[:, :-1], position_ids=c_pos[:, :-1],
-                 past_key_values=cache, use_cache=True).last_hidden_state  # [g*G, T-1, H]
-    return torch.cat([last, rest], 1)  # [g*G, T, H]
+        return last[:, None]
+    c_ids = mb.input_ids[:, P:]  # [b, T]
+    start = mb.prompt_mask.sum(-1)[group]  # [b] true prompt lengths
+    hidden = last.new_zeros(b, T, last.shape[-1])  # [b, T, H]
+    for rows in _length_buckets(mb.mask.sum(-1).long()):
+        Tk = max(int(mb.mask[rows].sum(-1).max()), 1)
+        h = last[rows][:, None]  # [bk, 1, H]
+        if Tk > 1:
+            cache = DynamicCache()
+            for i, (k, v) in enumerate(prompt_kv):
+                cache.update(k[group[rows]], v[group[rows]], i)  # differentiable copy per row
+            attn = torch.cat([mb.prompt_mask[group[rows]], mb.attention_mask[rows, P: P + Tk - 1]], 1)
+            pos = start[rows, None] + torch.arange(Tk - 1)[None]  # [bk, Tk-1]
+            rest = inner(input_ids=c_ids[rows, : Tk - 1], attention_mask=attn, position_ids=pos,
+                         past_key_values=cache, use_cache=True).last_hidden_state  # [bk, Tk-1, H]
+            h = torch.cat([h, rest], 1)  # [bk, Tk, H]
+        hidden = hidden.index_put((rows,), F.pad(h, (0, 0, 0, T - Tk)))
+    return hidden
+
+
+def _length_buckets(lengths: Tensor) -> list[Tensor]:
+    """Split rows into one or two buckets by length, choosing the split that minimises the
+    padded area sum(bucket rows x bucket max length)."""
+    order = torch.argsort(lengths, stable=True)
+    ls = lengths[order].tolist()
+    n = len(ls)
+    best, cut = n * ls[-1], n
+    for k in range(1, n):
+        area = k * ls[k - 1] + (n - k) * ls[-1]
+        if area < best:
+            best, cut = area, k
+    return [order[:cut], order[cut:]] if cut < n else [order]
