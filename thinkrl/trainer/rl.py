@@ -463,6 +463,8 @@ def train(cfg: Config) -> dict:
             log.warning("interrupted: saved checkpoints/step-%d; continue with resume=true", done)
         raise
     bar.close()
+    results["train_minutes"] = (time.monotonic() - t_start) / 60
+    log.info("training loop: steps %d-%d in %.2f min", start + 1, step, results["train_minutes"])
     save(step, out / "final")  # step < max_steps when max_minutes stopped the run
     if cfg.eval.after:
         results["after"] = _run_eval(p, step, "after", out)
