@@ -10,11 +10,12 @@ column earlier. Only those T columns go through the LM head, so prompt tokens
 cost no vocabulary projection.
 
 Grouped micro-batches go further: the G completions of one prompt share it, so
-the prompt is run once per group and its keys/values are repeated G times
-(``DynamicCache.batch_repeat_interleave``). Gradients flow back through the
-repeat into the one prompt pass, so the result is the same as running every
-row in full, at 1/G of the prompt cost. With a long system prompt and few-shot
-turns, the prompt is most of the tokens. Under activation checkpointing
+the prompt is run once per group and its keys/values are copied to each of its
+rows (an index, so gradients flow back through the copies into the one prompt
+pass): the result is the same as running every row in full, at 1/G of the prompt
+cost (with a long system prompt and few-shot turns, the prompt is most of the
+tokens). The completions run in two length buckets, so one long sample does not
+pad the others. Under activation checkpointing
 (``optim.gradient_checkpointing``) the layers refuse a cache in training mode, so
 grouped micro-batches then run their full rows instead: same result, full prompt cost.
 """
