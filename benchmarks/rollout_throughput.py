@@ -10,7 +10,8 @@ Same model, same prompts (the default task's chat prompts), same sampling settin
 
 HF ``generate`` runs twice: under bf16 autocast on the fp32 model (thinkrl's ``hf``
 backend) and on a copy of the model cast to bf16 (HF's fastest plain CPU setting). Ratios
-are taken against the faster of the two. Then, on the natural rollout, the engine's
+are taken against the faster of the two. The engine also runs once without its oneDNN
+prepacked weights (``thinkrl_fast_unpacked``) to show what the prepacking buys. Then, on the natural rollout, the engine's
 sampled-token log-probs are compared with the training forward pass (bf16 autocast and
 fp32), the correctness check the trainer relies on.
 
@@ -75,7 +76,9 @@ def main() -> None:
     prompts = [render_prompt(ex.question, tok, cfg.task)[0] for ex in examples]
     B = args.prompts * args.n
     engines = {"hf_generate_autocast": HFEngine(model, tok, batch_size=B, bf16=bf16),
-               "thinkrl_fast": FastEngine(model, tok, batch_size=B, bf16=bf16)}
+               "thinkrl_fast": FastEngine(model, tok, batch_size=B, bf16=bf16),
+               # the same engine with plain F.linear instead of oneDNN prepacked weights
+               "thinkrl_fast_unpacked": FastEngine(model, tok, batch_size=B, bf16=bf16, prepack=False)}
     if bf16:
         engines["hf_generate_bf16_model"] = HFEngine(copy.deepcopy(model).to(torch.bfloat16), tok, batch_size=B)
     print(f"model={args.model} bf16={bf16} sequences={B} max_new_tokens={args.max_new} "

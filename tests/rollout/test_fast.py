@@ -67,6 +67,22 @@ def test_bf16_logps_stay_close_to_fp32(tiny_pair):
     assert 0 < gap < 0.05  # bf16 keeps 8 bits of mantissa: log-prob errors of a few hundredths
 
 
+def test_prepacked_bf16_weights_give_the_same_tokens_and_logps(lively):
+    """The oneDNN prepacked linears compute what F.linear computes on the same bf16 weights."""
+    model, tok = lively
+    prompts = [chat(tok, q) for q in PROMPTS]
+    packed, plain = FastEngine(model, tok, bf16=True), FastEngine(model, tok, bf16=True, prepack=False)
+    assert packed.prepack and not plain.prepack
+    outs = []
+    for eng in (packed, plain):
+        torch.manual_seed(3)
+        outs.append(eng.generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0)))
+    assert packed.layers[0].packed is not None and plain.layers[0].packed is None
+    assert outs[0].completion_ids == outs[1].completion_ids
+    for a, b in zip(outs[0].logps, outs[1].logps):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=2e-2)
+
+
 def test_samples_follow_the_softmax(lively):
     """First-token frequencies over 6000 draws match softmax(logits / T) (inverse-CDF sampling)."""
     model, tok = lively

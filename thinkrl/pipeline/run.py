@@ -6,7 +6,7 @@ reasoning RL, rejection sampling + SFT, and a final RL stage; R1-Zero is RL alon
 Kimi k1.5's long2short (Kimi Team 2025, section 2.4) is shortest-correct sampling,
 SFT or DPO on the result, and weight merging. See ``configs/pipelines/``.
 
-A stage is a mapping with ``name``, ``kind`` (sft | rl | sample | dpo | merge) and
+A stage is a mapping with ``name``, ``kind`` (sft | rl | sample | dpo | merge | traces) and
 that kind's config keys. ``model`` (and ``data``, ``models``) may name an earlier
 stage, ``base`` (the pipeline's model) or a path; by default a stage takes the
 latest model and the latest data. A finished stage leaves ``stage.json`` in its
@@ -25,13 +25,15 @@ from pathlib import Path
 from thinkrl.config import Config, ConfigError, TaskConfig, build_config
 from thinkrl.pipeline.merge import MergeConfig, run_merge
 from thinkrl.pipeline.sample import SampleConfig, run_sample
+from thinkrl.pipeline.traces import TracesConfig, write_traces
 from thinkrl.trainer.common import need, to_dict
 from thinkrl.trainer.dpo import DPOConfig, train_dpo
 from thinkrl.trainer.sft import SFTConfig, train_sft
 
 log = logging.getLogger(__name__)
 
-KINDS = {"sft": SFTConfig, "rl": Config, "sample": SampleConfig, "dpo": DPOConfig, "merge": MergeConfig}
+KINDS = {"sft": SFTConfig, "rl": Config, "sample": SampleConfig, "dpo": DPOConfig, "merge": MergeConfig,
+         "traces": TracesConfig}
 PLACEHOLDER = "<from an earlier stage>"
 
 
@@ -78,7 +80,9 @@ def stage_config(cfg: PipelineConfig, st: dict, folder: Path, latest: dict, outp
     kind, name = st["kind"], st["name"]
     keys = {k: v for k, v in st.items() if k not in ("name", "kind")}
     base: dict = {"task": to_dict(cfg.task), "dtype": cfg.dtype, "seed": cfg.seed}
-    if kind == "merge":
+    if kind == "traces":
+        base = {"task": to_dict(cfg.task), "seed": cfg.seed, "output": str(folder / "data.jsonl")}
+    elif kind == "merge":
         base = {"models": [_pick(m, None, outputs, "model", name) for m in keys.pop("models", [])],
                 "output_dir": str(folder)}
     else:
@@ -112,6 +116,8 @@ def run_stage(kind: str, scfg, folder: Path) -> dict:
         return {"model": str(train_dpo(scfg))}
     if kind == "merge":
         return {"model": str(run_merge(scfg))}
+    if kind == "traces":
+        return {"data": scfg.output, "trace_stats": write_traces(scfg)}
     if kind == "sample":
         stats = run_sample(scfg)
         if stats["rows"] == 0:
