@@ -200,3 +200,18 @@ def test_score_equals_the_training_forward(lively, grouped):
     got = FastEngine(model, tok, bf16=False).freeze().score(mb, temperature=0.8)
     assert want.abs().sum() > 0 and (want[1, 1:] == 0).all()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_sampling_logps_on_a_wide_logit_range_equal_log_softmax():
+    """Logits spanning 400 nats (the exp argument is clamped at -80 for speed): the sampled
+    tokens' log-probs still equal log_softmax, greedy and sampled, and -inf stays impossible."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 5000, generator=g) * 100
+    logits[:, 7] = float("-inf")
+    ref = torch.log_softmax(logits, -1)
+    for temp in (0.0, 1.0):
+        torch.manual_seed(1)
+        tok, lp = FastEngine._sample(logits.clone(), SamplingParams(temperature=temp))
+        assert (tok != 7).all()
+        assert torch.allclose(lp, ref.gather(-1, tok[:, None]).squeeze(-1), atol=1e-4)
+    assert torch.equal(FastEngine._sample(logits.clone(), SamplingParams(temperature=0.0))[0], logits.argmax(-1))
