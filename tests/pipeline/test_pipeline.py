@@ -215,3 +215,34 @@ def test_shipped_recipe_runs_tiny_and_resumes(recipe, taught, tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/stage.json")}
     assert main(["pipeline", str(path)]) == 0  # every stage done: all skipped, nothing rewritten
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/stage.json")} == stamps
+
+
+def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tmp_path):
+    """Packing rows end to end (block-diagonal mask, positions restarting per row) changes
+    neither the SFT loss nor its gradients, and it removes the padding."""
+    from thinkrl.config import TaskConfig
+    from thinkrl.data import IGNORE, encode_sft_rows
+    from thinkrl.models import load_model
+    from thinkrl.trainer.common import collate, pack
+    from thinkrl.trainer.sft import batch_loss
+
+    model, tok = load_model("tiny-random")
+    task = TaskConfig(template="plain")
+    rows = [{"prompt": q, "completion": c} for q, c in
+            [("1 + 1", SHORT), ("12 - 7 + 3", LONG), ("0 + 2", WRONG), ("a much longer question " * 3, LONG)]]
+    enc = encode_sft_rows(rows, tok, task, max_len=128)
+    padded, packed = collate(enc, tok.pad_token_id), pack(enc, 128, tok.pad_token_id)
+    total = sum(len(e.input_ids) for e in enc)
+    assert packed["input_ids"].shape[0] < 4 and packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert int((packed["labels"] != IGNORE).sum()) == int((padded["labels"] != IGNORE).sum())
+    assert packed["input_ids"].numel() >= total
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss, m = batch_loss(model, batch, bf16=False)
+        loss.backward()
+        grads.append((float(loss.detach()), m["targets"], [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert grads[0][1] == grads[1][1]
+    assert abs(grads[0][0] - grads[1][0]) < 1e-5
+    for a, b in zip(grads[0][2], grads[1][2]):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -83,6 +83,43 @@ def collate(encoded: list, pad_id: int) -> dict[str, torch.Tensor]:
             "attention_mask": torch.tensor(attn)}  # [B, L]
 
 
+def pack(encoded: list, max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack rows end to end into as few sequences of at most ``max_len`` tokens as the
+    first-fit-decreasing rule finds, instead of padding each to the longest.
+
+    Each row sees only itself: ``attention_mask`` is a 4-D additive mask [S, 1, W, W],
+    block-diagonal and causal, and ``position_ids`` restart at 0 for each row, so the loss
+    and gradients equal those of the padded batch (tested). A row's first token is never a
+    target (it has no predecessor in its own row)."""
+    bins: list[list] = []
+    for e in sorted(encoded, key=lambda e: -len(e.input_ids)):
+        fit = next((b for b in bins if sum(len(x.input_ids) for x in b) + len(e.input_ids) <= max_len), None)
+        if fit is None:
+            bins.append([e])
+        else:
+            fit.append(e)
+    width = max(sum(len(x.input_ids) for x in b) for b in bins)
+    ids = torch.full((len(bins), width), pad_id)
+    labels = torch.full((len(bins), width), IGNORE)
+    pos = torch.zeros(len(bins), width, dtype=torch.long)
+    seg = torch.full((len(bins), width), -1)  # which row of the bin a slot holds; -1: padding
+    for i, b in enumerate(bins):
+        at = 0
+        for j, e in enumerate(b):
+            n = len(e.input_ids)
+            ids[i, at:at + n] = torch.tensor(e.input_ids)
+            labels[i, at:at + n] = torch.tensor(e.labels)
+            labels[i, at] = IGNORE
+            pos[i, at:at + n] = torch.arange(n)
+            seg[i, at:at + n] = j
+            at += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    # Padding slots attend to themselves only (a fully masked row would give NaN).
+    visible = (causal & (seg[:, :, None] == seg[:, None, :])) | torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask[:, None]}
+
+
 def lr_schedule(warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.1):
     """LR multiplier per optimizer step: linear warm-up, then constant, linear or cosine
     decay to ``min_ratio`` at ``total_steps``. Shared by the RL, SFT and DPO trainers."""

@@ -24,7 +24,7 @@ from thinkrl.models import load_model, save_model
 from thinkrl.rollout import autocast
 from thinkrl.trainer.batch import _backbone_and_head
 from thinkrl.trainer.common import (LoraConfig, apply_lora, bucketed_steps, collate, enable_gradient_checkpointing,
-                                   make_optimizer, need, optimizer_step, unwrap_lora)
+                                   make_optimizer, need, optimizer_step, pack, unwrap_lora)
 from thinkrl.trainer.logs import JsonlWriter
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class SFTConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more time
+    packing: bool = False  # a step's rows packed into sequences of <= max_len tokens (block-diagonal attention)
     seed: int = 0
     dtype: str = "auto"  # auto | bf16 | fp32
     progress: bool = True
@@ -84,7 +85,8 @@ def target_logits(model, batch: dict, bf16: bool) -> tuple[Tensor, Tensor]:
     projection when prompts are long."""
     inner, head = _backbone_and_head(model)  # unwraps LoRA: its layers live inside the base model
     with autocast(bf16):
-        hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch.get("position_ids")).last_hidden_state
         targets = batch["labels"][:, 1:]  # [B, L-1]
         keep = targets != IGNORE  # [B, L-1]
         logits = head(hidden[:, :-1][keep])  # [n, V]
@@ -147,7 +149,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     log.info("sft: %d rows, %d steps of %d rows", len(data), total, cfg.batch_size)
     model.train()
     for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
-        batch = collate([data[i] for i in idx], tok.pad_token_id)
+        rows_ = [data[i] for i in idx]
+        batch = pack(rows_, cfg.max_len, tok.pad_token_id) if cfg.packing else collate(rows_, tok.pad_token_id)
         loss, m = batch_loss(model, batch, bf16, teacher, cfg.kd_coef)
         gn = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
         metrics_log.write({"step": step, "epoch": epoch, "loss": float(loss.detach()), **m,
