@@ -63,6 +63,10 @@ def test_sample_keeps_verified_shortest_and_pairs(taught):
     for r in rows(d / "pairs.jsonl"):
         assert "<answer> 2 </answer>" in r["chosen"]
         assert r["rejected_tokens"] > r["chosen_tokens"] or "<answer> 2 </answer>" not in r["rejected"]
+    # One pass for both: the pairs written alongside the shortest rows equal a separate pairs run.
+    assert main(["sample", *common, "mode=shortest", f"output={d / 'both.jsonl'}",
+                 f"pairs_output={d / 'both_pairs.jsonl'}"]) == 0
+    assert rows(d / "both.jsonl") == short and rows(d / "both_pairs.jsonl") == rows(d / "pairs.jsonl")
 
 
 def test_readability_filters():

@@ -8,8 +8,9 @@ SFT or DPO on the result, and weight merging. See ``configs/pipelines/``.
 
 A stage is a mapping with ``name``, ``kind`` (sft | rl | sample | dpo | merge | traces) and
 that kind's config keys. ``model`` (and ``data``, ``models``) may name an earlier
-stage, ``base`` (the pipeline's model) or a path; by default a stage takes the
-latest model and the latest data. A finished stage leaves ``stage.json`` in its
+stage, ``base`` (the pipeline's model) or a path; ``data: STAGE:pairs`` names the
+preference pairs a sample stage with ``with_pairs: true`` wrote from the same samples.
+By default a stage takes the latest model and the latest data. A finished stage leaves ``stage.json`` in its
 folder and is skipped on a re-run; an RL stage interrupted mid-way resumes from its
 last checkpoint.
 """
@@ -68,6 +69,11 @@ def _pick(ref, latest: str | None, outputs: dict, key: str, stage: str) -> str:
             raise ConfigError(f"stage '{stage}' has no {key}: give {key}=PATH or put a stage that makes one before it")
         return latest
     ref = str(ref)
+    if ref.endswith(":pairs") and ref[: -len(":pairs")] in outputs:  # the pairs a sample stage wrote alongside
+        stage_ = ref[: -len(":pairs")]
+        if not outputs[stage_].get("pairs"):
+            raise ConfigError(f"stage '{stage}': stage '{stage_}' wrote no pairs (give it with_pairs: true)")
+        return outputs[stage_]["pairs"]
     if ref in outputs:
         if outputs[ref].get(key) is None:
             raise ConfigError(f"stage '{stage}': stage '{ref}' produced no {key}")
@@ -91,6 +97,8 @@ def stage_config(cfg: PipelineConfig, st: dict, folder: Path, latest: dict, outp
         base.update(data=_pick(keys.pop("data", None), latest["data"], outputs, "data", name), output_dir=str(folder))
     elif kind == "sample":
         base["output"] = str(folder / "data.jsonl")
+        if keys.pop("with_pairs", False):
+            base["pairs_output"] = str(folder / "pairs.jsonl")
     elif kind == "rl":
         base.update(output_dir=str(folder), resume=(folder / "checkpoints").is_dir())
     layered = copy.deepcopy(base)
@@ -122,7 +130,7 @@ def run_stage(kind: str, scfg, folder: Path) -> dict:
         stats = run_sample(scfg)
         if stats["rows"] == 0:
             raise ConfigError(f"sample stage kept no rows ({stats['reasons']}); sample more prompts or relax filters")
-        return {"data": scfg.output, "sample_stats": stats}
+        return {"data": scfg.output, "sample_stats": stats, **({"pairs": scfg.pairs_output} if scfg.pairs_output else {})}
     from thinkrl.trainer.rl import train
 
     train(scfg)

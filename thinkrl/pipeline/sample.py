@@ -12,6 +12,7 @@ The source is a local model, or a teacher behind an OpenAI-compatible endpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import unicodedata
@@ -52,6 +53,7 @@ class SampleConfig:
     require_format: bool = True  # <think>...</think> <answer>...</answer> exactly
     max_foreign_script: float = 0.05  # share of letters outside the dominant script (mixed-language filter)
     dedup: bool = True
+    pairs_output: str = ""  # also write mode=pairs rows built from the same samples here (no second pass)
     format: str = "auto"  # auto (messages for the chat template) | messages | prompt_completion
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -175,7 +177,8 @@ def run_sample(cfg: SampleConfig) -> dict:
     model, tok = load_model(cfg.model)
     texts, lens, trunc = generate(cfg, examples, tok, model)
     scorer = RewardModel({"accuracy": 1.0, "format": 1.0})
-    rows, reasons = [], Counter()
+    rows, reasons, pair_rows = [], Counter(), []
+    as_pairs = dataclasses.replace(cfg, mode="pairs")
     all_lens, kept_lens, n_correct = [], [], 0
     for ex, t, ln, tr in zip(examples, texts, lens, trunc):
         _, parts = scorer.score(t, [ex] * len(t))
@@ -187,11 +190,17 @@ def run_sample(cfg: SampleConfig) -> dict:
         new = select(ex.question, ex.answer, samples, cfg)
         kept_lens += [r.get("tokens", r.get("chosen_tokens")) for r in new]
         rows += new
+        if cfg.pairs_output:
+            pair_rows += select(ex.question, ex.answer, samples, as_pairs)
     write_rows(cfg.output, rows)
+    if cfg.pairs_output:
+        write_rows(cfg.pairs_output, pair_rows)
     stats = {"prompts": len(examples), "samples": len(all_lens), "rows": len(rows), "mode": cfg.mode,
              "sample_accuracy": n_correct / max(1, len(all_lens)), "reasons": dict(reasons),
              "sample_len_mean": sum(all_lens) / max(1, len(all_lens)),
              "kept_len_mean": sum(kept_lens) / len(kept_lens) if kept_lens else None}
+    if cfg.pairs_output:
+        stats["pairs"] = len(pair_rows)
     Path(cfg.output).with_suffix(".stats.json").write_text(json.dumps(stats, indent=2))
     log.info("sample: %d prompts x %d -> %d rows (%s)", len(examples), cfg.n, len(rows), dict(reasons))
     return stats
