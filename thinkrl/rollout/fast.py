@@ -63,8 +63,9 @@ def _search(cdf: Tensor) -> Tensor:
 
 def _unnormalised_probs(shifted: Tensor) -> Tensor:
     """``exp(shifted)`` for logits shifted so their maximum is 0, with every argument below
-    -80 raised to -80. The exp kernel is ~30x slower on arguments whose result underflows
-    (a real vocabulary has many logits 90+ nats below the top); a token at -80 has
+    -80 raised to -80. The exp kernel is ~30x slower on arguments whose result underflows,
+    which a sharp or low-temperature distribution over a large vocabulary has in numbers
+    (docs/speed.md); a token at -80 has
     probability below 2e-35, so the change to any probability is below 1e-30 relative.
     -inf (banned) entries become e^-80 too: callers zero them where they must be 0."""
     return shifted.clamp(min=-80.0).exp_()
@@ -112,8 +113,8 @@ class FastEngine:
         self._rope_inv_freq = self._inv_freq(cfg)
         self._version = None
         # bf16 weights reordered once per sync into oneDNN's blocked layout: at the decode
-        # shapes (64 rows x 576 -> 1536, 49152, ...) that runs 1.5-2x faster than F.linear,
-        # which reorders the weight inside every call (benchmarks/rollout_throughput.py).
+        # shapes (64 rows x 576 -> 1536, 49152, ...) that runs 1.2-2.6x faster than F.linear,
+        # which reorders the weight inside every call (benchmarks/decode_matmul.py).
         self.prepack = prepack and bf16 and torch.backends.mkldnn.is_available() and \
             hasattr(torch.ops.mkldnn, "_linear_pointwise")
         self.head_packed = None
