@@ -63,9 +63,9 @@ def _search(cdf: Tensor) -> Tensor:
 
 def _unnormalised_probs(shifted: Tensor) -> Tensor:
     """``exp(shifted)`` for logits shifted so their maximum is 0, with every argument below
-    -80 raised to -80. The exp kernel is ~30x slower on arguments whose result underflows,
+    -80 raised to -80. The exp kernel is ~40x slower on arguments whose result underflows,
     which a sharp or low-temperature distribution over a large vocabulary has in numbers
-    (docs/speed.md); a token at -80 has
+    (benchmarks/decode_small_ops.py); a token at -80 has
     probability below 2e-35, so the change to any probability is below 1e-30 relative.
     -inf (banned) entries become e^-80 too: callers zero them where they must be 0."""
     return shifted.clamp(min=-80.0).exp_()
