@@ -11,18 +11,12 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
+from decode_matmul import seconds  # the benchmarks folder is on sys.path when run as a script
 
 
-def ms(fn, reps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1e3
+def ms(fn) -> float:
+    return seconds(fn, reps=30) * 1e3
 
 
 def main() -> None:

@@ -69,8 +69,8 @@ def _pick(ref, latest: str | None, outputs: dict, key: str, stage: str) -> str:
             raise ConfigError(f"stage '{stage}' has no {key}: give {key}=PATH or put a stage that makes one before it")
         return latest
     ref = str(ref)
-    if ref.endswith(":pairs") and ref[: -len(":pairs")] in outputs:  # the pairs a sample stage wrote alongside
-        stage_ = ref[: -len(":pairs")]
+    stage_ = ref.removesuffix(":pairs")
+    if stage_ != ref and stage_ in outputs:  # the pairs a sample stage wrote alongside its data
         if not outputs[stage_].get("pairs"):
             raise ConfigError(f"stage '{stage}': stage '{stage_}' wrote no pairs (give it with_pairs: true)")
         return outputs[stage_]["pairs"]
@@ -86,8 +86,9 @@ def stage_config(cfg: PipelineConfig, st: dict, folder: Path, latest: dict, outp
     kind, name = st["kind"], st["name"]
     keys = {k: v for k, v in st.items() if k not in ("name", "kind")}
     base: dict = {"task": to_dict(cfg.task), "dtype": cfg.dtype, "seed": cfg.seed}
-    if kind == "traces":
-        base = {"task": to_dict(cfg.task), "seed": cfg.seed, "output": str(folder / "data.jsonl")}
+    if kind == "traces":  # no model: the task and seed only
+        del base["dtype"]
+        base["output"] = str(folder / "data.jsonl")
     elif kind == "merge":
         base = {"models": [_pick(m, None, outputs, "model", name) for m in keys.pop("models", [])],
                 "output_dir": str(folder)}

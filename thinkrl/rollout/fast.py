@@ -165,8 +165,8 @@ class FastEngine:
             self._prepack()
 
     def _prepack(self) -> None:
-        """Reorder the bf16 weights for oneDNN (a private torch op: checked against F.linear on
-        first use, and switched off for good with a warning if it is missing or disagrees)."""
+        """Reorder the bf16 weights for oneDNN (a private torch op: checked against F.linear at
+        every sync, and switched off for good with a warning if it is missing or disagrees)."""
         self.head_packed = None
         if not self.prepack:
             return

@@ -92,13 +92,16 @@ def pack(encoded: list, max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     and gradients equal those of the padded batch (tested). A row's first token is never a
     target (it has no predecessor in its own row)."""
     bins: list[list] = []
+    used: list[int] = []  # tokens already in each bin
     for e in sorted(encoded, key=lambda e: -len(e.input_ids)):
-        fit = next((b for b in bins if sum(len(x.input_ids) for x in b) + len(e.input_ids) <= max_len), None)
-        if fit is None:
-            bins.append([e])
-        else:
-            fit.append(e)
-    width = max(sum(len(x.input_ids) for x in b) for b in bins)
+        n = len(e.input_ids)
+        i = next((i for i, u in enumerate(used) if u + n <= max_len), len(bins))
+        if i == len(bins):
+            bins.append([])
+            used.append(0)
+        bins[i].append(e)
+        used[i] += n
+    width = max(used)
     ids = torch.full((len(bins), width), pad_id)
     labels = torch.full((len(bins), width), IGNORE)
     pos = torch.zeros(len(bins), width, dtype=torch.long)
