@@ -13,7 +13,10 @@ backend) and on a copy of the model cast to bf16 (HF's fastest plain CPU setting
 are taken against the faster of the two. The engine also runs once without its oneDNN
 prepacked weights (``thinkrl_fast_unpacked``) to show what the prepacking buys. Then, on the natural rollout, the engine's
 sampled-token log-probs are compared with the training forward pass (bf16 autocast and
-fp32), the correctness check the trainer relies on.
+fp32), the correctness check the trainer relies on. Last, the floor no engine can go under
+on this machine: the time of one decode step's linear layers alone (every layer's four
+matmuls and the LM head, 64 rows, bf16, the engine's own prepacked weights), which gives
+the highest tokens/s any exact bf16 engine could reach, and that as a ratio to HF.
 
     python benchmarks/rollout_throughput.py [--model smollm2-135m] [--prompts 8] [--n 8] [--max-new 128]
 """
@@ -59,6 +62,24 @@ def logp_gap(model, tok, ro, bf16: bool) -> tuple[float, float]:
     return d.max().item(), d.mean().item()
 
 
+def linear_floor(engine: FastEngine, rows: int, reps: int = 7) -> tuple[float, float]:
+    """Seconds for one decode step's matmuls alone (median of ``reps``) and their GFLOP/s."""
+    from thinkrl.rollout.fast import PACKED, _linear
+
+    engine.sync()
+    mats = [(getattr(L, k), (L.packed or {}).get(k)) for L in engine.layers for k in PACKED]
+    mats.append((engine.head, engine.head_packed))
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(w.dtype) for w, _ in mats}
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        for w, p in mats:
+            _linear(xs[w.shape[1]], w, p)
+        times.append(time.perf_counter() - t0)
+    sec = sorted(times[1:])[reps // 2]
+    return sec, sum(2 * rows * w.numel() for w, _ in mats) / sec / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -98,6 +119,11 @@ def main() -> None:
         best_hf = max(v for k, v in rates.items() if k.startswith("hf"))
         print(f"[{work}] ratio thinkrl_fast / best hf_generate = {rates['thinkrl_fast'] / best_hf:.1f}x "
               f"(vs autocast: {rates['thinkrl_fast'] / rates['hf_generate_autocast']:.1f}x)")
+        if work == "fixed":
+            sec, rate = linear_floor(engines["thinkrl_fast"], B)
+            print(f"[{work}] floor: the linears of one {B}-row decode step alone take {sec * 1e3:.1f} ms "
+                  f"({rate:.0f} GFLOP/s): at that matmul rate no bf16 engine exceeds {B / sec:.0f} tokens/s = "
+                  f"{B / sec / best_hf:.1f}x the best HF; thinkrl reaches {rates['thinkrl_fast'] * sec / B:.0%} of it")
     if natural is not None:
         for label, use_bf16 in (("bf16 autocast (training)", bf16), ("fp32", False)):
             mx, mean = logp_gap(model, tok, natural, use_bf16)

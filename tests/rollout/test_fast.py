@@ -215,3 +215,28 @@ def test_sampling_logps_on_a_wide_logit_range_equal_log_softmax():
         assert (tok != 7).all()
         assert torch.allclose(lp, ref.gather(-1, tok[:, None]).squeeze(-1), atol=1e-4)
     assert torch.equal(FastEngine._sample(logits.clone(), SamplingParams(temperature=0.0))[0], logits.argmax(-1))
+
+
+def test_logps_stay_exact_while_finished_rows_are_dropped(lively):
+    """Rows that end early leave the batch (their generated caches are compacted, the shared
+    prompt part runs on a buffer of all rows): the surviving rows' log-probs must still equal
+    the training forward's, in fp32, for every token before and after the drops."""
+    model, tok = lively
+    model = copy.deepcopy(model)
+    prompts = [chat(tok, q) for q in PROMPTS]
+    eng = FastEngine(model, tok, bf16=False)
+    first = eng.generate(prompts, 1, SamplingParams(max_new_tokens=1, temperature=0)).completion_ids
+    with torch.no_grad():  # make EOS likely enough that rows end at many different steps
+        head = model.get_output_embeddings().weight
+        head[tok.eos_token_id] = 1.2 * head[first[0][0]]
+    torch.manual_seed(0)
+    ro = eng.generate(prompts, 8, SamplingParams(max_new_tokens=24, temperature=1.0))
+    lengths = sorted(len(c) for c in ro.completion_ids)
+    # a quarter of the 24 rows ended while at least one row was still running: rows were dropped
+    assert lengths[5] < lengths[-1] and not all(ro.truncated)
+    mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
+    with torch.no_grad():
+        logp, _ = token_logps(model, mb)
+    T = mb.mask.shape[1]
+    engine = torch.tensor([x + [0.0] * (T - len(x)) for x in ro.logps])
+    torch.testing.assert_close(engine * mb.mask, logp, atol=1e-4, rtol=0)

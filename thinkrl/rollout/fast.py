@@ -7,10 +7,12 @@ and under bf16 autocast it re-casts every weight at every step. This engine:
 - keeps a bf16 copy of the weights (fp32 where the CPU lacks bf16), fused per
   layer into one QKV and one gate/up matrix, refreshed from the trained model
   before each rollout;
-- prefills each distinct prompt once and repeats its keys/values for its G
-  samples;
-- writes keys/values into a preallocated cache and attends with
-  ``scaled_dot_product_attention`` (grouped-query heads without copying);
+- prefills each distinct prompt once and keeps its keys/values once for its G
+  samples: at each decode step the G samples' queries meet the shared prompt
+  keys in one matmul per group (cascade attention), and only the tokens a
+  sample generated live in a per-sample cache;
+- samples from the full vocabulary with one exp2 pass and a two-level inverse-CDF
+  search (no full-vocabulary cumulative sum);
 - drops finished sequences from the batch as they end;
 - samples with temperature / top-k / top-p and returns each sampled token's
   log-prob under the temperature-scaled distribution (what the trainer uses).
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from thinkrl.perf import tune_allocator
 from thinkrl.rollout import Rollout, SamplingParams
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -47,6 +50,40 @@ class _Layer:
 PACKED = ("wqkv", "wo", "wgu", "wd")
 
 
+@dataclass
+class _DecodeState:
+    """What the decode steps of one chunk (``groups`` prompts x ``n`` samples) share.
+
+    caches: per layer [prompt keys [nkv g, P, hd], prompt values [nkv g, P, hd], generated keys
+    [nkv, b, hd, T] (transposed, so a score matmul reads them in place), generated values
+    [nkv, b, T, hd]]; the prompt caches are stored once per group, the generated ones per batch
+    row. bias [1, b, 1, P + T]: 0, or -inf on a prompt's left padding. alive [b]: which of the
+    chunk's rows the batch rows are (rows that finished are dropped). t: the generated-cache
+    slot the current token goes to. q_buf / p_buf: the prompt part's inputs for all rows,
+    used once some rows were dropped."""
+
+    groups: int
+    n: int
+    rep: int  # query heads per key head
+    caches: list[list[Tensor]]
+    bias: Tensor
+    alive: Tensor
+    t: int = 0
+    q_buf: Tensor | None = None
+    p_buf: Tensor | None = None
+
+    def drop(self, keep: Tensor) -> None:
+        """Keep only the batch rows ``keep`` (indices into the current batch)."""
+        self.alive, self.bias = self.alive[keep], self.bias.index_select(1, keep)
+        for c in self.caches:
+            c[2], c[3] = c[2].index_select(1, keep), c[3].index_select(1, keep)
+        if self.q_buf is None:  # zeros: the rows no longer alive must hold finite values
+            kp = self.caches[0][0]  # [nkv g, P, hd]
+            nkv, rows = kp.shape[0] // self.groups, self.groups * self.n
+            self.q_buf = torch.zeros(nkv, rows, self.rep, kp.shape[2], dtype=kp.dtype)
+            self.p_buf = torch.zeros(nkv, rows, self.rep, kp.shape[1], dtype=kp.dtype)
+
+
 def _linear(x: Tensor, w: Tensor, packed: Tensor | None, b: Tensor | None = None) -> Tensor:
     """``x @ w.T + b``; through the oneDNN kernel on the prepacked copy of ``w`` when there is one."""
     if packed is None:
@@ -54,21 +91,45 @@ def _linear(x: Tensor, w: Tensor, packed: Tensor | None, b: Tensor | None = None
     return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
-def _search(cdf: Tensor) -> Tensor:
-    """Draw one index per row of an (unnormalised) CDF [b, V]; the first index whose CDF
-    exceeds u, so entries of probability 0 (a flat CDF step) are never drawn."""
-    u = torch.rand(cdf.shape[0], 1) * cdf[:, -1:]  # [b, 1]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [b]
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+EXP2_FLOOR = -115.0  # 2^-115 ~ 2e-35 (e^-80): below it the exp kernel slows down ~40x on underflow
 
 
-def _unnormalised_probs(shifted: Tensor) -> Tensor:
-    """``exp(shifted)`` for logits shifted so their maximum is 0, with every argument below
-    -80 raised to -80. The exp kernel is ~40x slower on arguments whose result underflows,
-    which a sharp or low-temperature distribution over a large vocabulary has in numbers
-    (benchmarks/decode_small_ops.py); a token at -80 has
-    probability below 2e-35, so the change to any probability is below 1e-30 relative.
-    -inf (banned) entries become e^-80 too: callers zero them where they must be 0."""
-    return shifted.clamp(min=-80.0).exp_()
+def _unnormalised_probs(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """For logits [b, V] fp32 (overwritten): ``z = (logits - max) / temperature`` in base-2 units
+    (returned, in the same storage) and the unnormalised probabilities ``2^z`` [b, V] (a new tensor).
+
+    Base 2 because ``exp2`` runs ~3x faster than ``exp`` on CPU here (benchmarks/decode_small_ops.py).
+    Arguments below -115 are raised to -115 first: an exp kernel is ~40x slower on arguments
+    whose result underflows, which a sharp or low-temperature distribution over a large
+    vocabulary has in numbers; a token there has probability below 2e-35, so no probability
+    moves by more than 1e-30 relative. -inf (banned) entries become 2^-115 too: callers zero
+    them where they must be 0."""
+    z = logits.sub_(logits.amax(-1, keepdim=True)).mul_(LOG2E / temperature)
+    return z, z.clamp(min=EXP2_FLOOR).exp2_()
+
+
+def _draw(probs: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
+    """Draw one index per row of unnormalised probabilities [b, V] (inverse-CDF sampling) and
+    return it with the row's normaliser Z [b]. Two levels, so no full-vocabulary cumulative sum
+    (a serial scan, ~10x slower than a sum here): sums of blocks of ``block`` entries, a
+    search among the blocks, then a search inside the chosen block. An entry of probability 0
+    is never drawn: the search takes the first index whose CDF exceeds u."""
+    b, V = probs.shape
+    nb = -(-V // block)
+    if nb * block != V:
+        probs = F.pad(probs, (0, nb * block - V))
+    blocks = probs.view(b, nb, block)
+    sums = blocks.sum(-1).double()  # [b, nb] (summing in fp32: a float64 sum converts element by element, ~30x slower)
+    cdf = sums.cumsum(-1)  # [b, nb]
+    z = cdf[:, -1:]  # [b, 1]
+    u = (torch.rand(b, 1, dtype=torch.float64) * z).clamp(max=z * (1 - 1e-12))
+    j = torch.searchsorted(cdf, u, right=True).clamp(max=nb - 1)  # [b, 1] the block
+    inner = blocks[torch.arange(b), j.squeeze(-1)].double().cumsum(-1)  # [b, block]
+    rest = (u - (cdf.gather(-1, j) - sums.gather(-1, j))).clamp(min=0)  # [b, 1] u's place inside the block
+    rest = torch.minimum(rest, inner[:, -1:] * (1 - 1e-12))  # rounding must not push u past the block
+    k = torch.searchsorted(inner, rest, right=True).clamp(max=block - 1)  # [b, 1]
+    return (j * block + k).squeeze(-1), z.squeeze(-1)
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -101,6 +162,7 @@ class FastEngine:
             raise ConfigError(f"rollout.backend=fast supports {', '.join(SUPPORTED)} models, not "
                               f"'{cfg.model_type}'; use rollout.backend=hf")
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        tune_allocator()  # each decode step allocates and frees MB-sized logits: reuse, no page faults
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.nh = cfg.num_attention_heads
         self.nkv = getattr(cfg, "num_key_value_heads", None) or self.nh
@@ -224,11 +286,8 @@ class FastEngine:
             k = self._rotate(k.view(b, s, nkv, hd).transpose(1, 2), cos, sin)  # [b, nkv, s, hd]
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v.view(b, s, nkv, hd).transpose(1, 2)
-            if s == 1:
-                a = self._decode_attention(q, kc, vc, attn_mask)  # [b, nh, 1, hd]
-            else:
-                a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
-                                                   enable_gqa=nkv != nh)  # [b, nh, s, hd]
+            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
+                                               enable_gqa=nkv != nh)  # [b, nh, s, hd]
             x = x + _linear(a.transpose(1, 2).reshape(b, s, nh * hd), L.wo, P.get("wo")).float()
             h = _rms(x, L.ln_post, self.eps).to(dt)
             g, u = _linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, s, I] each
@@ -238,28 +297,74 @@ class FastEngine:
         last = _rms(x[:, -1], self.ln_final, self.eps).to(dt)  # [b, H]
         return _linear(last, self.head, self.head_packed).float()  # [b, V]
 
-    def _decode_attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """Attention of one new token per row: q [b, nh, 1, hd] against the whole cache k/v
-        [b, nkv, L, hd]; bias [b, 1, 1, L'] (L' <= L) additive (0 or -inf) or bool (True =
-        visible), slots past L' are not visible. The nh / nkv query heads that share a key
-        head are stacked as rows of one small matmul, so keys are read once per key head.
-        (For a single query the fused SDPA kernel spends most of its time on set-up, and a
-        matmul on a slice of the cache copies the slice first: reading the whole contiguous
-        cache, unwritten slots masked, is ~2x faster.)"""
-        b, nh, _, hd = q.shape
-        nkv, L = k.shape[1], k.shape[2]
-        if bias.dtype == torch.bool:
-            bias = torch.zeros(bias.shape).masked_fill_(~bias, float("-inf"))
-        if bias.shape[-1] < L:
-            bias = F.pad(bias, (0, L - bias.shape[-1]), value=float("-inf"))
-        rep = nh // nkv
-        # [b, nkv, L, hd] slices of the cache merge (b, nkv) into one batch dim as views, so the
-        # two bmm calls read the cache in place (a 4-D matmul on the slice would copy it first).
-        k3, v3 = k.reshape(b * nkv, L, hd), v.reshape(b * nkv, L, hd)
-        qg = q.reshape(b * nkv, rep, hd)  # query head h uses key head h // rep
-        scores = torch.bmm(qg, k3.transpose(1, 2)).view(b, nkv, rep, L).float() * hd ** -0.5 + bias
-        probs = torch.softmax(scores, -1).to(v.dtype).view(b * nkv, rep, L)
-        return torch.bmm(probs, v3).view(b, nh, 1, hd)  # [b, nh, 1, hd]
+    def _step_rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and signed sin [b, nh + nkv, hd] for one new token per row at positions ``pos`` [b],
+        in the layout of the fused query+key heads; the query heads' pair carries the attention
+        scale 1/sqrt(hd), so scores need no separate multiply. With ``rot = x.roll(hd/2)``
+        (the halves swapped), ``x * cos + rot * sin`` is RoPE's ``x cos + rotate_half(x) sin``."""
+        freqs = pos.float()[:, None] * self._rope_inv_freq  # [b, hd/2]
+        cos, sin = freqs.cos().repeat(1, 2), freqs.sin()
+        sin = torch.cat([-sin, sin], -1)  # [b, hd]
+        scale = self.hd ** -0.5
+        heads = torch.cat([torch.full((self.nh, 1), scale), torch.ones(self.nkv, 1)])  # [nh + nkv, 1]
+        return (cos[:, None] * heads).to(self.dtype), (sin[:, None] * heads).to(self.dtype)
+
+    def _decode_step(self, tok: Tensor, pos: Tensor, st: _DecodeState) -> Tensor:
+        """One new token per batch row: ``tok`` [b] at positions ``pos`` [b], written to the
+        generated-cache slot ``st.t``; returns next-token logits [b, V] fp32."""
+        b, H = tok.shape[0], self.embed.shape[1]
+        nh, nkv, hd, dt = self.nh, self.nkv, self.hd, self.dtype
+        cos, sin = self._step_rope(pos)
+        x = self.embed[tok].float()  # [b, H] residual stream in fp32
+        for L, cache in zip(self.layers, st.caches):
+            P = L.packed or {}
+            h = F.rms_norm(x, (H,), L.ln_in, self.eps).to(dt)
+            qkv = _linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, (nh + 2 nkv) hd]
+            qk = qkv[:, : (nh + nkv) * hd].view(b, nh + nkv, hd)
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # RoPE on query and key heads at once
+            a = self._cascade_attention(qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd:].view(b, nkv, hd), cache, st)
+            x.add_(_linear(a, L.wo, P.get("wo")))
+            h = F.rms_norm(x, (H,), L.ln_post, self.eps).to(dt)
+            gate, up = _linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, I] each
+            x.add_(_linear(F.silu(gate).mul_(up), L.wd, P.get("wd")))
+        h = F.rms_norm(x, (H,), self.ln_final, self.eps).to(dt)
+        return _linear(h, self.head, self.head_packed).float()  # [b, V]
+
+    def _cascade_attention(self, q: Tensor, k: Tensor, v: Tensor, cache: list[Tensor], st: _DecodeState) -> Tensor:
+        """Attention of one new token per row, q [b, nh, hd] (already scaled), k and v [b, nkv, hd],
+        over the row's prompt and the tokens it generated so far; returns [b, nh * hd].
+
+        The G samples of a prompt share its keys and values, so the prompt part runs once per
+        group: the queries of the group's rows (and of the query heads sharing a key head) are
+        the rows of one matmul against the group's prompt keys, read once instead of G times.
+        The generated part is per row. Both parts' scores go into one softmax. Layouts are
+        key-head major ([nkv, rows, ...]) so that the two parts line up without copies."""
+        kp, vp, kg, vg = cache  # [nkv g, P, hd] x2, keys [nkv, b, hd, T] (transposed), values [nkv, b, T, hd]
+        b, nh, hd = q.shape
+        nkv, rep, g, n, t = self.nkv, nh // self.nkv, st.groups, st.n, st.t
+        B, Pl = g * n, kp.shape[1]
+        kg[:, :, :, t] = k.transpose(0, 1)
+        vg[:, :, t] = v.transpose(0, 1)
+        qa = q.reshape(b, nkv, rep, hd).transpose(0, 1).contiguous()  # [nkv, b, rep, hd]
+        full = b == B
+        if full:
+            qp = qa
+        else:  # rows were dropped: the prompt part runs on a buffer of all G rows per group
+            qp = st.q_buf
+            qp.index_copy_(1, st.alive, qa)
+        sp = torch.bmm(qp.view(nkv * g, n * rep, hd), kp.mT).view(nkv, B, rep, Pl)
+        if not full:
+            sp = sp.index_select(1, st.alive)
+        sg = torch.bmm(qa.view(nkv * b, rep, hd), kg.view(nkv * b, hd, -1)[:, :, : t + 1]).view(nkv, b, rep, t + 1)
+        probs = torch.softmax(torch.add(torch.cat([sp, sg], -1), st.bias[:, :, :, : Pl + t + 1]), -1).to(q.dtype)
+        pp, pg = probs[..., :Pl], probs[..., Pl:]  # [nkv, b, rep, P], [nkv, b, rep, t + 1]
+        if not full:
+            pp = st.p_buf.index_copy_(1, st.alive, pp)
+        op = torch.bmm(pp.reshape(nkv * g, n * rep, Pl), vp).view(nkv, B, rep, hd)
+        if not full:
+            op = op.index_select(1, st.alive)
+        og = torch.bmm(pg.reshape(nkv * b, rep, t + 1), vg.view(nkv * b, -1, hd)[:, : t + 1]).view(nkv, b, rep, hd)
+        return op.add_(og).transpose(0, 1).reshape(b, nh * hd)
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -273,24 +378,21 @@ class FastEngine:
             logits[:, banned] = float("-inf")
         if p.temperature <= 0:
             tok = logits.argmax(-1)
-            shifted = logits.sub_(logits.amax(-1, keepdim=True))  # [b, V], 0 at the argmax
-            logz = _unnormalised_probs(shifted).sum(-1).log()  # [b]
-            return tok, shifted.gather(-1, tok[:, None]).squeeze(-1) - logz
-        if p.temperature != 1.0:
-            logits.mul_(1.0 / p.temperature)
-        top = logits.amax(-1, keepdim=True)  # [b, 1]
-        if not p.top_k and p.top_p >= 1.0:
-            # Inverse-CDF sampling on unnormalised probabilities: one exp, one cumsum and a
-            # binary search per row. (torch.multinomial draws an exponential per vocabulary
-            # entry and is ~30x slower on CPU here.) The last CDF entry is the normaliser Z.
-            shifted = logits.sub_(top)  # [b, V]
-            probs = _unnormalised_probs(shifted)
+            _, probs = _unnormalised_probs(logits, 1.0)  # z = 0 at the argmax, so log p = -log Z
             if banned is not None:
                 probs[:, banned] = 0.0
-            cdf = probs.cumsum_(-1)  # [b, V]
-            tok = _search(cdf)
-            logz = cdf[:, -1].log()  # [b] log-partition of the shifted logits
-            return tok, shifted.gather(-1, tok[:, None]).squeeze(-1) - logz
+            return tok, -probs.sum(-1, dtype=torch.float64).log().float()
+        if not p.top_k and p.top_p >= 1.0:
+            # Inverse-CDF sampling on unnormalised probabilities: one exp and block sums per
+            # row. (torch.multinomial draws an exponential per vocabulary entry and is ~30x
+            # slower on CPU here.)
+            z, probs = _unnormalised_probs(logits, p.temperature)
+            if banned is not None:
+                probs[:, banned] = 0.0
+            tok, total = _draw(probs)
+            return tok, (z.gather(-1, tok[:, None]).squeeze(-1).double() * LN2 - total.log()).float()
+        if p.temperature != 1.0:
+            logits.mul_(1.0 / p.temperature)
         logp = torch.log_softmax(logits, -1)  # [b, V] the unfiltered distribution's log-probs
         filt = logits
         if p.top_k and p.top_k < logits.shape[-1]:
@@ -302,7 +404,7 @@ class FastEngine:
             drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
             sorted_l = sorted_l.masked_fill(drop, float("-inf"))
             filt = torch.full_like(filt, float("-inf")).scatter(-1, idx, sorted_l)
-        tok = _search(torch.softmax(filt, -1).cumsum_(-1))
+        tok, _ = _draw(torch.softmax(filt, -1))
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
     # -- the public API --------------------------------------------------------------------
@@ -370,57 +472,54 @@ class FastEngine:
         return Rollout(prompt_ids=flat, completion_ids=comps, texts=texts, truncated=truncated, logps=logps)
 
     def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams):
-        P = max(len(p) for p in prompts)
-        maxlen = P + params.max_new_tokens
-        g = len(prompts)
+        P, T, g = max(len(p) for p in prompts), params.max_new_tokens, len(prompts)
+        nkv, hd, dt = self.nkv, self.hd, self.dtype
         pad = self.tok.pad_token_id or 0
-        ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])  # [g, P]
-        valid = torch.zeros(g, maxlen, dtype=torch.bool)  # key slots holding real tokens
+        ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])  # [g, P] left-padded
+        valid = torch.zeros(g, P, dtype=torch.bool)  # prompt slots holding real tokens
         for i, p in enumerate(prompts):
-            valid[i, P - len(p): P] = True
-        pos = (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # [g, P]
-        kv = [(torch.zeros(g, self.nkv, maxlen, self.hd, dtype=self.dtype),
-               torch.zeros(g, self.nkv, maxlen, self.hd, dtype=self.dtype)) for _ in self.layers]
-        causal = torch.ones(P, P, dtype=torch.bool).tril()  # [P, P]
-        mask = (causal[None] & valid[:, None, :P])[:, None]  # [g, 1, P, P]
+            valid[i, P - len(p):] = True
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [g, P]
+        kv = [(torch.zeros(g, nkv, P, hd, dtype=dt), torch.zeros(g, nkv, P, hd, dtype=dt)) for _ in self.layers]
+        mask = (torch.ones(P, P, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]  # [g, 1, P, P]
         # Fully masked query rows (left padding) would give NaN; let them see themselves.
-        mask = mask | torch.eye(P, dtype=torch.bool)[None, None]
-        logits = self._forward(ids, pos, kv, 0, mask)  # [g, V]
+        logits = self._forward(ids, pos, kv, 0, mask | torch.eye(P, dtype=torch.bool)[None, None])  # [g, V]
 
-        # Repeat each prompt's state for its n samples.
-        rep = torch.arange(g).repeat_interleave(n)  # [B]
-        kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in kv]  # plain copies: ~3x faster than k[rep]
-        valid, logits = valid[rep], logits[rep]
-        next_pos = valid[:, :P].sum(-1)  # [B] position of the first new token
+        # Each prompt's cache is kept once for its n samples (key-head major for the decode
+        # steps); each sample row gets its own cache for the tokens it generates.
         B = g * n
+        rep = torch.arange(g).repeat_interleave(n)  # [B] the prompt of each row
+        caches = [[k.transpose(0, 1).reshape(nkv * g, P, hd), v.transpose(0, 1).reshape(nkv * g, P, hd),
+                   torch.zeros(nkv, B, hd, T, dtype=dt), torch.zeros(nkv, B, T, hd, dtype=dt)] for k, v in kv]
+        bias = torch.zeros(1, B, 1, P + T)
+        bias[:, :, :, :P].masked_fill_(~valid[rep][None, :, None, :], float("-inf"))
+        st = _DecodeState(groups=g, n=n, rep=self.nh // nkv, caches=caches, bias=bias, alive=torch.arange(B))
+        logits = logits[rep]
+        next_pos = valid.sum(-1)[rep]  # [B] position of the first new token
         out = [[] for _ in range(B)]
         out_lp = [[] for _ in range(B)]
-        alive = torch.arange(B)  # which output rows the batch rows are
         fin = torch.zeros(B, dtype=torch.bool)  # finished rows still in the batch
         eos = torch.tensor(self.eos_ids)
-        for t in range(params.max_new_tokens):
+        for t in range(T):
             tok, lp = self._sample(logits, params, eos if t < params.min_new_tokens else None)  # [b]
-            for r, tk, l, f in zip(alive.tolist(), tok.tolist(), lp.tolist(), fin.tolist()):
+            for r, tk, lv, f in zip(st.alive.tolist(), tok.tolist(), lp.tolist(), fin.tolist()):
                 if not f:
                     out[r].append(tk)
-                    out_lp[r].append(l)
+                    out_lp[r].append(lv)
             done = torch.isin(tok, eos)
             if self.stop_strings:
-                done |= torch.tensor([self._hit_stop(out[r]) for r in alive.tolist()])
+                done |= torch.tensor([self._hit_stop(out[r]) for r in st.alive.tolist()])
             fin |= done
-            if t == params.max_new_tokens - 1 or bool(fin.all()):
+            if t == T - 1 or bool(fin.all()):
                 break
-            # Drop finished rows once a quarter of the batch has finished: copying the cache
-            # costs about as much as a few decode steps, so not after every single finish.
+            # Drop finished rows once a quarter of the batch has finished: copying the generated
+            # caches costs about as much as a decode step, so not after every single finish.
             if int(fin.sum()) >= max(1, fin.numel() // 4):
                 keep = (~fin).nonzero().squeeze(-1)
-                alive, tok, next_pos, valid, fin = alive[keep], tok[keep], next_pos[keep], valid[keep], fin[keep]
-                kv = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in kv]
-            slot = P + t
-            valid[:, slot] = True
-            step_mask = torch.zeros(valid.shape[0], 1, 1, maxlen).masked_fill_(
-                ~valid[:, None, None, :], float("-inf"))  # [b, 1, 1, maxlen] additive; future slots masked
-            logits = self._forward(tok[:, None], next_pos[:, None], kv, slot, step_mask)
+                tok, next_pos, fin = tok[keep], next_pos[keep], fin[keep]
+                st.drop(keep)
+            st.t = t
+            logits = self._decode_step(tok, next_pos, st)
             next_pos = next_pos + 1
         return out, out_lp
 
