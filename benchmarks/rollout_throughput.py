@@ -11,7 +11,8 @@ Same model, same prompts (the default task's chat prompts), same sampling settin
 HF ``generate`` runs twice: under bf16 autocast on the fp32 model (thinkrl's ``hf``
 backend) and on a copy of the model cast to bf16 (HF's fastest plain CPU setting). Ratios
 are taken against the faster of the two. The engine also runs once without its oneDNN
-prepacked weights (``thinkrl_fast_unpacked``) to show what the prepacking buys. Then, on the natural rollout, the engine's
+prepacked weights (``thinkrl_fast_unpacked``) and once with its decode attention on torch
+ops instead of its C kernel (``thinkrl_fast_torch_attention``), to show what each buys. Then, on the natural rollout, the engine's
 sampled-token log-probs are compared with the training forward pass (bf16 autocast and
 fp32), the correctness check the trainer relies on. Last, the floor no engine can go under
 on this machine: the time of one decode step's linear layers alone (every layer's four
@@ -99,7 +100,9 @@ def main() -> None:
     engines = {"hf_generate_autocast": HFEngine(model, tok, batch_size=B, bf16=bf16),
                "thinkrl_fast": FastEngine(model, tok, batch_size=B, bf16=bf16),
                # the same engine with plain F.linear instead of oneDNN prepacked weights
-               "thinkrl_fast_unpacked": FastEngine(model, tok, batch_size=B, bf16=bf16, prepack=False)}
+               "thinkrl_fast_unpacked": FastEngine(model, tok, batch_size=B, bf16=bf16, prepack=False),
+               # the same engine with its decode attention on torch ops instead of the C kernel
+               "thinkrl_fast_torch_attention": FastEngine(model, tok, batch_size=B, bf16=bf16, kernel=False)}
     if bf16:
         engines["hf_generate_bf16_model"] = HFEngine(copy.deepcopy(model).to(torch.bfloat16), tok, batch_size=B)
     print(f"model={args.model} bf16={bf16} sequences={B} max_new_tokens={args.max_new} "
@@ -115,7 +118,7 @@ def main() -> None:
             rates[name] = toks / secs
             if name == "thinkrl_fast" and work == "natural":
                 natural = ro
-            print(f"[{work}] {name:>22}: {toks} new tokens in {secs:.1f} s = {rates[name]:.0f} tokens/s")
+            print(f"[{work}] {name:>28}: {toks} new tokens in {secs:.1f} s = {rates[name]:.0f} tokens/s")
         best_hf = max(v for k, v in rates.items() if k.startswith("hf"))
         print(f"[{work}] ratio thinkrl_fast / best hf_generate = {rates['thinkrl_fast'] / best_hf:.1f}x "
               f"(vs autocast: {rates['thinkrl_fast'] / rates['hf_generate_autocast']:.1f}x)")

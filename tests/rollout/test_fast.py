@@ -53,11 +53,13 @@ def test_sampled_logps_match_the_training_forward(lively):
     torch.testing.assert_close(engine * mb.mask, logp, atol=1e-4, rtol=0)
 
 
-def test_bf16_logps_stay_close_to_fp32(tiny_pair):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_bf16_logps_stay_close_to_fp32(tiny_pair, kernel):
+    """In bf16, with the decode attention in C (where it builds) or on torch ops."""
     model, tok = tiny_pair  # unshaken weights: logits of ordinary size
     prompts = [chat(tok, q) for q in PROMPTS]
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=True).generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0))
+    ro = FastEngine(model, tok, bf16=True, kernel=kernel).generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0))
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
     with torch.no_grad():
         logp, _ = token_logps(model, mb)
@@ -240,3 +242,63 @@ def test_logps_stay_exact_while_finished_rows_are_dropped(lively):
     T = mb.mask.shape[1]
     engine = torch.tensor([x + [0.0] * (T - len(x)) for x in ro.logps])
     torch.testing.assert_close(engine * mb.mask, logp, atol=1e-4, rtol=0)
+
+
+def _attention_case(seed: int, dropped: bool):
+    """Random decode-attention inputs: 3 prompts (left padding 0, 2, 5 of P = 9) x 4 samples,
+    3 key heads x 3 query heads each, hd 16, generated slot t = 5 of T = 8; optionally with
+    rows 1, 6, 7 and 10 dropped."""
+    from thinkrl.rollout.fast import _DecodeState
+
+    g, n, nkv, rep, hd, P, T, t = 3, 4, 3, 3, 16, 9, 8, 5
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).bfloat16()
+
+    pstart = torch.tensor([0, 2, 5])
+    alive = torch.tensor([0, 2, 3, 4, 5, 8, 9, 11]) if dropped else torch.arange(g * n)
+    b = alive.numel()
+    bias = torch.zeros(1, b, 1, P + T)
+    for i, row in enumerate(alive.tolist()):
+        bias[0, i, 0, : pstart[row // n]] = float("-inf")
+    st = _DecodeState(groups=g, n=n, rep=rep, caches=[], bias=bias, pstart=pstart, alive=alive,
+                      group=alive // n, t=t)
+    if dropped:
+        st.q_buf, st.p_buf = torch.zeros(nkv, g * n, rep, hd).bfloat16(), torch.zeros(nkv, g * n, rep, P).bfloat16()
+    cache = [r(nkv, g, hd, P), r(nkv, g, P, hd), r(nkv, b, hd, T), r(nkv, b, T, hd)]
+    qkv = r(b, (nkv * rep + 2 * nkv) * hd)  # the fused projection's output: query, key and value heads
+    q, k, v = qkv[:, : nkv * rep * hd], qkv[:, nkv * rep * hd: (nkv * rep + nkv) * hd], qkv[:, (nkv * rep + nkv) * hd:]
+    want = torch.zeros(b, nkv * rep, hd)  # fp32 reference, one (row, key head) at a time
+    for i, row in enumerate(alive.tolist()):
+        grp, ps = row // n, pstart[row // n]
+        for h in range(nkv):
+            keys = torch.cat([cache[0][h, grp, :, ps:].T, cache[2][h, i, :, :t].T, k[i, h * hd:(h + 1) * hd][None]])
+            vals = torch.cat([cache[1][h, grp, ps:], cache[3][h, i, :t], v[i, h * hd:(h + 1) * hd][None]])
+            qh = q[i].view(nkv * rep, hd)[h * rep:(h + 1) * rep]
+            want[i, h * rep:(h + 1) * rep] = torch.softmax(qh.float() @ keys.float().T, -1) @ vals.float()
+    return st, cache, q, k, v, want.view(b, -1)
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_decode_attention_paths_equal_an_fp32_reference(dropped):
+    """The torch-ops cascade attention and the C kernel (where it builds) both compute
+    softmax(q K^T) V over a row's prompt (shared by its group, left padding masked) and its
+    generated tokens, and both write the new key/value into generated slot t."""
+    from thinkrl.rollout.fast import _cascade_attention
+    from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
+
+    st, cache, q, k, v, want = _attention_case(0, dropped)
+    b, nkv, hd = q.shape[0], cache[0].shape[0], cache[0].shape[2]
+    c1 = [x.clone() for x in cache]
+    got = _cascade_attention(q.reshape(b, -1, hd), k.reshape(b, nkv, hd), v.reshape(b, nkv, hd), c1, st)
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)  # bf16 scores and probabilities
+    assert torch.equal(c1[2][:, :, :, st.t], k.reshape(b, nkv, hd).transpose(0, 1))
+    assert torch.equal(c1[3][:, :, st.t], v.reshape(b, nkv, hd).transpose(0, 1))
+    fn = decode_attention_kernel()
+    if fn is None:
+        pytest.skip("no C compiler: the kernel path is not available here")
+    c2 = [x.clone() for x in cache]
+    out = decode_attention(fn, q, k, v, *c2, st.group, st.pstart, st.t, torch.empty(b, q.shape[1], dtype=q.dtype))
+    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)  # fp32 inside: only the output rounds
+    assert torch.equal(c2[2], c1[2]) and torch.equal(c2[3], c1[3])

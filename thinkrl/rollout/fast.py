@@ -31,6 +31,7 @@ from torch import Tensor
 
 from thinkrl.perf import tune_allocator
 from thinkrl.rollout import Rollout, SamplingParams
+from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -54,34 +55,39 @@ PACKED = ("wqkv", "wo", "wgu", "wd")
 class _DecodeState:
     """What the decode steps of one chunk (``groups`` prompts x ``n`` samples) share.
 
-    caches: per layer [prompt keys [nkv g, P, hd], prompt values [nkv g, P, hd], generated keys
-    [nkv, b, hd, T] (transposed, so a score matmul reads them in place), generated values
-    [nkv, b, T, hd]]; the prompt caches are stored once per group, the generated ones per batch
-    row. bias [1, b, 1, P + T]: 0, or -inf on a prompt's left padding. alive [b]: which of the
-    chunk's rows the batch rows are (rows that finished are dropped). t: the generated-cache
-    slot the current token goes to. q_buf / p_buf: the prompt part's inputs for all rows,
-    used once some rows were dropped."""
+    caches: per layer [prompt keys [nkv, g, hd, P], prompt values [nkv, g, P, hd], generated keys
+    [nkv, b, hd, T], generated values [nkv, b, T, hd]] (keys transposed, so that a score matmul
+    reads them in place); the prompt caches are stored once per group, the generated ones per
+    batch row. bias [1, b, 1, P + T]: 0, or -inf on a prompt's left padding; pstart [g]: the
+    first real slot of each prompt (the same mask, for the C kernel). alive [b]: which of the
+    chunk's rows the batch rows are (rows that finished are dropped); group [b]: their prompts.
+    t: the generated-cache slot the current token goes to. q_buf / p_buf: the torch path's
+    prompt-part inputs for all rows, used once some rows were dropped. kernel: the C
+    decode-attention function, or None for the torch path."""
 
     groups: int
     n: int
     rep: int  # query heads per key head
     caches: list[list[Tensor]]
     bias: Tensor
+    pstart: Tensor
     alive: Tensor
+    group: Tensor
+    kernel: object = None
     t: int = 0
     q_buf: Tensor | None = None
     p_buf: Tensor | None = None
 
     def drop(self, keep: Tensor) -> None:
         """Keep only the batch rows ``keep`` (indices into the current batch)."""
-        self.alive, self.bias = self.alive[keep], self.bias.index_select(1, keep)
+        self.alive, self.group, self.bias = self.alive[keep], self.group[keep], self.bias.index_select(1, keep)
         for c in self.caches:
             c[2], c[3] = c[2].index_select(1, keep), c[3].index_select(1, keep)
-        if self.q_buf is None:  # zeros: the rows no longer alive must hold finite values
-            kp = self.caches[0][0]  # [nkv g, P, hd]
-            nkv, rows = kp.shape[0] // self.groups, self.groups * self.n
-            self.q_buf = torch.zeros(nkv, rows, self.rep, kp.shape[2], dtype=kp.dtype)
-            self.p_buf = torch.zeros(nkv, rows, self.rep, kp.shape[1], dtype=kp.dtype)
+        if self.q_buf is None and self.kernel is None:  # zeros: rows no longer alive must hold finite values
+            nkv, _, hd, P = self.caches[0][0].shape
+            rows, dt = self.groups * self.n, self.caches[0][0].dtype
+            self.q_buf = torch.zeros(nkv, rows, self.rep, hd, dtype=dt)
+            self.p_buf = torch.zeros(nkv, rows, self.rep, P, dtype=dt)
 
 
 def _linear(x: Tensor, w: Tensor, packed: Tensor | None, b: Tensor | None = None) -> Tensor:
@@ -152,9 +158,46 @@ def _effective_weight(module) -> Tensor:
     return w
 
 
+def _cascade_attention(q: Tensor, k: Tensor, v: Tensor, cache: list[Tensor], st: _DecodeState) -> Tensor:
+    """Attention of one new token per row, q [b, nh, hd] (already scaled), k and v [b, nkv, hd],
+    over the row's prompt and the tokens it generated so far; returns [b, nh * hd].
+
+    The G samples of a prompt share its keys and values, so the prompt part runs once per
+    group: the queries of the group's rows (and of the query heads sharing a key head) are
+    the rows of one matmul against the group's prompt keys, read once instead of G times.
+    The generated part is per row. Both parts' scores go into one softmax. Layouts are
+    key-head major ([nkv, rows, ...]) so that the two parts line up without copies."""
+    kp, vp, kg, vg = cache  # layouts: see _DecodeState
+    b, nh, hd = q.shape
+    nkv, rep, g, n, t = kp.shape[0], st.rep, st.groups, st.n, st.t
+    B, Pl = g * n, kp.shape[3]
+    kg[:, :, :, t] = k.transpose(0, 1)
+    vg[:, :, t] = v.transpose(0, 1)
+    qa = q.reshape(b, nkv, rep, hd).transpose(0, 1).contiguous()  # [nkv, b, rep, hd]
+    full = b == B
+    if full:
+        qp = qa
+    else:  # rows were dropped: the prompt part runs on a buffer of all G rows per group
+        qp = st.q_buf
+        qp.index_copy_(1, st.alive, qa)
+    sp = torch.bmm(qp.view(nkv * g, n * rep, hd), kp.view(nkv * g, hd, Pl)).view(nkv, B, rep, Pl)
+    if not full:
+        sp = sp.index_select(1, st.alive)
+    sg = torch.bmm(qa.view(nkv * b, rep, hd), kg.view(nkv * b, hd, -1)[:, :, : t + 1]).view(nkv, b, rep, t + 1)
+    probs = torch.softmax(torch.add(torch.cat([sp, sg], -1), st.bias[:, :, :, : Pl + t + 1]), -1).to(q.dtype)
+    pp, pg = probs[..., :Pl], probs[..., Pl:]  # [nkv, b, rep, P], [nkv, b, rep, t + 1]
+    if not full:
+        pp = st.p_buf.index_copy_(1, st.alive, pp)
+    op = torch.bmm(pp.reshape(nkv * g, n * rep, Pl), vp.view(nkv * g, Pl, hd)).view(nkv, B, rep, hd)
+    if not full:
+        op = op.index_select(1, st.alive)
+    og = torch.bmm(pg.reshape(nkv * b, rep, t + 1), vg.view(nkv * b, -1, hd)[:, : t + 1]).view(nkv, b, rep, hd)
+    return op.add_(og).transpose(0, 1).reshape(b, nh * hd)
+
+
 class FastEngine:
     def __init__(self, model, tokenizer, *, batch_size: int = 64, bf16: bool = True,
-                 stop_strings: tuple[str, ...] = (), prepack: bool = True):
+                 stop_strings: tuple[str, ...] = (), prepack: bool = True, kernel: bool = True):
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             from thinkrl.config import ConfigError
@@ -162,6 +205,7 @@ class FastEngine:
             raise ConfigError(f"rollout.backend=fast supports {', '.join(SUPPORTED)} models, not "
                               f"'{cfg.model_type}'; use rollout.backend=hf")
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.kernel = kernel  # decode attention in C (kernels.py) where it builds; bf16 only
         tune_allocator()  # each decode step allocates and frees MB-sized logits: reuse, no page faults
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.nh = cfg.num_attention_heads
@@ -322,49 +366,18 @@ class FastEngine:
             qkv = _linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, (nh + 2 nkv) hd]
             qk = qkv[:, : (nh + nkv) * hd].view(b, nh + nkv, hd)
             qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # RoPE on query and key heads at once
-            a = self._cascade_attention(qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd:].view(b, nkv, hd), cache, st)
+            if st.kernel is not None:
+                flat = qk.view(b, (nh + nkv) * hd)
+                a = decode_attention(st.kernel, flat[:, : nh * hd], flat[:, nh * hd:], qkv[:, (nh + nkv) * hd:],
+                                     *cache, st.group, st.pstart, st.t, torch.empty(b, nh * hd, dtype=dt))
+            else:
+                a = _cascade_attention(qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd:].view(b, nkv, hd), cache, st)
             x.add_(_linear(a, L.wo, P.get("wo")))
             h = F.rms_norm(x, (H,), L.ln_post, self.eps).to(dt)
             gate, up = _linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, I] each
             x.add_(_linear(F.silu(gate).mul_(up), L.wd, P.get("wd")))
         h = F.rms_norm(x, (H,), self.ln_final, self.eps).to(dt)
         return _linear(h, self.head, self.head_packed).float()  # [b, V]
-
-    def _cascade_attention(self, q: Tensor, k: Tensor, v: Tensor, cache: list[Tensor], st: _DecodeState) -> Tensor:
-        """Attention of one new token per row, q [b, nh, hd] (already scaled), k and v [b, nkv, hd],
-        over the row's prompt and the tokens it generated so far; returns [b, nh * hd].
-
-        The G samples of a prompt share its keys and values, so the prompt part runs once per
-        group: the queries of the group's rows (and of the query heads sharing a key head) are
-        the rows of one matmul against the group's prompt keys, read once instead of G times.
-        The generated part is per row. Both parts' scores go into one softmax. Layouts are
-        key-head major ([nkv, rows, ...]) so that the two parts line up without copies."""
-        kp, vp, kg, vg = cache  # [nkv g, P, hd] x2, keys [nkv, b, hd, T] (transposed), values [nkv, b, T, hd]
-        b, nh, hd = q.shape
-        nkv, rep, g, n, t = self.nkv, nh // self.nkv, st.groups, st.n, st.t
-        B, Pl = g * n, kp.shape[1]
-        kg[:, :, :, t] = k.transpose(0, 1)
-        vg[:, :, t] = v.transpose(0, 1)
-        qa = q.reshape(b, nkv, rep, hd).transpose(0, 1).contiguous()  # [nkv, b, rep, hd]
-        full = b == B
-        if full:
-            qp = qa
-        else:  # rows were dropped: the prompt part runs on a buffer of all G rows per group
-            qp = st.q_buf
-            qp.index_copy_(1, st.alive, qa)
-        sp = torch.bmm(qp.view(nkv * g, n * rep, hd), kp.mT).view(nkv, B, rep, Pl)
-        if not full:
-            sp = sp.index_select(1, st.alive)
-        sg = torch.bmm(qa.view(nkv * b, rep, hd), kg.view(nkv * b, hd, -1)[:, :, : t + 1]).view(nkv, b, rep, t + 1)
-        probs = torch.softmax(torch.add(torch.cat([sp, sg], -1), st.bias[:, :, :, : Pl + t + 1]), -1).to(q.dtype)
-        pp, pg = probs[..., :Pl], probs[..., Pl:]  # [nkv, b, rep, P], [nkv, b, rep, t + 1]
-        if not full:
-            pp = st.p_buf.index_copy_(1, st.alive, pp)
-        op = torch.bmm(pp.reshape(nkv * g, n * rep, Pl), vp).view(nkv, B, rep, hd)
-        if not full:
-            op = op.index_select(1, st.alive)
-        og = torch.bmm(pg.reshape(nkv * b, rep, t + 1), vg.view(nkv * b, -1, hd)[:, : t + 1]).view(nkv, b, rep, hd)
-        return op.add_(og).transpose(0, 1).reshape(b, nh * hd)
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -489,11 +502,13 @@ class FastEngine:
         # steps); each sample row gets its own cache for the tokens it generates.
         B = g * n
         rep = torch.arange(g).repeat_interleave(n)  # [B] the prompt of each row
-        caches = [[k.transpose(0, 1).reshape(nkv * g, P, hd), v.transpose(0, 1).reshape(nkv * g, P, hd),
+        caches = [[k.permute(1, 0, 3, 2).contiguous(), v.transpose(0, 1).contiguous(),
                    torch.zeros(nkv, B, hd, T, dtype=dt), torch.zeros(nkv, B, T, hd, dtype=dt)] for k, v in kv]
         bias = torch.zeros(1, B, 1, P + T)
         bias[:, :, :, :P].masked_fill_(~valid[rep][None, :, None, :], float("-inf"))
-        st = _DecodeState(groups=g, n=n, rep=self.nh // nkv, caches=caches, bias=bias, alive=torch.arange(B))
+        kernel = decode_attention_kernel() if self.kernel and dt == torch.bfloat16 and hd % 16 == 0 else None
+        st = _DecodeState(groups=g, n=n, rep=self.nh // nkv, caches=caches, bias=bias, pstart=P - valid.sum(-1),
+                          alive=torch.arange(B), group=rep.clone(), kernel=kernel)
         logits = logits[rep]
         next_pos = valid.sum(-1)[rep]  # [B] position of the first new token
         out = [[] for _ in range(B)]
