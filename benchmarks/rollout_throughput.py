@@ -8,7 +8,8 @@ Same model, same prompts (the default task's chat prompts), same sampling settin
 - ``natural``: the same 64 sequences stopping at end-of-sequence (at most 128 new tokens),
   which is what training sees: most answers are short, a few run long.
 
-HF ``generate`` runs twice: under bf16 autocast on the fp32 model (thinkrl's ``hf``
+Each engine runs ``--repeats`` times per workload (engines interleaved, a different seed per
+repeat); the medians are compared. HF ``generate`` runs twice: under bf16 autocast on the fp32 model (thinkrl's ``hf``
 backend) and on a copy of the model cast to bf16 (HF's fastest plain CPU setting). Ratios
 are taken against the faster of the two. The engine also runs once without its oneDNN
 prepacked weights (``thinkrl_fast_unpacked``) and once with its decode attention on torch
@@ -19,7 +20,7 @@ on this machine: the time of one decode step's linear layers alone (every layer'
 matmuls and the LM head, 64 rows, bf16, the engine's own prepacked weights), which gives
 the highest tokens/s any exact bf16 engine could reach, and that as a ratio to HF.
 
-    python benchmarks/rollout_throughput.py [--model smollm2-135m] [--prompts 8] [--n 8] [--max-new 128]
+    python benchmarks/rollout_throughput.py [--model smollm2-135m] [--prompts 8] [--n 8] [--max-new 128] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import resource
+import statistics
 import time
 
 import torch
@@ -88,6 +90,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--workloads", default="fixed,natural")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per engine and workload; medians are compared")
     args = ap.parse_args()
 
     model, tok = load_model(args.model)
@@ -111,14 +114,20 @@ def main() -> None:
     for work in args.workloads.split(","):
         params = SamplingParams(max_new_tokens=args.max_new, temperature=1.0,
                                 min_new_tokens=args.max_new if work == "fixed" else 0)
-        rates = {}
-        for name, eng in engines.items():
-            run(eng, prompts[:1], 2, SamplingParams(max_new_tokens=4), 0)  # warm-up
-            ro, toks, secs = run(eng, prompts, args.n, params, seed=0)
-            rates[name] = toks / secs
-            if name == "thinkrl_fast" and work == "natural":
-                natural = ro
-            print(f"[{work}] {name:>28}: {toks} new tokens in {secs:.1f} s = {rates[name]:.0f} tokens/s")
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        for r in range(args.repeats):  # engines interleaved, so a slow spell of the machine hits all alike
+            for name, eng in engines.items():
+                run(eng, prompts[:1], 2, SamplingParams(max_new_tokens=4), 0)  # warm-up
+                ro, toks, secs = run(eng, prompts, args.n, params, seed=r)
+                rates[name].append(toks / secs)
+                if name == "thinkrl_fast" and work == "natural" and r == 0:
+                    natural = ro
+                print(f"[{work}] repeat {r + 1}: {name:>28}: {toks} new tokens in {secs:.1f} s = "
+                      f"{toks / secs:.0f} tokens/s", flush=True)
+        for name, rs in rates.items():
+            print(f"[{work}] {name:>28}: median {statistics.median(rs):.0f} tokens/s "
+                  f"(runs {', '.join(f'{x:.0f}' for x in rs)})")
+        rates = {name: statistics.median(rs) for name, rs in rates.items()}
         best_hf = max(v for k, v in rates.items() if k.startswith("hf"))
         print(f"[{work}] ratio thinkrl_fast / best hf_generate = {rates['thinkrl_fast'] / best_hf:.1f}x "
               f"(vs autocast: {rates['thinkrl_fast'] / rates['hf_generate_autocast']:.1f}x)")
