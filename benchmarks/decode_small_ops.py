@@ -1,10 +1,11 @@
-"""Two small operations of the decode loop, each way side by side (milliseconds per call):
+"""The sampling step's full-vocabulary operations, each way side by side (milliseconds per
+call, 64 x 49,152 fp32 logits, median of 30):
 
-- the sampling exp over a 64 x 49,152 block of shifted logits, narrow (randn) and wide
-  (randn x 30, so many arguments underflow) ranges, plain and with the argument clamped
-  at -80 as the engine does;
-- repeating a group's prompt cache [8, 3, 265, 64] (bf16) for its 8 samples: advanced
-  indexing ``k[rep]``, ``index_select`` and ``repeat_interleave``.
+- the exponential: ``exp`` and ``exp2`` (the engine works in base 2), on a narrow (randn)
+  and a wide (randn x 30, so many arguments underflow) range of shifted logits, each
+  plain and with the argument clamped as the engine does (-80 nats = -115 in base 2);
+- the draw's cumulative distribution: a full-vocabulary ``cumsum`` against the block sums
+  (256 tokens per block) that the engine's two-level search uses instead.
 
     python benchmarks/decode_small_ops.py
 """
@@ -25,13 +26,13 @@ def main() -> None:
     for label, scale in (("narrow (randn)", 1.0), ("wide (randn x 30)", 30.0)):
         x = torch.randn(64, 49152, generator=g) * scale
         y = x - x.amax(-1, keepdim=True)
-        print(f"exp, {label:>18}: plain {ms(lambda: torch.exp(y)):6.2f} ms, "
-              f"clamped at -80 {ms(lambda: y.clamp(min=-80.0).exp_()):6.2f} ms "
-              f"(share of arguments below -80: {(y < -80).float().mean().item():.2f})")
-    k = torch.randn(8, 3, 265, 64, generator=g).bfloat16()
-    rep = torch.arange(8).repeat_interleave(8)
-    print(f"prompt cache x8: k[rep] {ms(lambda: k[rep]):.2f} ms, index_select {ms(lambda: k.index_select(0, rep)):.2f} ms, "
-          f"repeat_interleave {ms(lambda: k.repeat_interleave(8, 0)):.2f} ms")
+        y2 = y * 1.4426950408889634
+        print(f"{label:>18}: exp {ms(lambda: torch.exp(y)):6.2f} ms, exp clamped {ms(lambda: y.clamp(min=-80.0).exp_()):6.2f}"
+              f" | exp2 {ms(lambda: torch.exp2(y2)):6.2f} ms, exp2 clamped {ms(lambda: y2.clamp(min=-115.0).exp2_()):6.2f}"
+              f" (arguments below -80 nats: {(y < -80).float().mean().item():.2f})")
+    p = torch.rand(64, 49152, generator=g)
+    print(f"cumulative sum over the vocabulary {ms(lambda: p.cumsum(-1)):.2f} ms, "
+          f"sums of 256-token blocks {ms(lambda: p.view(64, 192, 256).sum(-1)):.2f} ms")
 
 
 if __name__ == "__main__":

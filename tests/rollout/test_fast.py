@@ -244,13 +244,13 @@ def test_logps_stay_exact_while_finished_rows_are_dropped(lively):
     torch.testing.assert_close(engine * mb.mask, logp, atol=1e-4, rtol=0)
 
 
-def _attention_case(seed: int, dropped: bool):
+def _attention_case(seed: int, dropped: bool, rep: int = 3, hd: int = 16):
     """Random decode-attention inputs: 3 prompts (left padding 0, 2, 5 of P = 9) x 4 samples,
-    3 key heads x 3 query heads each, hd 16, generated slot t = 5 of T = 8; optionally with
-    rows 1, 6, 7 and 10 dropped."""
+    3 key heads x ``rep`` query heads each of size ``hd``, generated slot t = 5 of T = 8;
+    optionally with rows 1, 6, 7 and 10 dropped."""
     from thinkrl.rollout.fast import _DecodeState
 
-    g, n, nkv, rep, hd, P, T, t = 3, 4, 3, 3, 16, 9, 8, 5
+    g, n, nkv, P, T, t = 3, 4, 3, 9, 8, 5
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -280,15 +280,17 @@ def _attention_case(seed: int, dropped: bool):
     return st, cache, q, k, v, want.view(b, -1)
 
 
-@pytest.mark.parametrize("dropped", [False, True])
-def test_decode_attention_paths_equal_an_fp32_reference(dropped):
+@pytest.mark.parametrize("dropped,rep,hd", [(False, 3, 16), (True, 3, 16), (True, 7, 80)])
+def test_decode_attention_paths_equal_an_fp32_reference(dropped, rep, hd):
     """The torch-ops cascade attention and the C kernel (where it builds) both compute
     softmax(q K^T) V over a row's prompt (shared by its group, left padding masked) and its
-    generated tokens, and both write the new key/value into generated slot t."""
+    generated tokens, and both write the new key/value into generated slot t. (7 query heads
+    per key head and hd 80 take the kernel's paths for more than 4 queries and a last block
+    of 16 dimensions.)"""
     from thinkrl.rollout.fast import _cascade_attention
     from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
 
-    st, cache, q, k, v, want = _attention_case(0, dropped)
+    st, cache, q, k, v, want = _attention_case(0, dropped, rep, hd)
     b, nkv, hd = q.shape[0], cache[0].shape[0], cache[0].shape[2]
     c1 = [x.clone() for x in cache]
     got = _cascade_attention(q.reshape(b, -1, hd), k.reshape(b, nkv, hd), v.reshape(b, nkv, hd), c1, st)
@@ -302,3 +304,30 @@ def test_decode_attention_paths_equal_an_fp32_reference(dropped):
     out = decode_attention(fn, q, k, v, *c2, st.group, st.pstart, st.t, torch.empty(b, q.shape[1], dtype=q.dtype))
     torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)  # fp32 inside: only the output rounds
     assert torch.equal(c2[2], c1[2]) and torch.equal(c2[3], c1[3])
+
+
+def test_kernel_loader_falls_back_cleanly(monkeypatch, tmp_path, caplog):
+    """THINKRL_KERNELS=0 or a failing build give None (the torch-ops path), never an error; a
+    build lands in THINKRL_CACHE once and is reused."""
+    from thinkrl.rollout import kernels
+
+    monkeypatch.setattr(kernels, "_lib", False)
+    monkeypatch.setenv("THINKRL_KERNELS", "0")
+    assert kernels.decode_attention_kernel() is None
+    monkeypatch.setattr(kernels, "_lib", False)
+    monkeypatch.setenv("THINKRL_KERNELS", "1")
+    monkeypatch.setenv("THINKRL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level("WARNING"):
+        assert kernels.decode_attention_kernel() is None
+    assert "kernel unavailable" in caplog.text
+    monkeypatch.setattr(kernels, "_lib", False)
+    monkeypatch.delenv("CC")
+    import shutil
+
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler here")
+    first = kernels._build()
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert kernels._build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt

@@ -98,7 +98,7 @@ def _linear(x: Tensor, w: Tensor, packed: Tensor | None, b: Tensor | None = None
 
 
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
-EXP2_FLOOR = -115.0  # 2^-115 ~ 2e-35 (e^-80): below it the exp kernel slows down ~40x on underflow
+EXP2_FLOOR = -115.0  # 2^-115 ~ 2e-35 (e^-80); arguments whose result underflows slow the exp kernels down
 
 
 def _unnormalised_probs(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -106,8 +106,8 @@ def _unnormalised_probs(logits: Tensor, temperature: float) -> tuple[Tensor, Ten
     (returned, in the same storage) and the unnormalised probabilities ``2^z`` [b, V] (a new tensor).
 
     Base 2 because ``exp2`` runs ~3x faster than ``exp`` on CPU here (benchmarks/decode_small_ops.py).
-    Arguments below -115 are raised to -115 first: an exp kernel is ~40x slower on arguments
-    whose result underflows, which a sharp or low-temperature distribution over a large
+    Arguments below -115 are raised to -115 first: exp kernels are many times slower on
+    arguments whose result underflows (14-40x, same benchmark), which a sharp or low-temperature distribution over a large
     vocabulary has in numbers; a token there has probability below 2e-35, so no probability
     moves by more than 1e-30 relative. -inf (banned) entries become 2^-115 too: callers zero
     them where they must be 0."""
@@ -118,7 +118,7 @@ def _unnormalised_probs(logits: Tensor, temperature: float) -> tuple[Tensor, Ten
 def _draw(probs: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
     """Draw one index per row of unnormalised probabilities [b, V] (inverse-CDF sampling) and
     return it with the row's normaliser Z [b]. Two levels, so no full-vocabulary cumulative sum
-    (a serial scan, ~10x slower than a sum here): sums of blocks of ``block`` entries, a
+    (a serial scan, ~20x slower than block sums here; benchmarks/decode_small_ops.py): sums of blocks of ``block`` entries, a
     search among the blocks, then a search inside the chosen block. An entry of probability 0
     is never drawn: the search takes the first index whose CDF exceeds u."""
     b, V = probs.shape
@@ -126,7 +126,7 @@ def _draw(probs: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
     if nb * block != V:
         probs = F.pad(probs, (0, nb * block - V))
     blocks = probs.view(b, nb, block)
-    sums = blocks.sum(-1).double()  # [b, nb] (summing in fp32: a float64 sum converts element by element, ~30x slower)
+    sums = blocks.sum(-1).double()  # [b, nb]; summed in fp32 (sum(dtype=float64) converts element by element: far slower)
     cdf = sums.cumsum(-1)  # [b, nb]
     z = cdf[:, -1:]  # [b, 1]
     u = (torch.rand(b, 1, dtype=torch.float64) * z).clamp(max=z * (1 - 1e-12))
