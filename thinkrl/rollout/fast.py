@@ -11,10 +11,11 @@ and under bf16 autocast it re-casts every weight at every step. This engine:
   samples: at each decode step the G samples' queries meet the shared prompt
   keys in one matmul per group (cascade attention), and only the tokens a
   sample generated live in a per-sample cache;
-- samples from the full vocabulary with one exp2 pass and a two-level inverse-CDF
-  search (no full-vocabulary cumulative sum);
+- runs that decode attention as a small C kernel where one can be built
+  (``kernels.py``; the torch-ops version otherwise);
 - drops finished sequences from the batch as they end;
-- samples with temperature / top-k / top-p and returns each sampled token's
+- samples with temperature / top-k / top-p (the full-vocabulary case in one exp2
+  pass and a two-level inverse-CDF search) and returns each sampled token's
   log-prob under the temperature-scaled distribution (what the trainer uses).
 
 Supported: ``llama``, ``mistral`` and ``qwen2`` decoder layouts (RMSNorm, RoPE,
@@ -105,28 +106,30 @@ def _unnormalised_probs(logits: Tensor, temperature: float) -> tuple[Tensor, Ten
     """For logits [b, V] fp32 (overwritten): ``z = (logits - max) / temperature`` in base-2 units
     (returned, in the same storage) and the unnormalised probabilities ``2^z`` [b, V] (a new tensor).
 
-    Base 2 because ``exp2`` runs ~3x faster than ``exp`` on CPU here (benchmarks/decode_small_ops.py).
-    Arguments below -115 are raised to -115 first: exp kernels are many times slower on
-    arguments whose result underflows (14-40x, same benchmark), which a sharp or low-temperature distribution over a large
-    vocabulary has in numbers; a token there has probability below 2e-35, so no probability
-    moves by more than 1e-30 relative. -inf (banned) entries become 2^-115 too: callers zero
-    them where they must be 0."""
+    Base 2 because ``exp2`` runs ~3x faster than ``exp`` on CPU here
+    (benchmarks/decode_small_ops.py). Arguments below -115 are raised to -115 first: exp
+    kernels are many times slower on arguments whose result underflows (14-40x, same
+    benchmark), which a sharp or low-temperature distribution over a large vocabulary has
+    in numbers; a token there has probability below 2e-35, so no probability moves by more
+    than 1e-30 relative. -inf (banned) entries become 2^-115 too: callers zero them where
+    they must be 0."""
     z = logits.sub_(logits.amax(-1, keepdim=True)).mul_(LOG2E / temperature)
     return z, z.clamp(min=EXP2_FLOOR).exp2_()
 
 
 def _draw(probs: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
     """Draw one index per row of unnormalised probabilities [b, V] (inverse-CDF sampling) and
-    return it with the row's normaliser Z [b]. Two levels, so no full-vocabulary cumulative sum
-    (a serial scan, ~20x slower than block sums here; benchmarks/decode_small_ops.py): sums of blocks of ``block`` entries, a
-    search among the blocks, then a search inside the chosen block. An entry of probability 0
-    is never drawn: the search takes the first index whose CDF exceeds u."""
+    return it with the row's normaliser Z [b]. Two levels, so no full-vocabulary cumulative
+    sum (a serial scan, ~20x slower than block sums here; benchmarks/decode_small_ops.py):
+    sums of blocks of ``block`` entries, a search among the blocks, then a search inside the
+    chosen block. An entry of probability 0 is never drawn: the search takes the first index
+    whose CDF exceeds u."""
     b, V = probs.shape
     nb = -(-V // block)
     if nb * block != V:
         probs = F.pad(probs, (0, nb * block - V))
     blocks = probs.view(b, nb, block)
-    sums = blocks.sum(-1).double()  # [b, nb]; summed in fp32 (sum(dtype=float64) converts element by element: far slower)
+    sums = blocks.sum(-1).double()  # [b, nb]; summed in fp32: sum(dtype=float64) is far slower here
     cdf = sums.cumsum(-1)  # [b, nb]
     z = cdf[:, -1:]  # [b, 1]
     u = (torch.rand(b, 1, dtype=torch.float64) * z).clamp(max=z * (1 - 1e-12))
