@@ -101,11 +101,13 @@ def run_thinkrl(steps: int, max_new: int) -> tuple[list[float], dict]:
                                   "rollout.temperature=1.0", "algo.kl_coef=0.04", "optim.micro_batch_size=16",
                                   "progress=false"])
     p = build_parts(cfg)
-    times, last = [], {}
+    times, last, faults = [], {}, []
     for step in range(1, steps + 1):
-        t0 = time.perf_counter()
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         last, _ = rl_step(p, step)
         times.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    last["page_faults"] = faults  # minor faults per step: fresh memory the allocator had to map in
     from thinkrl.tasks.templates import render_prompt
 
     prompts = [render_prompt(ex.question, p.tok, cfg.task)[0] for ex in p.task.eval[:8]]
@@ -181,7 +183,8 @@ def main() -> None:
     last = ours["last"]
     print(f"thinkrl: step times {[round(t, 1) for t in ours['times']]} s -> {ours_mean:.1f} s/step "
           f"(last step: generate {last['time_generate']:.1f} s, train {last['time_train']:.1f} s, "
-          f"mean length {last['response_len_mean']:.0f}); peak RSS {ours['peak_rss_gb']:.2f} GB", flush=True)
+          f"mean length {last['response_len_mean']:.0f}); peak RSS {ours['peak_rss_gb']:.2f} GB; "
+          f"minor page faults per step {last['page_faults']}", flush=True)
     print(f"machine: bf16 matmul {last['bf16_gflops']:.0f} GFLOP/s, fp32 {last['fp32_gflops']:.0f} GFLOP/s "
           f"(2048^3); bf16 at a decode shape (64x576 @ 576x1536) {last['bf16_gflops_decode']:.0f} GFLOP/s")
     roofline(last, last["bf16_gflops"])
