@@ -5,13 +5,8 @@ glibc's ``malloc`` serves large blocks with ``mmap`` and hands them back with
 tensors over and over pays a page fault per 4 KB page each time (seen as a large
 share of *system* time in a profile). Raising the mmap threshold to its maximum
 (32 MB on 64-bit) and keeping freed memory in the heap lets those blocks be
-reused. Blocks above 32 MB (a step has several: the vocabulary-sized LM-head weight
-casts and gradients, 56-113 MB for smollm2, and the engine's weight copies) would
-still be mmap'ed afresh every step, so mmap is switched off for ``malloc`` altogether
-(``M_MMAP_MAX`` = 0): they come from the heap too and are reused, at the price of a
-somewhat higher peak RSS (freed blocks stay in the process). glibc still falls back to
-mmap where the heap cannot grow. ``benchmarks/grpo_step_vs_trl.py`` prints the page
-faults of each step.
+reused; tensors that must stay larger than that (the LM head's chunks are sized to
+fit under it) are rare.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ import logging
 
 log = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _done = False
 
 
@@ -34,8 +29,7 @@ def tune_allocator() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = all(libc.mallopt(opt, val) == 1 for opt, val in (
-            (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 256 << 20), (_M_TOP_PAD, 64 << 20),
-            (_M_MMAP_MAX, 0)))
+            (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 256 << 20), (_M_TOP_PAD, 64 << 20)))
     except (OSError, AttributeError):
         ok = False
     _done = ok
