@@ -59,8 +59,8 @@ class _DecodeState:
     caches: per layer [prompt keys [nkv, g, hd, P], prompt values [nkv, g, P, hd], generated keys
     [nkv, b, hd, T], generated values [nkv, b, T, hd]] (keys transposed, so that a score matmul
     reads them in place); the prompt caches are stored once per group, the generated ones per
-    batch row. bias [1, b, 1, P + T]: 0, or -inf on a prompt's left padding; pstart [g]: the
-    first real slot of each prompt (the same mask, for the C kernel). alive [b]: which of the
+    batch row. pstart [g]: the first real slot of each prompt (before it, left padding);
+    bias [1, b, 1, P + T]: the same mask for the torch path, 0 or -inf (None with the kernel). alive [b]: which of the
     chunk's rows the batch rows are (rows that finished are dropped); group [b]: their prompts.
     t: the generated-cache slot the current token goes to. q_buf / p_buf: the torch path's
     prompt-part inputs for all rows, used once some rows were dropped. kernel: the C
@@ -70,10 +70,10 @@ class _DecodeState:
     n: int
     rep: int  # query heads per key head
     caches: list[list[Tensor]]
-    bias: Tensor
     pstart: Tensor
     alive: Tensor
     group: Tensor
+    bias: Tensor | None = None
     kernel: object = None
     t: int = 0
     q_buf: Tensor | None = None
@@ -81,7 +81,9 @@ class _DecodeState:
 
     def drop(self, keep: Tensor) -> None:
         """Keep only the batch rows ``keep`` (indices into the current batch)."""
-        self.alive, self.group, self.bias = self.alive[keep], self.group[keep], self.bias.index_select(1, keep)
+        self.alive, self.group = self.alive[keep], self.group[keep]
+        if self.bias is not None:
+            self.bias = self.bias.index_select(1, keep)
         for c in self.caches:
             c[2], c[3] = c[2].index_select(1, keep), c[3].index_select(1, keep)
         if self.q_buf is None and self.kernel is None:  # zeros: rows no longer alive must hold finite values
@@ -397,7 +399,7 @@ class FastEngine:
             _, probs = _unnormalised_probs(logits, 1.0)  # z = 0 at the argmax, so log p = -log Z
             if banned is not None:
                 probs[:, banned] = 0.0
-            return tok, -probs.sum(-1, dtype=torch.float64).log().float()
+            return tok, -probs.sum(-1).double().log().float()  # fp32 sum: see _draw
         if not p.top_k and p.top_p >= 1.0:
             # Inverse-CDF sampling on unnormalised probabilities: one exp and block sums per
             # row. (torch.multinomial draws an exponential per vocabulary entry and is ~30x
@@ -507,13 +509,16 @@ class FastEngine:
         rep = torch.arange(g).repeat_interleave(n)  # [B] the prompt of each row
         caches = [[k.permute(1, 0, 3, 2).contiguous(), v.transpose(0, 1).contiguous(),
                    torch.zeros(nkv, B, hd, T, dtype=dt), torch.zeros(nkv, B, T, hd, dtype=dt)] for k, v in kv]
-        bias = torch.zeros(1, B, 1, P + T)
-        bias[:, :, :, :P].masked_fill_(~valid[rep][None, :, None, :], float("-inf"))
+        lens = valid.sum(-1)  # [g] true prompt lengths
         kernel = decode_attention_kernel() if self.kernel and dt == torch.bfloat16 and hd % 16 == 0 else None
-        st = _DecodeState(groups=g, n=n, rep=self.nh // nkv, caches=caches, bias=bias, pstart=P - valid.sum(-1),
-                          alive=torch.arange(B), group=rep.clone(), kernel=kernel)
+        bias = None
+        if kernel is None:
+            bias = torch.zeros(1, B, 1, P + T)
+            bias[:, :, :, :P].masked_fill_(~valid[rep][None, :, None, :], float("-inf"))
+        st = _DecodeState(groups=g, n=n, rep=self.nh // nkv, caches=caches, pstart=P - lens,
+                          alive=torch.arange(B), group=rep.clone(), bias=bias, kernel=kernel)
         logits = logits[rep]
-        next_pos = valid.sum(-1)[rep]  # [B] position of the first new token
+        next_pos = lens[rep]  # [B] position of the first new token
         out = [[] for _ in range(B)]
         out_lp = [[] for _ in range(B)]
         fin = torch.zeros(B, dtype=torch.bool)  # finished rows still in the batch
