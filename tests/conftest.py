@@ -10,6 +10,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def fast_paths_off(monkeypatch):
+    """Every CPU fast path switched off, as on a CPU that has none: fp32 for dtype=auto, no
+    prepacked weights, no C kernel (the switches of thinkrl/device.py)."""
+    from thinkrl import device
+
+    for name in ("THINKRL_BF16", "THINKRL_PREPACK", "THINKRL_KERNELS"):
+        monkeypatch.setenv(name, "0")
+    device.reset()
+    yield device.plan()
+    monkeypatch.undo()
+    device.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     """The cached tiny-random model and tokenizer, loaded once; do not mutate (use ``tiny``)."""

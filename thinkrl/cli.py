@@ -91,7 +91,7 @@ def cmd_eval(args: list[str]) -> int:
     from thinkrl.rollout import build_engine
     from thinkrl.tasks import build_task
     from thinkrl.tasks.templates import drop_long_prompts
-    from thinkrl.trainer.rl import use_bf16
+    from thinkrl.device import use_bf16
 
     config, items = _split(args)
     models, output, overrides = _model_args(items, {"task": "task.name", "n": "eval.n", "k": "eval.samples"})
@@ -182,7 +182,7 @@ def cmd_difficulty(args: list[str]) -> int:
     from thinkrl.rollout import build_engine
     from thinkrl.sampling.difficulty import estimate_pass_rates, write_rows
     from thinkrl.tasks import build_task
-    from thinkrl.trainer.rl import use_bf16
+    from thinkrl.device import use_bf16
 
     config, items = _split(args)
     k, n, rest = 8, None, []

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from thinkrl import device
 from thinkrl.rollout import HFEngine, SamplingParams
 from thinkrl.rollout.fast import FastEngine
 from thinkrl.trainer.batch import make_micro_batch, token_logps
@@ -28,7 +29,12 @@ def chat(tok, q):
     return tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
 
 
-def test_greedy_fp32_tokens_equal_hf_generate(lively):
+@pytest.mark.parametrize("paths", ["plan", "forced_off"])
+def test_greedy_fp32_tokens_equal_hf_generate(lively, paths, request):
+    """With the fast paths this CPU has, and with all of them switched off (as on a CPU
+    without them)."""
+    if paths == "forced_off":
+        request.getfixturevalue("fast_paths_off")
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
     params = SamplingParams(max_new_tokens=24, temperature=0)
@@ -69,11 +75,18 @@ def test_bf16_logps_stay_close_to_fp32(tiny_pair, kernel):
     assert 0 < gap < 0.05  # bf16 keeps 8 bits of mantissa: log-prob errors of a few hundredths
 
 
-def test_prepacked_bf16_weights_give_the_same_tokens_and_logps(lively):
-    """The oneDNN prepacked linears compute what F.linear computes on the same bf16 weights."""
+@pytest.mark.parametrize("bf16,atol", [(True, 2e-2), (False, 1e-5)])
+def test_prepacked_weights_give_the_same_tokens_and_logps(lively, bf16, atol):
+    """The prepacked linears (oneDNN's for bf16 weights, MKL's packed sgemm for fp32) compute
+    what F.linear computes on the same weights. Skipped, with the reason, on a CPU where the
+    library cannot pack (oneDNN's bf16 prepack needs AVX-512 or AVX-NE-CONVERT)."""
+    plan = device.plan()
+    if not (plan.onednn_prepack if bf16 else plan.mkl_prepack):
+        pytest.skip(f"{'oneDNN bf16' if bf16 else 'MKL fp32'} prepack does not run on this CPU "
+                    f"({plan.cpu}, {plan.capability})")
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
-    packed, plain = FastEngine(model, tok, bf16=True), FastEngine(model, tok, bf16=True, prepack=False)
+    packed, plain = FastEngine(model, tok, bf16=bf16), FastEngine(model, tok, bf16=bf16, prepack=False)
     assert packed.prepack and not plain.prepack
     outs = []
     for eng in (packed, plain):
@@ -82,7 +95,36 @@ def test_prepacked_bf16_weights_give_the_same_tokens_and_logps(lively):
     assert packed.layers[0].packed is not None and plain.layers[0].packed is None
     assert outs[0].completion_ids == outs[1].completion_ids
     for a, b in zip(outs[0].logps, outs[1].logps):
-        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=2e-2)
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=atol)
+
+
+def test_the_switches_turn_every_fast_path_off(lively, fast_paths_off):
+    """THINKRL_PREPACK=0 and THINKRL_KERNELS=0 (the ``fast_paths_off`` fixture) leave an engine
+    with neither prepacked weights nor the C kernel, on any CPU, and it still generates."""
+    model, tok = lively
+    for bf16 in (False, True):
+        eng = FastEngine(model, tok, bf16=bf16)
+        ro = eng.generate([chat(tok, "Hi")], 2, SamplingParams(max_new_tokens=4, temperature=1.0))
+        assert not eng.prepack and eng.kernel is None and eng.layers[0].packed is None
+        assert all(len(c) >= 1 for c in ro.completion_ids)
+
+
+def test_fp32_engine_with_the_c_kernel_matches_the_training_forward(lively):
+    """In fp32 the engine's decode attention runs in C (the AVX2-only CPUs' path): its sampled
+    log-probs equal the training forward's to fp32 precision."""
+    model, tok = lively
+    eng = FastEngine(model, tok, bf16=False, kernel=True)
+    if eng.kernel is None:
+        pytest.skip("no C kernel here (no compiler, or THINKRL_KERNELS=0)")
+    prompts = [chat(tok, q) for q in PROMPTS]
+    torch.manual_seed(0)
+    ro = eng.generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7))
+    mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
+    with torch.no_grad():
+        logp, _ = token_logps(model, mb, temperature=0.7)
+    T = mb.mask.shape[1]
+    engine = torch.tensor([x + [0.0] * (T - len(x)) for x in ro.logps])
+    torch.testing.assert_close(engine * mb.mask, logp, atol=1e-4, rtol=0)
 
 
 def test_samples_follow_the_softmax(lively):
@@ -219,10 +261,14 @@ def test_sampling_logps_on_a_wide_logit_range_equal_log_softmax():
     assert torch.equal(FastEngine._sample(logits.clone(), SamplingParams(temperature=0.0))[0], logits.argmax(-1))
 
 
-def test_logps_stay_exact_while_finished_rows_are_dropped(lively):
+@pytest.mark.parametrize("paths", ["plan", "forced_off"])
+def test_logps_stay_exact_while_finished_rows_are_dropped(lively, paths, request):
     """Rows that end early leave the batch (their generated caches are compacted, the shared
     prompt part runs on a buffer of all rows): the surviving rows' log-probs must still equal
-    the training forward's, in fp32, for every token before and after the drops."""
+    the training forward's, in fp32, for every token before and after the drops (with this
+    CPU's fast paths, and with them switched off)."""
+    if paths == "forced_off":
+        request.getfixturevalue("fast_paths_off")
     model, tok = lively
     model = copy.deepcopy(model)
     prompts = [chat(tok, q) for q in PROMPTS]
@@ -311,23 +357,65 @@ def test_kernel_loader_falls_back_cleanly(monkeypatch, tmp_path, caplog):
     build lands in THINKRL_CACHE once and is reused."""
     from thinkrl.rollout import kernels
 
-    monkeypatch.setattr(kernels, "_lib", False)
+    monkeypatch.setattr(kernels, "_libs", {})
     monkeypatch.setenv("THINKRL_KERNELS", "0")
     assert kernels.decode_attention_kernel() is None
-    monkeypatch.setattr(kernels, "_lib", False)
+    monkeypatch.setattr(kernels, "_libs", {})
     monkeypatch.setenv("THINKRL_KERNELS", "1")
     monkeypatch.setenv("THINKRL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with caplog.at_level("WARNING"):
         assert kernels.decode_attention_kernel() is None
     assert "kernel unavailable" in caplog.text
-    monkeypatch.setattr(kernels, "_lib", False)
+    monkeypatch.setattr(kernels, "_libs", {})
     monkeypatch.delenv("CC")
     import shutil
 
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("no C compiler here")
-    first = kernels._build()
+    first = kernels._build("native")
     assert first.parent == tmp_path / "kernels" and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert kernels._build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert kernels._build("native") == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_a_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
+    """The engine checks the C kernel against the torch path before using it: a kernel that
+    writes wrong numbers (here: one that leaves its output untouched) is refused with a warning."""
+    from thinkrl.rollout import fast
+
+    real = fast.decode_attention
+
+    def broken(fn, *args):
+        out = args[-1]
+        real(fn, *args)
+        return out.zero_()
+
+    monkeypatch.setattr(fast, "_CHECKED", {})
+    monkeypatch.setattr(fast, "decode_attention", broken)
+    if fast.decode_attention_kernel(torch.float32) is None:
+        pytest.skip("no C kernel here")
+    with caplog.at_level("WARNING"):
+        assert fast.checked_kernel(torch.float32) is None
+    assert "disagrees" in caplog.text
+
+
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_kernel_built_for_an_older_x86_cpu_agrees(monkeypatch, tmp_path, march):
+    """The kernel is portable C: built for AVX2 (haswell) or plain SSE2 (x86-64), as on CPUs
+    without AVX-512, it computes what the torch path computes, for bf16 and fp32 caches.
+    (Run where this CPU can execute that target: on x86 with AVX2.)"""
+    import platform
+
+    from thinkrl.rollout import fast, kernels
+
+    if platform.machine() != "x86_64" or not torch.cpu._is_avx2_supported():
+        pytest.skip(f"-march={march} code cannot run on this CPU ({platform.machine()})")
+    monkeypatch.setenv("THINKRL_KERNEL_MARCH", march)
+    monkeypatch.setenv("THINKRL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_libs", {})
+    for dt, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
+        fn = kernels.decode_attention_kernel(dt)
+        if fn is None:
+            pytest.skip("no C compiler here")
+        assert fast._kernel_error(fn, dt) < tol

@@ -143,7 +143,7 @@ def evaluate_model(cfg: PipelineConfig, model_path: str) -> dict:
     from thinkrl.models import load_model
     from thinkrl.rollout import build_engine
     from thinkrl.tasks import build_task
-    from thinkrl.trainer.rl import use_bf16
+    from thinkrl.device import use_bf16
 
     task = build_task(cfg.task)
     model, tok = load_model(model_path)

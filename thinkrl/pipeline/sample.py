@@ -130,7 +130,7 @@ def generate(cfg: SampleConfig, examples: list, tok, model) -> tuple[list[list[s
             trunc.append([False] * len(got))
         lens = [[len(tok(t, add_special_tokens=False).input_ids) for t in row] for row in texts]
         return texts, lens, trunc
-    from thinkrl.trainer.rl import use_bf16
+    from thinkrl.device import use_bf16
 
     engine = build_engine(cfg.backend, model, tok, batch_size=cfg.batch_size, bf16=use_bf16(cfg.dtype))
     rendered = [render_prompt(ex.question, tok, cfg.task) for ex in examples]

@@ -42,13 +42,6 @@ def autocast(enabled: bool):
     return contextlib.nullcontext()
 
 
-def bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
 class HFEngine:
     """Reference engine: ``transformers`` ``generate`` on left-padded batches."""
 

@@ -1,6 +1,7 @@
-/* Decode attention for thinkrl's fast engine: one new token per batch row, bf16 caches,
- * fp32 arithmetic. Compiled on first use by thinkrl/rollout/kernels.py (gcc -O3
- * -march=native) and called through ctypes; the torch-ops path in fast.py computes the
+/* Decode attention for thinkrl's fast engine: one new token per batch row, bf16 or fp32
+ * caches, fp32 arithmetic. Compiled on first use by thinkrl/rollout/kernels.py (gcc -O3
+ * -march=native), once as decode_attention_bf16 and once with -DTHINKRL_F32 as
+ * decode_attention_f32, and called through ctypes; the torch-ops path in fast.py computes the
  * same thing and is used wherever this file cannot be built.
  *
  * Why a kernel: per layer and step the torch path runs ~11 small operators (two score
@@ -8,7 +9,7 @@
  * conversions, two value matmuls, the cache writes), each a full pass with its own
  * set-up; here each (key head, row) pair is one task that reads its keys and values once.
  *
- * Layouts (bf16 as uint16_t, row-major, kv = key head):
+ * Layouts (elem_t: bf16 as uint16_t, or float; row-major, kv = key head):
  *   q      [b, nkv * rep * hd] query heads of a row, already scaled by 1/sqrt(hd), row stride q_rs
  *   knew   [b, nkv * hd]       the new token's keys (row stride k_rs), vnew likewise (v_rs)
  *   kp_t   [nkv, g, hd, P]     prompt keys, transposed (shared by the n samples of a group)
@@ -24,30 +25,39 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t x) {
+/* 16 lanes of fp32 / 16 cache values: GCC vector extensions, lowered to AVX-512, AVX2 or SSE,
+ * whatever -march=native offers. */
+typedef float v16f __attribute__((vector_size(64)));
+
+#ifdef THINKRL_F32
+/* fp32 caches (the engine on CPUs without bf16): loads and stores are plain copies. */
+typedef float elem_t;
+#define ENTRY decode_attention_f32
+static inline float to_f32(float x) { return x; }
+static inline float from_f32(float f) { return f; }
+static inline v16f load16(const float *p) {
+    v16f f;
+    memcpy(&f, p, sizeof f);
+    return f;
+}
+#else
+/* bf16 caches stored as uint16_t. */
+typedef uint16_t elem_t;
+#define ENTRY decode_attention_bf16
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+static inline float to_f32(uint16_t x) {
     union { uint32_t u; float f; } v;
     v.u = (uint32_t)x << 16;
     return v.f;
 }
 
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest, ties to even (finite inputs) */
+static inline uint16_t from_f32(float f) {  /* round to nearest, ties to even (finite inputs) */
     union { uint32_t u; float f; } v;
     v.f = f;
     return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
-
-typedef struct {
-    const uint16_t *q, *knew, *vnew, *kp_t, *vp;
-    uint16_t *kg_t, *vg, *out;
-    const int64_t *group, *pstart;
-    int64_t b, g, nkv, rep, hd, P, T, t, q_rs, k_rs, v_rs;
-} Job;
-
-/* 16 lanes of fp32 / 16 bf16 values: GCC vector extensions, lowered to AVX-512, AVX2 or SSE,
- * whatever -march=native offers. */
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
 
 static inline v16f load16(const uint16_t *p) {  /* 16 bf16 -> fp32: the bf16 bits are the high half */
     v16h h;
@@ -57,17 +67,25 @@ static inline v16f load16(const uint16_t *p) {  /* 16 bf16 -> fp32: the bf16 bit
     memcpy(&f, &u, sizeof f);
     return f;
 }
+#endif
 
-static inline v16f load_tail(const uint16_t *p, int64_t m) {  /* m < 16 values, the rest 0 */
-    uint16_t tmp[16] = {0};
-    memcpy(tmp, p, sizeof(uint16_t) * (size_t)m);
+typedef struct {
+    const elem_t *q, *knew, *vnew, *kp_t, *vp;
+    elem_t *kg_t, *vg, *out;
+    const int64_t *group, *pstart;
+    int64_t b, g, nkv, rep, hd, P, T, t, q_rs, k_rs, v_rs;
+} Job;
+
+static inline v16f load_tail(const elem_t *p, int64_t m) {  /* m < 16 values, the rest 0 */
+    elem_t tmp[16] = {0};
+    memcpy(tmp, p, sizeof(elem_t) * (size_t)m);
     return load16(tmp);
 }
 
 /* s[i][j] = sum_d q[i][d] keys[d][j] for j < n and the NQ (<= 4) query rows i, keys transposed
  * (row stride ld). Sixteen keys at a time, the NQ sums held in registers across d. */
 static inline __attribute__((always_inline)) void scores_nq(const int NQ, const float *qf, int64_t hd,
-                                                            const uint16_t *keys, int64_t ld, int64_t n,
+                                                            const elem_t *keys, int64_t ld, int64_t n,
                                                             float *s, int64_t sstride) {
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
         const int64_t m = n - j0 < 16 ? n - j0 : 16;
@@ -84,7 +102,7 @@ static inline __attribute__((always_inline)) void scores_nq(const int NQ, const 
     }
 }
 
-static void scores_t(const float *qf, int64_t nq, int64_t hd, const uint16_t *keys, int64_t ld, int64_t n,
+static void scores_t(const float *qf, int64_t nq, int64_t hd, const elem_t *keys, int64_t ld, int64_t n,
                      float *s, int64_t sstride) {
     for (int64_t i0 = 0; i0 < nq; i0 += 4) {
         const float *q = qf + i0 * hd;
@@ -102,7 +120,7 @@ static void scores_t(const float *qf, int64_t nq, int64_t hd, const uint16_t *ke
  * vectors of 16 dims: up to 16 accumulators in registers, each value row read once. */
 static inline __attribute__((always_inline)) void values_nq(const int NQ, const int W, const float *p,
                                                             int64_t sstride, int64_t hd, int64_t c0,
-                                                            const uint16_t *values, int64_t n, float *acc) {
+                                                            const elem_t *values, int64_t n, float *acc) {
     v16f a[4][4];
     for (int i = 0; i < NQ; i++)
         for (int c = 0; c < W; c++) memcpy(&a[i][c], acc + i * hd + c0 + 16 * c, sizeof(v16f));
@@ -127,7 +145,7 @@ static inline __attribute__((always_inline)) void values_nq(const int NQ, const 
     }
 
 /* acc[i][:] += sum_j p[i][j] * values[j][:] over j < n (hd a multiple of 16) */
-static void weighted_values(const float *p, int64_t sstride, int64_t nq, int64_t hd, const uint16_t *values,
+static void weighted_values(const float *p, int64_t sstride, int64_t nq, int64_t hd, const elem_t *values,
                             int64_t n, float *acc) {
     for (int64_t i0 = 0; i0 < nq; i0 += 4) {
         const float *pi = p + i0 * sstride;
@@ -158,14 +176,14 @@ static int run(const Job *J, int64_t task0, int64_t task1) {
     for (int64_t task = task0; task < task1; task++) {
         const int64_t h = task / b, r = task % b, grp = J->group[r], ps = J->pstart[grp];
         const int64_t np = P - ps, n = np + t + 1;
-        uint16_t *kg_t = J->kg_t + (h * b + r) * hd * T;
-        uint16_t *vg = J->vg + (h * b + r) * T * hd;
-        const uint16_t *kn = J->knew + r * J->k_rs + h * hd, *vn = J->vnew + r * J->v_rs + h * hd;
+        elem_t *kg_t = J->kg_t + (h * b + r) * hd * T;
+        elem_t *vg = J->vg + (h * b + r) * T * hd;
+        const elem_t *kn = J->knew + r * J->k_rs + h * hd, *vn = J->vnew + r * J->v_rs + h * hd;
         for (int64_t d = 0; d < hd; d++) kg_t[d * T + t] = kn[d];
-        memcpy(vg + t * hd, vn, sizeof(uint16_t) * (size_t)hd);
-        const uint16_t *qr = J->q + r * J->q_rs + h * rep * hd;
-        for (int64_t i = 0; i < rep * hd; i++) qf[i] = bf16_to_f32(qr[i]);
-        const uint16_t *kp_t = J->kp_t + (h * J->g + grp) * hd * P + ps;
+        memcpy(vg + t * hd, vn, sizeof(elem_t) * (size_t)hd);
+        const elem_t *qr = J->q + r * J->q_rs + h * rep * hd;
+        for (int64_t i = 0; i < rep * hd; i++) qf[i] = to_f32(qr[i]);
+        const elem_t *kp_t = J->kp_t + (h * J->g + grp) * hd * P + ps;
         scores_t(qf, rep, hd, kp_t, P, np, scores, n);
         scores_t(qf, rep, hd, kg_t, T, t + 1, scores + np, n);
         for (int64_t i = 0; i < rep; i++) {  /* softmax of each query head's row */
@@ -179,8 +197,8 @@ static int run(const Job *J, int64_t task0, int64_t task1) {
         memset(acc, 0, sizeof(float) * (size_t)(rep * hd));
         weighted_values(scores, n, rep, hd, J->vp + ((h * J->g + grp) * P + ps) * hd, np, acc);
         weighted_values(scores + np, n, rep, hd, vg, t + 1, acc);
-        uint16_t *o = J->out + r * nkv * rep * hd + h * rep * hd;
-        for (int64_t i = 0; i < rep * hd; i++) o[i] = f32_to_bf16(acc[i]);
+        elem_t *o = J->out + r * nkv * rep * hd + h * rep * hd;
+        for (int64_t i = 0; i < rep * hd; i++) o[i] = from_f32(acc[i]);
     }
     free(scores); free(qf); free(acc);
     return 0;
@@ -189,11 +207,11 @@ static int run(const Job *J, int64_t task0, int64_t task1) {
 /* Returns 0 on success. Tasks (key head, row) are split evenly over `threads` OpenMP threads;
  * loaded into a process that runs PyTorch, libgomp is PyTorch's own (same soname), so this
  * uses the same thread pool as its operators instead of competing with it. */
-int decode_attention(const uint16_t *q, const uint16_t *knew, const uint16_t *vnew,
-                     const uint16_t *kp_t, const uint16_t *vp, uint16_t *kg_t, uint16_t *vg,
-                     const int64_t *group, const int64_t *pstart, uint16_t *out,
-                     int64_t b, int64_t g, int64_t nkv, int64_t rep, int64_t hd, int64_t P, int64_t T,
-                     int64_t t, int64_t q_rs, int64_t k_rs, int64_t v_rs, int64_t threads) {
+int ENTRY(const elem_t *q, const elem_t *knew, const elem_t *vnew,
+           const elem_t *kp_t, const elem_t *vp, elem_t *kg_t, elem_t *vg,
+           const int64_t *group, const int64_t *pstart, elem_t *out,
+           int64_t b, int64_t g, int64_t nkv, int64_t rep, int64_t hd, int64_t P, int64_t T,
+           int64_t t, int64_t q_rs, int64_t k_rs, int64_t v_rs, int64_t threads) {
     const Job job = {q, knew, vnew, kp_t, vp, kg_t, vg, out, group, pstart,
                      b, g, nkv, rep, hd, P, T, t, q_rs, k_rs, v_rs};
     const int64_t tasks = nkv * b;

@@ -4,15 +4,17 @@ Why not ``generate``: on a small model, HF ``generate`` spends most of its time
 outside the matmuls (cache objects, logits processors, mask building per step),
 and under bf16 autocast it re-casts every weight at every step. This engine:
 
-- keeps a bf16 copy of the weights (fp32 where the CPU lacks bf16), fused per
-  layer into one QKV and one gate/up matrix, refreshed from the trained model
-  before each rollout;
+- keeps a bf16 copy of the weights (fp32 where the CPU lacks native bf16; see
+  ``thinkrl/device.py``), fused per layer into one QKV and one gate/up matrix,
+  refreshed from the trained model before each rollout, and prepacked for the
+  CPU's GEMM library where that runs (oneDNN's blocked layout for bf16, MKL's
+  packed sgemm for fp32);
 - prefills each distinct prompt once and keeps its keys/values once for its G
   samples: at each decode step the G samples' queries meet the shared prompt
   keys in one matmul per group (cascade attention), and only the tokens a
   sample generated live in a per-sample cache;
-- runs that decode attention as a small C kernel where one can be built
-  (``kernels.py``; the torch-ops version otherwise);
+- runs that decode attention as a small C kernel where one can be built and
+  agrees with the torch-ops version (``kernels.py``; the torch ops otherwise);
 - drops finished sequences from the batch as they end;
 - samples with temperature / top-k / top-p (the full-vocabulary case in one exp2
   pass and a two-level inverse-CDF search) and returns each sampled token's
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from thinkrl import device
 from thinkrl.perf import tune_allocator
 from thinkrl.rollout import Rollout, SamplingParams
 from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
@@ -46,7 +49,7 @@ class _Layer:
     ln_post: Tensor  # [H] fp32
     wgu: Tensor  # [2 I, H]
     wd: Tensor  # [H, I]
-    packed: dict | None = None  # the same four weights in oneDNN's blocked layout (see _prepack)
+    packed: dict | None = None  # the same four weights prepacked for the GEMM library (see _prepack)
 
 
 PACKED = ("wqkv", "wo", "wgu", "wd")
@@ -93,11 +96,33 @@ class _DecodeState:
             self.p_buf = torch.zeros(nkv, rows, self.rep, P, dtype=dt)
 
 
-def _linear(x: Tensor, w: Tensor, packed: Tensor | None, b: Tensor | None = None) -> Tensor:
-    """``x @ w.T + b``; through the oneDNN kernel on the prepacked copy of ``w`` when there is one."""
-    if packed is None:
-        return F.linear(x, w, b)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+class _Packer:
+    """Prepacked linear weights: ``pack(w)`` once per sync, then ``linear(x, w, packed, b)``
+    computes ``x @ w.T + b`` from the packed copy. The packed layouts skip the reorder that
+    F.linear does inside every call: at the decode shapes (64 rows x 576 -> 1536, 49152, ...)
+    1.2-2.6x faster in bf16 and 1.1-1.5x in fp32 (benchmarks/decode_matmul.py). Both ops are
+    private to torch, so the engine checks them against F.linear at every sync."""
+
+    def __init__(self, dtype: torch.dtype, batch_size: int):
+        self.dtype, self.batch_size = dtype, batch_size
+        self.name = "oneDNN bf16" if dtype == torch.bfloat16 else "MKL fp32"
+
+    def pack(self, w: Tensor) -> Tensor:
+        if self.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size)
+        return torch.ops.mkl._mkl_reorder_linear_weight(w, self.batch_size)
+
+    def linear(self, x: Tensor, w: Tensor, packed: Tensor, b: Tensor | None = None) -> Tensor:
+        if self.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        return torch.ops.mkl._mkl_linear(x, packed, w, b, self.batch_size)
+
+
+def _packer(dtype: torch.dtype, batch_size: int, wanted: bool | None) -> _Packer | None:
+    """The packer for ``dtype`` where the device plan says it runs (``wanted``: None asks the plan)."""
+    plan = device.plan()
+    ok = plan.onednn_prepack if dtype == torch.bfloat16 else plan.mkl_prepack
+    return _Packer(dtype, batch_size) if (ok if wanted is None else wanted and ok) else None
 
 
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
@@ -200,9 +225,60 @@ def _cascade_attention(q: Tensor, k: Tensor, v: Tensor, cache: list[Tensor], st:
     return op.add_(og).transpose(0, 1).reshape(b, nh * hd)
 
 
+_CHECKED: dict = {}  # (dtype, -march target) -> the checked kernel or None
+
+
+def checked_kernel(dtype: torch.dtype):
+    """The C decode-attention kernel for caches of ``dtype``, once it has computed what
+    :func:`_cascade_attention` computes on a small random problem (ragged prompts, 3 query
+    heads per key head, a partly filled generated cache); None, with a warning, if it cannot
+    be built or disagrees. Checked once per process and build target."""
+    from thinkrl.rollout.kernels import _march
+
+    key = (dtype, _march())
+    if key not in _CHECKED:
+        fn, _CHECKED[key] = decode_attention_kernel(dtype), None
+        if fn is not None:
+            err = _kernel_error(fn, dtype)
+            if err <= (2e-2 if dtype == torch.bfloat16 else 1e-4):
+                _CHECKED[key] = fn
+            else:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "C decode-attention kernel disagrees with the torch path (max error %.3g); using torch ops", err)
+    return _CHECKED[key]
+
+
+def _kernel_error(fn, dt: torch.dtype) -> float:
+    """Max |kernel - torch path| over one decode step of a small problem."""
+    gen = torch.Generator().manual_seed(0)
+    g, n, nkv, rep, hd, P, T, t = 2, 2, 2, 3, 16, 5, 4, 2
+    b, nh = g * n, nkv * rep
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).to(dt)
+
+    pstart = torch.tensor([0, 2])  # the second prompt is left-padded by 2
+    caches = [r(nkv, g, hd, P), r(nkv, g, P, hd), r(nkv, b, hd, T), r(nkv, b, T, hd)]
+    q, k, v = r(b, nh, hd) * hd ** -0.5, r(b, nkv, hd), r(b, nkv, hd)
+    group = torch.arange(g).repeat_interleave(n)
+    bias = torch.zeros(1, b, 1, P + T)
+    bias[:, :, :, :P].masked_fill_((torch.arange(P)[None] < pstart[group][:, None])[None, :, None], float("-inf"))
+    st = _DecodeState(groups=g, n=n, rep=rep, caches=[[c.clone() for c in caches]], pstart=pstart,
+                      alive=torch.arange(b), group=group, bias=bias, t=t)
+    want = _cascade_attention(q, k, v, st.caches[0], st).float()
+    c = [x.clone() for x in caches]
+    got = decode_attention(fn, q.reshape(b, nh * hd), k.reshape(b, nkv * hd), v.reshape(b, nkv * hd), *c,
+                           group, pstart, t, torch.empty(b, nh * hd, dtype=dt)).float()
+    return float((got - want).abs().max())
+
+
 class FastEngine:
     def __init__(self, model, tokenizer, *, batch_size: int = 64, bf16: bool = True,
-                 stop_strings: tuple[str, ...] = (), prepack: bool = True, kernel: bool = True):
+                 stop_strings: tuple[str, ...] = (), prepack: bool | None = None, kernel: bool | None = None):
+        """``prepack`` and ``kernel``: None follows the device plan (``thinkrl/device.py``);
+        False turns the fast path off; True asks for it where the plan says it runs."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             from thinkrl.config import ConfigError
@@ -210,7 +286,6 @@ class FastEngine:
             raise ConfigError(f"rollout.backend=fast supports {', '.join(SUPPORTED)} models, not "
                               f"'{cfg.model_type}'; use rollout.backend=hf")
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
-        self.kernel = kernel  # decode attention in C (kernels.py) where it builds; bf16 only
         tune_allocator()  # each decode step allocates and frees MB-sized logits: reuse, no page faults
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.nh = cfg.num_attention_heads
@@ -223,12 +298,11 @@ class FastEngine:
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos} - {None})
         self._rope_inv_freq = self._inv_freq(cfg)
         self._version = None
-        # bf16 weights reordered once per sync into oneDNN's blocked layout: at the decode
-        # shapes (64 rows x 576 -> 1536, 49152, ...) that runs 1.2-2.6x faster than F.linear,
-        # which reorders the weight inside every call (benchmarks/decode_matmul.py).
-        self.prepack = prepack and bf16 and torch.backends.mkldnn.is_available() and \
-            hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        self.packer = _packer(self.dtype, batch_size, prepack)
         self.head_packed = None
+        # decode attention in C where it builds and agrees with the torch path (head dims of 16k)
+        self.kernel = checked_kernel(self.dtype) if (device.plan().kernel if kernel is None else kernel) \
+            and self.hd % 16 == 0 else None
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -275,31 +349,40 @@ class FastEngine:
                     wgu=torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]).to(dt), wd=W(mlp.down_proj).to(dt)))
             self._prepack()
 
+    @property
+    def prepack(self) -> bool:
+        return self.packer is not None
+
     def _prepack(self) -> None:
-        """Reorder the bf16 weights for oneDNN (a private torch op: checked against F.linear at
-        every sync, and switched off for good with a warning if it is missing or disagrees)."""
+        """Pack the weights for the GEMM library (private torch ops: checked against F.linear
+        at every sync, and switched off for good with a warning if they fail or disagree)."""
         self.head_packed = None
-        if not self.prepack:
+        if self.packer is None:
             return
         try:
-            def pack(w: Tensor) -> Tensor:
-                return torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size)
-
+            pack = self.packer.pack
             for L in self.layers:
                 L.packed = {k: pack(getattr(L, k)) for k in PACKED}
             self.head_packed = pack(self.head)
             L = self.layers[0]
             x = torch.randn(3, L.wqkv.shape[1], generator=torch.Generator().manual_seed(0)).to(self.dtype)
-            want, got = F.linear(x, L.wqkv, L.bqkv).float(), _linear(x, L.wqkv, L.packed["wqkv"], L.bqkv).float()
+            want, got = F.linear(x, L.wqkv, L.bqkv).float(), self._linear(x, L.wqkv, L.packed["wqkv"], L.bqkv).float()
             if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
                 raise RuntimeError(f"max difference {(got - want).abs().max().item():.3g}")
         except Exception as e:  # noqa: BLE001 (any failure of a private op means: do without it)
             import logging
 
-            logging.getLogger(__name__).warning("oneDNN prepacked linear unavailable (%s); using F.linear", e)
-            self.prepack, self.head_packed = False, None
+            logging.getLogger(__name__).warning("%s prepacked linear unavailable (%s); using F.linear",
+                                                self.packer.name, e)
+            self.packer, self.head_packed = None, None
             for L in self.layers:
                 L.packed = None
+
+    def _linear(self, x: Tensor, w: Tensor, packed: Tensor | None, b: Tensor | None = None) -> Tensor:
+        """``x @ w.T + b``; from the prepacked copy of ``w`` when there is one."""
+        if packed is None:
+            return F.linear(x, w, b)
+        return self.packer.linear(x, w, packed, b)
 
     # -- the forward pass ------------------------------------------------------------------
 
@@ -329,7 +412,7 @@ class FastEngine:
         for L, (kc, vc) in zip(self.layers, kv):
             h = _rms(x, L.ln_in, self.eps).to(dt)  # [b, s, H]
             P = L.packed or {}
-            qkv = _linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, s, (nh + 2 nkv) hd]
+            qkv = self._linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, s, (nh + 2 nkv) hd]
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], -1)
             q = self._rotate(q.view(b, s, nh, hd).transpose(1, 2), cos, sin)  # [b, nh, s, hd]
             k = self._rotate(k.view(b, s, nkv, hd).transpose(1, 2), cos, sin)  # [b, nkv, s, hd]
@@ -337,14 +420,14 @@ class FastEngine:
             vc[:, :, start:end] = v.view(b, s, nkv, hd).transpose(1, 2)
             a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
                                                enable_gqa=nkv != nh)  # [b, nh, s, hd]
-            x = x + _linear(a.transpose(1, 2).reshape(b, s, nh * hd), L.wo, P.get("wo")).float()
+            x = x + self._linear(a.transpose(1, 2).reshape(b, s, nh * hd), L.wo, P.get("wo")).float()
             h = _rms(x, L.ln_post, self.eps).to(dt)
-            g, u = _linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, s, I] each
-            x = x + _linear(F.silu(g) * u, L.wd, P.get("wd")).float()
+            g, u = self._linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, s, I] each
+            x = x + self._linear(F.silu(g) * u, L.wd, P.get("wd")).float()
         if all_hidden:
             return _rms(x, self.ln_final, self.eps).to(dt)  # [b, s, H]
         last = _rms(x[:, -1], self.ln_final, self.eps).to(dt)  # [b, H]
-        return _linear(last, self.head, self.head_packed).float()  # [b, V]
+        return self._linear(last, self.head, self.head_packed).float()  # [b, V]
 
     def _step_rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """cos and signed sin [b, nh + nkv, hd] for one new token per row at positions ``pos`` [b],
@@ -368,7 +451,7 @@ class FastEngine:
         for L, cache in zip(self.layers, st.caches):
             P = L.packed or {}
             h = F.rms_norm(x, (H,), L.ln_in, self.eps).to(dt)
-            qkv = _linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, (nh + 2 nkv) hd]
+            qkv = self._linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, (nh + 2 nkv) hd]
             qk = qkv[:, : (nh + nkv) * hd].view(b, nh + nkv, hd)
             qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # RoPE on query and key heads at once
             if st.kernel is not None:
@@ -377,12 +460,12 @@ class FastEngine:
                                      *cache, st.group, st.pstart, st.t, torch.empty(b, nh * hd, dtype=dt))
             else:
                 a = _cascade_attention(qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd:].view(b, nkv, hd), cache, st)
-            x.add_(_linear(a, L.wo, P.get("wo")))
+            x.add_(self._linear(a, L.wo, P.get("wo")))
             h = F.rms_norm(x, (H,), L.ln_post, self.eps).to(dt)
-            gate, up = _linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, I] each
-            x.add_(_linear(F.silu(gate).mul_(up), L.wd, P.get("wd")))
+            gate, up = self._linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, I] each
+            x.add_(self._linear(F.silu(gate).mul_(up), L.wd, P.get("wd")))
         h = F.rms_norm(x, (H,), self.ln_final, self.eps).to(dt)
-        return _linear(h, self.head, self.head_packed).float()  # [b, V]
+        return self._linear(h, self.head, self.head_packed).float()  # [b, V]
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -510,7 +593,7 @@ class FastEngine:
         caches = [[k.permute(1, 0, 3, 2).contiguous(), v.transpose(0, 1).contiguous(),
                    torch.zeros(nkv, B, hd, T, dtype=dt), torch.zeros(nkv, B, T, hd, dtype=dt)] for k, v in kv]
         lens = valid.sum(-1)  # [g] true prompt lengths
-        kernel = decode_attention_kernel() if self.kernel and dt == torch.bfloat16 and hd % 16 == 0 else None
+        kernel = self.kernel
         bias = None
         if kernel is None:
             bias = torch.zeros(1, B, 1, P + T)

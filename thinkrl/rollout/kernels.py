@@ -1,12 +1,16 @@
 """Build and load the engine's C kernel (``decode_attention.c``) on first use.
 
 The source ships with the package; it is compiled once per machine and source version
-with the system C compiler (``-O3 -march=native``: it runs where it was built) into
-``$THINKRL_CACHE`` (default ``~/.cache/thinkrl``) and called through ``ctypes``, which
-releases the GIL for the call. Nothing here is required: without a compiler, with
+with the system C compiler (``-O3 -march=native``: it runs where it was built), twice
+into one library (bf16 caches, and fp32 caches with ``-DTHINKRL_F32``), kept in
+``$THINKRL_CACHE`` (default ``~/.cache/thinkrl``), and called through ``ctypes``, which
+releases the GIL for the call. The code is portable C with GCC vector extensions, so the
+same source builds for AVX-512, AVX2, SSE or Arm NEON; ``THINKRL_KERNEL_MARCH`` (default
+``native``) builds for another target, which is how the tests check an AVX2-only build
+on a bigger CPU. Nothing here is required: without a compiler, with
 ``THINKRL_KERNELS=0``, or if the build fails, :func:`decode_attention_kernel` returns
 ``None`` (logged once) and the engine uses its torch-ops path, which computes the same
-attention.
+attention (the engine also checks the kernel against that path before using it).
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode_attention.c")
 # -ffast-math only when compiling (it lets gcc vectorise expf and reassociate the sums);
 # linking without it keeps crtfastmath.o, which would flush denormals process-wide, out of the library.
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11", "-Wall"]
+CFLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11", "-Wall"]
 LDFLAGS = ["-shared", "-fopenmp", "-lm"]
-_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+ENTRIES = {torch.bfloat16: "decode_attention_bf16", torch.float32: "decode_attention_f32"}
+_libs: dict[str, ctypes.CDLL | None] = {}  # per -march target; None: could not be had
+
+
+def _march() -> str:
+    return os.environ.get("THINKRL_KERNEL_MARCH", "native")
 
 
 def _cpu_tag() -> str:
@@ -42,12 +51,13 @@ def _cpu_tag() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def _build() -> Path:
+def _build(march: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler found (gcc/cc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS + LDFLAGS), version, _cpu_tag()])
+    cflags = [f"-march={march}", *CFLAGS]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cflags + LDFLAGS), version, _cpu_tag()])
                          .encode()).hexdigest()[:16]
     cache = Path(os.environ.get("THINKRL_CACHE", Path.home() / ".cache" / "thinkrl")) / "kernels"
     out = cache / f"decode_attention-{key}.so"
@@ -55,8 +65,10 @@ def _build() -> Path:
         return out
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-        for cmd in ([cc, *CFLAGS, "-c", str(SOURCE), "-o", str(obj)], [cc, str(obj), "-o", str(lib), *LDFLAGS]):
+        bf16, f32, lib = Path(tmp) / "bf16.o", Path(tmp) / "f32.o", Path(tmp) / "k.so"
+        for cmd in ([cc, *cflags, "-c", str(SOURCE), "-o", str(bf16)],
+                    [cc, *cflags, "-DTHINKRL_F32", "-c", str(SOURCE), "-o", str(f32)],
+                    [cc, str(bf16), str(f32), "-o", str(lib), *LDFLAGS]):
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if res.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
@@ -64,23 +76,25 @@ def _build() -> Path:
     return out
 
 
-def decode_attention_kernel():
-    """The loaded ``decode_attention`` C function, or None where it cannot be had."""
-    global _lib
-    if _lib is False:
-        _lib = None
+def decode_attention_kernel(dtype: torch.dtype = torch.bfloat16):
+    """The loaded C function for caches of ``dtype`` (bf16 or fp32), or None where it cannot be had."""
+    march = _march()
+    if march not in _libs:
+        _libs[march] = None
         if os.environ.get("THINKRL_KERNELS", "1") == "0":
             log.info("THINKRL_KERNELS=0: decode attention runs on torch ops")
         else:
             try:
-                lib = ctypes.CDLL(str(_build()))
-                fn = lib.decode_attention
-                fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 12
-                fn.restype = ctypes.c_int
-                _lib = lib
+                lib = ctypes.CDLL(str(_build(march)))
+                for name in ENTRIES.values():
+                    fn = getattr(lib, name)
+                    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 12
+                    fn.restype = ctypes.c_int
+                _libs[march] = lib
             except Exception as e:  # noqa: BLE001 (any failure means: use the torch path)
                 log.warning("C decode-attention kernel unavailable (%s); using torch ops", e)
-    return _lib.decode_attention if _lib else None
+    lib = _libs[march]
+    return getattr(lib, ENTRIES[dtype]) if lib is not None and dtype in ENTRIES else None
 
 
 def decode_attention(fn, q: Tensor, knew: Tensor, vnew: Tensor, kp_t: Tensor, vp: Tensor, kg_t: Tensor,
@@ -92,8 +106,8 @@ def decode_attention(fn, q: Tensor, knew: Tensor, vnew: Tensor, kp_t: Tensor, vp
     rep = q.shape[1] // (nkv * hd)
     for x in (kp_t, vp, kg_t, vg, out, group, pstart):
         assert x.is_contiguous()
-    for x in (q, knew, vnew):
-        assert x.stride(-1) == 1 and x.dtype == torch.bfloat16
+    for x in (q, knew, vnew, kp_t, out):
+        assert x.stride(-1) == 1 and ENTRIES[x.dtype] == fn.__name__
     rc = fn(q.data_ptr(), knew.data_ptr(), vnew.data_ptr(), kp_t.data_ptr(), vp.data_ptr(), kg_t.data_ptr(),
             vg.data_ptr(), group.data_ptr(), pstart.data_ptr(), out.data_ptr(),
             b, g, nkv, rep, hd, P, T, t, q.stride(0), knew.stride(0), vnew.stride(0), torch.get_num_threads())

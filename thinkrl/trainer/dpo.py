@@ -107,7 +107,8 @@ def reference_logps(model, pairs: list[Pair], pad_id: int, bf16: bool, batch_siz
 
 
 def train_dpo(cfg: DPOConfig) -> Path:
-    from thinkrl.trainer.rl import seed_everything, use_bf16
+    from thinkrl.device import use_bf16
+    from thinkrl.trainer.rl import seed_everything
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,9 @@ from thinkrl.eval import evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
 from thinkrl.models import load_model
 from thinkrl.rewards import RewardModel
-from thinkrl.rollout import SamplingParams, bf16_supported, build_engine
+from thinkrl import device
+from thinkrl.device import use_bf16
+from thinkrl.rollout import SamplingParams, build_engine
 from thinkrl.sampling import Groups, build_sampler, collect_groups
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import drop_long_prompts, render_prompt
@@ -94,16 +96,6 @@ class Reference:
             return out
         with self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext():
             return _logps_of(self.model, mbs, N, T, p)
-
-
-def use_bf16(dtype: str) -> bool:
-    if dtype == "fp32":
-        return False
-    if dtype == "bf16":
-        if not bf16_supported():
-            raise ConfigError("dtype=bf16 but this CPU has no bf16 support; use dtype=fp32 or auto")
-        return True
-    return bf16_supported()
 
 
 def lr_lambda(cfg: Config, total: int):
@@ -337,11 +329,17 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bf16 = use_bf16(cfg.dtype)
+    log.info("CPU: %s; this run (dtype=%s) computes in %s", device.plan().describe(), cfg.dtype,
+             "bf16" if bf16 else "fp32")
     task = build_task(cfg.task)
     model, tok = load_policy(cfg, resume_from)
     drop_long_prompts(task, tok, cfg.task)
     ref = Reference.for_policy(model, tok, cfg, bf16) if cfg.algo.kl_coef > 0 else None  # beta = 0: no reference
     engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16)
+    if isinstance(engine, FastEngine):
+        log.info("rollout engine: fast, %s weights%s, decode attention in %s", "bf16" if bf16 else "fp32",
+                 f" prepacked ({engine.packer.name})" if engine.prepack else "",
+                 "C" if engine.kernel is not None else "torch ops")
     trainable = [q for q in model.parameters() if q.requires_grad]  # with LoRA: the adapters only
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay, fused=True)  # one pass per tensor, ~8x faster on CPU

@@ -127,7 +127,8 @@ def load_teacher(name: str, tok):
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Train and write an HF model folder to ``output_dir/final``; returns that path."""
-    from thinkrl.trainer.rl import seed_everything, use_bf16
+    from thinkrl.device import use_bf16
+    from thinkrl.trainer.rl import seed_everything
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,169 @@
+"""What this machine computes fast, decided in one place: the dtype and the CPU fast paths.
+
+CPUs differ more than their ``torch`` build suggests. Seen on this project's machines
+(figures: docs/speed.md):
+
+- Intel with AMX, and AMD Zen 4 with AVX512-BF16: bf16 matmuls run natively, 2-8x the
+  fp32 rate;
+- Intel Ice Lake (AVX-512 without BF16): oneDNN *emulates* bf16, at a quarter of the
+  fp32 rate, so bf16 there is a slowdown, not a speed-up;
+- AMD with AVX2 only: no bf16 kernels at all, and oneDNN's bf16 weight prepack raises.
+
+So ``dtype=auto`` means bf16 only where the CPU has bf16 instructions (AVX512-BF16 or
+AMX on x86, the BF16 extension on Arm), fp32 everywhere else, and each fast path is
+probed once, by running it, rather than assumed:
+
+- ``onednn_prepack``: oneDNN's prepacked bf16 linear (the engine's bf16 weights);
+- ``mkl_prepack``: MKL's packed sgemm weights (the engine's fp32 weights);
+- ``kernel``: the engine's C decode-attention kernel (built and checked in
+  ``rollout/kernels.py``; this flag only says whether it may be tried).
+
+Each can be forced off for testing or debugging, which is how the test suite runs
+every fallback on every CPU: ``THINKRL_BF16=0`` (auto picks fp32),
+``THINKRL_PREPACK=0`` (no prepacked weights of either kind), ``THINKRL_KERNELS=0`` (no
+C kernel). :func:`plan` reads them once; :func:`reset` forgets the cached plan.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from thinkrl.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class CpuPlan:
+    cpu: str  # the processor's model name
+    capability: str  # torch.backends.cpu.get_cpu_capability(): AVX512, AVX2, DEFAULT, SVE256, ...
+    native_bf16: bool  # bf16 dot-product instructions (AVX512-BF16, AMX-BF16, Arm BF16)
+    bf16_runs: bool  # oneDNN runs bf16 at all (natively or emulated)
+    onednn_prepack: bool  # oneDNN's prepacked bf16 linear runs and agrees with F.linear
+    mkl_prepack: bool  # MKL's packed fp32 linear runs and agrees with F.linear
+    kernel: bool  # the C decode-attention kernel may be built and tried
+    forced_off: tuple[str, ...] = ()  # switches set to 0 in the environment
+
+    @property
+    def auto_bf16(self) -> bool:
+        """What ``dtype=auto`` picks: bf16 only where it is native (and not switched off)."""
+        return self.native_bf16 and "THINKRL_BF16" not in self.forced_off
+
+    def describe(self) -> str:
+        fp = [name for name, on in (("oneDNN bf16 prepack", self.onednn_prepack),
+                                    ("MKL fp32 prepack", self.mkl_prepack), ("C kernel", self.kernel)) if on]
+        off = f"; forced off: {', '.join(self.forced_off)}" if self.forced_off else ""
+        return (f"{self.cpu} ({self.capability}, bf16 {'native' if self.native_bf16 else 'emulated' if self.bf16_runs else 'none'}): "
+                f"dtype=auto is {'bf16' if self.auto_bf16 else 'fp32'}; fast paths: {', '.join(fp) or 'none'}{off}")
+
+
+def _off(name: str) -> bool:
+    return os.environ.get(name, "1") == "0"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _native_bf16() -> bool:
+    """bf16 arithmetic in hardware, not oneDNN's emulation through fp32."""
+    cpu = torch.cpu
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        try:  # Linux names the Armv8.6 BF16 extension "bf16" among the Features
+            return any(line.startswith("Features") and " bf16" in f" {line.split(':', 1)[1]}"
+                       for line in Path("/proc/cpuinfo").read_text().splitlines())
+        except OSError:
+            return False  # macOS: Apple's M2 and later have it, but oneDNN's bf16 path there is untested
+    return False
+
+
+def _bf16_runs() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 (an op missing from this torch build)
+        return False
+
+
+def _agrees(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    got, want = got.float(), want.float()
+    return bool(torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()))
+
+
+def _probe(name: str, fn) -> bool:
+    """Run a private op once on small inputs; any failure means: do without it."""
+    try:
+        return bool(fn())
+    except Exception as e:  # noqa: BLE001
+        log.info("%s unavailable on this CPU (%s)", name, str(e).splitlines()[0][:200])
+        return False
+
+
+def _onednn_prepack_works() -> bool:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g).bfloat16()
+    x = torch.randn(5, 32, generator=g).bfloat16()
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+    return _agrees(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), F.linear(x, w), 1e-2)
+
+
+def _mkl_prepack_works() -> bool:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g)
+    x = torch.randn(5, 32, generator=g)
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 8)
+    return _agrees(torch.ops.mkl._mkl_linear(x, packed, w, None, 8), F.linear(x, w), 1e-5)
+
+
+@functools.cache
+def plan() -> CpuPlan:
+    """The machine's plan, probed once per process."""
+    forced = tuple(n for n in ("THINKRL_BF16", "THINKRL_PREPACK", "THINKRL_KERNELS") if _off(n))
+    bf16_runs = _bf16_runs()
+    prepack_ok = "THINKRL_PREPACK" not in forced
+    return CpuPlan(
+        cpu=_cpu_name(), capability=torch.backends.cpu.get_cpu_capability(), native_bf16=_native_bf16(),
+        bf16_runs=bf16_runs,
+        onednn_prepack=prepack_ok and bf16_runs and torch.backends.mkldnn.is_available()
+        and _probe("oneDNN bf16 prepack", _onednn_prepack_works),
+        mkl_prepack=prepack_ok and torch.backends.mkl.is_available()
+        and _probe("MKL fp32 prepack", _mkl_prepack_works),
+        kernel="THINKRL_KERNELS" not in forced, forced_off=forced)
+
+
+def reset() -> None:
+    """Forget the cached plan (after changing a THINKRL_* switch)."""
+    plan.cache_clear()
+
+
+def use_bf16(dtype: str) -> bool:
+    """Whether to compute in bf16 for ``dtype`` = auto | bf16 | fp32.
+
+    ``bf16`` is honoured wherever oneDNN runs bf16 at all, emulated included (it is
+    then slower than fp32, which the log says); ``auto`` picks bf16 only where it is native."""
+    if dtype == "fp32":
+        return False
+    p = plan()
+    if dtype == "bf16":
+        if not p.bf16_runs:
+            raise ConfigError(f"dtype=bf16 but this CPU ({p.cpu}, {p.capability}) cannot run bf16; "
+                             "use dtype=fp32 or dtype=auto")
+        if not p.native_bf16:
+            log.warning("dtype=bf16 on a CPU without bf16 instructions: oneDNN emulates it, "
+                        "typically slower than fp32 (dtype=auto would pick fp32)")
+        return True
+    return p.auto_bf16
