@@ -2,8 +2,10 @@
 kernel (thinkrl/rollout/decode_attention.c), at the default rollout's shapes: 8 prompts of
 137 tokens x 8 samples, smollm2's 3 key heads x 3 query heads of 64, and generated slot t
 of 128 (milliseconds per call, median of 200; the C kernel with 1 and with all threads).
+``THINKRL_KERNEL_MARCH=haswell`` times an AVX2-only build of the kernel; ``--dtype fp32``
+times the torch path on fp32 caches beside the bf16 kernel (the engine's fp32 path).
 
-    python benchmarks/decode_attention.py [--t 64]
+    python benchmarks/decode_attention.py [--t 64] [--dtype bf16|fp32]
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 import torch
 
 from thinkrl.rollout.fast import _cascade_attention, _DecodeState
-from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
+from thinkrl.rollout.kernels import _march, decode_attention, decode_attention_kernel
 
 
 def median_ms(fn, reps: int = 200) -> float:
@@ -31,13 +33,15 @@ def median_ms(fn, reps: int = 200) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--t", type=int, default=64, help="generated slot (tokens generated so far)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = ap.parse_args()
+    dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     g, n, nkv, rep, hd, P, T, t = 8, 8, 3, 3, 64, 137, 128, args.t
     b = g * n
     gen = torch.Generator().manual_seed(0)
 
     def r(*shape):
-        return torch.randn(*shape, generator=gen).bfloat16()
+        return torch.randn(*shape, generator=gen).to(dt)
 
     st = _DecodeState(groups=g, n=n, rep=rep, caches=[], bias=torch.zeros(1, b, 1, P + T),
                       pstart=torch.zeros(g, dtype=torch.long), alive=torch.arange(b),
@@ -47,12 +51,15 @@ def main() -> None:
     q, k, v = qkv[:, : nkv * rep * hd], qkv[:, nkv * rep * hd: (nkv * rep + nkv) * hd], qkv[:, (nkv * rep + nkv) * hd:]
     torch_ms = median_ms(lambda: _cascade_attention(q.reshape(b, -1, hd), k.reshape(b, nkv, hd),
                                                     v.reshape(b, nkv, hd), cache, st))
-    print(f"threads={torch.get_num_threads()} rows={b} prompt={P} t={t}")
+    print(f"threads={torch.get_num_threads()} rows={b} prompt={P} t={t} torch path on {args.dtype} caches, "
+          f"C kernel (bf16 caches) built for -march={_march()}")
     print(f"torch ops (cascade): {torch_ms:.3f} ms")
     fn = decode_attention_kernel()
     if fn is None:
         print("C kernel: not available on this machine")
         return
+    if dt != torch.bfloat16:  # the kernel reads bf16 caches: time it on a bf16 copy of the inputs
+        cache, q, k, v = [c.bfloat16() for c in cache], q.bfloat16(), k.bfloat16(), v.bfloat16()
     out = torch.empty(b, nkv * rep * hd, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     for nt in sorted({1, threads}):

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import thinkrl.rollout.fast as fast
 from thinkrl.config import Config
 from thinkrl.models import load_model
-from thinkrl.rollout import SamplingParams, bf16_supported
+from thinkrl import device
+from thinkrl.rollout import SamplingParams
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import render_prompt
 
@@ -46,18 +47,21 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--new", type=int, default=128, help="new tokens per sequence (end-of-sequence banned until then)")
     ap.add_argument("--torch-attention", action="store_true", help="decode attention on torch ops, not the C kernel")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     args = ap.parse_args()
+    print(f"CPU: {device.plan().describe()}")
     model, tok = load_model(args.model)
     model.eval()
     cfg = Config()
     prompts = [render_prompt(e.question, tok, cfg.task)[0] for e in build_task(cfg.task).next_batch(8)]
-    engine = fast.FastEngine(model, tok, batch_size=64, bf16=bf16_supported(), kernel=not args.torch_attention)
+    engine = fast.FastEngine(model, tok, batch_size=64, bf16=device.use_bf16(args.dtype),
+                               kernel=False if args.torch_attention else None)
     engine.sync()
     names = {engine.head.shape: "linear: LM head"}
     L0 = engine.layers[0]
     names.update({L0.wqkv.shape: "linear: fused QKV", L0.wo.shape: "linear: output projection",
                   L0.wgu.shape: "linear: gate/up", L0.wd.shape: "linear: down"})
-    fast._linear = timed(fast._linear, lambda x, w, *a: names.get(w.shape, "linear: other"))
+    engine._linear = timed(engine._linear, lambda x, w, *a: names.get(w.shape, "linear: other"))
     fast.decode_attention = timed(fast.decode_attention, "decode attention")
     fast._cascade_attention = timed(fast._cascade_attention, "decode attention")
     F.rms_norm = timed(F.rms_norm, "RMSNorm")

@@ -1,7 +1,9 @@
 """Rollout throughput: thinkrl's fast engine vs HF ``generate``, side by side in one run.
 
 Same model, same prompts (the default task's chat prompts), same sampling settings
-(temperature 1.0, no top-p/top-k), bf16 where the CPU supports it. Two workloads:
+(temperature 1.0, no top-p/top-k), in the dtype ``thinkrl/device.py`` picks for this CPU (bf16
+where it has bf16 instructions, fp32 otherwise; ``--dtype`` overrides), the same for every
+engine, and printed. Two workloads:
 
 - ``fixed``: 64 sequences x exactly 128 new tokens (end-of-sequence banned until then,
   ``min_new_tokens`` in both engines): the issue's yardstick, every row does the same work;
@@ -9,18 +11,20 @@ Same model, same prompts (the default task's chat prompts), same sampling settin
   which is what training sees: most answers are short, a few run long.
 
 Each engine runs ``--repeats`` times per workload (engines interleaved, a different seed per
-repeat); the medians are compared. HF ``generate`` runs twice: under bf16 autocast on the fp32 model (thinkrl's ``hf``
-backend) and on a copy of the model cast to bf16 (HF's fastest plain CPU setting). Ratios
-are taken against the faster of the two. The engine also runs once without its oneDNN
-prepacked weights (``thinkrl_fast_unpacked``) and once with its decode attention on torch
+repeat); the medians are compared. In bf16, HF ``generate`` runs twice: under bf16 autocast on
+the fp32 model (thinkrl's ``hf`` backend) and on a copy of the model cast to bf16 (HF's
+fastest plain CPU setting); in fp32 it runs on the fp32 model. Ratios are taken against the
+fastest HF run. The engine also runs once without its prepacked weights (``thinkrl_fast_unpacked``) and once with its decode attention on torch
 ops instead of its C kernel (``thinkrl_fast_torch_attention``), to show what each buys. Then, on the natural rollout, the engine's
-sampled-token log-probs are compared with the training forward pass (bf16 autocast and
-fp32), the correctness check the trainer relies on. Last, the floor no engine can go under
+sampled-token log-probs are compared with the training forward pass (in the run's dtype and
+in fp32), the correctness check the trainer relies on. Last, the floor no engine can go under
 on this machine: the time of one decode step's linear layers alone (every layer's four
-matmuls and the LM head, 64 rows, bf16, the engine's own prepacked weights), which gives
-the highest tokens/s any exact bf16 engine could reach, and that as a ratio to HF.
+matmuls and the LM head, 64 rows, in the run's dtype, the engine's own prepacked weights),
+which gives the highest tokens/s any exact engine could reach in that dtype, and that as a
+ratio to HF; and the same matmul work at the machine's large-GEMM rate (2048^3), the ceiling
+the issue's "share of the matmul ceiling" is measured against.
 
-    python benchmarks/rollout_throughput.py [--model smollm2-135m] [--prompts 8] [--n 8] [--max-new 128] [--repeats 3]
+    python benchmarks/rollout_throughput.py [--model smollm2-135m] [--prompts 8] [--n 8] [--max-new 128] [--repeats 3] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ import torch
 
 from thinkrl.config import Config
 from thinkrl.models import load_model
-from thinkrl.rollout import HFEngine, SamplingParams, bf16_supported
+from thinkrl.perf import matmul_rate
+from thinkrl import device
+from thinkrl.rollout import HFEngine, SamplingParams
 from thinkrl.rollout.fast import FastEngine
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import render_prompt
@@ -67,7 +73,7 @@ def logp_gap(model, tok, ro, bf16: bool) -> tuple[float, float]:
 
 def linear_floor(engine: FastEngine, rows: int, reps: int = 7) -> tuple[float, float]:
     """Seconds for one decode step's matmuls alone (median of ``reps``) and their GFLOP/s."""
-    from thinkrl.rollout.fast import PACKED, _linear
+    from thinkrl.rollout.fast import PACKED
 
     engine.sync()
     mats = [(getattr(L, k), (L.packed or {}).get(k)) for L in engine.layers for k in PACKED]
@@ -77,7 +83,7 @@ def linear_floor(engine: FastEngine, rows: int, reps: int = 7) -> tuple[float, f
     for _ in range(reps + 1):
         t0 = time.perf_counter()
         for w, p in mats:
-            _linear(xs[w.shape[1]], w, p)
+            engine._linear(xs[w.shape[1]], w, p)
         times.append(time.perf_counter() - t0)
     sec = sorted(times[1:])[reps // 2]
     return sec, sum(2 * rows * w.numel() for w, _ in mats) / sec / 1e9
@@ -91,24 +97,27 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--workloads", default="fixed,natural")
     ap.add_argument("--repeats", type=int, default=3, help="runs per engine and workload; medians are compared")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     args = ap.parse_args()
 
     model, tok = load_model(args.model)
     model.eval()
-    bf16 = bf16_supported()
+    bf16 = device.use_bf16(args.dtype)
     cfg = Config()
     examples = build_task(cfg.task).next_batch(args.prompts)
     prompts = [render_prompt(ex.question, tok, cfg.task)[0] for ex in examples]
     B = args.prompts * args.n
-    engines = {"hf_generate_autocast": HFEngine(model, tok, batch_size=B, bf16=bf16),
+    hf = "hf_generate_autocast" if bf16 else "hf_generate_fp32"  # thinkrl's hf backend in this dtype
+    engines = {hf: HFEngine(model, tok, batch_size=B, bf16=bf16),
                "thinkrl_fast": FastEngine(model, tok, batch_size=B, bf16=bf16),
-               # the same engine with plain F.linear instead of oneDNN prepacked weights
+               # the same engine with plain F.linear instead of prepacked weights
                "thinkrl_fast_unpacked": FastEngine(model, tok, batch_size=B, bf16=bf16, prepack=False),
                # the same engine with its decode attention on torch ops instead of the C kernel
                "thinkrl_fast_torch_attention": FastEngine(model, tok, batch_size=B, bf16=bf16, kernel=False)}
     if bf16:
         engines["hf_generate_bf16_model"] = HFEngine(copy.deepcopy(model).to(torch.bfloat16), tok, batch_size=B)
-    print(f"model={args.model} bf16={bf16} sequences={B} max_new_tokens={args.max_new} "
+    print(f"CPU: {device.plan().describe()}")
+    print(f"model={args.model} dtype={'bf16' if bf16 else 'fp32'} sequences={B} max_new_tokens={args.max_new} "
           f"threads={torch.get_num_threads()} prompt tokens={[len(tok(p).input_ids) for p in prompts]}")
     natural = None
     for work in args.workloads.split(","):
@@ -130,14 +139,22 @@ def main() -> None:
         rates = {name: statistics.median(rs) for name, rs in rates.items()}
         best_hf = max(v for k, v in rates.items() if k.startswith("hf"))
         print(f"[{work}] ratio thinkrl_fast / best hf_generate = {rates['thinkrl_fast'] / best_hf:.1f}x "
-              f"(vs autocast: {rates['thinkrl_fast'] / rates['hf_generate_autocast']:.1f}x)")
+              f"(vs {hf}: {rates['thinkrl_fast'] / rates[hf]:.1f}x)")
         if work == "fixed":
-            sec, rate = linear_floor(engines["thinkrl_fast"], B)
+            fast = engines["thinkrl_fast"]
+            sec, rate = linear_floor(fast, B)
+            dt = "bf16" if bf16 else "fp32"
             print(f"[{work}] floor: the linears of one {B}-row decode step alone take {sec * 1e3:.1f} ms "
-                  f"({rate:.0f} GFLOP/s): at that matmul rate no bf16 engine exceeds {B / sec:.0f} tokens/s = "
+                  f"({rate:.0f} GFLOP/s): at that matmul rate no {dt} engine exceeds {B / sec:.0f} tokens/s = "
                   f"{B / sec / best_hf:.1f}x the best HF; thinkrl reaches {rates['thinkrl_fast'] * sec / B:.0%} of it")
+            ceiling = matmul_rate(fast.dtype, 2048, 2048, 2048)
+            step_flops = rate * 1e9 * sec  # the decode step's matmul FLOPs
+            print(f"[{work}] ceiling: {dt} matmul at 2048^3 runs at {ceiling:.0f} GFLOP/s; the decode step's "
+                  f"matmuls at that rate would allow {B / (step_flops / (ceiling * 1e9)):.0f} tokens/s; thinkrl "
+                  f"reaches {rates['thinkrl_fast'] * step_flops / (ceiling * 1e9) / B:.0%} of that ceiling "
+                  f"(its linears alone: {rate / ceiling:.0%})")
     if natural is not None:
-        for label, use_bf16 in (("bf16 autocast (training)", bf16), ("fp32", False)):
+        for label, use_bf16 in ((("bf16 autocast (training)", True),) if bf16 else ()) + (("fp32", False),):
             mx, mean = logp_gap(model, tok, natural, use_bf16)
             print(f"log-prob gap engine vs training forward [{label}]: max {mx:.4f}, mean {mean:.4f} "
                   f"over {sum(len(c) for c in natural.completion_ids)} tokens")

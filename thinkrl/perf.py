@@ -14,6 +14,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import time
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +39,15 @@ def tune_allocator() -> bool:
     if not ok:
         log.debug("mallopt not available; allocator left as it is")
     return ok
+
+
+def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) -> float:
+    """Measured GFLOP/s of an [m, k] x [k, n] matmul in ``dtype`` on this machine (for the
+    benchmarks' ceilings)."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    torch.mm(a, b)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        reps += 1
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9

@@ -109,24 +109,6 @@ def test_the_switches_turn_every_fast_path_off(lively, fast_paths_off):
         assert all(len(c) >= 1 for c in ro.completion_ids)
 
 
-def test_fp32_engine_with_the_c_kernel_matches_the_training_forward(lively):
-    """In fp32 the engine's decode attention runs in C (the AVX2-only CPUs' path): its sampled
-    log-probs equal the training forward's to fp32 precision."""
-    model, tok = lively
-    eng = FastEngine(model, tok, bf16=False, kernel=True)
-    if eng.kernel is None:
-        pytest.skip("no C kernel here (no compiler, or THINKRL_KERNELS=0)")
-    prompts = [chat(tok, q) for q in PROMPTS]
-    torch.manual_seed(0)
-    ro = eng.generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7))
-    mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
-    with torch.no_grad():
-        logp, _ = token_logps(model, mb, temperature=0.7)
-    T = mb.mask.shape[1]
-    engine = torch.tensor([x + [0.0] * (T - len(x)) for x in ro.logps])
-    torch.testing.assert_close(engine * mb.mask, logp, atol=1e-4, rtol=0)
-
-
 def test_samples_follow_the_softmax(lively):
     """First-token frequencies over 6000 draws match softmax(logits / T) (inverse-CDF sampling)."""
     model, tok = lively
@@ -393,17 +375,17 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
 
     monkeypatch.setattr(fast, "_CHECKED", {})
     monkeypatch.setattr(fast, "decode_attention", broken)
-    if fast.decode_attention_kernel(torch.float32) is None:
+    if fast.decode_attention_kernel() is None:
         pytest.skip("no C kernel here")
     with caplog.at_level("WARNING"):
-        assert fast.checked_kernel(torch.float32) is None
+        assert fast.checked_kernel() is None
     assert "disagrees" in caplog.text
 
 
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
 def test_kernel_built_for_an_older_x86_cpu_agrees(monkeypatch, tmp_path, march):
     """The kernel is portable C: built for AVX2 (haswell) or plain SSE2 (x86-64), as on CPUs
-    without AVX-512, it computes what the torch path computes, for bf16 and fp32 caches.
+    without AVX-512 (8-lane vectors instead of 16), it computes what the torch path computes.
     (Run where this CPU can execute that target: on x86 with AVX2.)"""
     import platform
 
@@ -414,8 +396,7 @@ def test_kernel_built_for_an_older_x86_cpu_agrees(monkeypatch, tmp_path, march):
     monkeypatch.setenv("THINKRL_KERNEL_MARCH", march)
     monkeypatch.setenv("THINKRL_CACHE", str(tmp_path))
     monkeypatch.setattr(kernels, "_libs", {})
-    for dt, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
-        fn = kernels.decode_attention_kernel(dt)
-        if fn is None:
-            pytest.skip("no C compiler here")
-        assert fast._kernel_error(fn, dt) < tol
+    fn = kernels.decode_attention_kernel()
+    if fn is None:
+        pytest.skip("no C compiler here")
+    assert fast._kernel_error(fn) < 2e-2

@@ -1,7 +1,6 @@
-/* Decode attention for thinkrl's fast engine: one new token per batch row, bf16 or fp32
- * caches, fp32 arithmetic. Compiled on first use by thinkrl/rollout/kernels.py (gcc -O3
- * -march=native), once as decode_attention_bf16 and once with -DTHINKRL_F32 as
- * decode_attention_f32, and called through ctypes; the torch-ops path in fast.py computes the
+/* Decode attention for thinkrl's fast engine: one new token per batch row, bf16 caches,
+ * fp32 arithmetic. Compiled on first use by thinkrl/rollout/kernels.py (gcc -O3
+ * -march=native) and called through ctypes; the torch-ops path in fast.py computes the
  * same thing and is used wherever this file cannot be built.
  *
  * Why a kernel: per layer and step the torch path runs ~11 small operators (two score
@@ -9,7 +8,7 @@
  * conversions, two value matmuls, the cache writes), each a full pass with its own
  * set-up; here each (key head, row) pair is one task that reads its keys and values once.
  *
- * Layouts (elem_t: bf16 as uint16_t, or float; row-major, kv = key head):
+ * Layouts (bf16 as uint16_t, row-major, kv = key head):
  *   q      [b, nkv * rep * hd] query heads of a row, already scaled by 1/sqrt(hd), row stride q_rs
  *   knew   [b, nkv * hd]       the new token's keys (row stride k_rs), vnew likewise (v_rs)
  *   kp_t   [nkv, g, hd, P]     prompt keys, transposed (shared by the n samples of a group)
@@ -25,27 +24,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* 16 lanes of fp32 / 16 cache values: GCC vector extensions, lowered to AVX-512, AVX2 or SSE,
- * whatever -march=native offers. */
-typedef float v16f __attribute__((vector_size(64)));
-
-#ifdef THINKRL_F32
-/* fp32 caches (the engine on CPUs without bf16): loads and stores are plain copies. */
-typedef float elem_t;
-#define ENTRY decode_attention_f32
-static inline float to_f32(float x) { return x; }
-static inline float from_f32(float f) { return f; }
-static inline v16f load16(const float *p) {
-    v16f f;
-    memcpy(&f, p, sizeof f);
-    return f;
-}
+/* VL lanes of fp32 / VL bf16 values: GCC vector extensions, lowered to AVX-512, AVX2, SSE or
+ * NEON, whatever -march=native offers. 16 lanes (one zmm register) where AVX-512 has 32 such
+ * registers; 8 elsewhere, where 16-lane vectors would take two registers each and the value
+ * accumulators below would no longer fit in the 16 ymm registers of AVX2 (spilled, the build
+ * ran 5x slower: benchmarks/decode_attention.py with THINKRL_KERNEL_MARCH=haswell). WMAX is the
+ * number of VL-dim vectors a values pass keeps per query row. */
+#if defined(__AVX512F__)
+#define VL 16
+#define WMAX 4
 #else
-/* bf16 caches stored as uint16_t. */
-typedef uint16_t elem_t;
-#define ENTRY decode_attention_bf16
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
+#define VL 8
+#define WMAX 2
+#endif
+typedef float vf __attribute__((vector_size(4 * VL)));
+
+typedef uint16_t vh __attribute__((vector_size(2 * VL)));
+typedef uint32_t vu __attribute__((vector_size(4 * VL)));
 
 static inline float to_f32(uint16_t x) {
     union { uint32_t u; float f; } v;
@@ -59,50 +54,48 @@ static inline uint16_t from_f32(float f) {  /* round to nearest, ties to even (f
     return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
 
-static inline v16f load16(const uint16_t *p) {  /* 16 bf16 -> fp32: the bf16 bits are the high half */
-    v16h h;
+static inline vf loadv(const uint16_t *p) {  /* VL bf16 -> fp32: the bf16 bits are the high half */
+    vh h;
     memcpy(&h, p, sizeof h);
-    v16u u = __builtin_convertvector(h, v16u) << 16;
-    v16f f;
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
-#endif
-
 typedef struct {
-    const elem_t *q, *knew, *vnew, *kp_t, *vp;
-    elem_t *kg_t, *vg, *out;
+    const uint16_t *q, *knew, *vnew, *kp_t, *vp;
+    uint16_t *kg_t, *vg, *out;
     const int64_t *group, *pstart;
     int64_t b, g, nkv, rep, hd, P, T, t, q_rs, k_rs, v_rs;
 } Job;
 
-static inline v16f load_tail(const elem_t *p, int64_t m) {  /* m < 16 values, the rest 0 */
-    elem_t tmp[16] = {0};
-    memcpy(tmp, p, sizeof(elem_t) * (size_t)m);
-    return load16(tmp);
+static inline vf load_tail(const uint16_t *p, int64_t m) {  /* m < VL values, the rest 0 */
+    uint16_t tmp[VL] = {0};
+    memcpy(tmp, p, sizeof(uint16_t) * (size_t)m);
+    return loadv(tmp);
 }
 
 /* s[i][j] = sum_d q[i][d] keys[d][j] for j < n and the NQ (<= 4) query rows i, keys transposed
  * (row stride ld). Sixteen keys at a time, the NQ sums held in registers across d. */
 static inline __attribute__((always_inline)) void scores_nq(const int NQ, const float *qf, int64_t hd,
-                                                            const elem_t *keys, int64_t ld, int64_t n,
+                                                            const uint16_t *keys, int64_t ld, int64_t n,
                                                             float *s, int64_t sstride) {
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-        const int64_t m = n - j0 < 16 ? n - j0 : 16;
-        v16f a[4] = {{0}, {0}, {0}, {0}};
+    for (int64_t j0 = 0; j0 < n; j0 += VL) {
+        const int64_t m = n - j0 < VL ? n - j0 : VL;
+        vf a[4] = {{0}, {0}, {0}, {0}};
         for (int64_t d = 0; d < hd; d++) {
-            const v16f k = m == 16 ? load16(keys + d * ld + j0) : load_tail(keys + d * ld + j0, m);
+            const vf k = m == VL ? loadv(keys + d * ld + j0) : load_tail(keys + d * ld + j0, m);
             for (int i = 0; i < NQ; i++) a[i] += qf[i * hd + d] * k;
         }
         for (int i = 0; i < NQ; i++) {
-            float out[16];
+            float out[VL];
             memcpy(out, &a[i], sizeof out);
             memcpy(s + i * sstride + j0, out, sizeof(float) * (size_t)m);
         }
     }
 }
 
-static void scores_t(const float *qf, int64_t nq, int64_t hd, const elem_t *keys, int64_t ld, int64_t n,
+static void scores_t(const float *qf, int64_t nq, int64_t hd, const uint16_t *keys, int64_t ld, int64_t n,
                      float *s, int64_t sstride) {
     for (int64_t i0 = 0; i0 < nq; i0 += 4) {
         const float *q = qf + i0 * hd;
@@ -116,26 +109,27 @@ static void scores_t(const float *qf, int64_t nq, int64_t hd, const elem_t *keys
     }
 }
 
-/* acc[i][c0 + .. + 16 W) += sum_j p[i][j] values[j][c0 + ..] for the NQ (<= 4) rows, W (<= 4)
- * vectors of 16 dims: up to 16 accumulators in registers, each value row read once. */
+/* acc[i][c0 + .. + VL W) += sum_j p[i][j] values[j][c0 + ..] for the NQ (<= 4) rows, W (<= WMAX)
+ * vectors of VL dims: up to 4 WMAX accumulators in registers, each value row read once. */
 static inline __attribute__((always_inline)) void values_nq(const int NQ, const int W, const float *p,
                                                             int64_t sstride, int64_t hd, int64_t c0,
-                                                            const elem_t *values, int64_t n, float *acc) {
-    v16f a[4][4];
+                                                            const uint16_t *values, int64_t n, float *acc) {
+    vf a[4][WMAX];
     for (int i = 0; i < NQ; i++)
-        for (int c = 0; c < W; c++) memcpy(&a[i][c], acc + i * hd + c0 + 16 * c, sizeof(v16f));
+        for (int c = 0; c < W; c++) memcpy(&a[i][c], acc + i * hd + c0 + VL * c, sizeof(vf));
     for (int64_t j = 0; j < n; j++) {
-        v16f v[4];
-        for (int c = 0; c < W; c++) v[c] = load16(values + j * hd + c0 + 16 * c);
+        vf v[WMAX];
+        for (int c = 0; c < W; c++) v[c] = loadv(values + j * hd + c0 + VL * c);
         for (int i = 0; i < NQ; i++) {
             const float w = p[i * sstride + j];
             for (int c = 0; c < W; c++) a[i][c] += w * v[c];
         }
     }
     for (int i = 0; i < NQ; i++)
-        for (int c = 0; c < W; c++) memcpy(acc + i * hd + c0 + 16 * c, &a[i][c], sizeof(v16f));
+        for (int c = 0; c < W; c++) memcpy(acc + i * hd + c0 + VL * c, &a[i][c], sizeof(vf));
 }
 
+#if WMAX == 4
 #define VALUES_W(NQ)                                                                   \
     switch (w) {                                                                       \
         case 1: values_nq(NQ, 1, pi, sstride, hd, c0, values, n, ai); break;          \
@@ -143,15 +137,22 @@ static inline __attribute__((always_inline)) void values_nq(const int NQ, const 
         case 3: values_nq(NQ, 3, pi, sstride, hd, c0, values, n, ai); break;          \
         default: values_nq(NQ, 4, pi, sstride, hd, c0, values, n, ai); break;         \
     }
+#else
+#define VALUES_W(NQ)                                                                   \
+    switch (w) {                                                                       \
+        case 1: values_nq(NQ, 1, pi, sstride, hd, c0, values, n, ai); break;          \
+        default: values_nq(NQ, 2, pi, sstride, hd, c0, values, n, ai); break;         \
+    }
+#endif
 
-/* acc[i][:] += sum_j p[i][j] * values[j][:] over j < n (hd a multiple of 16) */
-static void weighted_values(const float *p, int64_t sstride, int64_t nq, int64_t hd, const elem_t *values,
+/* acc[i][:] += sum_j p[i][j] * values[j][:] over j < n (hd a multiple of VL) */
+static void weighted_values(const float *p, int64_t sstride, int64_t nq, int64_t hd, const uint16_t *values,
                             int64_t n, float *acc) {
     for (int64_t i0 = 0; i0 < nq; i0 += 4) {
         const float *pi = p + i0 * sstride;
         float *ai = acc + i0 * hd;
-        for (int64_t c0 = 0; c0 < hd; c0 += 64) {
-            const int64_t w = (hd - c0) / 16 < 4 ? (hd - c0) / 16 : 4;
+        for (int64_t c0 = 0; c0 < hd; c0 += WMAX * VL) {
+            const int64_t w = (hd - c0) / VL < WMAX ? (hd - c0) / VL : WMAX;
             switch (nq - i0 < 4 ? nq - i0 : 4) {
                 case 1: VALUES_W(1); break;
                 case 2: VALUES_W(2); break;
@@ -176,14 +177,14 @@ static int run(const Job *J, int64_t task0, int64_t task1) {
     for (int64_t task = task0; task < task1; task++) {
         const int64_t h = task / b, r = task % b, grp = J->group[r], ps = J->pstart[grp];
         const int64_t np = P - ps, n = np + t + 1;
-        elem_t *kg_t = J->kg_t + (h * b + r) * hd * T;
-        elem_t *vg = J->vg + (h * b + r) * T * hd;
-        const elem_t *kn = J->knew + r * J->k_rs + h * hd, *vn = J->vnew + r * J->v_rs + h * hd;
+        uint16_t *kg_t = J->kg_t + (h * b + r) * hd * T;
+        uint16_t *vg = J->vg + (h * b + r) * T * hd;
+        const uint16_t *kn = J->knew + r * J->k_rs + h * hd, *vn = J->vnew + r * J->v_rs + h * hd;
         for (int64_t d = 0; d < hd; d++) kg_t[d * T + t] = kn[d];
-        memcpy(vg + t * hd, vn, sizeof(elem_t) * (size_t)hd);
-        const elem_t *qr = J->q + r * J->q_rs + h * rep * hd;
+        memcpy(vg + t * hd, vn, sizeof(uint16_t) * (size_t)hd);
+        const uint16_t *qr = J->q + r * J->q_rs + h * rep * hd;
         for (int64_t i = 0; i < rep * hd; i++) qf[i] = to_f32(qr[i]);
-        const elem_t *kp_t = J->kp_t + (h * J->g + grp) * hd * P + ps;
+        const uint16_t *kp_t = J->kp_t + (h * J->g + grp) * hd * P + ps;
         scores_t(qf, rep, hd, kp_t, P, np, scores, n);
         scores_t(qf, rep, hd, kg_t, T, t + 1, scores + np, n);
         for (int64_t i = 0; i < rep; i++) {  /* softmax of each query head's row */
@@ -197,7 +198,7 @@ static int run(const Job *J, int64_t task0, int64_t task1) {
         memset(acc, 0, sizeof(float) * (size_t)(rep * hd));
         weighted_values(scores, n, rep, hd, J->vp + ((h * J->g + grp) * P + ps) * hd, np, acc);
         weighted_values(scores + np, n, rep, hd, vg, t + 1, acc);
-        elem_t *o = J->out + r * nkv * rep * hd + h * rep * hd;
+        uint16_t *o = J->out + r * nkv * rep * hd + h * rep * hd;
         for (int64_t i = 0; i < rep * hd; i++) o[i] = from_f32(acc[i]);
     }
     free(scores); free(qf); free(acc);
@@ -207,11 +208,11 @@ static int run(const Job *J, int64_t task0, int64_t task1) {
 /* Returns 0 on success. Tasks (key head, row) are split evenly over `threads` OpenMP threads;
  * loaded into a process that runs PyTorch, libgomp is PyTorch's own (same soname), so this
  * uses the same thread pool as its operators instead of competing with it. */
-int ENTRY(const elem_t *q, const elem_t *knew, const elem_t *vnew,
-           const elem_t *kp_t, const elem_t *vp, elem_t *kg_t, elem_t *vg,
-           const int64_t *group, const int64_t *pstart, elem_t *out,
-           int64_t b, int64_t g, int64_t nkv, int64_t rep, int64_t hd, int64_t P, int64_t T,
-           int64_t t, int64_t q_rs, int64_t k_rs, int64_t v_rs, int64_t threads) {
+int decode_attention(const uint16_t *q, const uint16_t *knew, const uint16_t *vnew,
+                     const uint16_t *kp_t, const uint16_t *vp, uint16_t *kg_t, uint16_t *vg,
+                     const int64_t *group, const int64_t *pstart, uint16_t *out,
+                     int64_t b, int64_t g, int64_t nkv, int64_t rep, int64_t hd, int64_t P, int64_t T,
+                     int64_t t, int64_t q_rs, int64_t k_rs, int64_t v_rs, int64_t threads) {
     const Job job = {q, knew, vnew, kp_t, vp, kg_t, vg, out, group, pstart,
                      b, g, nkv, rep, hd, P, T, t, q_rs, k_rs, v_rs};
     const int64_t tasks = nkv * b;

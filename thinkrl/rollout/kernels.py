@@ -1,8 +1,7 @@
 """Build and load the engine's C kernel (``decode_attention.c``) on first use.
 
 The source ships with the package; it is compiled once per machine and source version
-with the system C compiler (``-O3 -march=native``: it runs where it was built), twice
-into one library (bf16 caches, and fp32 caches with ``-DTHINKRL_F32``), kept in
+with the system C compiler (``-O3 -march=native``: it runs where it was built) into
 ``$THINKRL_CACHE`` (default ``~/.cache/thinkrl``), and called through ``ctypes``, which
 releases the GIL for the call. The code is portable C with GCC vector extensions, so the
 same source builds for AVX-512, AVX2, SSE or Arm NEON; ``THINKRL_KERNEL_MARCH`` (default
@@ -33,7 +32,6 @@ SOURCE = Path(__file__).with_name("decode_attention.c")
 # linking without it keeps crtfastmath.o, which would flush denormals process-wide, out of the library.
 CFLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11", "-Wall"]
 LDFLAGS = ["-shared", "-fopenmp", "-lm"]
-ENTRIES = {torch.bfloat16: "decode_attention_bf16", torch.float32: "decode_attention_f32"}
 _libs: dict[str, ctypes.CDLL | None] = {}  # per -march target; None: could not be had
 
 
@@ -65,10 +63,8 @@ def _build(march: str) -> Path:
         return out
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        bf16, f32, lib = Path(tmp) / "bf16.o", Path(tmp) / "f32.o", Path(tmp) / "k.so"
-        for cmd in ([cc, *cflags, "-c", str(SOURCE), "-o", str(bf16)],
-                    [cc, *cflags, "-DTHINKRL_F32", "-c", str(SOURCE), "-o", str(f32)],
-                    [cc, str(bf16), str(f32), "-o", str(lib), *LDFLAGS]):
+        obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
+        for cmd in ([cc, *cflags, "-c", str(SOURCE), "-o", str(obj)], [cc, str(obj), "-o", str(lib), *LDFLAGS]):
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if res.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
@@ -76,8 +72,8 @@ def _build(march: str) -> Path:
     return out
 
 
-def decode_attention_kernel(dtype: torch.dtype = torch.bfloat16):
-    """The loaded C function for caches of ``dtype`` (bf16 or fp32), or None where it cannot be had."""
+def decode_attention_kernel():
+    """The loaded C function (bf16 caches), or None where it cannot be had."""
     march = _march()
     if march not in _libs:
         _libs[march] = None
@@ -86,15 +82,14 @@ def decode_attention_kernel(dtype: torch.dtype = torch.bfloat16):
         else:
             try:
                 lib = ctypes.CDLL(str(_build(march)))
-                for name in ENTRIES.values():
-                    fn = getattr(lib, name)
-                    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 12
-                    fn.restype = ctypes.c_int
+                fn = lib.decode_attention
+                fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 12
+                fn.restype = ctypes.c_int
                 _libs[march] = lib
             except Exception as e:  # noqa: BLE001 (any failure means: use the torch path)
                 log.warning("C decode-attention kernel unavailable (%s); using torch ops", e)
     lib = _libs[march]
-    return getattr(lib, ENTRIES[dtype]) if lib is not None and dtype in ENTRIES else None
+    return lib.decode_attention if lib is not None else None
 
 
 def decode_attention(fn, q: Tensor, knew: Tensor, vnew: Tensor, kp_t: Tensor, vp: Tensor, kg_t: Tensor,
@@ -107,7 +102,7 @@ def decode_attention(fn, q: Tensor, knew: Tensor, vnew: Tensor, kp_t: Tensor, vp
     for x in (kp_t, vp, kg_t, vg, out, group, pstart):
         assert x.is_contiguous()
     for x in (q, knew, vnew, kp_t, out):
-        assert x.stride(-1) == 1 and ENTRIES[x.dtype] == fn.__name__
+        assert x.stride(-1) == 1 and x.dtype == torch.bfloat16
     rc = fn(q.data_ptr(), knew.data_ptr(), vnew.data_ptr(), kp_t.data_ptr(), vp.data_ptr(), kg_t.data_ptr(),
             vg.data_ptr(), group.data_ptr(), pstart.data_ptr(), out.data_ptr(),
             b, g, nkv, rep, hd, P, T, t, q.stride(0), knew.stride(0), vnew.stride(0), torch.get_num_threads())
