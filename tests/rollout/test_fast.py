@@ -400,3 +400,46 @@ def test_kernel_built_for_an_older_x86_cpu_agrees(monkeypatch, tmp_path, march):
     if fn is None:
         pytest.skip("no C compiler here")
     assert fast._kernel_error(fn) < 2e-2
+
+
+def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatch):
+    """Prompts with a long common prefix (a system prompt and a few-shot turn) and tails of
+    different lengths: the engine runs the prefix once, then the tails (one extra prefill pass,
+    whose first call has a single row), and gives the same tokens and log-probs as running
+    every prompt in full (fp32), in generate and in score."""
+    from thinkrl.rollout import fast
+
+    model, tok = lively
+    shot = [{"role": "system", "content": "You add numbers. Think step by step, then answer."},
+            {"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "It is 2."}]
+    prompts = [tok.apply_chat_template(shot + [{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True) for q in PROMPTS]
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    import os
+
+    L = len(os.path.commonprefix(ids))
+    assert L >= fast.MIN_SHARED_PREFIX and len({len(x) for x in ids}) > 1  # a real shared prefix, ragged tails
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    rows = []
+    eng = FastEngine(model, tok, bf16=False)
+    real = eng._forward
+    monkeypatch.setattr(eng, "_forward", lambda ids, *a, **k: rows.append(ids.shape) or real(ids, *a, **k))
+    torch.manual_seed(5)
+    shared = eng.generate(prompts, 2, params)
+    assert rows[0] == (1, L) and rows[1][0] == 3  # the prefix alone, then the three tails
+    monkeypatch.setattr(fast, "MIN_SHARED_PREFIX", 10**6)  # no sharing: every prompt in full
+    rows.clear()
+    torch.manual_seed(5)
+    full = eng.generate(prompts, 2, params)
+    assert rows[0] == (3, max(len(x) for x in ids))
+    assert shared.completion_ids == full.completion_ids
+    for a, b in zip(shared.logps, full.logps):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    # score (the frozen KL reference's path) against the training forward
+    from thinkrl.trainer.batch import make_grouped_micro_batch
+
+    monkeypatch.setattr(fast, "MIN_SHARED_PREFIX", 16)
+    mb = make_grouped_micro_batch(ids, shared.completion_ids, list(range(6)), 2, tok.pad_token_id)
+    with torch.no_grad():
+        want, _ = token_logps(model, mb)
+    torch.testing.assert_close(eng.score(mb), want, atol=1e-4, rtol=0)

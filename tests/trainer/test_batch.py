@@ -112,6 +112,38 @@ def test_grouped_logps_and_gradients_equal_the_full_rows(tiny):
         torch.testing.assert_close(g1, p.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_a_prefix_shared_by_all_prompts_runs_once_with_the_same_logps_and_gradients(tiny, monkeypatch):
+    """Three prompts that share a 20-token prefix (a system prompt, say) and have tails of 3,
+    1 and 5 tokens: the prefix runs once on one row, the tails against it, and the log-probs
+    and gradients equal running every row in full (fp32)."""
+    from thinkrl.trainer import batch
+
+    model, _ = tiny
+    prefix = list(range(30, 50))  # 20 tokens >= MIN_SHARED_PREFIX
+    prompts = [prefix + [5, 6, 7], prefix + [8], prefix + [9, 10, 11, 12, 13]]
+    comps = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11], [12, 13]]
+    rows = list(range(6))
+    full = make_micro_batch([prompts[i // 2] for i in rows], comps, rows, pad_id=0)
+    grouped = make_grouped_micro_batch(prompts, comps, rows, group_size=2, pad_id=0)
+    calls = []
+    inner = model.model
+    real = inner.forward
+    monkeypatch.setattr(inner, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or real(*a, **k))
+    a, _ = token_logps(model, full)
+    calls.clear()
+    b, _ = token_logps(model, grouped)
+    assert calls[:2] == [(1, 20), (3, 5)]  # the shared prefix once, then the three tails (padded to 5)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    model.zero_grad()
+    a.sum().backward()
+    g_full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    token_logps(model, grouped)[0].sum().backward()
+    for g1, p in zip(g_full, model.parameters()):
+        torch.testing.assert_close(g1, p.grad, atol=1e-5, rtol=1e-4)
+    assert batch.MIN_SHARED_PREFIX <= 20
+
+
 def test_split_grouped_micro_batches_keeps_groups_whole():
     prompts = [[1, 2]] * 2 + [[3]] * 2 + [[4, 5, 6]] * 2  # 3 groups of G = 2
     comps = [[7], [7, 7], [8], [8], [9, 9, 9], [9]]

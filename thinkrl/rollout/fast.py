@@ -9,8 +9,9 @@ and under bf16 autocast it re-casts every weight at every step. This engine:
   refreshed from the trained model before each rollout, and prepacked for the
   CPU's GEMM library where that runs (oneDNN's blocked layout for bf16, MKL's
   packed sgemm for fp32);
-- prefills each distinct prompt once and keeps its keys/values once for its G
-  samples: at each decode step the G samples' queries meet the shared prompt
+- prefills the prefix that all prompts of a batch share (system prompt, few-shot
+  turns: most of a templated prompt) once, then each prompt's own tail once, and
+  keeps each prompt's keys/values once for its G samples: at each decode step the G samples' queries meet the shared prompt
   keys in one matmul per group (cascade attention), and only the tokens a
   sample generated live in a per-sample cache;
 - runs that decode attention, on bf16 caches, as a small C kernel where one can be
@@ -28,6 +29,7 @@ GQA attention, SwiGLU MLP).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,7 @@ from thinkrl.rollout import Rollout, SamplingParams
 from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix of a batch's prompts is not run separately
 
 
 @dataclass
@@ -529,13 +532,9 @@ class FastEngine:
         p_mask = (mb.prompt_mask if grouped else mb.attention_mask[:, :P]).bool()  # [g, P]
         c_ids, c_mask = mb.input_ids[:, P:], mb.mask.bool()  # [b, T] right-padded
         g, b = p_ids.shape[0], c_ids.shape[0]
+        last, kv, _ = self._prefill([row[m].tolist() for row, m in zip(p_ids, p_mask)], extra=T)  # [g, V]
         valid = torch.zeros(g, P + T, dtype=torch.bool)  # key slots holding real tokens
         valid[:, :P] = p_mask
-        pos = (p_mask.long().cumsum(-1) - 1).clamp(min=0)  # [g, P]
-        kv = [(torch.zeros(g, self.nkv, P + T, self.hd, dtype=self.dtype),
-               torch.zeros(g, self.nkv, P + T, self.hd, dtype=self.dtype)) for _ in self.layers]
-        mask = (torch.ones(P, P, dtype=torch.bool).tril()[None] & p_mask[:, None, :])[:, None]  # [g, 1, P, P]
-        last = self._forward(p_ids, pos, kv, 0, mask | torch.eye(P, dtype=torch.bool)[None, None])  # [g, V]
         rep = torch.arange(g).repeat_interleave(G)  # [b]
         out = torch.zeros(b, T)
         first = torch.log_softmax(last[rep] / temperature, -1).gather(-1, c_ids[:, :1]).squeeze(-1)  # [b]
@@ -574,19 +573,57 @@ class FastEngine:
         texts = self.tok.batch_decode(comps, skip_special_tokens=True)
         return Rollout(prompt_ids=flat, completion_ids=comps, texts=texts, truncated=truncated, logps=logps)
 
+    def _prefill(self, prompts: list[list[int]], extra: int = 0):
+        """Run the prompts; returns the last positions' logits [g, V] fp32, per-layer key/value
+        caches [g, nkv, P + extra, hd] in the left-padded layout (prompt i in slots
+        P - len_i .. P - 1, then ``extra`` empty slots), and the mask of real prompt slots [g, P].
+
+        The longest prefix that all the prompts share runs once (a chat template's system
+        prompt and few-shot turns are most of each prompt: 120 of the default recipe's 137
+        tokens), then every prompt's own tail runs against it. The tails run in the layout
+        [prefix | left-padded tails]; their keys already carry their positions (RoPE), so the
+        slots are then permuted into the left-padded layout the decode steps read. Exact: the
+        same keys, values and logits as running every prompt in full."""
+        g, P = len(prompts), max(len(p) for p in prompts)
+        nkv, hd, dt = self.nkv, self.hd, self.dtype
+        L = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1) if g > 1 else 0
+        L = L if L >= MIN_SHARED_PREFIX else 0  # a short prefix is not worth a pass of its own
+        S = P - L  # the tails, left-padded to S
+        pad = self.tok.pad_token_id or 0
+        kv = [(torch.zeros(g, nkv, P + extra, hd, dtype=dt), torch.zeros(g, nkv, P + extra, hd, dtype=dt))
+              for _ in self.layers]
+        if L:
+            shared = [(torch.zeros(1, nkv, L, hd, dtype=dt), torch.zeros(1, nkv, L, hd, dtype=dt)) for _ in self.layers]
+            causal = torch.ones(L, L, dtype=torch.bool).tril()[None, None]  # [1, 1, L, L]
+            self._forward(torch.tensor([prompts[0][:L]]), torch.arange(L)[None], shared, 0, causal)
+            for (k, v), (k1, v1) in zip(kv, shared):
+                k[:, :, :L], v[:, :, :L] = k1, v1  # broadcast to the g rows
+        ids = torch.tensor([[pad] * (S - len(p) + L) + p[L:] for p in prompts])  # [g, S]
+        valid = torch.zeros(g, L + S, dtype=torch.bool)  # [g, P] real slots of the [prefix | tails] layout
+        valid[:, :L] = True
+        for i, p in enumerate(prompts):
+            valid[i, P - len(p) + L:] = True
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, L:]  # [g, S]
+        # tail query j (slot L + j) sees real slots up to its own; padding queries see themselves (no NaN)
+        mask = torch.ones(S, P, dtype=torch.bool).tril(L)[None] & valid[:, None, :]  # [g, S, P]
+        mask[:, torch.arange(S), L + torch.arange(S)] = True
+        logits = self._forward(ids, pos, kv, L, mask[:, None])  # [g, V]
+        if L:  # [prefix | pads_i | tail_i] -> [pads_i | prefix | tail_i]
+            order = torch.empty(g, P, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                q = P - len(p)  # padding slots of row i
+                order[i] = torch.cat([torch.arange(L, L + q), torch.arange(L), torch.arange(L + q, P)])
+            idx = order[:, None, :, None].expand(g, nkv, P, hd)
+            for j, (k, v) in enumerate(kv):
+                kv[j] = (torch.cat([k[:, :, :P].gather(2, idx), k[:, :, P:]], 2),
+                         torch.cat([v[:, :, :P].gather(2, idx), v[:, :, P:]], 2))
+            valid = valid.gather(1, order)
+        return logits, kv, valid
+
     def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams):
         P, T, g = max(len(p) for p in prompts), params.max_new_tokens, len(prompts)
         nkv, hd, dt = self.nkv, self.hd, self.dtype
-        pad = self.tok.pad_token_id or 0
-        ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])  # [g, P] left-padded
-        valid = torch.zeros(g, P, dtype=torch.bool)  # prompt slots holding real tokens
-        for i, p in enumerate(prompts):
-            valid[i, P - len(p):] = True
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [g, P]
-        kv = [(torch.zeros(g, nkv, P, hd, dtype=dt), torch.zeros(g, nkv, P, hd, dtype=dt)) for _ in self.layers]
-        mask = (torch.ones(P, P, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]  # [g, 1, P, P]
-        # Fully masked query rows (left padding) would give NaN; let them see themselves.
-        logits = self._forward(ids, pos, kv, 0, mask | torch.eye(P, dtype=torch.bool)[None, None])  # [g, V]
+        logits, kv, valid = self._prefill(prompts)  # [g, V], caches [g, nkv, P, hd], [g, P]
 
         # Each prompt's cache is kept once for its n samples (key-head major for the decode
         # steps); each sample row gets its own cache for the tokens it generates.

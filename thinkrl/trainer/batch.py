@@ -22,6 +22,7 @@ grouped micro-batches then run their full rows instead: same result, full prompt
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -235,12 +236,10 @@ def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
     from transformers import DynamicCache
 
     G, P = mb.group_size, mb.prompt_len
-    p_pos = (mb.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [g, P]
-    out = inner(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=p_pos, use_cache=True)
-    prompt_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [g, nkv, P, hd] each
+    last, prompt_kv, kv_mask = _prompt_pass(inner, mb.prompt_ids, mb.prompt_mask)
     b, T = mb.mask.shape
     group = torch.arange(b) // G  # [b] the prompt of each row
-    last = out.last_hidden_state[:, -1][group]  # [b, H] predicts token 0
+    last = last[group]  # [b, H] predicts token 0
     if T == 1:
         return last[:, None]
     c_ids = mb.input_ids[:, P:]  # [b, T]
@@ -253,13 +252,50 @@ def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
             cache = DynamicCache()
             for i, (k, v) in enumerate(prompt_kv):
                 cache.update(k[group[rows]], v[group[rows]], i)  # differentiable copy per row
-            attn = torch.cat([mb.prompt_mask[group[rows]], mb.attention_mask[rows, P: P + Tk - 1]], 1)
+            attn = torch.cat([kv_mask[group[rows]], mb.attention_mask[rows, P: P + Tk - 1]], 1)
             pos = start[rows, None] + torch.arange(Tk - 1)[None]  # [bk, Tk-1]
             rest = inner(input_ids=c_ids[rows, : Tk - 1], attention_mask=attn, position_ids=pos,
                          past_key_values=cache, use_cache=True).last_hidden_state  # [bk, Tk-1, H]
             h = torch.cat([h, rest], 1)  # [bk, Tk, H]
         hidden = hidden.index_put((rows,), F.pad(h, (0, 0, 0, T - Tk)))
     return hidden
+
+
+MIN_SHARED_PREFIX = 16  # tokens; as in the rollout engine (thinkrl/rollout/fast.py)
+
+
+def _prompt_pass(inner, ids: Tensor, mask: Tensor) -> tuple[Tensor, list, Tensor]:
+    """Run the left-padded prompts ``ids`` [g, P] (real tokens where ``mask``); returns the
+    last position's hidden state [g, H], each layer's keys and values [g, nkv, P, hd], and
+    the mask [g, P] of the key slots that hold real tokens.
+
+    The prefix that all g prompts share (a chat template's system prompt and few-shot turns)
+    runs once, on one row, and its keys/values are expanded to the g rows (gradients flow
+    back through the expansion into that one pass); the prompts' own tails then run against
+    it, in the layout [prefix | left-padded tails] (hence the returned mask). Exact: the
+    same hidden states and gradients as running every prompt in full."""
+    from transformers import DynamicCache
+
+    g, P = ids.shape
+    real = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    L = min(len(os.path.commonprefix(real)), int(mask.sum(-1).min()) - 1) if g > 1 else 0
+    if L < MIN_SHARED_PREFIX:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [g, P]
+        out = inner(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        return out.last_hidden_state[:, -1], [(c.keys, c.values) for c in out.past_key_values.layers], mask
+    S = P - L
+    pre = inner(input_ids=torch.tensor([real[0][:L]]), position_ids=torch.arange(L)[None], use_cache=True)
+    cache = DynamicCache()
+    for i, c in enumerate(pre.past_key_values.layers):
+        cache.update(c.keys.expand(g, -1, -1, -1), c.values.expand(g, -1, -1, -1), i)  # [g, nkv, L, hd]
+    t_ids = torch.tensor([[0] * (S - len(r) + L) + r[L:] for r in real])  # [g, S] left-padded tails (pads masked)
+    t_mask = torch.zeros(g, S, dtype=mask.dtype)
+    for i, r in enumerate(real):
+        t_mask[i, S - len(r) + L:] = 1
+    kv_mask = torch.cat([torch.ones(g, L, dtype=mask.dtype), t_mask], 1)  # [g, P]
+    pos = L + (t_mask.cumsum(-1) - 1).clamp(min=0)  # [g, S]
+    out = inner(input_ids=t_ids, attention_mask=kv_mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    return out.last_hidden_state[:, -1], [(c.keys, c.values) for c in out.past_key_values.layers], kv_mask
 
 
 def _length_buckets(lengths: Tensor) -> list[Tensor]:
