@@ -137,7 +137,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    micro_batch_size: int = 16
+    micro_batch_size: int = 32  # rows per forward/backward (whole groups); the loss does not depend on it
     # Activation (gradient) checkpointing: keep only each decoder layer's input during the
     # forward pass and recompute the rest in the backward pass, trading ~1/3 more compute for
     # activation memory that no longer grows with layers x tokens (long sequences). The
