@@ -92,7 +92,8 @@ def main() -> None:
         parts["rest of the step"] = (sum(steps) - (sum(spent.values()) - sampling_outside)) / n
         parts["step (all of the above but sampling)"] = sum(steps) / n
         per_run.append(parts)
-    print(f"decode attention: {'torch ops' if args.torch_attention else 'C kernel'}; "
+    print(f"{'bf16' if engine.dtype == fast.torch.bfloat16 else 'fp32'} engine, decode attention: "
+          f"{'C kernel' if engine.kernel is not None else 'torch ops'}; "
           f"{len(steps)} steps of 64 rows per rollout; ms per step (rollout 1, rollout 2)")
     for k in sorted(per_run[0], key=lambda k: -per_run[0][k]):
         vals = [r.get(k, 0.0) * 1e3 for r in per_run]
