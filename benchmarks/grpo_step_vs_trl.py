@@ -104,7 +104,8 @@ def run_thinkrl(steps: int, max_new: int, bf16: bool) -> tuple[list[float], dict
     from thinkrl.trainer.rl import build_parts, rl_step
 
     cfg = build_config(overrides=[f"max_steps={steps}", f"rollout.max_new_tokens={max_new}",
-                                  "rollout.temperature=1.0", "algo.kl_coef=0.04", "optim.micro_batch_size=16",
+                                  "rollout.prompts_per_step=8", "rollout.group_size=8", "rollout.temperature=1.0",
+                                  "algo.kl_coef=0.04", "optim.micro_batch_size=16",
                                   "progress=false", f"dtype={'bf16' if bf16 else 'fp32'}"])
     p = build_parts(cfg)
     times, last, faults = [], {}, []
