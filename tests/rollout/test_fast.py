@@ -82,8 +82,8 @@ def test_prepacked_weights_give_the_same_tokens_and_logps(lively, bf16, atol):
     library cannot pack (oneDNN's bf16 prepack needs AVX-512 or AVX-NE-CONVERT)."""
     plan = device.plan()
     if not (plan.onednn_prepack if bf16 else plan.mkl_prepack):
-        pytest.skip(f"{'oneDNN bf16' if bf16 else 'MKL fp32'} prepack does not run on this CPU "
-                    f"({plan.cpu}, {plan.capability})")
+        why = "switched off (THINKRL_PREPACK=0)" if "THINKRL_PREPACK" in plan.forced_off else "does not run on this CPU"
+        pytest.skip(f"{'oneDNN bf16' if bf16 else 'MKL fp32'} prepack {why} ({plan.cpu}, {plan.capability})")
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
     packed, plain = FastEngine(model, tok, bf16=bf16), FastEngine(model, tok, bf16=bf16, prepack=False)
@@ -327,7 +327,7 @@ def test_decode_attention_paths_equal_an_fp32_reference(dropped, rep, hd):
     assert torch.equal(c1[3][:, :, st.t], v.reshape(b, nkv, hd).transpose(0, 1))
     fn = decode_attention_kernel()
     if fn is None:
-        pytest.skip("no C compiler: the kernel path is not available here")
+        pytest.skip("no C kernel here (no compiler, or THINKRL_KERNELS=0)")
     c2 = [x.clone() for x in cache]
     out = decode_attention(fn, q, k, v, *c2, st.group, st.pstart, st.t, torch.empty(b, q.shape[1], dtype=q.dtype))
     torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)  # fp32 inside: only the output rounds
@@ -376,7 +376,7 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
     monkeypatch.setattr(fast, "_CHECKED", {})
     monkeypatch.setattr(fast, "decode_attention", broken)
     if fast.decode_attention_kernel() is None:
-        pytest.skip("no C kernel here")
+        pytest.skip("no C kernel here (no compiler, or THINKRL_KERNELS=0)")
     with caplog.at_level("WARNING"):
         assert fast.checked_kernel() is None
     assert "disagrees" in caplog.text
@@ -398,7 +398,7 @@ def test_kernel_built_for_an_older_x86_cpu_agrees(monkeypatch, tmp_path, march):
     monkeypatch.setattr(kernels, "_libs", {})
     fn = kernels.decode_attention_kernel()
     if fn is None:
-        pytest.skip("no C compiler here")
+        pytest.skip("no C kernel here (no compiler, or THINKRL_KERNELS=0)")
     assert fast._kernel_error(fn) < 2e-2
 
 
