@@ -91,6 +91,19 @@ def test_grouped_micro_batch_layout():
     assert mb.mask.tolist() == [[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
 
 
+def _assert_same_logps_and_gradients(model, a, b, grouped):
+    """``a``: log-probs of the full rows (graph kept), ``b``: of the grouped micro-batch; both
+    and the parameters' gradients of their sums must agree (fp32)."""
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    model.zero_grad()
+    a.sum().backward()
+    g_full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    token_logps(model, grouped)[0].sum().backward()
+    for g1, p in zip(g_full, model.parameters()):
+        torch.testing.assert_close(g1, p.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_grouped_logps_and_gradients_equal_the_full_rows(tiny):
     """Running a group's prompt once and repeating its keys/values gives the same log-probs and
     the same gradients as running every row in full (fp32)."""
@@ -102,14 +115,7 @@ def test_grouped_logps_and_gradients_equal_the_full_rows(tiny):
     grouped = make_grouped_micro_batch(prompts, comps, rows, group_size=3, pad_id=0)
     a, _ = token_logps(model, full)
     b, _ = token_logps(model, grouped)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    model.zero_grad()
-    a.sum().backward()
-    g_full = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    token_logps(model, grouped)[0].sum().backward()
-    for g1, p in zip(g_full, model.parameters()):
-        torch.testing.assert_close(g1, p.grad, atol=1e-5, rtol=1e-4)
+    _assert_same_logps_and_gradients(model, a, b, grouped)
 
 
 def test_a_prefix_shared_by_all_prompts_runs_once_with_the_same_logps_and_gradients(tiny, monkeypatch):
@@ -133,15 +139,8 @@ def test_a_prefix_shared_by_all_prompts_runs_once_with_the_same_logps_and_gradie
     calls.clear()
     b, _ = token_logps(model, grouped)
     assert calls[:2] == [(1, 20), (3, 5)]  # the shared prefix once, then the three tails (padded to 5)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    model.zero_grad()
-    a.sum().backward()
-    g_full = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    token_logps(model, grouped)[0].sum().backward()
-    for g1, p in zip(g_full, model.parameters()):
-        torch.testing.assert_close(g1, p.grad, atol=1e-5, rtol=1e-4)
     assert batch.MIN_SHARED_PREFIX <= 20
+    _assert_same_logps_and_gradients(model, a, b, grouped)
 
 
 def test_split_grouped_micro_batches_keeps_groups_whole():
