@@ -76,7 +76,7 @@ static inline vf load_tail(const uint16_t *p, int64_t m) {  /* m < VL values, th
 }
 
 /* s[i][j] = sum_d q[i][d] keys[d][j] for j < n and the NQ (<= 4) query rows i, keys transposed
- * (row stride ld). Sixteen keys at a time, the NQ sums held in registers across d. */
+ * (row stride ld). VL keys at a time, the NQ sums held in registers across d. */
 static inline __attribute__((always_inline)) void scores_nq(const int NQ, const float *qf, int64_t hd,
                                                             const uint16_t *keys, int64_t ld, int64_t n,
                                                             float *s, int64_t sstride) {
