@@ -3,7 +3,7 @@
 Same model (smollm2-135m, the plain fp32 copy thinkrl caches), same prompts (the
 default task's), same settings: 8 prompts x 8 generations, at most 128 new tokens,
 temperature 1.0, beta = 0.04 (so both keep a reference model), one optimizer step per
-batch, and one dtype for both: bf16 where the CPU has bf16 instructions, fp32 otherwise
+batch (micro-batches: 16 for TRL, thinkrl's default 32), and one dtype for both: bf16 where the CPU has bf16 instructions, fp32 otherwise
 (``thinkrl/device.py`` decides; ``--dtype`` overrides; printed). TRL gets its best CPU
 settings (no gradient checkpointing).
 
@@ -85,8 +85,9 @@ def run_trl(steps: int, max_new: int, bf16: bool) -> list[float]:
             times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as out:
-        # 64 completions per optimizer step in micro-batches of 16, as thinkrl's side; one batch of 64
-        # runs out of 24 GB (full-vocabulary logits for prompt and completion of every row).
+        # 64 completions per optimizer step in micro-batches of 16 (thinkrl's side uses its default of
+        # 32; the loss does not depend on it); one TRL batch of 64 runs out of 24 GB (full-vocabulary
+        # logits for prompt and completion of every row).
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=16, num_generations=8,
                           gradient_accumulation_steps=4, max_completion_length=max_new, beta=0.04,
                           temperature=1.0, bf16=bf16, use_cpu=True, gradient_checkpointing=False,
@@ -105,7 +106,7 @@ def run_thinkrl(steps: int, max_new: int, bf16: bool) -> tuple[list[float], dict
 
     cfg = build_config(overrides=[f"max_steps={steps}", f"rollout.max_new_tokens={max_new}",
                                   "rollout.prompts_per_step=8", "rollout.group_size=8", "rollout.temperature=1.0",
-                                  "algo.kl_coef=0.04", "optim.micro_batch_size=16",
+                                  "algo.kl_coef=0.04",  # micro-batches: thinkrl's default (32 rows)
                                   "progress=false", f"dtype={'bf16' if bf16 else 'fp32'}"])
     p = build_parts(cfg)
     times, last, faults = [], {}, []
