@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from thinkrl import device
-from thinkrl.rollout.fast import _packer
 
 # (in, out) of smollm2-135m's decode linears: o_proj, k/v (one of them), down, fused QKV,
 # fused gate/up, the LM head.
@@ -42,7 +41,7 @@ def main() -> None:
     print(f"CPU: {device.plan().describe()}")
     for name in args.dtypes.split(","):
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-        packer = _packer(dt, M, True)
+        packer = device.packer(dt, M, True)
         if packer is None:
             print(f"{name}: this CPU cannot prepack {name} weights; skipped")
             continue

@@ -407,7 +407,7 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatc
     different lengths: the engine runs the prefix once, then the tails (one extra prefill pass,
     whose first call has a single row), and gives the same tokens and log-probs as running
     every prompt in full (fp32), in generate and in score."""
-    from thinkrl.rollout import fast
+    import thinkrl.rollout as rollout
 
     model, tok = lively
     shot = [{"role": "system", "content": "You add numbers. Think step by step, then answer."},
@@ -418,7 +418,7 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatc
     import os
 
     L = len(os.path.commonprefix(ids))
-    assert L >= fast.MIN_SHARED_PREFIX and len({len(x) for x in ids}) > 1  # a real shared prefix, ragged tails
+    assert L >= rollout.MIN_SHARED_PREFIX and len({len(x) for x in ids}) > 1  # a real shared prefix, ragged tails
     params = SamplingParams(max_new_tokens=10, temperature=1.0)
     rows = []
     eng = FastEngine(model, tok, bf16=False)
@@ -427,7 +427,7 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatc
     torch.manual_seed(5)
     shared = eng.generate(prompts, 2, params)
     assert rows[0] == (1, L) and rows[1][0] == 3  # the prefix alone, then the three tails
-    monkeypatch.setattr(fast, "MIN_SHARED_PREFIX", 10**6)  # no sharing: every prompt in full
+    monkeypatch.setattr(rollout, "MIN_SHARED_PREFIX", 10**6)  # no sharing: every prompt in full
     rows.clear()
     torch.manual_seed(5)
     full = eng.generate(prompts, 2, params)
@@ -438,7 +438,7 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatc
     # score (the frozen KL reference's path) against the training forward
     from thinkrl.trainer.batch import make_grouped_micro_batch
 
-    monkeypatch.setattr(fast, "MIN_SHARED_PREFIX", 16)
+    monkeypatch.setattr(rollout, "MIN_SHARED_PREFIX", 16)
     mb = make_grouped_micro_batch(ids, shared.completion_ids, list(range(6)), 2, tok.pad_token_id)
     with torch.no_grad():
         want, _ = token_logps(model, mb)

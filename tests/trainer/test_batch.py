@@ -122,7 +122,7 @@ def test_a_prefix_shared_by_all_prompts_runs_once_with_the_same_logps_and_gradie
     """Three prompts that share a 20-token prefix (a system prompt, say) and have tails of 3,
     1 and 5 tokens: the prefix runs once on one row, the tails against it, and the log-probs
     and gradients equal running every row in full (fp32)."""
-    from thinkrl.trainer import batch
+    import thinkrl.rollout as rollout
 
     model, _ = tiny
     prefix = list(range(30, 50))  # 20 tokens >= MIN_SHARED_PREFIX
@@ -139,7 +139,7 @@ def test_a_prefix_shared_by_all_prompts_runs_once_with_the_same_logps_and_gradie
     calls.clear()
     b, _ = token_logps(model, grouped)
     assert calls[:2] == [(1, 20), (3, 5)]  # the shared prefix once, then the three tails (padded to 5)
-    assert batch.MIN_SHARED_PREFIX <= 20
+    assert rollout.MIN_SHARED_PREFIX <= 20
     _assert_same_logps_and_gradients(model, a, b, grouped)
 
 

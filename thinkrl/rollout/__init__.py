@@ -7,6 +7,7 @@ with the ``n`` samples of one prompt next to each other in the output.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +86,21 @@ class HFEngine:
         with autocast(self.bf16):
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)  # [b, P + T]
         return out[:, width:].tolist()
+
+
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix of a batch's prompts is not run separately
+
+
+def shared_prefix_len(prompts: list[list[int]]) -> int:
+    """How many leading tokens all ``prompts`` share and are worth running once (a chat
+    template's system prompt and few-shot turns): 0 for a single prompt or a prefix shorter
+    than ``MIN_SHARED_PREFIX``, and never the whole of a prompt, so that every prompt keeps a
+    tail of its own (its last position predicts the first new token). Used by the rollout
+    engine's prefill and the trainer's grouped forward."""
+    if len(prompts) < 2:
+        return 0
+    L = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
+    return L if L >= MIN_SHARED_PREFIX else 0
 
 
 def _as_list(x) -> list:

@@ -29,7 +29,6 @@ GQA attention, SwiGLU MLP).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +37,10 @@ from torch import Tensor
 
 from thinkrl import device
 from thinkrl.perf import tune_allocator
-from thinkrl.rollout import Rollout, SamplingParams
+from thinkrl.rollout import Rollout, SamplingParams, shared_prefix_len
 from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
 
 SUPPORTED = ("llama", "mistral", "qwen2")
-MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix of a batch's prompts is not run separately
 
 
 @dataclass
@@ -99,35 +97,6 @@ class _DecodeState:
             rows, dt = self.groups * self.n, self.caches[0][0].dtype
             self.q_buf = torch.zeros(nkv, rows, self.rep, hd, dtype=dt)
             self.p_buf = torch.zeros(nkv, rows, self.rep, P, dtype=dt)
-
-
-class _Packer:
-    """Prepacked linear weights: ``pack(w)`` once per sync, then ``linear(x, w, packed, b)``
-    computes ``x @ w.T + b`` from the packed copy. The packed layouts skip the reorder that
-    F.linear does inside every call: at the decode shapes (64 rows x 576 -> 1536, 49152, ...)
-    1.2-2.6x faster in bf16 and 1.2-1.7x in fp32 (benchmarks/decode_matmul.py). Both ops are
-    private to torch, so the engine checks them against F.linear at every sync."""
-
-    def __init__(self, dtype: torch.dtype, batch_size: int):
-        self.dtype, self.batch_size = dtype, batch_size
-        self.name = "oneDNN bf16" if dtype == torch.bfloat16 else "MKL fp32"
-
-    def pack(self, w: Tensor) -> Tensor:
-        if self.dtype == torch.bfloat16:
-            return torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size)
-        return torch.ops.mkl._mkl_reorder_linear_weight(w, self.batch_size)
-
-    def linear(self, x: Tensor, w: Tensor, packed: Tensor, b: Tensor | None = None) -> Tensor:
-        if self.dtype == torch.bfloat16:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-        return torch.ops.mkl._mkl_linear(x, packed, w, b, self.batch_size)
-
-
-def _packer(dtype: torch.dtype, batch_size: int, wanted: bool | None) -> _Packer | None:
-    """The packer for ``dtype`` where the device plan says it runs (``wanted``: None asks the plan)."""
-    plan = device.plan()
-    ok = plan.onednn_prepack if dtype == torch.bfloat16 else plan.mkl_prepack
-    return _Packer(dtype, batch_size) if (ok if wanted is None else wanted and ok) else None
 
 
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
@@ -303,7 +272,7 @@ class FastEngine:
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos} - {None})
         self._rope_inv_freq = self._inv_freq(cfg)
         self._version = None
-        self.packer = _packer(self.dtype, batch_size, prepack)
+        self.packer = device.packer(self.dtype, batch_size, prepack)
         self.head_packed = None
         # decode attention in C (bf16 caches, head dims of 16k) where it builds and agrees with the torch path
         use = device.plan().kernel if kernel is None else kernel and device.plan().kernel
@@ -372,7 +341,7 @@ class FastEngine:
             L = self.layers[0]
             x = torch.randn(3, L.wqkv.shape[1], generator=torch.Generator().manual_seed(0)).to(self.dtype)
             want, got = F.linear(x, L.wqkv, L.bqkv).float(), self._linear(x, L.wqkv, L.packed["wqkv"], L.bqkv).float()
-            if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
+            if not device.agrees(got, want, 1e-2):
                 raise RuntimeError(f"max difference {(got - want).abs().max().item():.3g}")
         except Exception as e:  # noqa: BLE001 (any failure of a private op means: do without it)
             import logging
@@ -586,8 +555,7 @@ class FastEngine:
         same keys, values and logits as running every prompt in full."""
         g, P = len(prompts), max(len(p) for p in prompts)
         nkv, hd, dt = self.nkv, self.hd, self.dtype
-        L = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1) if g > 1 else 0
-        L = L if L >= MIN_SHARED_PREFIX else 0  # a short prefix is not worth a pass of its own
+        L = shared_prefix_len(prompts)
         S = P - L  # the tails, left-padded to S
         pad = self.tok.pad_token_id or 0
         kv = [(torch.zeros(g, nkv, P + extra, hd, dtype=dt), torch.zeros(g, nkv, P + extra, hd, dtype=dt))

@@ -22,14 +22,13 @@ grouped micro-batches then run their full rows instead: same result, full prompt
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from thinkrl.rollout import autocast
+from thinkrl.rollout import autocast, shared_prefix_len
 
 
 @dataclass
@@ -261,9 +260,6 @@ def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
     return hidden
 
 
-MIN_SHARED_PREFIX = 16  # tokens; as in the rollout engine (thinkrl/rollout/fast.py)
-
-
 def _prompt_pass(inner, ids: Tensor, mask: Tensor) -> tuple[Tensor, list, Tensor]:
     """Run the left-padded prompts ``ids`` [g, P] (real tokens where ``mask``); returns the
     last position's hidden state [g, H], each layer's keys and values [g, nkv, P, hd], and
@@ -278,8 +274,8 @@ def _prompt_pass(inner, ids: Tensor, mask: Tensor) -> tuple[Tensor, list, Tensor
 
     g, P = ids.shape
     real = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    L = min(len(os.path.commonprefix(real)), int(mask.sum(-1).min()) - 1) if g > 1 else 0
-    if L < MIN_SHARED_PREFIX:
+    L = shared_prefix_len(real)
+    if L == 0:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [g, P]
         out = inner(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         return out.last_hidden_state[:, -1], [(c.keys, c.values) for c in out.past_key_values.layers], mask
