@@ -152,7 +152,8 @@ def plan() -> CpuPlan:
     bf16_runs = _bf16_runs()
     prepack_ok = "THINKRL_PREPACK" not in forced
     return CpuPlan(
-        cpu=_cpu_name(), capability=torch.backends.cpu.get_cpu_capability(), native_bf16=_native_bf16(),
+        # instructions oneDNN may not use (ONEDNN_MAX_CPU_ISA below them) are not native bf16 for us
+        cpu=_cpu_name(), capability=torch.backends.cpu.get_cpu_capability(), native_bf16=_native_bf16() and bf16_runs,
         bf16_runs=bf16_runs,
         onednn_prepack=prepack_ok and bf16_runs and torch.backends.mkldnn.is_available()
         and _probe("oneDNN bf16 prepack", lambda: _packs(torch.bfloat16)),
