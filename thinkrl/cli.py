@@ -9,6 +9,7 @@
     thinkrl pipeline PIPELINE.yaml [key=value ...]
     thinkrl difficulty [CONFIG.yaml] model=PATH task=NAME [k=8] [n=N] output=FILE.jsonl [key=value ...]
     thinkrl report RUN_DIR [output=DIR]
+    thinkrl sandbox check
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def cmd_eval(args: list[str]) -> int:
     from thinkrl.rollout import build_engine
     from thinkrl.tasks import build_task
     from thinkrl.tasks.templates import drop_long_prompts
+    from thinkrl import sandbox
     from thinkrl.device import use_bf16
 
     config, items = _split(args)
@@ -100,6 +102,7 @@ def cmd_eval(args: list[str]) -> int:
     base = _eval_base(models[0]) if config is None else {}
     cfg = build_config(config, overrides, base=base)
     task = build_task(cfg.task)
+    sandbox.configure(cfg.sandbox.allow_unconfined)
     bf16 = use_bf16(cfg.dtype)
     k = cfg.eval.samples
     temperature = cfg.eval.temperature if cfg.eval.temperature is not None else (
@@ -222,8 +225,44 @@ def cmd_report(args: list[str]) -> int:
     return 0
 
 
+def cmd_sandbox(args: list[str]) -> int:
+    """``thinkrl sandbox check``: what the code sandbox enforces on this machine, measured from
+    inside a probe run. Exit status 0 when model code runs isolated, 1 when it would be refused."""
+    from thinkrl import sandbox
+
+    if args != ["check"]:
+        raise ConfigError("usage: thinkrl sandbox check")
+    caps = sandbox.capabilities()
+    yes = lambda b: "yes" if b else "NO"  # noqa: E731
+    method = {"root": "namespaces as root, program under a fresh unprivileged uid",
+              "userns": "namespaces inside an unprivileged user namespace"}.get(caps.get("method"), "none")
+    rows = [("isolation", method),
+            ("mount namespace, host read-only", yes(caps.get("mountns")) + f" ({caps.get('readonly_mounts', 0)} mounts)"),
+            ("network namespace (no network)", yes(caps.get("netns"))),
+            ("PID namespace, own /proc", yes(caps.get("pidns")) + ("" if caps.get("own_proc", True) else
+                                                                    " (host /proc hidden)")),
+            ("IPC and UTS namespaces", yes(caps.get("ipcns"))),
+            ("program uid", str(caps.get("uid", "?"))),
+            ("capabilities left", {0: "none", None: "?"}.get(caps.get("capabilities"), hex(caps.get("capabilities") or 0))),
+            ("no_new_privs", yes(caps.get("no_new_privs"))),
+            ("seccomp filter", f"{caps.get('seccomp_rules', 0)} rules" if caps.get("seccomp_mode") == 2 else
+             "NO (" + caps.get("seccomp_error", "not loaded") + ")")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    for e in caps.get("errors", []):
+        print(f"note: {e.strip()}")
+    if caps["isolated"]:
+        print("verdict: model-written code runs isolated")
+        return 0
+    print("verdict: NOT isolated; the code reward refuses to run unless sandbox.allow_unconfined=true.\n"
+          + sandbox.HOW_TO_ISOLATE)
+    return 1
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "sample": cmd_sample,
-            "merge": cmd_merge, "pipeline": cmd_pipeline, "difficulty": cmd_difficulty, "report": cmd_report}
+            "merge": cmd_merge, "pipeline": cmd_pipeline, "difficulty": cmd_difficulty, "report": cmd_report,
+            "sandbox": cmd_sandbox}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,10 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from thinkrl.models import ModelError
+    from thinkrl.sandbox import SandboxUnavailable
 
     try:
         return COMMANDS[ns.command](argv[1:])
-    except (ConfigError, ModelError) as e:
+    except (ConfigError, ModelError, SandboxUnavailable) as e:
         print(f"thinkrl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -162,6 +162,14 @@ class EvalConfig:
 
 
 @dataclass
+class SandboxConfig:
+    # Where no isolation can be built (no user namespaces, root without CAP_SYS_ADMIN in a
+    # locked-down container), model-written code does not run unless this is true; it then runs
+    # with rlimits only, never as root, and the run logs that it does (docs/rewards.md).
+    allow_unconfined: bool = False
+
+
+@dataclass
 class Config:
     model: str = "smollm2-135m"
     output_dir: str = "runs/default"
@@ -188,6 +196,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,6 +21,7 @@ import threading
 from collections import Counter
 
 from thinkrl.config import ConfigError
+from thinkrl.sandbox import SandboxUnavailable
 
 from thinkrl.rewards import code, format, hedging, length, math  # noqa: F401  (registers the rewards)
 from thinkrl.rewards.base import (CONTEXT_KEYS, REWARDS, RewardFailure, check_options, extract_answer,
@@ -101,6 +102,8 @@ class RewardModel:
                 if len(values) != hi - lo:
                     raise ValueError(f"group reward returned {len(values)} values for {hi - lo} completions")
                 out += [self._guard(name, lambda v=v: v) for v in values]
+            except SandboxUnavailable:
+                raise
             except Exception as e:
                 reason = e.reason if isinstance(e, RewardFailure) else "error"
                 self._count(f"{name}/{reason}", hi - lo)
@@ -114,6 +117,8 @@ class RewardModel:
         except RewardFailure as e:
             self._count(f"{name}/{e.reason}")
             return 0.0
+        except SandboxUnavailable:  # not a verifier bug: model code may not run here at all
+            raise
         except Exception as e:  # a verifier bug must not end a run: score 0, count it
             self._count(f"{name}/error")
             log.debug("reward %s raised %r", name, e)

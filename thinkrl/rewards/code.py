@@ -47,6 +47,11 @@ def program_for(code: str, example) -> str:
     return code
 
 
+def runs_code(weights: dict, examples: list) -> bool:
+    """Whether scoring ``examples`` with these reward weights runs model-written programs."""
+    return bool(weights.get("code")) or any("tests" in e.meta or "io_cases" in e.meta for e in examples)
+
+
 def tokens_equal(out: str, expected: str) -> bool:
     return out.split() == expected.split()
 
@@ -55,7 +60,7 @@ def run_tests(code: str, example, limits: Limits) -> tuple[int, int]:
     """``(passed, total)`` for ``code`` on the example's tests; RewardFailure on an abnormal end."""
     meta = example.meta
     if "tests" in meta:
-        key = ("check", program_for(code, example), meta["tests"], meta["entry_point"])
+        key = ("check", program_for(code, example), meta["tests"], meta["entry_point"], meta.get("prompt", ""))
     else:
         key = ("io", code, tuple((c["input"], c["output"]) for c in meta["io_cases"]))
     status, passed, total = _run_cached(key, limits)
@@ -69,8 +74,8 @@ def _run_cached(key: tuple, limits: Limits) -> tuple[str, int, int]:
     """Deterministic programs give the same verdict twice: ``accuracy`` on a code task and ``code``
     share one run."""
     if key[0] == "check":
-        _, program, tests, entry = key
-        passed, total, res = run_check(program, tests, entry, limits)
+        _, program, tests, entry, prompt = key
+        passed, total, res = run_check(program, tests, entry, limits, prompt=prompt)
         # total == 0: no verdict, the harness never got to report (e.g. os._exit in the solution)
         return res.status, passed, total if total else 1
     passed = 0

@@ -1,11 +1,12 @@
 """Isolated execution of model-written code.
 
-Every run goes through ``_launch.py`` (see its docstring for the isolation steps): its own
-session and process group, PID/mount/network namespaces where the kernel allows, a read-only
-view of the host with a fresh size-capped tmpfs as the only writable place, an unprivileged uid,
-rlimits on CPU time, address space, file size and process count, a wall-clock deadline and a cap
-on captured output. When time is up or the output cap is hit, the whole process group is killed
-with SIGKILL; the PID namespace takes everything else down with it.
+Every run goes through ``_launch.py`` (see its docstring for the isolation steps): new mount,
+PID, network, IPC and UTS namespaces (as root, or inside an unprivileged user namespace for
+everyone else), a read-only view of the host with a fresh size-capped tmpfs as the only writable
+place, a uid that is not root, no capabilities, a seccomp filter, rlimits on CPU time, address
+space, file size and process count, a wall-clock deadline and a cap on captured output. When
+time is up or the output cap is hit, the whole process group is killed with SIGKILL; the PID
+namespace takes everything else down with it.
 
     res = run_python("print(input()[::-1])", stdin="abc")
     res.status, res.stdout   # ("ok", "cba\\n")
@@ -14,11 +15,17 @@ with SIGKILL; the PID namespace takes everything else down with it.
 exit), ``timeout`` (wall clock), ``cpu_time`` (RLIMIT_CPU), ``memory`` (MemoryError under
 RLIMIT_AS), ``output_limit`` (more output than the cap), ``signal`` (killed by another signal)
 or ``sandbox_error`` (the launcher itself failed).
+
+Where no isolation can be built, model code does not run: :func:`require_isolation` raises
+:class:`SandboxUnavailable` with what is missing, unless :func:`configure` (the config's
+``sandbox.allow_unconfined=true``) or ``THINKRL_SANDBOX_ALLOW_UNCONFINED=1`` opts out, which is
+logged. ``python -m thinkrl sandbox check`` prints what is in force (:func:`capabilities`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -33,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 LAUNCHER = str(HERE / "_launch.py")
@@ -94,20 +103,63 @@ def _expose_paths() -> list[str]:
     return sorted({os.path.realpath(p) for p in paths if p})
 
 
+METHODS = ("root", "userns")
+
+
+def _methods() -> list[str]:
+    """Isolation methods the launcher may use. ``THINKRL_SANDBOX_METHODS`` narrows them, so that
+    tests can play a machine that has fewer (``none``: a machine with no isolation at all)."""
+    raw = os.environ.get("THINKRL_SANDBOX_METHODS", ",".join(METHODS))
+    return [m for m in raw.split(",") if m in METHODS]
+
+
 def _spec(argv: list[str], files: dict[str, str], limits: Limits, uid: int, workdir: str | None,
           probe: bool = False) -> bytes:
-    spec = {"argv": [sys.executable, *argv], "files": files, "limits": asdict(limits), "uid": uid, "gid": uid,
-            "tmpfs_mb": limits.tmpfs_mb, "expose": _expose_paths(), "host_workdir": workdir, "probe": probe}
+    spec = {"argv": [sys.executable, *argv], "files": files, "limits": asdict(limits), "uid": uid,
+            "tmpfs_mb": limits.tmpfs_mb, "expose": _expose_paths(), "host_workdir": workdir, "probe": probe,
+            "methods": _methods(), "allow_unconfined": workdir is not None}
     body = json.dumps(spec).encode()
     return f"{len(body)}\n".encode() + body
 
 
-def _spawn(argv: list[str], files: dict[str, str], limits: Limits, uid: int, probe: bool = False):
-    workdir = tempfile.mkdtemp(prefix="thinkrl-sbx-")  # used only where no mount namespace exists
+_WORKDIR_PREFIX = "thinkrl-sbx-"
+
+
+def _host_workdir() -> str:
+    """A host folder for an unconfined run (the pid in its name lets a later run sweep it up)."""
+    return tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-")
+
+
+def sweep_stale_workdirs() -> int:
+    """Remove work folders left by processes that no longer exist (a run killed with SIGKILL)."""
+    removed = 0
+    for p in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*-*"):
+        try:
+            pid = int(p.name[len(_WORKDIR_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _spawn(argv: list[str], files: dict[str, str], limits: Limits, uid: int, probe: bool = False,
+           unconfined_ok: bool | None = None):
+    """Start the launcher. A host work folder exists only where an unconfined run is allowed;
+    an isolated run works in its own tmpfs and leaves nothing on the host."""
+    if unconfined_ok is None:
+        unconfined_ok = _policy["allow_unconfined"]
+    workdir = _host_workdir() if unconfined_ok else None
     proc = subprocess.Popen([sys.executable, "-I", "-S", LAUNCHER], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             close_fds=True)
     return proc, workdir, _spec(argv, files, limits, uid, workdir, probe)
+
+
+def _remove(workdir: str | None) -> None:
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -145,18 +197,55 @@ def kill_uid(uid: int, patience: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def _children(pid: int) -> list[int]:
+    """Host pids of ``pid``'s live children (the launcher's: the sandbox's init)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def _wait_gone(pids: list[int], patience: float = 5.0) -> None:
+    """Wait until each of ``pids`` has exited. A PID namespace's init finishes exiting only after
+    the kernel has killed and reaped everything else inside, so this waits for the whole sandbox."""
+    end = time.monotonic() + patience
+    while pids and time.monotonic() < end:
+        pids = [p for p in pids if _uid_of(Path(f"/proc/{p}")) is not None]
+        time.sleep(0.002)
+
+
+def _end(proc: subprocess.Popen) -> int:
+    """Kill a launcher's process group, wait for its sandbox to be gone; the launcher's status."""
+    inits = _children(proc.pid) if proc.poll() is None else []  # a launcher that ended waited for its init
+    _kill(proc)
+    rc = proc.wait()
+    _wait_gone(inits)
+    return rc
+
+
+def stop(proc: subprocess.Popen, uid: int) -> None:
+    """End a launcher and everything it started, and return only once all of it is gone."""
+    _end(proc)
+    kill_uid(uid)  # as root: whatever of the program's fresh uid is left (setsid escapees)
+
+
 def run(argv: list[str], files: dict[str, str], stdin: str = "", limits: Limits = Limits()) -> Result:
     """Run ``python <argv>`` in a fresh sandbox whose work folder holds ``files``."""
+    require_isolation()
     t0 = time.monotonic()
     with _Slot() as uid:
         proc, workdir, head = _spawn(argv, files, limits, uid)
         try:
             return _collect(proc, head + stdin.encode(), limits, t0)
         finally:
-            _kill(proc)
-            proc.wait()
-            kill_uid(uid)  # whatever left the group (setsid) or is still dying in the PID namespace
-            shutil.rmtree(workdir, ignore_errors=True)
+            stop(proc, uid)
+            _remove(workdir)
 
 
 def _feed(proc: subprocess.Popen, data: bytes) -> None:
@@ -197,9 +286,7 @@ def _collect(proc: subprocess.Popen, data: bytes, limits: Limits, t0: float) -> 
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             status = "timeout"
-    if status is not None:
-        _kill(proc)
-    rc = proc.wait()
+    rc = _end(proc) if status is not None else proc.wait()
     out = bytes(bufs[proc.stdout][: limits.output_bytes]).decode("utf-8", "replace")
     err = bytes(bufs[proc.stderr][: limits.output_bytes]).decode("utf-8", "replace")
     if status is None:
@@ -226,11 +313,15 @@ def run_python(code: str, stdin: str = "", limits: Limits = Limits()) -> Result:
     return run(["-I", "-B", "runner.py", "io"], {"runner.py": RUNNER_SRC, "solution.py": code}, stdin, limits)
 
 
-def run_check(code: str, tests: str, entry_point: str, limits: Limits = Limits()) -> tuple[int, int, Result]:
-    """HumanEval-style: exec ``code``, then each asserting statement of ``check(candidate)`` in ``tests``
-    with ``candidate = <entry_point>``. Returns ``(passed, total, result)``; (0, 0) if no verdict."""
+def run_check(code: str, tests: str, entry_point: str, limits: Limits = Limits(),
+              prompt: str = "") -> tuple[int, int, Result]:
+    """HumanEval-style: each asserting statement of ``check(candidate)`` in ``tests``, with
+    ``candidate`` calling ``<entry_point>`` of ``code``. The tests run in a harness process that
+    the program cannot reach; only plain data crosses back (see ``_runner.py``). ``prompt`` (the
+    task's own, trusted text) gives the tests the helpers it defines. Returns
+    ``(passed, total, result)``; (0, 0) if no verdict."""
     nonce = os.urandom(16).hex()
-    files = {"runner.py": RUNNER_SRC, "solution.py": code, "tests.py": tests, ".nonce": nonce}
+    files = {"runner.py": RUNNER_SRC, "solution.py": code, "tests.py": tests, "prompt.py": prompt, ".nonce": nonce}
     res = run(["-I", "-B", "runner.py", "check", entry_point], files, "", limits)
     for line in reversed(res.stdout.splitlines()):
         parts = line.split()
@@ -249,16 +340,68 @@ def pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sandbox")
 
 
-@lru_cache(maxsize=1)
+_policy = {"allow_unconfined": os.environ.get("THINKRL_SANDBOX_ALLOW_UNCONFINED") == "1", "warned": False}
+
+
+class SandboxUnavailable(RuntimeError):
+    """No isolation can be built on this machine, and unconfined runs were not allowed."""
+
+
+def configure(allow_unconfined: bool) -> None:
+    """Set the policy for machines without isolation (the config's ``sandbox.allow_unconfined``)."""
+    _policy["allow_unconfined"] = bool(allow_unconfined) or \
+        os.environ.get("THINKRL_SANDBOX_ALLOW_UNCONFINED") == "1"
+    _policy["warned"] = False
+    if _policy["allow_unconfined"]:
+        sweep_stale_workdirs()
+
+
 def capabilities() -> dict:
-    """What isolation this machine gives: ``{"netns", "mountns", "pidns", "uid", ...}``."""
+    """What the sandbox enforces on this machine, as reported from inside a probe run:
+    ``method`` (root | userns | unconfined | None), ``netns``, ``mountns``, ``pidns``, ``ipcns``,
+    ``own_proc``, ``readonly_mounts``, ``uid``, ``capabilities`` (the effective set, 0 = none),
+    ``no_new_privs``, ``seccomp_mode`` (2 = filter) and ``seccomp_rules``, ``errors`` (why a
+    method failed), plus ``isolated``: whether model code may run without an opt-out."""
+    return dict(_capabilities(tuple(_methods())))
+
+
+@lru_cache(maxsize=8)
+def _capabilities(methods: tuple) -> dict:
     with _Slot() as uid:
-        proc, workdir, head = _spawn([], {}, Limits(), uid, probe=True)
+        proc, workdir, head = _spawn([], {}, Limits(), uid, probe=True, unconfined_ok=True)
         try:
             out, err = proc.communicate(head, timeout=30)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            _remove(workdir)
     try:
-        return json.loads(out.decode().strip().splitlines()[-1])
+        caps = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return {"error": err.decode(errors="replace")[-500:]}
+        return {"method": None, "isolated": False, "errors": [err.decode(errors="replace")[-500:]]}
+    caps["isolated"] = bool(caps.get("method") in METHODS and caps.get("mountns") and caps.get("pidns")
+                            and caps.get("netns") and caps.get("uid") != 0 and caps.get("capabilities") == 0)
+    return caps
+
+
+HOW_TO_ISOLATE = (
+    "the sandbox needs unprivileged user namespaces (check `sysctl user.max_user_namespaces` > 0 and, "
+    "on Debian before 11, `kernel.unprivileged_userns_clone=1`; Ubuntu 23.10+ also restricts them "
+    "through AppArmor: `kernel.apparmor_restrict_unprivileged_userns=0`), or root with CAP_SYS_ADMIN "
+    "(in Docker: --cap-add SYS_ADMIN, or a seccomp profile that allows unshare)")
+
+
+def require_isolation() -> None:
+    """Raise :class:`SandboxUnavailable` unless model code will run isolated, or the user opted
+    out (then log, once per policy, that it runs unconfined)."""
+    caps = capabilities()
+    if caps["isolated"]:
+        return
+    if _policy["allow_unconfined"]:
+        if not _policy["warned"]:
+            log.warning("sandbox: no isolation on this machine (%s); model code runs UNCONFINED, with rlimits "
+                        "only, because sandbox.allow_unconfined=true", "; ".join(caps.get("errors", [])) or "?")
+            _policy["warned"] = True
+        return
+    raise SandboxUnavailable(
+        "thinkrl will not run model-written code here: no isolation can be built on this machine ("
+        + ("; ".join(caps.get("errors", [])) or "no method allowed") + "). " + HOW_TO_ISOLATE
+        + ". To run it unconfined anyway, at your own risk, set sandbox.allow_unconfined=true.")

@@ -6,6 +6,10 @@ math-verify's own timeout uses ``signal.alarm`` (main thread only), so instead t
 a worker process inside the sandbox (same namespaces, uid, memory limit) that speaks JSON lines
 on stdin/stdout. A request that misses its deadline gets the worker killed (process group and
 PID namespace) and replaced; the caller sees :class:`WorkerTimeout`.
+
+These workers run the checker's own code on model-written *text*, not model-written programs,
+so where no isolation can be built they still start (rlimits, own session, never as root) and
+say so once in the log, instead of refusing as the code reward does.
 """
 
 from __future__ import annotations
@@ -15,11 +19,19 @@ import json
 import os
 import queue
 import selectors
-import shutil
 import threading
 import time
 
-from thinkrl.sandbox import Limits, _kill, _Slot, _spawn
+from thinkrl.sandbox import Limits, _remove, _Slot, _spawn, capabilities, log, stop
+
+
+_warned = []
+
+
+def _warn_if_unconfined() -> None:
+    if not _warned and not capabilities()["isolated"]:
+        log.warning("sandbox: no isolation on this machine; checker workers run with rlimits only")
+        _warned.append(True)
 
 
 class WorkerTimeout(Exception):
@@ -34,9 +46,11 @@ class Worker:
     """One sandboxed process running ``script`` (which must print one line ``ready`` first)."""
 
     def __init__(self, script: str, limits: Limits, start_timeout: float = 120.0):
+        _warn_if_unconfined()
         self.slot = _Slot()
-        uid = self.slot.__enter__()
-        self.proc, self.workdir, head = _spawn(["-I", "-B", "worker.py"], {"worker.py": script}, limits, uid)
+        uid = self.uid = self.slot.__enter__()
+        self.proc, self.workdir, head = _spawn(["-I", "-B", "worker.py"], {"worker.py": script}, limits, uid,
+                                               unconfined_ok=True)
         self.proc.stdin.write(head)
         self.proc.stdin.flush()
         self.buf = b""
@@ -69,8 +83,7 @@ class Worker:
         return json.loads(self._readline(time.monotonic() + timeout))
 
     def close(self) -> None:
-        _kill(self.proc)
-        self.proc.wait()
+        stop(self.proc, self.uid)
         self.sel.close()
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
@@ -78,7 +91,7 @@ class Worker:
             except OSError:
                 pass
         self.slot.__exit__(None, None, None)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        _remove(self.workdir)
 
 
 class WorkerPool:

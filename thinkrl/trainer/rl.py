@@ -34,6 +34,8 @@ from thinkrl.rollout import SamplingParams, build_engine
 from thinkrl.sampling import Groups, build_sampler, collect_groups
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import drop_long_prompts, render_prompt
+from thinkrl import sandbox
+from thinkrl.rewards.code import runs_code
 from thinkrl.trainer import checkpoint as ckpt
 from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule
 from thinkrl.perf import tune_allocator
@@ -332,6 +334,9 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     log.info("CPU: %s; this run (dtype=%s) computes in %s", device.plan().describe(), cfg.dtype,
              "bf16" if bf16 else "fp32")
     task = build_task(cfg.task)
+    sandbox.configure(cfg.sandbox.allow_unconfined)
+    if runs_code(cfg.rewards, task.train + task.eval):
+        sandbox.require_isolation()  # refuse now, not at the first reward, where isolation is impossible
     model, tok = load_policy(cfg, resume_from)
     drop_long_prompts(task, tok, cfg.task)
     ref = Reference.for_policy(model, tok, cfg, bf16) if cfg.algo.kl_coef > 0 else None  # beta = 0: no reference
