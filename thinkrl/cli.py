@@ -5,6 +5,7 @@
     thinkrl sft    [CONFIG.yaml] model=NAME data=FILE.jsonl output_dir=DIR [key=value ...]
     thinkrl sample [CONFIG.yaml] model=NAME output=FILE.jsonl [mode=all|shortest|pairs] [n=N] [key=value ...]
     thinkrl dpo    [CONFIG.yaml] model=NAME data=FILE.jsonl [loss=dpo|ln_dpo|simpo] [key=value ...]
+    thinkrl rm     [CONFIG.yaml] model=NAME data=FILE.jsonl [margin=M] [key=value ...]
     thinkrl merge  models=A,B[,...] [weights=WA,WB,...] output_dir=DIR
     thinkrl pipeline PIPELINE.yaml [key=value ...]
     thinkrl difficulty [CONFIG.yaml] model=PATH task=NAME [k=8] [n=N] output=FILE.jsonl [key=value ...]
@@ -142,6 +143,14 @@ def cmd_dpo(args: list[str]) -> int:
     return 0
 
 
+def cmd_rm(args: list[str]) -> int:
+    from thinkrl.config import build_config
+    from thinkrl.trainer.rm import RMConfig, train_rm
+
+    print(f"wrote {train_rm(build_config(*_split(args), cls=RMConfig))}")
+    return 0
+
+
 def cmd_sample(args: list[str]) -> int:
     import json
 
@@ -260,7 +269,7 @@ def cmd_sandbox(args: list[str]) -> int:
     return 1
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "sample": cmd_sample,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "rm": cmd_rm, "sample": cmd_sample,
             "merge": cmd_merge, "pipeline": cmd_pipeline, "difficulty": cmd_difficulty, "report": cmd_report,
             "sandbox": cmd_sandbox}
 

@@ -102,6 +102,14 @@ class AlgoConfig:
     clip_c: float = 3.0  # dual_clip: bound on the loss of negative-advantage tokens (c > 1)
     tau: float = 0.1  # kimi: relative-entropy regularisation strength
     num_iterations: int = 1  # optimisation passes over one batch of rollouts
+    # Optimizer steps per pass: the batch's groups are split into this many mini-batches
+    # (verl's ppo_mini_batch_size, TRL's steps_per_generation). From the second one on the
+    # policy has moved, so the ratio differs from 1 and clipping acts.
+    mini_batches: int = 1
+    # Truncated importance sampling (Yao et al. 2025): weight each token's policy loss by
+    # min(pi_old / pi_behaviour, tis_cap), pi_behaviour being the rollout engine's own
+    # log-prob of the sampled token (bf16, other kernels). None: no correction.
+    tis_cap: float | None = None
     kl_coef: float = 0.0  # beta; 0 loads no reference model
     kl_estimator: str = "k3"  # k1 | k2 | k3
     kl_in: str | None = None  # loss | reward; None: the estimator's default (reward for gae and reinforce*)
@@ -458,6 +466,11 @@ def _validate_algo(cfg: Config, need) -> None:
 
     a = cfg.algo
     need(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high must be > 0")
+    need(a.mini_batches >= 1, "algo.mini_batches must be >= 1")
+    need(a.mini_batches <= cfg.rollout.prompts_per_step,
+         f"algo.mini_batches={a.mini_batches} is more than the {cfg.rollout.prompts_per_step} groups of a step "
+         "(rollout.prompts_per_step): a mini-batch holds whole groups")
+    need(a.tis_cap is None or a.tis_cap > 0, "algo.tis_cap must be > 0 (or null for no correction)")
     need(a.clip_c > 1, "algo.clip_c must be > 1 (dual clip bounds the loss at -clip_c * A)")
     need(a.tau > 0, "algo.tau must be > 0")
     need(a.entropy_coef >= 0, "algo.entropy_coef must be >= 0")

@@ -23,7 +23,7 @@ from collections import Counter
 from thinkrl.config import ConfigError
 from thinkrl.sandbox import SandboxUnavailable
 
-from thinkrl.rewards import code, format, hedging, length, math  # noqa: F401  (registers the rewards)
+from thinkrl.rewards import code, format, hedging, learned, length, math  # noqa: F401  (registers the rewards)
 from thinkrl.rewards.base import (CONTEXT_KEYS, REWARDS, RewardFailure, check_options, extract_answer,
                                   extract_boxed, extract_final, extract_thinking, group_reward, keyword_params,
                                   parallel, resolve)
