@@ -47,8 +47,8 @@ def _pid_ns(pid) -> str | None:
 
 def sandbox_processes():
     """Live processes in a PID namespace other than ours (every sandboxed program has its own),
-    other than long-lived math-verify workers."""
-    ours, found = _pid_ns("self"), []
+    other than those of long-lived math-verify workers (a namespace holding a worker.py)."""
+    ours, procs = _pid_ns("self"), []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -58,9 +58,10 @@ def sandbox_processes():
         except (OSError, IndexError):
             continue
         ns = _pid_ns(d.name)
-        if ns is not None and ns != ours and state != "Z" and b"worker.py" not in cmd:
-            found.append(int(d.name))
-    return found
+        if ns is not None and ns != ours and state != "Z":
+            procs.append((int(d.name), ns, b"worker.py" in cmd))
+    workers = {ns for _, ns, is_worker in procs if is_worker}
+    return [pid for pid, ns, _ in procs if ns not in workers]
 
 
 def test_capabilities_on_this_machine():
