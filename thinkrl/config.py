@@ -170,6 +170,16 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # Over-optimisation monitor (thinkrl/trainer/monitor.py): the gold reward (a verifiable
+    # check, e.g. accuracy with weight 0) and the proxy (e.g. rm) by reward name; the run stops
+    # when, over the last `window` steps, gold falls while the proxy rises. window 0: off.
+    gold: str | None = None
+    proxy: str | None = None
+    window: int = 0
+
+
+@dataclass
 class SandboxConfig:
     # Where no isolation can be built (no user namespaces, root without CAP_SYS_ADMIN in a
     # locked-down container), model-written code does not run unless this is true; it then runs
@@ -205,6 +215,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -471,6 +482,14 @@ def _validate_algo(cfg: Config, need) -> None:
          f"algo.mini_batches={a.mini_batches} is more than the {cfg.rollout.prompts_per_step} groups of a step "
          "(rollout.prompts_per_step): a mini-batch holds whole groups")
     need(a.tis_cap is None or a.tis_cap > 0, "algo.tis_cap must be > 0 (or null for no correction)")
+    mon = cfg.monitor
+    if mon.window:
+        need(mon.window >= 2, "monitor.window must be >= 2 (or 0 for no monitor)")
+        for role in ("gold", "proxy"):
+            name = getattr(mon, role)
+            need(bool(name) and name in cfg.rewards,
+                 f"monitor.{role}={name!r} must name one of the rewards in use ({', '.join(cfg.rewards)}); "
+                 "a gold reward only logged takes weight 0, e.g. rewards.accuracy=0")
     need(a.clip_c > 1, "algo.clip_c must be > 1 (dual clip bounds the loss at -clip_c * A)")
     need(a.tau > 0, "algo.tau must be > 0")
     need(a.entropy_coef >= 0, "algo.entropy_coef must be >= 0")
