@@ -19,3 +19,17 @@ def test_reliability_diagram_writes_a_png(tmp_path):
     png = reliability_diagram({"before": ([0.2, 0.8], [False, True]), "after": ([0.9, 0.95], [False, True])},
                               tmp_path / "rel.png")
     assert png.is_file() and png.stat().st_size > 1000
+
+
+def test_answer_confidence_sums_the_answer_tokens(tiny_pair):
+    from thinkrl.eval.calibration import answer_confidence
+
+    _, tok = tiny_pair
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    head, ans, tail = enc("<think>ok</think> <answer>"), enc("42"), enc("</answer>")
+    assert tok.decode(head + ans + tail) == "<think>ok</think> <answer>42</answer>"
+    # the answer's tokens get -0.1, -0.2, ...; everything else a log-prob that would show
+    logps = [-5.0] * len(head) + [-0.1 * (i + 1) for i in range(len(ans))] + [-7.0] * len(tail)
+    want = math.exp(sum(-0.1 * (i + 1) for i in range(len(ans))))
+    assert answer_confidence(head + ans + tail, logps, tok) == pytest.approx(want)
+    assert answer_confidence(enc("no answer here"), [0.0] * len(enc("no answer here")), tok) is None

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from thinkrl.config import REFLECTION_WORDS, ConfigError, TaskConfig
+from thinkrl.eval.calibration import answer_confidence, expected_calibration_error
 from thinkrl.eval.metrics import majority_vote, pass_at_k, reflection_stats
 from thinkrl.rewards import RewardModel, extract_answer
 from thinkrl.rollout import Engine, SamplingParams
@@ -62,6 +63,14 @@ def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskC
     if k > 1:
         summary[f"pass@{k}"] = sum(pass_at_k(k, int(sum(acc[q * k:(q + 1) * k])), k) for q in range(n)) / n
         summary[f"maj@{k}"] = maj_hits / n
+    if ro.logps is not None:  # calibration: the model's confidence in its own final answer
+        conf = [answer_confidence(c, lp, tokenizer) for c, lp in zip(ro.completion_ids, ro.logps)]
+        have = [(c, acc[i] == 1.0) for i, c in enumerate(conf) if c is not None]
+        if have:
+            summary["ece"] = expected_calibration_error([c for c, _ in have], [ok for _, ok in have])
+            summary["answer_confidence_mean"] = sum(c for c, _ in have) / len(have)
+        for q, rec in enumerate(records):
+            rec["confidence"] = conf[q * k]
     return {"summary": summary, "records": records}
 
 

@@ -13,7 +13,34 @@ The CS336 lecture (slide 14) notes that calibration is lost after RLHF.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
+
+_ANSWER_SPAN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def answer_confidence(ids: list[int], logps: list[float], tokenizer) -> float | None:
+    """The model's probability of the text inside the last ``<answer>...</answer>`` of a
+    completion: exp of the summed log-probs of the tokens that overlap it. None without an
+    answer. Token boundaries come from decoding growing prefixes, so a token that spans the
+    tag and the answer counts as part of the answer."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    spans = list(_ANSWER_SPAN.finditer(text))
+    if not spans or len(logps) != len(ids):
+        return None
+    lo, hi = spans[-1].span(1)
+    if hi <= lo:
+        return None
+    total, prev = 0.0, 0
+    for i in range(len(ids)):
+        end = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True))
+        if end > lo and prev < hi:  # this token's characters [prev, end) overlap the answer
+            total += logps[i]
+        prev = end
+        if prev >= hi:
+            break
+    return math.exp(total)
 
 
 def bins_of(confidences: list[float], correct: list[bool], n_bins: int = 10) -> list[tuple[int, float, float]]:
