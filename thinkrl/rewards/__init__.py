@@ -54,6 +54,8 @@ class RewardModel:
                                  f"({', '.join(self.fns)})")
         for name, fn in self.fns.items():
             check_options(name, fn, self.options[name])
+            if hasattr(fn, "validate"):  # a reward that can tell bad options before the first score
+                fn.validate(self.options[name])
         self.context_keys = {name: keyword_params(fn) & set(CONTEXT_KEYS) for name, fn in self.fns.items()}
         self.failures: Counter = Counter()
         self._lock = threading.Lock()  # parallel rewards count failures from pool threads

@@ -124,11 +124,24 @@ def rm(completions: list[str], examples: list, *, path: str = "", normalize: str
     return values
 
 
+def _check_rm_folder(path: str) -> None:
+    from thinkrl.trainer.rm import RM_FILE
+
+    if not path:
+        raise ConfigError("the rm reward needs reward_args.rm.path (a `thinkrl rm` output folder)")
+    if not (Path(path) / RM_FILE).is_file():
+        raise ConfigError(f"reward model {path}: not a `thinkrl rm` output folder (no {RM_FILE})")
+
+
+rm.validate = lambda options: _check_rm_folder(str(options.get("path", "")))
+
+
 def rm_at(path: str):
     """The ``rm`` reward bound to ``path`` (the ``rm:PATH`` form of a reward name)."""
     def bound(completions, examples, *, normalize: str = "none", apply_to: str = "all", batch_size: int = 16):
         return rm(completions, examples, path=path, normalize=normalize, apply_to=apply_to, batch_size=batch_size)
     bound.group = True
+    bound.validate = lambda options: _check_rm_folder(path)
     bound.__doc__ = f"the reward model at {path}"
     return bound
 
