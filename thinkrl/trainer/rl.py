@@ -44,6 +44,7 @@ from thinkrl.rollout.fast import SUPPORTED as FAST_SUPPORTED, FastEngine
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
+from thinkrl.trainer.monitor import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -481,12 +482,16 @@ def train(cfg: Config) -> dict:
             p.critic.save(critic_path(out, path.name), with_optimizer=path.name != "final")
         ckpt.save_checkpoint(path, p.model, p.tok, state)
 
+    monitor = Monitor(cfg.monitor.gold, cfg.monitor.proxy, cfg.monitor.window)
+    for m in read_jsonl(out / "metrics.jsonl") if monitor.active else []:  # a resumed run's history
+        monitor.update(m)
     bar = _progress(cfg, start)
     step = start
     t_start = time.monotonic()  # max_minutes counts the training loop of this process
     try:
         for step in range(start + 1, cfg.max_steps + 1):
             metrics, samples = rl_step(p, step)
+            stop_reason = monitor.update(metrics)
             metrics_log.write(metrics)
             for s in samples:
                 samples_log.write(s)
@@ -501,6 +506,9 @@ def train(cfg: Config) -> dict:
                 _run_eval(p, step, f"step-{step}", out)
             if cfg.max_minutes and time.monotonic() - t_start >= 60 * cfg.max_minutes:
                 log.info("max_minutes=%g reached after step %d of %d: stopping", cfg.max_minutes, step, cfg.max_steps)
+                break
+            if stop_reason:
+                log.warning("stopping after step %d: %s", step, stop_reason)
                 break
     except KeyboardInterrupt:
         bar.close()
