@@ -78,7 +78,8 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     """Plain-text table: one row per model."""
     ks = sorted({s.get("samples", 1) for _, s in rows} - {1})
     cols = (["accuracy"] + [c for k in ks for c in (f"pass@{k}", f"maj@{k}")]
-            + ["format_rate", "response_len_mean", "response_len_max", "truncation_rate", "reflection_rate", "n"])
+            + ["format_rate", "response_len_mean", "response_len_max", "truncation_rate", "reflection_rate"]
+            + (["ece"] if any("ece" in s for _, s in rows) else []) + ["n"])
     head = ["model"] + cols
     body = [[name] + [_fmt(s.get(c)) for c in cols] for name, s in rows]
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
