@@ -195,6 +195,7 @@ class Config:
     max_minutes: float = 0.0  # stop training after this much wall time (0: no limit); final/ and eval still run
     seed: int = 0
     dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU supports it)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; only the CPU path exists yet (thinkrl/device.py)
     threads: int = 0  # torch threads; 0 = all cores
     resume: bool = False
     save_every: int = 10

@@ -372,6 +372,7 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     """Build the policy, reference, engine, optimizer and the rest; ``resume_from`` is a
     step checkpoint whose weights the policy starts from (its trainer state is loaded by
     the caller)."""
+    device.resolve_device(cfg.device)
     tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
