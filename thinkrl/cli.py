@@ -88,7 +88,7 @@ def _model_args(items: list[str], short: dict) -> tuple[list[str], str | None, l
 
 def cmd_eval(args: list[str]) -> int:
     from thinkrl.config import build_config
-    from thinkrl.eval import evaluate, format_table, write_json
+    from thinkrl.eval import eval_settings, evaluate, format_table, write_json
     from thinkrl.models import load_model
     from thinkrl.rollout import build_engine
     from thinkrl.tasks import build_task
@@ -105,17 +105,14 @@ def cmd_eval(args: list[str]) -> int:
     task = build_task(cfg.task)
     sandbox.configure(cfg.sandbox.allow_unconfined)
     bf16 = use_bf16(cfg.dtype)
-    k = cfg.eval.samples
-    temperature = cfg.eval.temperature if cfg.eval.temperature is not None else (
-        0.0 if k == 1 else cfg.rollout.temperature)
+    settings = eval_settings(cfg)
+    k, temperature = settings["samples"], settings["temperature"]
     rows, results = [], {}
     for name in models:
         model, tok = load_model(name)
         drop_long_prompts(task, tok, cfg.task)
         engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, bf16=bf16)
-        res = evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task,
-                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                       temperature=temperature, samples=k, reflection_words=cfg.eval.reflection_words)
+        res = evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings)
         rows.append((name, res["summary"]))
         results[name] = res
     how = "greedy" if temperature == 0 else f"{k} samples at temperature {temperature:g}"

@@ -237,3 +237,32 @@ def test_mini_batches_are_checked_against_the_groups_of_a_step():
         build_config(None, ["algo.mini_batches=5", "rollout.prompts_per_step=4"])
     with pytest.raises(ConfigError, match="algo.tis_cap must be > 0"):
         build_config(None, ["algo.tis_cap=0"])
+
+
+def test_training_time_eval_honours_every_eval_key(tmp_path, monkeypatch):
+    """The evaluations during training run exactly as `thinkrl eval` does: samples, temperature,
+    batch size, reflection words and length from eval.*; the rollout batch size is restored after."""
+    import thinkrl.trainer.rl as rl
+    from thinkrl.cli import main
+
+    seen = []
+    real = rl.evaluate
+
+    def spy(engine, tok, examples, task_cfg, **kw):
+        seen.append({"batch_size": engine.batch_size, **kw})
+        return real(engine, tok, examples, task_cfg, **kw)
+
+    monkeypatch.setattr(rl, "evaluate", spy)
+    rc = main(["train", "model=tiny-random", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2",
+               "rollout.group_size=2", "rollout.batch_size=16", "progress=false", "task.train_size=20",
+               "task.eval_size=4", "max_steps=1", "save_every=0", "plot=false", f"output_dir={tmp_path / 'run'}",
+               "eval.n=4", "eval.samples=3", "eval.temperature=0.7", "eval.batch_size=5", "eval.max_new_tokens=6",
+               "eval.reflection_words=[zzzq]"])
+    assert rc == 0 and len(seen) == 2  # before and after
+    for call in seen:
+        assert call == {"batch_size": 5, "max_new_tokens": 6, "temperature": 0.7, "samples": 3,
+                        "reflection_words": ["zzzq"]}
+    import json
+
+    summary = json.loads((tmp_path / "run" / "eval_after.json").read_text())["summary"]
+    assert summary["samples"] == 3 and "pass@3" in summary and summary["reflection_rate"] == 0.0

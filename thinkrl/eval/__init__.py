@@ -15,6 +15,17 @@ from thinkrl.tasks import Example
 from thinkrl.tasks.templates import render_prompt
 
 
+def eval_settings(cfg) -> dict:
+    """``evaluate``'s keyword arguments from a run config's ``eval.*`` keys, the same for
+    ``thinkrl eval`` and the evaluations during training (greedy for one sample, else
+    ``rollout.temperature`` unless ``eval.temperature`` says otherwise)."""
+    e = cfg.eval
+    k = e.samples
+    temperature = e.temperature if e.temperature is not None else (0.0 if k == 1 else cfg.rollout.temperature)
+    return {"max_new_tokens": e.max_new_tokens or cfg.rollout.max_new_tokens, "temperature": temperature,
+            "samples": k, "reflection_words": e.reflection_words}
+
+
 def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskConfig, *,
              max_new_tokens: int, temperature: float = 0.0, samples: int = 1,
              reflection_words=REFLECTION_WORDS) -> dict:

@@ -25,7 +25,7 @@ from thinkrl.algorithms import (ADVANTAGE_WEIGHTED, ADVANTAGES, KL_ESTIMATORS, P
                                 AdvantageInput, LossParams, MovingAverage, aggregate, kl_in_for, loss_agg_for,
                                 tis_weights)
 from thinkrl.config import Config, ConfigError, save_config
-from thinkrl.eval import evaluate, write_json
+from thinkrl.eval import eval_settings, evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
 from thinkrl.models import load_model
 from thinkrl.rewards import RewardModel
@@ -425,9 +425,14 @@ def load_policy(cfg: Config, resume_from: Path | None = None):
 
 
 def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
+    """Held-out evaluation with every ``eval.*`` setting, as ``thinkrl eval`` runs it."""
     cfg = p.cfg
-    res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task,
-                   max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    rollout_batch = p.engine.batch_size
+    p.engine.batch_size = cfg.eval.batch_size
+    try:
+        res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
+    finally:
+        p.engine.batch_size = rollout_batch
     summary = {"step": step, "label": label, **res["summary"]}
     write_json(out / f"eval_{label}.json", {"summary": summary, "records": res["records"]})
     JsonlWriter(out / "evals.jsonl").write(summary)
