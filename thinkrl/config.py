@@ -170,6 +170,14 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    # Where each step's metrics go besides metrics.jsonl (always written): any of tensorboard,
+    # wandb, trackio, each an optional extra (thinkrl/trainer/tracking.py).
+    backends: list = field(default_factory=lambda: ["jsonl"])
+    project: str = "thinkrl"  # the wandb / trackio project
+
+
+@dataclass
 class MonitorConfig:
     # Over-optimisation monitor (thinkrl/trainer/monitor.py): the gold reward (a verifiable
     # check, e.g. accuracy with weight 0) and the proxy (e.g. rm) by reward name; the run stops
@@ -217,6 +225,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -483,6 +492,9 @@ def _validate_algo(cfg: Config, need) -> None:
          f"algo.mini_batches={a.mini_batches} is more than the {cfg.rollout.prompts_per_step} groups of a step "
          "(rollout.prompts_per_step): a mini-batch holds whole groups")
     need(a.tis_cap is None or a.tis_cap > 0, "algo.tis_cap must be > 0 (or null for no correction)")
+    from thinkrl.trainer.tracking import check_backends
+
+    check_backends(cfg.log.backends)
     mon = cfg.monitor
     if mon.window:
         need(mon.window >= 2, "monitor.window must be >= 2 (or 0 for no monitor)")

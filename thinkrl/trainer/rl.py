@@ -45,6 +45,7 @@ from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
 from thinkrl.trainer.monitor import Monitor
+from thinkrl.trainer.tracking import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +489,7 @@ def train(cfg: Config) -> dict:
             p.critic.save(critic_path(out, path.name), with_optimizer=path.name != "final")
         ckpt.save_checkpoint(path, p.model, p.tok, state)
 
+    trackers = Trackers(cfg.log.backends, out, cfg.log.project, cfg.to_dict(), out.name)
     monitor = Monitor(cfg.monitor.gold, cfg.monitor.proxy, cfg.monitor.window)
     for m in read_jsonl(out / "metrics.jsonl") if monitor.active else []:  # a resumed run's history
         monitor.update(m)
@@ -499,6 +501,7 @@ def train(cfg: Config) -> dict:
             metrics, samples = rl_step(p, step)
             stop_reason = monitor.update(metrics)
             metrics_log.write(metrics)
+            trackers.log(metrics, step)
             for s in samples:
                 samples_log.write(s)
             bar.update(1)
@@ -523,6 +526,8 @@ def train(cfg: Config) -> dict:
             save(done, out / "checkpoints" / f"step-{done}")
             log.warning("interrupted: saved checkpoints/step-%d; continue with resume=true", done)
         raise
+    finally:
+        trackers.close()
     bar.close()
     results["train_minutes"] = (time.monotonic() - t_start) / 60
     log.info("training loop: steps %d-%d in %.2f min", start + 1, step, results["train_minutes"])
