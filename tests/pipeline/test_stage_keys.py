@@ -65,3 +65,33 @@ def test_a_stage_started_with_another_config_starts_over(tmp_path, caplog):
     assert lines[:2] == ["stage a: its config changed since it started (lr: 0.001 -> 0.005): starting it over",
                          "stage a (sft)"]
     assert not (out / "01-a" / "checkpoints" / "step-1").exists()
+
+
+def test_an_interrupted_rl_stage_resumes_exactly(tmp_path, monkeypatch, byte_sum_reward):
+    """Ctrl-C during step 2 of a pipeline's RL stage, then the pipeline again: the stage resumes from
+    its step-2 checkpoint (same key) and ends with the weights of a pipeline run straight through."""
+    def rl_pipeline(out: Path) -> Path:
+        rl = {"name": "rl", "kind": "rl", "max_steps": 3, "save_every": 1, "plot": False, "progress": False,
+              "eval": {"before": False, "after": False}, "rewards": {byte_sum_reward: 1.0}, "optim": {"lr": 1e-3},
+              "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8},
+              "task": {"train_size": 50, "eval_size": 8, "prefill": ""}}
+        cfg = {"model": "tiny-random", "output_dir": str(out), "eval_n": 0, "dtype": "fp32",
+               "task": {"template": "plain"}, "stages": [rl]}
+        path = out.parent / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    straight, stopped = tmp_path / "U", tmp_path / "R"
+    assert main(["pipeline", str(rl_pipeline(straight))]) == 0
+    monkeypatch.setenv("THINKRL_FAILPOINT", "train:2:INT")
+    assert main(["pipeline", str(rl_pipeline(stopped))]) == 130
+    monkeypatch.delenv("THINKRL_FAILPOINT")
+    stage = stopped / "01-rl"
+    assert not (stage / "stage.json").exists() and (stage / "checkpoints" / "step-2").is_dir()
+    assert main(["pipeline", str(rl_pipeline(stopped))]) == 0
+    metrics = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    wr, wu = (load_file(d / "01-rl" / "final" / "model.safetensors") for d in (stopped, straight))
+    assert all((wr[k] == wu[k]).all() for k in wr)
+    first = load_file(straight / "01-rl" / "checkpoints" / "step-1" / "model.safetensors")
+    assert any(not (first[k] == wu[k]).all() for k in wu)  # the stage trained
