@@ -47,7 +47,7 @@ def test_resume_logs_each_step_once(runs):
     assert [m["step"] for m in read_jsonl(runs["R"] / "metrics.jsonl")] == [1, 2, 3]
     assert [s["step"] for s in read_jsonl(runs["R"] / "samples.jsonl")] == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
     # checkpoints after steps 1 and 2 (the last step is written to final/ instead)
-    assert sorted(p.name for p in (runs["R"] / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert sorted(p.name for p in (runs["R"] / "checkpoints").iterdir()) == ["latest", "step-1", "step-2"]
 
 
 def test_resume_matches_an_uninterrupted_run(runs, tiny_pair):

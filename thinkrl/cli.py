@@ -298,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelError, SandboxUnavailable) as e:
         print(f"thinkrl: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("thinkrl: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # thinkrl.trainer.interrupt.Interrupted says what it saved
+        print(f"thinkrl: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

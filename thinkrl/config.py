@@ -147,6 +147,10 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    # An update whose reward, loss or gradient norm is NaN or infinite is skipped (weights
+    # untouched, counted in metrics.jsonl); this many skips in a row stop the run, with the
+    # last good checkpoint kept (thinkrl/trainer/guards.py).
+    max_bad_steps: int = 3
     micro_batch_size: int = 32  # rows per forward/backward (whole groups); the loss does not depend on it
     # Activation (gradient) checkpointing: keep only each decoder layer's input during the
     # forward pass and recompute the rest in the backward pass, trading ~1/3 more compute for
@@ -415,6 +419,9 @@ def validate(cfg: Config) -> None:
     _validate_algo(cfg, need)
     need(cfg.optim.lr > 0, "optim.lr must be > 0")
     need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    need(cfg.optim.max_bad_steps >= 1, "optim.max_bad_steps must be >= 1 (skipped updates in a row that stop a run)")
+    need(cfg.save_every >= 0 and cfg.keep_checkpoints >= 0,
+         "save_every and keep_checkpoints must be >= 0 (0: no step checkpoints, keep all of them)")
     need(cfg.optim.schedule in ("constant", "cosine", "linear"),
          f"optim.schedule '{cfg.optim.schedule}' unknown; choose from: constant, cosine, linear")
     need(cfg.dtype in ("auto", "bf16", "fp32"), f"dtype '{cfg.dtype}' unknown; choose from: auto, bf16, fp32")

@@ -87,8 +87,8 @@ def test_ppo_resume_restores_the_critic(tmp_path, byte_sum_reward):
     mr, mu = read_jsonl(r / "metrics.jsonl"), read_jsonl(u / "metrics.jsonl")
     for key in ("reward", "loss", "value_loss", "value_mean", "grad_norm", "critic_grad_norm"):
         assert mr[2][key] == mu[2][key], key
-    cr = torch.load(r / "critic" / "final.pt", weights_only=False)["model"]
-    cu = torch.load(u / "critic" / "final.pt", weights_only=False)["model"]
+    cr = torch.load(r / "critic" / "final.pt", weights_only=True)["model"]
+    cu = torch.load(u / "critic" / "final.pt", weights_only=True)["model"]
     assert all(torch.equal(cr[k], cu[k]) for k in cr)
     # the policy folder stays a plain HF model: no critic weights in it
     assert not any(k.startswith(("head", "backbone")) for k in load_file(r / "final" / "model.safetensors"))

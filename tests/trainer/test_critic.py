@@ -68,9 +68,23 @@ def test_critic_checkpoint_round_trip_and_prune(tiny, tmp_path):
     for name in ("step-1", "step-2", "final"):
         a.save(critic_path(tmp_path, name), with_optimizer=name != "final")
     b = Critic(value_model(tiny), lr=1e-3)
-    b.load_state_dict(torch.load(critic_path(tmp_path, "step-2"), weights_only=False))
+    b.load_state_dict(torch.load(critic_path(tmp_path, "step-2"), weights_only=True))
     torch.testing.assert_close(b.values([grouped], 4, 4), a.values([grouped], 4, 4), atol=0, rtol=0)
     assert b.optimizer.state_dict()["state"].keys() == a.optimizer.state_dict()["state"].keys()
-    assert "optimizer" not in torch.load(critic_path(tmp_path, "final"), weights_only=False)
+    assert "optimizer" not in torch.load(critic_path(tmp_path, "final"), weights_only=True)
     prune_critic(tmp_path, {"step-2"})
     assert sorted(p.name for p in (tmp_path / "critic").iterdir()) == ["final.pt", "step-2.pt"]
+
+
+def test_a_nan_return_skips_the_critic_update(tiny):
+    critic = Critic(value_model(tiny), lr=1e-2, vf_clip=None)
+    grouped, _ = batches(tiny[1])
+    before = {k: v.clone() for k, v in critic.model.state_dict().items()}
+    returns = grouped.mask.clone()  # [4, 4]
+    returns[0, 0] = float("nan")
+    m = critic.update([grouped], returns, critic.values([grouped], 4, 4))
+    assert m["critic_skip_cause"] == "nan_loss"
+    assert all(torch.equal(before[k], v) for k, v in critic.model.state_dict().items())
+    assert critic.optimizer.state_dict()["state"] == {}  # AdamW never stepped
+    m = critic.update([grouped], grouped.mask.clone(), critic.values([grouped], 4, 4))
+    assert "critic_skip_cause" not in m and not torch.equal(before["head.bias"], critic.model.head.bias.detach())

@@ -44,7 +44,7 @@ def test_dynamic_sampling_in_the_loop(runs):
 def test_sampler_state_survives_a_resume(runs):
     import torch
 
-    state = torch.load(runs[0] / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=False)
+    state = torch.load(runs[0] / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)
     assert len(state["sampler"]["success"]) > 0  # the prioritized sampler's success table was saved
     resumed, straight = read_jsonl(runs[0] / "metrics.jsonl"), read_jsonl(runs[1] / "metrics.jsonl")
     assert [m["step"] for m in resumed] == [1, 2, 3]

@@ -12,16 +12,24 @@ stage, ``base`` (the pipeline's model) or a path; ``data: STAGE:pairs`` names th
 preference pairs a sample stage with ``with_pairs: true`` wrote from the same samples. An ``rm``
 stage trains a reward model (not a policy: the latest model stays what it was), and an RL
 stage's ``reward_args.rm.path`` may name it.
-By default a stage takes the latest model and the latest data. A finished stage leaves ``stage.json`` in its
-folder and is skipped on a re-run; an RL stage interrupted mid-way resumes from its
-last checkpoint.
+By default a stage takes the latest model and the latest data.
+
+Re-running a pipeline redoes only what changed. Each stage has a key: a hash of its
+resolved config (every default filled in, the paths it reads included) and of the key
+of the stage before it, so a change anywhere upstream reaches every later stage. A
+finished stage leaves ``stage.json`` (its outputs and its key) and is skipped while its
+key is unchanged; with another key it runs again from scratch, with a log line saying
+which keys changed. A stage interrupted mid-way (an RL, SFT or DPO stage resumes from
+its last checkpoint) continues only under the key it started with (``stage.key``).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +37,7 @@ from thinkrl.config import Config, ConfigError, TaskConfig, build_config
 from thinkrl.pipeline.merge import MergeConfig, run_merge
 from thinkrl.pipeline.sample import SampleConfig, run_sample
 from thinkrl.pipeline.traces import TracesConfig, write_traces
+from thinkrl.trainer.checkpoint import write_atomic
 from thinkrl.trainer.common import need, to_dict
 from thinkrl.trainer.dpo import DPOConfig, train_dpo
 from thinkrl.trainer.rm import RMConfig, train_rm
@@ -99,6 +108,8 @@ def stage_config(cfg: PipelineConfig, st: dict, folder: Path, latest: dict, outp
         base["model"] = _pick(keys.pop("model", None), latest["model"], outputs, "model", name)
     if kind in ("sft", "dpo", "rm"):
         base.update(data=_pick(keys.pop("data", None), latest["data"], outputs, "data", name), output_dir=str(folder))
+    if kind in ("sft", "dpo"):
+        base["resume"] = (folder / "checkpoints").is_dir()
     elif kind == "sample":
         base["output"] = str(folder / "data.jsonl")
         if keys.pop("with_pairs", False):
@@ -162,31 +173,97 @@ def evaluate_model(cfg: PipelineConfig, model_path: str) -> dict:
 
 
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
-    """Run every unfinished stage; returns the report rows (base model first)."""
+    """Run every stage that is not done under its current key; returns the report rows (base model first)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = [{"stage": "base", "kind": "-", "model": cfg.model, **_cached_eval(cfg, cfg.model, out / "base_eval.json")}]
     latest = {"model": cfg.model, "data": None}
     outputs: dict = {"base": {"model": cfg.model, "data": None}}
+    key = ""
     for i, st in enumerate(cfg.stages):
         folder = out / f"{i + 1:02d}-{st['name']}"
-        marker = folder / "stage.json"
-        if marker.is_file():
-            result = json.loads(marker.read_text())
-            log.info("stage %s: done earlier, skipped", st["name"])
-        else:
+        scfg = stage_config(cfg, st, folder, latest, outputs)
+        key, resolved = stage_key(scfg, key)
+        result = _finished(folder, st["name"], key, resolved)
+        if result is None:
+            if _clear_if_started_otherwise(folder, st["name"], key, resolved):
+                scfg = stage_config(cfg, st, folder, latest, outputs)  # resume= follows the emptied folder
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / "stage.key", json.dumps({"key": key, "config": resolved}).encode())
             log.info("stage %s (%s): running in %s", st["name"], st["kind"], folder)
-            scfg = stage_config(cfg, st, folder, latest, outputs)
             result = {"name": st["name"], "kind": st["kind"], **run_stage(st["kind"], scfg, folder)}
             if "model" in result and cfg.eval_n:
                 result["eval"] = evaluate_model(cfg, result["model"])
-            marker.write_text(json.dumps(result, indent=2))
+            write_atomic(folder / "stage.json", json.dumps({**result, "key": key, "config": resolved}, indent=2).encode())
         outputs[st["name"]] = result
         latest.update({k: result[k] for k in ("model", "data") if k in result})
         if "eval" in result:
             report.append({"stage": st["name"], "kind": st["kind"], "model": result["model"], **result["eval"]})
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+# Keys that change how a stage runs, not what it produces: they are left out of its key.
+NOT_IN_KEY = ("resume", "progress")
+
+
+def stage_key(scfg, previous: str) -> tuple[str, dict]:
+    """The stage's key (a hash of its resolved config and of the previous stage's key) and
+    the config it was made from (kept in the markers, to say what changed)."""
+    resolved = json.loads(json.dumps({k: v for k, v in to_dict(scfg).items() if k not in NOT_IN_KEY}, default=str))
+    blob = json.dumps({"config": resolved, "after": previous}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], resolved
+
+
+def _finished(folder: Path, name: str, key: str, resolved: dict) -> dict | None:
+    """The outputs a finished stage recorded, when it finished under ``key``; else None."""
+    marker = folder / "stage.json"
+    if not marker.is_file():
+        return None
+    done = json.loads(marker.read_text())
+    if done.get("key") == key:
+        log.info("stage %s: done earlier with this config, skipped", name)
+        return {k: v for k, v in done.items() if k not in ("key", "config")}
+    log.info("stage %s: %s: running it again", name, _what_changed(done.get("config"), resolved, "since it ran"))
+    return None
+
+
+def _clear_if_started_otherwise(folder: Path, name: str, key: str, resolved: dict) -> bool:
+    """Empty a stage folder whose contents (checkpoints, a finished run) belong to another
+    key: resuming them would continue a different run. True when it emptied one."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return False
+    started = folder / "stage.key"
+    before = json.loads(started.read_text()) if started.is_file() else {}
+    if before.get("key") == key:
+        return False  # the same stage, interrupted: it resumes
+    if not (folder / "stage.json").is_file():  # _finished has already said why when there was a marker
+        log.info("stage %s: %s: starting it over", name, _what_changed(before.get("config"), resolved,
+                                                                       "since it started"))
+    shutil.rmtree(folder)
+    return True
+
+
+def _what_changed(old: dict | None, new: dict, when: str) -> str:
+    """A short account of how a stage's config changed ``when`` (``since it ran``), for the log."""
+    if old is None:
+        return "its config was not recorded (an older thinkrl)"
+    a, b = _flatten(old), _flatten(new)
+    changed = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if not changed:
+        return f"an earlier stage changed {when}"
+    shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:4])
+    return f"its config changed {when} ({shown}{', ...' if len(changed) > 4 else ''})"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _cached_eval(cfg: PipelineConfig, model: str, path: Path) -> dict:

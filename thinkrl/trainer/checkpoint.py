@@ -1,7 +1,26 @@
 """Checkpoints: an HF-format model folder plus ``trainer_state.pt`` for exact resumption.
 
-A checkpoint is written to a temporary folder and renamed into place, so a crash
-mid-write never leaves a half checkpoint where a whole one is expected.
+A checkpoint survives a crash (``kill -9``, a power cut) at any moment:
+
+- it is written to ``step-N.tmp/``, every file and the folder are fsynced, and only
+  then is the folder renamed to ``step-N/`` (a rename within one folder is atomic), so
+  a ``step-N/`` folder is always whole;
+- it carries ``manifest.json``, the size and SHA-256 of every other file in it, so a
+  loader can tell a whole checkpoint from one that a disk or a person damaged later;
+- ``checkpoints/latest`` names the newest checkpoint; it is replaced atomically after
+  the folder is in place (tmp file, fsync, ``os.replace``), so it never names a folder
+  that is not there yet;
+- a folder that already exists (``final/`` of a resumed run, a step redone after a
+  fallback) is first renamed to ``NAME.old`` and removed after the new one is in place:
+  at every moment one of the two names holds a whole checkpoint, and
+  :func:`recover` puts ``NAME.old`` back if a crash struck in between.
+
+:func:`find_resumable` verifies each candidate (manifest, then the state loading with
+``weights_only=True``) and falls back to the previous one with a warning.
+
+Our own state is tensors and plain containers only (:func:`rng_state` turns numpy's and
+Python's RNG states into those), so it loads with ``torch.load(weights_only=True)``,
+which cannot run code hidden in a pickle.
 
 With LoRA the folder still holds a plain model (the adapter merged into a copy), so
 ``from_pretrained`` and ``thinkrl eval`` load it as any other; the adapter itself goes
@@ -12,6 +31,10 @@ with it the KL reference.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import random
 import re
 import shutil
@@ -23,39 +46,162 @@ import torch
 from thinkrl.config import ConfigError
 from thinkrl.models import save_model
 from thinkrl.trainer.common import is_lora, merged_copy
+from thinkrl.trainer.interrupt import failpoint
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+LATEST = "latest"  # checkpoints/latest: the name of the newest checkpoint folder, one line
 ADAPTER_DIR = "adapter"  # LoRA runs: peft's adapter_config.json + adapter_model.safetensors
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be written or read as it should: one clear message, no traceback."""
+
+
+# ---------------------------------------------------------------------------
+# RNG state as tensors and plain containers (loadable with weights_only=True)
+
+
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": {"version": version, "internal": list(internal), "gauss": gauss},
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}}
 
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    py = s["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    npy = s["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+
+
+# ---------------------------------------------------------------------------
+# Durable writes
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's data to disk (a folder's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new content."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """Record every file's size and hash, then fsync every file and folder under ``folder``."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _files(folder)}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    for p in _files(folder):
+        fsync_path(p)
+    for d in sorted({p.parent for p in _files(folder)}, key=lambda d: -len(d.parts)):
+        fsync_path(d)
+
+
+# ---------------------------------------------------------------------------
+# Saving
+
+
+def check_finite(model) -> None:
+    """Refuse to save weights with a NaN or an infinity in them: such a checkpoint would
+    only ever be resumed into the same failure."""
+    for name, w in model.named_parameters():
+        if not torch.isfinite(w).all():
+            raise CheckpointError(f"refusing to save a checkpoint: parameter {name} has non-finite values "
+                                  "(the run diverged; lower optim.lr, check the rewards, and resume from the last "
+                                  "checkpoint)")
 
 
 def save_checkpoint(path: Path, model, tokenizer, state: dict) -> Path:
+    """Write a verified, fsynced checkpoint folder at ``path``; see the module docstring."""
     path = Path(path)
+    check_finite(model)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(merged_copy(model), tokenizer, tmp)
     if is_lora(model):
         model.save_pretrained(tmp / ADAPTER_DIR)
     torch.save(state, tmp / STATE_FILE)
+    _write_manifest(tmp)
+    failpoint("save", state.get("step", -1))  # tests: a crash with the folder written, not yet in place
+    _move_into_place(tmp, path)
+    failpoint("commit", state.get("step", -1))  # tests: a crash before checkpoints/latest names it
+    if _STEP_DIR.match(path.name):
+        write_atomic(path.parent / LATEST, (path.name + "\n").encode())
+    return path
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``. An existing ``path`` goes to ``path.old`` first and is
+    deleted last, so one of the two names holds a whole checkpoint at every moment."""
+    old = path.with_name(path.name + ".old")
     if path.exists():
-        old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
-    return path
+    tmp.rename(path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(folder: Path, only: str | None = None) -> None:
+    """Tidy a checkpoint folder after a crash: put back a ``NAME.old`` whose replacement
+    never arrived, and delete half-written ``.tmp`` and half-deleted ``.del`` folders.
+    ``only``: touch nothing but ``only.*`` (a run folder holds other files, ``final.*`` is ours)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in sorted(folder.iterdir()):
+        if only is not None and p.name.rsplit(".", 1)[0] != only:
+            continue
+        if p.name.endswith(".old"):
+            target = p.with_name(p.name.removesuffix(".old"))
+            if target.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                log.warning("restoring %s: a crash struck while it was being replaced", target)
+                p.rename(target)
+        elif p.name.endswith((".tmp", ".del")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.endswith(".tmp"):  # checkpoints/latest.tmp
+            p.unlink()
+    fsync_path(folder)
+
+
+# ---------------------------------------------------------------------------
+# Finding and loading
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -71,20 +217,88 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest step checkpoint folder, unverified (see :func:`find_resumable`)."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` step checkpoints (``final/`` is never pruned)."""
+    """Keep the newest ``keep`` step checkpoints (``final/`` is never pruned). Each doomed
+    folder is renamed away first, so a crash mid-delete leaves no half folder under a
+    checkpoint's name."""
     if keep <= 0:
         return
     for _, p in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        doomed = p.with_name(p.name + ".del")
+        p.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def verify(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` is not whole, or None when its manifest checks out."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return f"no readable {MANIFEST}"
+    for name in (STATE_FILE, "config.json"):
+        if name not in manifest:
+            return f"{name} is missing"
+    for name, meta in manifest.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{name} has {f.stat().st_size} bytes, not {meta['size']}"
+        if _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(Path(path) / STATE_FILE, weights_only=False)
+    """The trainer state of a checkpoint; tensors and plain containers only (weights_only)."""
+    return torch.load(Path(path) / STATE_FILE, weights_only=True)
+
+
+def find_resumable(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest step checkpoint that verifies and whose state loads, with that state.
+
+    A damaged one is skipped with a warning and the previous one tried, so a checkpoint
+    corrupted after it was written costs the steps since the one before it, not the run."""
+    run_dir = Path(run_dir)
+    recover(run_dir / "checkpoints")
+    for _, path in reversed(list_checkpoints(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            try:
+                return path, load_state(path)
+            except Exception as e:  # a pickle that does not load: same as a damaged file
+                problem = f"{STATE_FILE} does not load ({type(e).__name__}: {e})"
+        log.warning("checkpoint %s is damaged (%s): falling back to the one before it", path, problem)
+    return None
+
+
+def resume_point(run_dir: Path, resume: bool) -> tuple[Path, dict] | None:
+    """The verified checkpoint (and its state) a run in ``run_dir`` continues from, if any.
+
+    Shared by ``train``, ``sft`` and ``dpo``: a folder with checkpoints needs ``resume=true``
+    (a fresh run there would mix two runs' logs), and a finished run with no step
+    checkpoint cannot be resumed."""
+    run_dir = Path(run_dir)
+    recover(run_dir / "checkpoints")
+    recover(run_dir, only="final")
+    if list_checkpoints(run_dir) and not resume:
+        raise ConfigError(f"{run_dir} already holds a run with checkpoints; pass resume=true to continue it, "
+                          "or choose another output_dir")
+    if not resume:
+        return None
+    found = find_resumable(run_dir)
+    if found is None and list_checkpoints(run_dir):
+        raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'} is whole (see the warnings above); "
+                              "move that folder away to start the run over")
+    if found is None and (run_dir / "final").is_dir():
+        raise ConfigError(f"{run_dir} has a finished run (final/) and no step checkpoint to resume from")
+    return found
 
 
 def has_adapter(path: Path) -> bool:

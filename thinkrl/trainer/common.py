@@ -14,6 +14,7 @@ import torch
 
 from thinkrl.config import ConfigError, LoraConfig
 from thinkrl.data import IGNORE, length_buckets
+from thinkrl.trainer.guards import skip_cause
 
 
 def need(cond: bool, msg: str) -> None:
@@ -160,14 +161,20 @@ def bucketed_steps(lengths: list[int], batch_size: int, seed: int, total: int):
         epoch += 1
 
 
-def optimizer_step(model, opt, sched, loss: torch.Tensor, max_grad_norm: float) -> float:
-    """Backward, clip, step the optimizer and the schedule; returns the pre-clip grad norm."""
+def optimizer_step(model, opt, sched, loss: torch.Tensor, max_grad_norm: float) -> tuple[float, str | None]:
+    """Backward, clip, step the optimizer and the schedule; returns the pre-clip grad norm
+    and why the update was skipped (a non-finite loss or norm, thinkrl/trainer/guards.py)
+    or None when it was applied."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    cause = skip_cause(float(loss.detach()), gn)
+    if cause is not None:
+        opt.zero_grad(set_to_none=True)
+        return gn, cause
     opt.step()
     sched.step()
-    return float(gn)
+    return gn, None
 
 
 def finished(out: Path) -> bool:

@@ -25,6 +25,8 @@ from thinkrl.algorithms import aggregate, value_loss
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
 from thinkrl.trainer.batch import MicroBatch, completion_hidden
+from thinkrl.trainer.checkpoint import fsync_path
+from thinkrl.trainer.guards import skip_cause
 
 
 class ValueModel(nn.Module):
@@ -74,13 +76,18 @@ class Critic:
         return out
 
     def update(self, mbs: list[MicroBatch], returns: Tensor, old_values: Tensor, num_iterations: int = 1) -> dict:
-        """``num_iterations`` passes of the clipped value loss (token mean over the step); returns metrics."""
+        """``num_iterations`` passes of the clipped value loss (token mean over the step); returns metrics.
+
+        A pass with a non-finite loss or gradient norm is not applied and ends the update, as
+        for the policy (thinkrl/trainer/guards.py); the metrics then say ``critic_skip_cause``."""
         total = float(sum(mb.mask.sum() for mb in mbs))
         self.model.train()
         sums = {"value_loss": 0.0, "vf_clip_frac": 0.0}
         gn = torch.tensor(0.0)
+        cause = None
         for it in range(num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
+            pass_loss = 0.0
             for mb in mbs:
                 m = mb.mask  # [b, T']
                 Tm = m.shape[1]
@@ -89,12 +96,18 @@ class Critic:
                 loss = aggregate(tok_loss, m, "token_mean")
                 weight = float(m.sum()) / max(total, 1.0)
                 (loss * weight).backward()
+                pass_loss += loss.item() * weight
                 if it == num_iterations - 1:
                     sums["value_loss"] += loss.item() * weight
                     sums["vf_clip_frac"] += lm["vf_clip_frac"] * weight
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            cause = skip_cause(pass_loss, float(gn))
+            if cause is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                break
             self.optimizer.step()
-        return {**sums, "critic_grad_norm": float(gn), **value_stats(old_values, returns, _full_mask(mbs, returns))}
+        out = {**sums, "critic_grad_norm": float(gn), **value_stats(old_values, returns, _full_mask(mbs, returns))}
+        return out if cause is None else {**out, "critic_skip_cause": cause}
 
     # -- checkpoints ---------------------------------------------------------
 
@@ -110,12 +123,14 @@ class Critic:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def save(self, path: Path, with_optimizer: bool = True) -> Path:
-        """Write atomically: a crash mid-write never leaves a truncated file under the final name."""
+        """Write atomically and durably: a crash never leaves a truncated file under the final name."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(self.state_dict(with_optimizer), tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
         return path
 
 

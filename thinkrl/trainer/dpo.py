@@ -22,11 +22,11 @@ import torch
 from thinkrl.algorithms.preference import PREFERENCE_LOSSES
 from thinkrl.config import TaskConfig
 from thinkrl.data import IGNORE, encode_prompt_completion, read_rows
-from thinkrl.models import load_model, save_model
+from thinkrl.models import load_model
 from thinkrl.tasks import DataError
 from thinkrl.trainer.batch import make_micro_batch, token_logps
-from thinkrl.trainer.common import bucketed_steps, make_optimizer, need, optimizer_step
-from thinkrl.trainer.logs import JsonlWriter
+from thinkrl.trainer.common import make_optimizer, need
+from thinkrl.trainer.supervised import run_steps, start_weights, validate_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,10 @@ class DPOConfig:
     seed: int = 0
     dtype: str = "auto"
     progress: bool = True
+    save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
+    keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
+    resume: bool = False  # continue the run in output_dir from its newest whole checkpoint
+    max_bad_steps: int = 3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
     task: TaskConfig = field(default_factory=TaskConfig)  # renders the prompts
 
     def validate(self) -> None:
@@ -59,6 +63,7 @@ class DPOConfig:
         need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
         need(self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0")
         need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
+        validate_checkpointing(self)
 
 
 @dataclass
@@ -107,36 +112,39 @@ def reference_logps(model, pairs: list[Pair], pad_id: int, bf16: bool, batch_siz
 
 
 def train_dpo(cfg: DPOConfig) -> Path:
+    """Train and write ``output_dir/final``; returns its path. Checkpoints and ``resume=true``
+    as in the RL loop (thinkrl/trainer/supervised.py). The reference log-probs, computed once
+    from the starting model, travel in every checkpoint, so a resumed run uses the same ones."""
     from thinkrl.device import use_bf16
     from thinkrl.trainer.rl import seed_everything
 
     out = Path(cfg.output_dir)
+    found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     bf16 = use_bf16(cfg.dtype)
     rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(weights)
     model.config.use_cache = False
     pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
     loss_fn = PREFERENCE_LOSSES.get(cfg.loss)
-    ref = reference_logps(model, pairs, tok.pad_token_id, bf16, cfg.batch_size) if loss_fn.needs_reference else None
+    ref = None
+    if loss_fn.needs_reference:
+        ref = found[1].get("ref") if found else reference_logps(model, pairs, tok.pad_token_id, bf16, cfg.batch_size)
+        need(ref is not None and len(ref) == len(pairs), f"{found and found[0]} was written by another loss or "
+             "other data: resume it with the run's own loss and data")
     lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs]
     total = cfg.max_steps or -(-len(pairs) // cfg.batch_size) * cfg.epochs
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total)
-    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=0)
-    model.train()
-    for step, _, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
+
+    def step_loss(idx: list[int]):
         batch = [pairs[i] for i in idx]
         logp_c, logp_r = sequence_logps(model, batch, tok.pad_token_id, bf16)  # [b], [b]
         len_c = torch.tensor([float(len(p.chosen)) for p in batch])  # [b]
         len_r = torch.tensor([float(len(p.rejected)) for p in batch])  # [b]
         ref_c, ref_r = (ref[idx, 0], ref[idx, 1]) if ref is not None else (None, None)
         loss, m = loss_fn(logp_c, logp_r, ref_c, ref_r, len_c, len_r, beta=cfg.beta, gamma=cfg.gamma)
-        gn = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
-        metrics_log.write({"step": step, "loss": float(loss.detach()), **m, "grad_norm": gn,
-                           "chosen_len": float(len_c.mean()), "rejected_len": float(len_r.mean())})
-        if cfg.progress and (step % 10 == 0 or step == total):
-            log.info("%s step %d/%d loss %.4f", cfg.loss, step, total, float(loss.detach()))
-    final = out / "final"
-    save_model(model, tok, final)
-    return final
+        return loss, {**m, "chosen_len": float(len_c.mean()), "rejected_len": float(len_r.mean())}
+
+    return run_steps(cfg, model, tok, opt, sched, lengths, total, step_loss, found=found,
+                     extra_state={"ref": ref}, name=cfg.loss)

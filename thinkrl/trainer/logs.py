@@ -4,29 +4,64 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
 class JsonlWriter:
+    """Appends one JSON object per line, each line flushed and fsynced before ``write``
+    returns: a line is on disk before the step's checkpoint is, so a resume never finds a
+    checkpoint newer than its metrics.
+
+    ``truncate_after_step``: on resume, drop the lines of steps after the checkpoint's
+    (they are redone) and a torn last line that a crash cut off mid-write. The file is
+    rewritten aside and renamed over the old one, so a crash here loses nothing."""
+
     def __init__(self, path: Path, truncate_after_step: int | None = None):
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
-            # On resume, drop lines written after the checkpoint we resume from.
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            keep = [line for line in _whole_lines(self.path) if json.loads(line).get("step", 0) <= truncate_after_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("w") as f:
+                f.write("".join(line + "\n" for line in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
 
     def write(self, obj: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
+        self.write_many([obj])
+
+    def write_many(self, objs: list[dict]) -> None:
+        if not objs:
+            return
+        text = "".join(json.dumps(_finite_or_null(o), ensure_ascii=False) + "\n" for o in objs)
         with self.path.open("a") as f:
-            f.write(json.dumps(clean, ensure_ascii=False) + "\n")
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _finite_or_null(obj: dict) -> dict:
+    """NaN and infinity are not JSON: they are written as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
+
+
+def _whole_lines(path: Path) -> list[str]:
+    """The lines of a JSONL file that parse; only the last one can be torn (by a crash mid-append)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return lines
 
 
 def read_jsonl(path: Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in _whole_lines(p)]
 
 
 PANELS = [

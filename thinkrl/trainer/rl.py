@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from thinkrl.perf import tune_allocator
 from thinkrl.rollout.fast import SUPPORTED as FAST_SUPPORTED, FastEngine
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
+from thinkrl.trainer.guards import BadStepGuard, skip_cause
+from thinkrl.trainer.interrupt import Interrupted, StopRequests, failpoint
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
 from thinkrl.trainer.monitor import Monitor
 from thinkrl.trainer.tracking import Trackers
@@ -120,6 +123,7 @@ def seed_everything(seed: int) -> None:
 
 def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     cfg, G = p.cfg, p.cfg.rollout.group_size
+    failpoint("generate", step)
 
     # 1-2. Sample G completions for each prompt and score them. With DAPO dynamic sampling,
     # groups whose rewards are all equal are dropped and refilled (thinkrl/sampling/dynamic.py).
@@ -127,11 +131,12 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     kept, seen, dyn_stats = collect_groups(p.sampler.next_batch, lambda exs: generate_and_score(p, exs, timings),
                                            cfg.rollout.prompts_per_step, dynamic=cfg.sampling.dynamic,
                                            max_rounds=cfg.sampling.max_rounds)
-    p.sampler.update(seen.examples, seen.success())  # prioritized sampling tracks every group it saw
     samples = _samples(cfg, step, seen)
+    if not all(math.isfinite(r) for r in seen.totals):  # a NaN reward would make its group's advantages NaN
+        return _untrained(p, step, seen, dyn_stats, timings, skip_cause="nan_reward"), samples
+    p.sampler.update(seen.examples, seen.success())  # prioritized sampling tracks every group it saw
     if not len(kept):  # dynamic sampling hit its cap without one group that has a learning signal
-        return {"step": step, **_sample_metrics(cfg, seen), **dyn_stats, "trained_seqs": 0, **timings,
-                "step_time": sum(timings.values()), "lr": p.scheduler.get_last_lr()[0]}, samples
+        return _untrained(p, step, seen, dyn_stats, timings), samples
     examples, ro, totals = kept.examples, kept.ro, kept.totals
 
     # 3. Advantages: per token, from the rewards and whatever the estimator reads.
@@ -154,14 +159,16 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
         baseline=p.baseline.value if p.baseline else 0.0, gamma=a.gamma, lam=a.lam, eps=a.std_eps))
 
     # 4. Update the policy (and the critic).
-    train_metrics = policy_update(p, ro, est.adv, mask, fixed)
+    train_metrics = policy_update(p, ro, est.adv, mask, fixed, step=step)
+    skipped = "skip_cause" in train_metrics  # the policy was not updated: neither are the critic and baseline
     if token_kl is not None:
         train_metrics["kl"] = float(token_kl.sum() / mask.sum())
-    if p.critic is not None:
+    if p.critic is not None and not skipped:
         train_metrics.update(p.critic.update(mbs, est.returns, fixed["values"], a.num_iterations))
     if p.baseline is not None:
         train_metrics["baseline"] = p.baseline.value
-        p.baseline.update(float(rewards.mean()))
+        if not skipped:
+            p.baseline.update(float(rewards.mean()))
     timings["time_train"] = time.perf_counter() - t0
 
     metrics = {
@@ -179,6 +186,12 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     for k, v in p.rewards.failures.items():
         metrics[f"reward_failures/{k}"] = v
     return metrics, samples
+
+
+def _untrained(p: Parts, step: int, seen: Groups, dyn_stats: dict, timings: dict, **extra) -> dict:
+    """The metrics of a step that updated nothing."""
+    return {"step": step, **_sample_metrics(p.cfg, seen), **dyn_stats, "trained_seqs": 0, **timings,
+            "step_time": sum(timings.values()), "lr": p.scheduler.get_last_lr()[0], **extra}
 
 
 def generate_and_score(p: Parts, examples: list, timings: dict) -> Groups:
@@ -259,11 +272,14 @@ def behaviour_logps(ro, N: int, T: int) -> torch.Tensor | None:
     return out
 
 
-def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: dict | None = None) -> dict:
+def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: dict | None = None,
+                  step: int = 0) -> dict:
     """``num_iterations`` passes over one batch of rollouts (PPO-style reuse), each split into
     ``algo.mini_batches`` optimizer steps over whole groups.
 
-    ``fixed`` may hold ``old_logp`` [N, T] already computed for the advantages."""
+    ``fixed`` may hold ``old_logp`` [N, T] already computed for the advantages. A pass whose
+    loss or gradient norm is not finite is not applied, and ends the update: the result then
+    has ``skip_cause`` (thinkrl/trainer/guards.py); passes before it stay applied."""
     cfg, a = p.cfg, p.cfg.algo
     N, T = adv.shape
     G = cfg.rollout.group_size
@@ -273,14 +289,17 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     # KL or entropy term or the loss itself needs it, it is skipped outright (the normalisers
     # below still count it, so the loss is unchanged).
     needs_all = kl_in_loss or a.entropy_coef > 0 or a.loss not in ADVANTAGE_WEIGHTED
+    # (a NaN advantage is not a zero one: its group stays, so the loss guard sees it)
+    def trains(g: int) -> bool:
+        return needs_all or not bool((adv[g * G:(g + 1) * G] == 0).all())
+
     # group ids of each optimizer step (fewer steps if dynamic sampling kept fewer groups)
     chunks = [c.tolist() for c in torch.arange(N // G).tensor_split(a.mini_batches) if len(c)]
     steps = []  # (micro-batches, rows, tokens) of each mini-batch; rows and tokens count skipped groups
     for chunk in chunks:
         rows = [r for g in chunk for r in range(g * G, (g + 1) * G)]
-        trained = [g for g in chunk if needs_all or bool(adv[g * G:(g + 1) * G].abs().sum() > 0)]
-        steps.append((split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, trained, G,
-                                                  cfg.optim.micro_batch_size, p.tok.pad_token_id),
+        steps.append((split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, [g for g in chunk if trains(g)],
+                                                  G, cfg.optim.micro_batch_size, p.tok.pad_token_id),
                       len(rows), float(mask[rows].sum())))
     all_mbs = [mb for mbs, _, _ in steps for mb in mbs]
     policy_loss = POLICY_LOSSES.get(a.loss)
@@ -304,10 +323,12 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     mismatch = {"sum": 0.0, "max": 0.0, "tokens": 0.0, "tis": 0.0}
     loss_metrics: dict[str, float] = {}
     p.model.train()
+    cause = None
     for it in range(a.num_iterations):
         last = it == a.num_iterations - 1
         for mbs, step_rows, step_tokens in steps:
             p.optimizer.zero_grad(set_to_none=True)
+            pass_loss = 0.0
             for mb in mbs:
                 logp, ent = token_logps(p.model, mb, temperature=cfg.rollout.temperature, bf16=p.bf16,
                                         with_entropy=last, entropy_grad=a.entropy_coef > 0)  # [b, T']
@@ -336,9 +357,10 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
                 n_tok = float(m.sum())
                 weight = n_tok / step_tokens if agg == "token_mean" else m.shape[0] / step_rows
                 (loss * weight).backward()
+                # the loss over the whole batch: each mini-batch's share of it
+                share = step_tokens / float(mask.sum()) if agg == "token_mean" else step_rows / N
+                pass_loss += loss.item() * weight * share
                 if last:
-                    # the loss over the whole batch: each mini-batch's share of it
-                    share = step_tokens / float(mask.sum()) if agg == "token_mean" else step_rows / N
                     sums["loss"] += loss.item() * weight * share
                     sums["entropy"] += float((ent.detach() * m).sum())
                     sums["tokens"] += n_tok
@@ -348,8 +370,15 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
                         sums["kl"] += float((kl.detach() * m).sum())
             gn = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.max_grad_norm)
             sums["grad_norm"] = float(gn)
+            cause = skip_cause(pass_loss, float(gn))
+            if cause is not None:
+                p.optimizer.zero_grad(set_to_none=True)
+                break
+            failpoint("train", step)
             p.optimizer.step()
             p.scheduler.step()
+        if cause is not None:
+            break
     n = max(sums["tokens"], 1.0)
     out = {"loss": sums["loss"], "grad_norm": sums["grad_norm"], "clip_frac": 0.0,
            **{k: v / n for k, v in loss_metrics.items()},
@@ -362,6 +391,8 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
         out["logp_mismatch_max"] = mismatch["max"]
         if a.tis_cap is not None:
             out["tis_weight_mean"] = mismatch["tis"] / mismatch["tokens"]
+    if cause is not None:
+        out.update(skip_cause=cause, loss=pass_loss)
     return out
 
 
@@ -443,95 +474,43 @@ def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) RL training as configured; returns the held-out results."""
+    """Run (or resume) RL training as configured; returns the held-out results.
+
+    Crash safety (docs/checkpoints.md): a ``kill -9`` loses at most
+    the steps since the last checkpoint, and a resumed run continues exactly. SIGINT and
+    SIGTERM stop after the current step and save it (thinkrl/trainer/interrupt.py)."""
     out = Path(cfg.output_dir)
-    resume_from = ckpt.latest_checkpoint(out) if out.exists() else None
-    if resume_from is not None and not cfg.resume:
-        raise ConfigError(f"{out} already holds a run with checkpoints; pass resume=true to continue it, "
-                          "or choose another output_dir")
-    if cfg.resume and resume_from is None and (out / "final").is_dir():
-        raise ConfigError(f"{out} has a finished run (final/) and no step checkpoint to resume from")
+    found = ckpt.resume_point(out, cfg.resume)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 
-    p = build_parts(cfg, resume_from)
+    p = build_parts(cfg, found[0] if found else None)
     save_config(cfg, out / "config.yaml")  # after build_parts: a resume that cannot start leaves the run as it was
-    start = 0
-    if resume_from is not None:
-        state = ckpt.load_state(resume_from)
-        p.optimizer.load_state_dict(state["optimizer"])
-        p.scheduler.load_state_dict(state["scheduler"])
-        p.task.load_state_dict(state["task"])
-        p.sampler.load_state_dict(state.get("sampler", {}))  # checkpoints before samplers have none
-        ckpt.set_rng_state(state["rng"])
-        start = state["step"]
-        if p.baseline is not None and state.get("baseline"):
-            p.baseline.load_state_dict(state["baseline"])
-        if p.critic is not None:
-            cpath = critic_path(out, resume_from.name)
-            if not cpath.is_file():
-                raise ConfigError(f"{resume_from} has no critic checkpoint ({cpath}); cannot resume a gae run")
-            p.critic.load_state_dict(torch.load(cpath, weights_only=False))
-        log.info("resumed from %s at step %d", resume_from, start)
+    guard = BadStepGuard(cfg.optim.max_bad_steps)
+    start = _restore(p, guard, out, *found) if found else 0
 
-    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start)
-    samples_log = JsonlWriter(out / "samples.jsonl", truncate_after_step=start)
-    JsonlWriter(out / "evals.jsonl", truncate_after_step=start)  # drop evals of steps being redone
+    logs = {name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=start) for name in ("metrics", "samples")}
+    # evals of steps being redone go; a fresh start also drops the "before" eval of a run that died early
+    JsonlWriter(out / "evals.jsonl", truncate_after_step=start if start else -1)
     results: dict = {}
     if cfg.eval.before and start == 0:
         results["before"] = _run_eval(p, 0, "before", out)
 
-    def save(step: int, path: Path) -> None:
-        state = {"step": step, "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
-                 "task": p.task.state_dict(), "sampler": p.sampler.state_dict(), "rng": ckpt.rng_state(),
-                 "baseline": p.baseline.state_dict() if p.baseline else None}
-        if p.critic is not None:  # first, so that every policy checkpoint has its critic
-            p.critic.save(critic_path(out, path.name), with_optimizer=path.name != "final")
-        ckpt.save_checkpoint(path, p.model, p.tok, state)
-
-    trackers = Trackers(cfg.log.backends, out, cfg.log.project, cfg.to_dict(), out.name)
     monitor = Monitor(cfg.monitor.gold, cfg.monitor.proxy, cfg.monitor.window)
     for m in read_jsonl(out / "metrics.jsonl") if monitor.active else []:  # a resumed run's history
         monitor.update(m)
-    bar = _progress(cfg, start)
-    step = start
+    trackers = Trackers(cfg.log.backends, out, cfg.log.project, cfg.to_dict(), out.name)
     t_start = time.monotonic()  # max_minutes counts the training loop of this process
     try:
-        for step in range(start + 1, cfg.max_steps + 1):
-            metrics, samples = rl_step(p, step)
-            stop_reason = monitor.update(metrics)
-            metrics_log.write(metrics)
-            trackers.log(metrics, step)
-            for s in samples:
-                samples_log.write(s)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                            len=f"{metrics['response_len_mean']:.0f}", s=f"{metrics['step_time']:.1f}")
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                save(step, out / "checkpoints" / f"step-{step}")
-                ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
-                prune_critic(out, {c.name for _, c in ckpt.list_checkpoints(out)})
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.max_steps:
-                _run_eval(p, step, f"step-{step}", out)
-            if cfg.max_minutes and time.monotonic() - t_start >= 60 * cfg.max_minutes:
-                log.info("max_minutes=%g reached after step %d of %d: stopping", cfg.max_minutes, step, cfg.max_steps)
-                break
-            if stop_reason:
-                log.warning("stopping after step %d: %s", step, stop_reason)
-                break
-    except KeyboardInterrupt:
-        bar.close()
-        done = step - 1
-        if done > start:
-            save(done, out / "checkpoints" / f"step-{done}")
-            log.warning("interrupted: saved checkpoints/step-%d; continue with resume=true", done)
-        raise
+        with StopRequests() as stop:
+            step = _train_loop(p, guard, out, start, logs, stop, t_start, monitor, trackers)
+            results["train_minutes"] = (time.monotonic() - t_start) / 60
+            log.info("training loop: steps %d-%d in %.2f min", start + 1, step, results["train_minutes"])
+            _save(p, guard, out, step, out / "final")  # step < max_steps when max_minutes stopped the run
     finally:
         trackers.close()
-    bar.close()
-    results["train_minutes"] = (time.monotonic() - t_start) / 60
-    log.info("training loop: steps %d-%d in %.2f min", start + 1, step, results["train_minutes"])
-    save(step, out / "final")  # step < max_steps when max_minutes stopped the run
+    if stop.requested:
+        raise Interrupted(f"{stop.name} during the last step: final/ saved, held-out eval skipped", stop.signum)
     if cfg.eval.after:
         results["after"] = _run_eval(p, step, "after", out)
     if cfg.plot:
@@ -539,6 +518,87 @@ def train(cfg: Config) -> dict:
         plot_metrics(read_jsonl(out / "metrics.jsonl"), out / "curves.png",
                      title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} + {cfg.algo.loss}", evals=evals)
     return results
+
+
+def _train_loop(p: Parts, guard: BadStepGuard, out: Path, start: int, logs: dict, stop: StopRequests,
+                t_start: float, monitor: Monitor, trackers: Trackers) -> int:
+    """Steps ``start + 1`` .. ``max_steps``; returns the last step done.
+
+    Order within a step, which crash safety rests on: the step runs; its metrics and samples
+    are written (fsynced); only then may it be checkpointed. A stop request is looked at only
+    here, between steps, so what is saved is always a completed step under its own name."""
+    cfg = p.cfg
+    bar = _progress(cfg, start)
+    step = start
+    try:
+        for step in range(start + 1, cfg.max_steps + 1):
+            metrics, samples = rl_step(p, step)
+            guard.record(step, metrics)
+            overoptimised = monitor.update(metrics)  # adds the slopes it watches to the metrics
+            logs["metrics"].write(metrics)
+            logs["samples"].write_many(samples)
+            trackers.log(metrics, step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                            len=f"{metrics['response_len_mean']:.0f}", s=f"{metrics['step_time']:.1f}")
+            if guard.exhausted:  # before anything more is saved: the last checkpoint stays the last good one
+                raise guard.error(ckpt.latest_checkpoint(out))
+            if step == cfg.max_steps:
+                break  # the last step goes to final/ only
+            saved = bool(cfg.save_every) and step % cfg.save_every == 0
+            if saved:
+                _save_step(p, guard, out, step)
+            if cfg.eval.every and step % cfg.eval.every == 0 and not stop.requested:
+                _run_eval(p, step, f"step-{step}", out)
+            if stop.requested:  # it may have come during the step, the save or the eval
+                if not saved:
+                    _save_step(p, guard, out, step)
+                raise Interrupted(f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
+                                  "with resume=true", stop.signum)
+            if cfg.max_minutes and time.monotonic() - t_start >= 60 * cfg.max_minutes:
+                log.info("max_minutes=%g reached after step %d of %d: stopping", cfg.max_minutes, step, cfg.max_steps)
+                break
+            if overoptimised:
+                log.warning("stopping after step %d: %s", step, overoptimised)
+                break
+    finally:
+        bar.close()
+    return step
+
+
+def _restore(p: Parts, guard: BadStepGuard, out: Path, path: Path, state: dict) -> int:
+    """Load a checkpoint's trainer state into ``p`` (the weights were loaded by build_parts); returns its step."""
+    p.optimizer.load_state_dict(state["optimizer"])
+    p.scheduler.load_state_dict(state["scheduler"])
+    p.task.load_state_dict(state["task"])
+    p.sampler.load_state_dict(state.get("sampler", {}))  # checkpoints before samplers have none
+    ckpt.set_rng_state(state["rng"])
+    guard.load_state_dict(state.get("guard", {}))
+    if p.baseline is not None and state.get("baseline"):
+        p.baseline.load_state_dict(state["baseline"])
+    if p.critic is not None:
+        cpath = critic_path(out, path.name)
+        if not cpath.is_file():
+            raise ConfigError(f"{path} has no critic checkpoint ({cpath}); cannot resume a gae run")
+        p.critic.load_state_dict(torch.load(cpath, weights_only=True))
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state["step"]
+
+
+def _save(p: Parts, guard: BadStepGuard, out: Path, step: int, path: Path) -> None:
+    """Checkpoint the state after ``step`` at ``path`` (``checkpoints/step-N`` or ``final``)."""
+    state = {"step": step, "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+             "task": p.task.state_dict(), "sampler": p.sampler.state_dict(), "rng": ckpt.rng_state(),
+             "baseline": p.baseline.state_dict() if p.baseline else None, "guard": guard.state_dict()}
+    if p.critic is not None:  # first, so that every policy checkpoint has its critic
+        p.critic.save(critic_path(out, path.name), with_optimizer=path.name != "final")
+    ckpt.save_checkpoint(path, p.model, p.tok, state)
+
+
+def _save_step(p: Parts, guard: BadStepGuard, out: Path, step: int) -> None:
+    _save(p, guard, out, step, out / "checkpoints" / f"step-{step}")
+    ckpt.prune_checkpoints(out, p.cfg.keep_checkpoints)
+    prune_critic(out, {c.name for _, c in ckpt.list_checkpoints(out)})
 
 
 def _progress(cfg: Config, start: int):

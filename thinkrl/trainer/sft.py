@@ -20,12 +20,13 @@ from torch import Tensor
 
 from thinkrl.config import ConfigError, TaskConfig, validate_lora
 from thinkrl.data import IGNORE, encode_sft_rows, read_rows
-from thinkrl.models import load_model, save_model
+from thinkrl.models import load_model
 from thinkrl.rollout import autocast
 from thinkrl.trainer.batch import _backbone_and_head
-from thinkrl.trainer.common import (LoraConfig, apply_lora, bucketed_steps, collate, enable_gradient_checkpointing,
-                                   make_optimizer, need, optimizer_step, pack, unwrap_lora)
-from thinkrl.trainer.logs import JsonlWriter
+from thinkrl.trainer.checkpoint import load_adapter
+from thinkrl.trainer.common import (LoraConfig, apply_lora, collate, enable_gradient_checkpointing, make_optimizer,
+                                   need, pack)
+from thinkrl.trainer.supervised import run_steps, start_weights, validate_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class SFTConfig:
     progress: bool = True
     kd_teacher: str | None = None  # a model with the same vocabulary: adds token-level KL distillation
     kd_coef: float = 0.5  # loss = (1 - kd_coef) * CE + kd_coef * KL(teacher || student)
+    save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
+    keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
+    resume: bool = False  # continue the run in output_dir from its newest whole checkpoint
+    max_bad_steps: int = 3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
     lora: LoraConfig = field(default_factory=LoraConfig)
     task: TaskConfig = field(default_factory=TaskConfig)  # renders prompt/completion rows
 
@@ -61,6 +66,7 @@ class SFTConfig:
         need(0 <= self.kd_coef <= 1, "kd_coef must be in [0, 1]")
         need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
         validate_lora(self.lora)
+        validate_checkpointing(self)
 
 
 def sft_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
@@ -126,39 +132,35 @@ def load_teacher(name: str, tok):
 
 
 def train_sft(cfg: SFTConfig) -> Path:
-    """Train and write an HF model folder to ``output_dir/final``; returns that path."""
+    """Train and write an HF model folder to ``output_dir/final``; returns that path.
+    Checkpoints and ``resume=true`` as in the RL loop (thinkrl/trainer/supervised.py)."""
     from thinkrl.device import use_bf16
     from thinkrl.trainer.rl import seed_everything
 
     out = Path(cfg.output_dir)
+    found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     bf16 = use_bf16(cfg.dtype)
     rows = read_rows(cfg.data)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(weights)
     data = encode_sft_rows(rows, tok, cfg.task, cfg.max_len, source=cfg.data)
     teacher = load_teacher(cfg.kd_teacher, tok) if cfg.kd_teacher else None
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = apply_lora(model, cfg.lora)
+    if found is not None and cfg.lora.enabled:
+        load_adapter(model, found[0])
     lengths = [len(e.input_ids) for e in data]
     per_epoch = -(-len(data) // cfg.batch_size)
     total = cfg.max_steps or per_epoch * cfg.epochs
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total)
-    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=0)
     log.info("sft: %d rows, %d steps of %d rows", len(data), total, cfg.batch_size)
-    model.train()
-    for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
+
+    def step_loss(idx: list[int]):
         rows_ = [data[i] for i in idx]
         batch = pack(rows_, cfg.max_len, tok.pad_token_id) if cfg.packing else collate(rows_, tok.pad_token_id)
-        loss, m = batch_loss(model, batch, bf16, teacher, cfg.kd_coef)
-        gn = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
-        metrics_log.write({"step": step, "epoch": epoch, "loss": float(loss.detach()), **m,
-                           "grad_norm": gn, "lr": sched.get_last_lr()[0]})
-        if cfg.progress and (step % 10 == 0 or step == total):
-            log.info("sft step %d/%d loss %.4f", step, total, float(loss.detach()))
-    final = out / "final"
-    save_model(unwrap_lora(model), tok, final)
-    return final
+        return batch_loss(model, batch, bf16, teacher, cfg.kd_coef)
 
+    return run_steps(cfg, model, tok, opt, sched, lengths, total, step_loss, found=found, name="sft")

@@ -1,0 +1,104 @@
+"""The step loop that SFT and DPO share: length-bucketed batches, guarded updates,
+checkpoints, exact resumption and a clean stop on SIGINT/SIGTERM.
+
+The two trainers differ only in how a batch of rows becomes a loss; everything around
+that is here, with the same contract as the RL loop (thinkrl/trainer/rl.py):
+
+- ``save_every`` steps a checkpoint ``checkpoints/step-N/`` (the keep-newest-
+  ``keep_checkpoints`` rule applies), written aside and renamed into place;
+- ``resume=true`` continues from the newest whole checkpoint: weights, optimizer, LR
+  schedule, RNG, and the position in the (deterministic) batch order, so the resumed
+  run's weights equal an uninterrupted run's;
+- a non-finite loss or gradient norm skips the update; ``max_bad_steps`` in a row stop;
+- a signal stops after the current step, which is saved under its own name.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from thinkrl.trainer import checkpoint as ckpt
+from thinkrl.trainer.common import bucketed_steps, need, optimizer_step
+from thinkrl.trainer.guards import BadStepGuard
+from thinkrl.trainer.interrupt import Interrupted, StopRequests
+from thinkrl.trainer.logs import JsonlWriter
+
+log = logging.getLogger(__name__)
+
+# batch row indices -> (loss, metrics)
+StepLoss = Callable[[list[int]], tuple[torch.Tensor, dict]]
+
+
+def validate_checkpointing(cfg) -> None:
+    """Checks of the keys every checkpointing trainer config has."""
+    need(cfg.save_every >= 0, "save_every must be >= 0 (0: no step checkpoints)")
+    need(cfg.keep_checkpoints >= 0, "keep_checkpoints must be >= 0 (0: keep them all)")
+    need(cfg.max_bad_steps >= 1, "max_bad_steps must be >= 1 (skipped updates in a row that stop a run)")
+
+
+def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_loss: StepLoss,
+              found: tuple[Path, dict] | None = None, extra_state: dict | None = None, name: str = "sft") -> Path:
+    """Train ``total`` steps (from ``found``'s step when resuming), then write ``final/``;
+    returns its path. ``extra_state`` goes into every checkpoint's trainer state."""
+    out = Path(cfg.output_dir)
+    guard = BadStepGuard(cfg.max_bad_steps)
+    start = _restore(opt, sched, guard, *found) if found else 0
+    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start)
+
+    def save(step: int, path: Path) -> None:
+        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": ckpt.rng_state(), "guard": guard.state_dict(), **(extra_state or {})}
+        ckpt.save_checkpoint(path, model, tok, state)
+
+    model.train()
+    step = start
+    with StopRequests() as stop:
+        for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
+            if step <= start:
+                continue  # the batch order is a pure function of the seed: skip what the checkpoint did
+            loss, m = step_loss(idx)
+            gn, cause = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
+            metrics = {"step": step, "epoch": epoch, "loss": float(loss.detach()), **m, "grad_norm": gn,
+                       "lr": sched.get_last_lr()[0], **({"skip_cause": cause} if cause else {})}
+            guard.record(step, metrics)
+            metrics_log.write(metrics)
+            if cfg.progress and (step % 10 == 0 or step == total):
+                log.info("%s step %d/%d loss %.4f", name, step, total, metrics["loss"])
+            if guard.exhausted:
+                raise guard.error(ckpt.latest_checkpoint(out))
+            if step == total:
+                break
+            if (cfg.save_every and step % cfg.save_every == 0) or stop.requested:
+                save(step, out / "checkpoints" / f"step-{step}")
+                ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+            if stop.requested:
+                raise Interrupted(f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
+                                  "with resume=true", stop.signum)
+        save(step, out / "final")
+    if stop.requested:
+        raise Interrupted(f"{stop.name} during the last step: final/ saved", stop.signum)
+    return out / "final"
+
+
+def _restore(opt, sched, guard: BadStepGuard, path: Path, state: dict) -> int:
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    guard.load_state_dict(state.get("guard", {}))
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state["step"]
+
+
+def start_weights(cfg, out: Path) -> tuple[tuple[Path, dict] | None, str]:
+    """The checkpoint to resume from (or None) and where the weights to load come from:
+    the checkpoint for full fine-tuning, the base model when a LoRA adapter goes on top."""
+    found = ckpt.resume_point(out, cfg.resume)
+    lora = getattr(cfg, "lora", None) is not None and cfg.lora.enabled
+    if found is not None and lora != ckpt.has_adapter(found[0]):
+        raise ckpt.CheckpointError(f"{found[0]} was trained {'without' if lora else 'with'} LoRA: resume it with "
+                                   f"lora.enabled={'false' if lora else 'true'} (and the same lora.* settings)")
+    return found, (str(found[0]) if found is not None and not lora else cfg.model)
