@@ -7,11 +7,14 @@ with the ``n`` samples of one prompt next to each other in the output.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,12 +113,19 @@ def _as_list(x) -> list:
 
 
 def build_engine(name: str, model, tokenizer, *, batch_size: int, bf16: bool) -> Engine:
+    """The engine ``rollout.backend=name`` asks for. ``fast`` runs only the decoder layouts it
+    implements exactly; for any other model it falls back to ``hf`` (same outputs, slower)
+    with one log line saying why, so that a new model type never stops a run."""
+    if name == "fast":
+        from thinkrl.rollout.fast import FastEngine, unsupported
+
+        why = unsupported(model.config)
+        if why is None:
+            return FastEngine(model, tokenizer, batch_size=batch_size, bf16=bf16)
+        log.warning("rollout.backend=fast cannot run this model (%s); using the hf backend", why)
+        name = "hf"
     if name == "hf":
         return HFEngine(model, tokenizer, batch_size=batch_size, bf16=bf16)
-    if name == "fast":
-        from thinkrl.rollout.fast import FastEngine
-
-        return FastEngine(model, tokenizer, batch_size=batch_size, bf16=bf16)
     from thinkrl.config import ConfigError
 
     raise ConfigError(f"rollout.backend '{name}' unknown; choose from: fast, hf")

@@ -1,4 +1,4 @@
-"""thinkrl's own generation engine for Llama-family models on CPU.
+"""thinkrl's own generation engine for Llama- and Qwen-family models on CPU.
 
 Why not ``generate``: on a small model, HF ``generate`` spends most of its time
 outside the matmuls (cache objects, logits processors, mask building per step),
@@ -23,8 +23,11 @@ and under bf16 autocast it re-casts every weight at every step. This engine:
   pass and a two-level inverse-CDF search) and returns each sampled token's
   log-prob under the temperature-scaled distribution (what the trainer uses).
 
-Supported: ``llama``, ``mistral`` and ``qwen2`` decoder layouts (RMSNorm, RoPE,
-GQA attention, SwiGLU MLP).
+Supported: ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` decoder layouts (RMSNorm,
+RoPE, GQA attention, SwiGLU MLP; Qwen2's biases on the query/key/value projections; Qwen3's
+RMSNorm of every query and key head before RoPE). :func:`unsupported` says why a model falls
+outside that (another layout, RoPE scaling, a sliding window, ...); ``build_engine`` then uses
+the ``hf`` engine instead.
 """
 
 from __future__ import annotations
@@ -40,7 +43,50 @@ from thinkrl.perf import tune_allocator
 from thinkrl.rollout import Rollout, SamplingParams, shared_prefix_len
 from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported(config) -> str | None:
+    """Why this engine cannot reproduce the model of ``config`` exactly, or None if it can.
+
+    The engine computes one decoder layout: pre-norm RMSNorm, rotary embeddings without
+    scaling, full causal attention with grouped key/value heads, a SiLU-gated MLP; biases only
+    on the query/key/value projections (Qwen2), and optionally an RMSNorm per query and key
+    head (Qwen3). Anything else would silently change the model's distribution, so it is
+    reported here instead of approximated."""
+    kind = config.model_type
+    if kind not in SUPPORTED:
+        return f"model type '{kind}' (supported: {', '.join(SUPPORTED)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation '{config.hidden_act}' (supported: silu)"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") not in ("default", None):
+        return f"RoPE scaling '{rope['rope_type']}'"
+    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        return "partial rotary embeddings"
+    if getattr(config, "attention_bias", False) and kind != "qwen2":
+        return "a bias on the attention output projection"  # attention_bias biases o_proj too
+    if getattr(config, "mlp_bias", False):
+        return "biases in the MLP"
+    window = _sliding_window(config)
+    if window:
+        return f"sliding-window attention ({window} tokens)"
+    return None
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window of ``config`` where one can cut attention short, else None.
+
+    Qwen2/3 name a window per layer (``layer_types``; off unless ``use_sliding_window``);
+    Mistral applies ``sliding_window`` to every layer, which changes nothing for sequences no
+    longer than it, so a window as long as ``max_position_embeddings`` does not count."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in types):
+        return window or -1
+    if config.model_type == "mistral" and window and window < getattr(config, "max_position_embeddings", 0):
+        return window
+    return None
 
 
 @dataclass
@@ -52,6 +98,7 @@ class _Layer:
     ln_post: Tensor  # [H] fp32
     wgu: Tensor  # [2 I, H]
     wd: Tensor  # [H, I]
+    qk_norm: Tensor | None = None  # [nh + nkv, hd] fp32: Qwen3's q_norm weight per query head, then k_norm per key head
     packed: dict | None = None  # the same four weights prepacked for the GEMM library (see _prepack)
 
 
@@ -254,11 +301,11 @@ class FastEngine:
         """``prepack`` and ``kernel``: None follows the device plan (``thinkrl/device.py``);
         False turns the fast path off; True asks for it where the plan says it runs."""
         cfg = model.config
-        if cfg.model_type not in SUPPORTED:
+        why = unsupported(cfg)
+        if why is not None:
             from thinkrl.config import ConfigError
 
-            raise ConfigError(f"rollout.backend=fast supports {', '.join(SUPPORTED)} models, not "
-                              f"'{cfg.model_type}'; use rollout.backend=hf")
+            raise ConfigError(f"rollout.backend=fast cannot run this model: {why}; use rollout.backend=hf")
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         tune_allocator()  # each decode step allocates and frees MB-sized logits: reuse, no page faults
         self.dtype = torch.bfloat16 if bf16 else torch.float32
@@ -282,12 +329,7 @@ class FastEngine:
 
     def _inv_freq(self, cfg) -> Tensor:
         rope = getattr(cfg, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        kind = rope.get("rope_type", "default")
-        if kind not in ("default", None):
-            from thinkrl.config import ConfigError
-
-            raise ConfigError(f"rollout.backend=fast: RoPE scaling '{kind}' is not implemented; use backend=hf")
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))  # scaling was refused by unsupported()
         return 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
 
     def freeze(self) -> FastEngine:
@@ -320,8 +362,17 @@ class FastEngine:
                 self.layers.append(_Layer(
                     ln_in=layer.input_layernorm.weight.detach().float(), wqkv=wqkv, bqkv=b,
                     wo=W(at.o_proj).to(dt), ln_post=layer.post_attention_layernorm.weight.detach().float(),
-                    wgu=torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]).to(dt), wd=W(mlp.down_proj).to(dt)))
+                    wgu=torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]).to(dt), wd=W(mlp.down_proj).to(dt),
+                    qk_norm=self._qk_norm(at)))
             self._prepack()
+
+    def _qk_norm(self, attn) -> Tensor | None:
+        """Qwen3's per-head norms as one weight [nh + nkv, hd] fp32, laid out like the fused
+        query+key heads of a decode step, so one RMSNorm covers both; None without them."""
+        if not hasattr(attn, "q_norm"):
+            return None
+        q, k = attn.q_norm.weight.detach().float(), attn.k_norm.weight.detach().float()  # [hd] each
+        return torch.cat([q.expand(self.nh, self.hd), k.expand(self.nkv, self.hd)])
 
     @property
     def prepack(self) -> bool:
@@ -388,8 +439,11 @@ class FastEngine:
             P = L.packed or {}
             qkv = self._linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, s, (nh + 2 nkv) hd]
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], -1)
-            q = self._rotate(q.view(b, s, nh, hd).transpose(1, 2), cos, sin)  # [b, nh, s, hd]
-            k = self._rotate(k.view(b, s, nkv, hd).transpose(1, 2), cos, sin)  # [b, nkv, s, hd]
+            q, k = q.view(b, s, nh, hd), k.view(b, s, nkv, hd)
+            if L.qk_norm is not None:  # Qwen3: RMSNorm over each head's hd dims, before RoPE
+                q, k = _rms(q, L.qk_norm[:nh], self.eps).to(dt), _rms(k, L.qk_norm[nh:], self.eps).to(dt)
+            q = self._rotate(q.transpose(1, 2), cos, sin)  # [b, nh, s, hd]
+            k = self._rotate(k.transpose(1, 2), cos, sin)  # [b, nkv, s, hd]
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v.view(b, s, nkv, hd).transpose(1, 2)
             a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
@@ -427,6 +481,8 @@ class FastEngine:
             h = F.rms_norm(x, (H,), L.ln_in, self.eps).to(dt)
             qkv = self._linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, (nh + 2 nkv) hd]
             qk = qkv[:, : (nh + nkv) * hd].view(b, nh + nkv, hd)
+            if L.qk_norm is not None:  # Qwen3: every query and key head RMS-normed before RoPE
+                qk = _rms(qk, L.qk_norm, self.eps).to(dt)
             qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # RoPE on query and key heads at once
             if st.kernel is not None:
                 flat = qk.view(b, (nh + nkv) * hd)
