@@ -42,6 +42,7 @@ from thinkrl import device
 from thinkrl.perf import tune_allocator
 from thinkrl.rollout import Rollout, SamplingParams, shared_prefix_len
 from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
+from thinkrl.rollout.thinking import BudgetTracker, closing_ids, forced_logps
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -319,6 +320,7 @@ class FastEngine:
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos} - {None})
         self._rope_inv_freq = self._inv_freq(cfg)
         self._version = None
+        self._closing: list[int] | None = None  # the thinking budget's closing phrase, tokenized once
         self.packer = device.packer(self.dtype, batch_size, prepack)
         self.head_packed = None
         # decode attention in C (bf16 caches, head dims of 16k) where it builds and agrees with the torch path
@@ -589,14 +591,26 @@ class FastEngine:
         per_chunk = max(1, self.batch_size // n)  # prompts per chunk, so a chunk holds ~batch_size rows
         comps: list[list[int]] = []
         logps: list[list[float]] = []
+        forced: list[list[bool]] = []
         for s in range(0, len(ids), per_chunk):
-            c, lp = self._generate_chunk(ids[s: s + per_chunk], n, params)
+            budget = self._budget([p for p in prompts[s: s + per_chunk] for _ in range(n)], params)
+            c, lp = self._generate_chunk(ids[s: s + per_chunk], n, params, budget)
             comps += c
             logps += lp
+            forced += budget.forced if budget is not None else []
         flat = [x for x in ids for _ in range(n)]
         truncated = [not (c and c[-1] in self.eos_ids) for c in comps]
         texts = self.tok.batch_decode(comps, skip_special_tokens=True)
-        return Rollout(prompt_ids=flat, completion_ids=comps, texts=texts, truncated=truncated, logps=logps)
+        return Rollout(prompt_ids=flat, completion_ids=comps, texts=texts, truncated=truncated, logps=logps,
+                       forced=forced if params.thinking_budget is not None else None)
+
+    def _budget(self, prompts: list[str], params: SamplingParams) -> BudgetTracker | None:
+        """The bookkeeping of ``params.thinking_budget`` for a chunk's rows, or None."""
+        if params.thinking_budget is None:
+            return None
+        if self._closing is None:
+            self._closing = closing_ids(self.tok)
+        return BudgetTracker(self.tok, params.thinking_budget, prompts, self._closing)
 
     def _prefill(self, prompts: list[list[int]], extra: int = 0):
         """Run the prompts; returns the last positions' logits [g, V] fp32, per-layer key/value
@@ -644,7 +658,8 @@ class FastEngine:
             valid = valid.gather(1, order)
         return logits, kv, valid
 
-    def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams):
+    def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams,
+                        budget: BudgetTracker | None = None):
         P, T, g = max(len(p) for p in prompts), params.max_new_tokens, len(prompts)
         nkv, hd, dt = self.nkv, self.hd, self.dtype
         logits, kv, valid = self._prefill(prompts)  # [g, V], caches [g, nkv, P, hd], [g, P]
@@ -670,11 +685,18 @@ class FastEngine:
         fin = torch.zeros(B, dtype=torch.bool)  # finished rows still in the batch
         eos = torch.tensor(self.eos_ids)
         for t in range(T):
-            tok, lp = self._sample(logits, params, eos if t < params.min_new_tokens else None)  # [b]
+            banned = eos if t < params.min_new_tokens else None
+            force = None if budget is None else self._forced(budget, st.alive, logits, params, banned)
+            tok, lp = self._sample(logits, params, banned)  # [b]
+            if force is not None:  # rows writing the thinking budget's closing phrase
+                rows, ftok, flp = force
+                tok[rows], lp[rows] = ftok, flp
             for r, tk, lv, f in zip(st.alive.tolist(), tok.tolist(), lp.tolist(), fin.tolist()):
                 if not f:
                     out[r].append(tk)
                     out_lp[r].append(lv)
+                    if budget is not None:
+                        budget.observe(r, out[r])
             done = torch.isin(tok, eos)
             if self.stop_strings:
                 done |= torch.tensor([self._hit_stop(out[r]) for r in st.alive.tolist()])
@@ -691,6 +713,19 @@ class FastEngine:
             logits = self._decode_step(tok, next_pos, st)
             next_pos = next_pos + 1
         return out, out_lp
+
+    @staticmethod
+    def _forced(budget: BudgetTracker, alive: Tensor, logits: Tensor, params: SamplingParams,
+                banned: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The batch rows that must emit a forced token this step, those tokens, and their
+        log-probs under the distribution the other rows sample from; None if no row must.
+        Called before sampling, which overwrites ``logits``."""
+        want = [budget.next_forced(r) for r in alive.tolist()]
+        rows = [i for i, w in enumerate(want) if w is not None]
+        if not rows:
+            return None
+        idx, ftok = torch.tensor(rows), torch.tensor([want[i] for i in rows])
+        return idx, ftok, forced_logps(logits[idx], ftok, params.temperature, banned)
 
     def _hit_stop(self, toks: list[int]) -> bool:
         tail = self.tok.decode(toks[-16:], skip_special_tokens=True)
