@@ -164,3 +164,28 @@ def test_a_budget_that_never_binds_changes_nothing(shaken, engine):
     assert small.completion_ids != none.completion_ids
     free, capped = sample(plain, None), sample(plain, 2)
     assert capped.completion_ids == free.completion_ids and not any(map(any, capped.forced))
+
+
+def test_qwen3_single_token_tags_and_its_no_thinking_prompt(tmp_path):
+    """A tiny Qwen3, whose tokenizer has one id for </think> (so the phrase ends the block with
+    that token): budget 4 caps a thinking prompt the same way in both engines, and Qwen3's
+    enable_thinking=False prompt (an empty, closed block) is left alone."""
+    from thinkrl.models import build_tiny_model, load_model
+
+    build_tiny_model(tmp_path, "qwen3")
+    model, tok = load_model(str(tmp_path))
+    phrase = closing_ids(tok)
+    assert tok.convert_tokens_to_ids("</think>") in phrase
+    msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    think = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + "<think>\n" for m in msgs]
+    nothink = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+               for m in msgs]
+    params = SamplingParams(max_new_tokens=len(phrase) + 12, temperature=0, thinking_budget=4)
+    got = FastEngine(model, tok, bf16=False).generate(think + nothink, 1, params)
+    ref = HFEngine(model, tok, bf16=False).generate(think + nothink, 1, params)
+    assert got.completion_ids == ref.completion_ids and got.forced == ref.forced
+    for c, mask in zip(got.completion_ids[:3], got.forced[:3]):
+        assert c[4: 4 + len(phrase)] == phrase and mask[:4 + len(phrase)] == [False] * 4 + [True] * len(phrase)
+    free = FastEngine(model, tok, bf16=False).generate(nothink, 1, SamplingParams(max_new_tokens=len(phrase) + 12,
+                                                                                  temperature=0))
+    assert got.completion_ids[3:] == free.completion_ids and not any(map(any, got.forced[3:]))
