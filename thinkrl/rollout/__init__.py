@@ -29,9 +29,10 @@ class SamplingParams:
     thinking_budget: int | None = None
 
     def __post_init__(self):
-        from thinkrl.rollout.thinking import check_budget
+        if self.thinking_budget is not None:
+            from thinkrl.rollout.thinking import check_budget
 
-        check_budget(self.thinking_budget)
+            check_budget(self.thinking_budget)
 
 
 @dataclass
