@@ -21,7 +21,7 @@ from thinkrl.tasks import Example, build_task
 
 
 def code_batch(n: int):
-    task = build_task(TaskConfig(name="humaneval"))
+    task = build_task(TaskConfig(name="humaneval", params={}))
     problems = task.train + task.eval
     texts, exs, expected = [], [], []
     for i in range(n):

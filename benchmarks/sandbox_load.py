@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from rewards_throughput import code_batch  # noqa: E402
-from thinkrl.rewards.base import REWARDS  # noqa: E402
+from thinkrl import device  # noqa: E402
+from thinkrl.rewards import REWARDS  # noqa: E402
 from thinkrl.sandbox import capabilities, run_python  # noqa: E402
 
 
 def score_all(texts, exs, workers: int) -> tuple[list, float]:
-    code = REWARDS["code"]
+    code = REWARDS.get("code")
 
     def one(i):
         try:
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=200)
     args = ap.parse_args()
     caps = capabilities()
-    print(f"CPU: {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+    print(f"CPU: {device.plan().cpu} ({torch.backends.cpu.get_cpu_capability()}), "
           f"{os.cpu_count()} cores; sandbox method {caps.get('method')}, uid {caps.get('uid')}, "
           f"seccomp rules {caps.get('seccomp_rules')}, running as uid {os.getuid()}")
     texts, exs, expected = code_batch(args.n + args.burst + 2 * args.n)

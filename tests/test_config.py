@@ -85,7 +85,7 @@ def test_wrong_types_raise(item, match):
     ("algo.kl_estimator=k4", "unknown KL estimator 'k4'; choose from: k1, k2, k3"),
     ("algo.loss_agg=nope", "unknown loss aggregation 'nope'; choose from: seq_mean_token_mean"),
     ("rewards.nope=1", "unknown reward 'nope'; choose from: accuracy, choice, code, exact, format, hedging, "
-                       "kimi_length, language, math, overlong, repetition"),
+                       "judge, kimi_length, language, math, overlong, repetition, rm"),
 ])
 def test_unknown_registry_names_list_choices(item, match):
     with pytest.raises(ConfigError, match=match):

@@ -62,3 +62,16 @@ def test_the_plan_matches_what_torch_reports():
         w = torch.randn(16, 8).bfloat16()
         torch.ops.mkldnn._reorder_linear_weight(w, 4)
     assert p.cpu in p.describe() and p.capability in p.describe()
+
+
+def test_the_device_key_resolves_to_the_cpu_and_refuses_cuda():
+    import pytest
+
+    from thinkrl.config import ConfigError
+
+    assert device.resolve_device("auto") == "cpu" and device.resolve_device("cpu") == "cpu"
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match="does not train on CUDA yet"):
+            device.resolve_device(name)
+    with pytest.raises(ConfigError, match="device 'tpu' unknown"):
+        device.resolve_device("tpu")

@@ -6,6 +6,7 @@
     thinkrl sft    [CONFIG.yaml] model=NAME data=FILE.jsonl output_dir=DIR [key=value ...]
     thinkrl sample [CONFIG.yaml] model=NAME output=FILE.jsonl [mode=all|shortest|pairs] [n=N] [key=value ...]
     thinkrl dpo    [CONFIG.yaml] model=NAME data=FILE.jsonl [loss=dpo|ln_dpo|simpo] [key=value ...]
+    thinkrl rm     [CONFIG.yaml] model=NAME data=FILE.jsonl [margin=M] [key=value ...]
     thinkrl merge  models=A,B[,...] [weights=WA,WB,...] output_dir=DIR
     thinkrl pipeline PIPELINE.yaml [key=value ...]
     thinkrl difficulty [CONFIG.yaml] model=PATH task=NAME [k=8] [n=N] output=FILE.jsonl [key=value ...]
@@ -88,7 +89,7 @@ def _model_args(items: list[str], short: dict) -> tuple[list[str], str | None, l
 
 def cmd_eval(args: list[str]) -> int:
     from thinkrl.config import build_config
-    from thinkrl.eval import evaluate, format_table, write_json
+    from thinkrl.eval import eval_settings, evaluate, format_table, write_json
     from thinkrl.eval.budget import parse_budgets
     from thinkrl.models import load_model
     from thinkrl.rollout import build_engine
@@ -110,9 +111,8 @@ def cmd_eval(args: list[str]) -> int:
     task = build_task(cfg.task)
     sandbox.configure(cfg.sandbox.allow_unconfined)
     bf16 = use_bf16(cfg.dtype)
-    k = cfg.eval.samples
-    temperature = cfg.eval.temperature if cfg.eval.temperature is not None else (
-        0.0 if k == 1 else cfg.rollout.temperature)
+    settings = eval_settings(cfg)
+    k, temperature = settings["samples"], settings["temperature"]
     runs = []  # (model, its result, or its results per budget); a model may be listed twice
     for name in models:
         model, tok = load_model(name)
@@ -120,10 +120,7 @@ def cmd_eval(args: list[str]) -> int:
         engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, bf16=bf16)
 
         def run(budget: int | None) -> dict:
-            return evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task,
-                            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                            temperature=temperature, samples=k, reflection_words=cfg.eval.reflection_words,
-                            thinking_budget=budget)
+            return evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings, thinking_budget=budget)
 
         runs.append((name, {b: run(b) for b in budgets} if budgets else run(None)))
     how = "greedy" if temperature == 0 else f"{k} samples at temperature {temperature:g}"
@@ -165,6 +162,14 @@ def cmd_dpo(args: list[str]) -> int:
     from thinkrl.trainer.dpo import DPOConfig, train_dpo
 
     print(f"wrote {train_dpo(build_config(*_split(args), cls=DPOConfig))}")
+    return 0
+
+
+def cmd_rm(args: list[str]) -> int:
+    from thinkrl.config import build_config
+    from thinkrl.trainer.rm import RMConfig, train_rm
+
+    print(f"wrote {train_rm(build_config(*_split(args), cls=RMConfig))}")
     return 0
 
 
@@ -286,7 +291,7 @@ def cmd_sandbox(args: list[str]) -> int:
     return 1
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "sample": cmd_sample,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "rm": cmd_rm, "sample": cmd_sample,
             "merge": cmd_merge, "pipeline": cmd_pipeline, "difficulty": cmd_difficulty, "report": cmd_report,
             "sandbox": cmd_sandbox}
 

@@ -102,6 +102,14 @@ class AlgoConfig:
     clip_c: float = 3.0  # dual_clip: bound on the loss of negative-advantage tokens (c > 1)
     tau: float = 0.1  # kimi: relative-entropy regularisation strength
     num_iterations: int = 1  # optimisation passes over one batch of rollouts
+    # Optimizer steps per pass: the batch's groups are split into this many mini-batches
+    # (verl's ppo_mini_batch_size, TRL's steps_per_generation). From the second one on the
+    # policy has moved, so the ratio differs from 1 and clipping acts.
+    mini_batches: int = 1
+    # Truncated importance sampling (Yao et al. 2025): weight each token's policy loss by
+    # min(pi_old / pi_behaviour, tis_cap), pi_behaviour being the rollout engine's own
+    # log-prob of the sampled token (bf16, other kernels). None: no correction.
+    tis_cap: float | None = None
     kl_coef: float = 0.0  # beta; 0 loads no reference model
     kl_estimator: str = "k3"  # k1 | k2 | k3
     kl_in: str | None = None  # loss | reward; None: the estimator's default (reward for gae and reinforce*)
@@ -162,6 +170,24 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    # Where each step's metrics go besides metrics.jsonl (always written): any of tensorboard,
+    # wandb, trackio, each an optional extra (thinkrl/trainer/tracking.py).
+    backends: list = field(default_factory=lambda: ["jsonl"])
+    project: str = "thinkrl"  # the wandb / trackio project
+
+
+@dataclass
+class MonitorConfig:
+    # Over-optimisation monitor (thinkrl/trainer/monitor.py): the gold reward (a verifiable
+    # check, e.g. accuracy with weight 0) and the proxy (e.g. rm) by reward name; the run stops
+    # when, over the last `window` steps, gold falls while the proxy rises. window 0: off.
+    gold: str | None = None
+    proxy: str | None = None
+    window: int = 0
+
+
+@dataclass
 class SandboxConfig:
     # Where no isolation can be built (no user namespaces, root without CAP_SYS_ADMIN in a
     # locked-down container), model-written code does not run unless this is true; it then runs
@@ -177,6 +203,7 @@ class Config:
     max_minutes: float = 0.0  # stop training after this much wall time (0: no limit); final/ and eval still run
     seed: int = 0
     dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU supports it)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; only the CPU path exists yet (thinkrl/device.py)
     threads: int = 0  # torch threads; 0 = all cores
     resume: bool = False
     save_every: int = 10
@@ -197,6 +224,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -458,6 +487,22 @@ def _validate_algo(cfg: Config, need) -> None:
 
     a = cfg.algo
     need(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high must be > 0")
+    need(a.mini_batches >= 1, "algo.mini_batches must be >= 1")
+    need(a.mini_batches <= cfg.rollout.prompts_per_step,
+         f"algo.mini_batches={a.mini_batches} is more than the {cfg.rollout.prompts_per_step} groups of a step "
+         "(rollout.prompts_per_step): a mini-batch holds whole groups")
+    need(a.tis_cap is None or a.tis_cap > 0, "algo.tis_cap must be > 0 (or null for no correction)")
+    from thinkrl.trainer.tracking import check_backends
+
+    check_backends(cfg.log.backends)
+    mon = cfg.monitor
+    if mon.window:
+        need(mon.window >= 2, "monitor.window must be >= 2 (or 0 for no monitor)")
+        for role in ("gold", "proxy"):
+            name = getattr(mon, role)
+            need(bool(name) and name in cfg.rewards,
+                 f"monitor.{role}={name!r} must name one of the rewards in use ({', '.join(cfg.rewards)}); "
+                 "a gold reward only logged takes weight 0, e.g. rewards.accuracy=0")
     need(a.clip_c > 1, "algo.clip_c must be > 1 (dual clip bounds the loss at -clip_c * A)")
     need(a.tau > 0, "algo.tau must be > 0")
     need(a.entropy_coef >= 0, "algo.entropy_coef must be >= 0")

@@ -191,3 +191,22 @@ def packer(dtype: torch.dtype, batch_size: int, wanted: bool | None) -> Packer |
     p = plan()
     ok = p.onednn_prepack if dtype == torch.bfloat16 else p.mkl_prepack
     return Packer(dtype, batch_size) if (ok if wanted is None else wanted and ok) else None
+
+
+def resolve_device(name: str) -> str:
+    """The device a run computes on, for the config's ``device`` = auto | cpu | cuda | cuda:N.
+
+    Every part of thinkrl computes on the CPU today: the CUDA path (issue 19) is not built. So
+    ``auto`` means the CPU, with a warning where a GPU is present, and an explicit ``cuda`` is
+    a config error rather than a run that silently stays on the CPU."""
+    import re
+
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ConfigError(f"device '{name}' unknown; choose from: auto, cpu, cuda, cuda:N")
+    gpu = torch.cuda.is_available()
+    if name.startswith("cuda"):
+        raise ConfigError(f"device={name}: thinkrl does not train on CUDA yet (only on the CPU); use device=cpu"
+                          + ("" if gpu else " (and this machine has no CUDA GPU)"))
+    if name == "auto" and gpu:
+        log.warning("a CUDA GPU is present, but thinkrl computes on the CPU only for now (device=auto -> cpu)")
+    return "cpu"

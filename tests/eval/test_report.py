@@ -62,3 +62,33 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", str(run), f"output={tmp_path / 'r'}"]) == 0
     assert f"wrote {tmp_path / 'r' / 'report.md'}" in capsys.readouterr().out
     assert main(["report"]) == 2
+
+
+def test_a_monitored_run_gets_the_gold_and_proxy_curve_against_kl(tmp_path):
+    import json
+
+    import yaml
+
+    from thinkrl.eval.report import build_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"monitor": {"gold": "accuracy", "proxy": "rm", "window": 3}}))
+    rows = [{"step": i, "reward": 0.1 * i, "reward/accuracy": [0.1, 0.3, 0.4, 0.3, 0.2][i - 1],
+             "reward/rm": 0.2 * i, "kl": 0.01 * i} for i in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = build_report(run)
+    assert (md.parent / "gold_proxy.png").stat().st_size > 1000
+    assert "gold and proxy reward (over-optimisation)" in md.read_text()
+
+
+def test_a_run_without_a_monitor_has_no_gold_and_proxy_curve(tmp_path):
+    import json
+
+    from thinkrl.eval.report import build_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
+    md = build_report(run)
+    assert not (md.parent / "gold_proxy.png").exists()

@@ -196,6 +196,7 @@ TINY = {"sample": {"n": 6, "prompts": 6, "max_new_tokens": 48, "temperature": 0.
                    "require_format": False},
         "sft": {"max_steps": 2, "batch_size": 4, "lr": 1e-4, "progress": False},
         "dpo": {"max_steps": 1, "batch_size": 2, "progress": False},
+        "rm": {"max_steps": 1, "batch_size": 2, "progress": False, "eval_fraction": 0.0},
         "rl": {"max_steps": 1, "save_every": 0, "plot": False, "progress": False,
                "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 48}}}
 
@@ -212,7 +213,8 @@ def test_shipped_recipe_runs_tiny_and_resumes(recipe, taught, tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["pipeline", str(path)]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert [r["stage"] for r in report] == ["base"] + [s["name"] for s in cfg["stages"] if s["kind"] not in ("sample", "traces")]
+    assert [r["stage"] for r in report] == ["base"] + [s["name"] for s in cfg["stages"]
+                                                       if s["kind"] not in ("sample", "traces", "rm")]
     assert all(0 <= r["accuracy"] <= 1 and r["response_len_mean"] > 0 for r in report)
     out = capsys.readouterr().out
     assert "accuracy" in out and "response_len_mean" in out

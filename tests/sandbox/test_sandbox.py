@@ -47,8 +47,8 @@ def _pid_ns(pid) -> str | None:
 
 def sandbox_processes():
     """Live processes in a PID namespace other than ours (every sandboxed program has its own),
-    other than long-lived math-verify workers."""
-    ours, found = _pid_ns("self"), []
+    other than those of long-lived math-verify workers (a namespace holding a worker.py)."""
+    ours, procs = _pid_ns("self"), []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -58,9 +58,10 @@ def sandbox_processes():
         except (OSError, IndexError):
             continue
         ns = _pid_ns(d.name)
-        if ns is not None and ns != ours and state != "Z" and b"worker.py" not in cmd:
-            found.append(int(d.name))
-    return found
+        if ns is not None and ns != ours and state != "Z":
+            procs.append((int(d.name), ns, b"worker.py" in cmd))
+    workers = {ns for _, ns, is_worker in procs if is_worker}
+    return [pid for pid, ns, _ in procs if ns not in workers]
 
 
 def test_capabilities_on_this_machine():
@@ -413,3 +414,20 @@ def test_a_solution_cannot_redefine_the_helpers_that_judge_it():
     honest = "def decode(s):\n    return s[:-1][::-1]\n"
     assert run_check(hack, tests, "decode", prompt=prompt)[:2] == (0, 1)
     assert run_check(honest, tests, "decode", prompt=prompt)[:2] == (1, 1)
+
+
+def test_a_queued_run_gets_its_whole_deadline(monkeypatch):
+    """Runs beyond the concurrency cap wait for a turn, and the wait does not count against their
+    deadline: with one run at a time, the third of three 0.5 s programs starts after about 1 s,
+    which would be past a 1.5 s deadline counted from submission."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from thinkrl import sandbox
+
+    monkeypatch.setattr(sandbox, "_running", threading.BoundedSemaphore(1))
+    lim = Limits(wall_s=1.5, cpu_s=2)
+    with ThreadPoolExecutor(3) as ex:
+        res = list(ex.map(lambda i: run_python(f"import time\ntime.sleep(0.5)\nprint({i})", limits=lim), range(3)))
+    assert [r.status for r in res] == ["ok"] * 3
+    assert [r.stdout.strip() for r in res] == ["0", "1", "2"]

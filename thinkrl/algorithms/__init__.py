@@ -14,7 +14,7 @@ from thinkrl.algorithms.advantages import (ADVANTAGES, USES_TOKEN_REWARDS, USES_
                                            MovingAverage, group_stats)
 from thinkrl.algorithms.kl import KL_ESTIMATORS
 from thinkrl.algorithms.losses import (ADVANTAGE_WEIGHTED, LOSS_AGGREGATIONS, POLICY_LOSSES, LossParams, aggregate,
-                                       value_loss)
+                                       tis_weights, value_loss)
 
 DEFAULT_LOSS_AGG = advantages.DEFAULT_LOSS_AGG
 
@@ -31,4 +31,4 @@ def kl_in_for(advantage: str, configured: str | None = None) -> str:
 
 __all__ = ["ADVANTAGES", "ADVANTAGE_WEIGHTED", "DEFAULT_LOSS_AGG", "KL_ESTIMATORS", "LOSS_AGGREGATIONS",
            "POLICY_LOSSES", "USES_TOKEN_REWARDS", "USES_VALUES", "AdvantageInput", "Advantages", "LossParams",
-           "MovingAverage", "aggregate", "group_stats", "kl_in_for", "loss_agg_for", "value_loss"]
+           "MovingAverage", "aggregate", "group_stats", "kl_in_for", "loss_agg_for", "tis_weights", "value_loss"]

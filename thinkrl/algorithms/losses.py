@@ -38,6 +38,17 @@ class LossParams:
     tau: float = 0.1  # kimi: strength of the relative-entropy regulariser
 
 
+def tis_weights(old_logp: Tensor, behaviour_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling weights, per token: min(pi_old / pi_behaviour, cap).
+
+    Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training":
+    the rollout engine samples from pi_behaviour, which differs from the trainer's pi_old (bf16,
+    other kernels, another library), so the gradient estimate is reweighted toward pi_old. The
+    weight is a constant of the loss (no gradient), truncated at ``cap`` to bound its variance.
+    """
+    return torch.exp(old_logp.detach() - behaviour_logp).clamp(max=cap)
+
+
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 

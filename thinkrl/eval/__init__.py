@@ -7,11 +7,23 @@ import time
 from pathlib import Path
 
 from thinkrl.config import REFLECTION_WORDS, ConfigError, TaskConfig
+from thinkrl.eval.calibration import answer_confidence, expected_calibration_error
 from thinkrl.eval.metrics import majority_vote, pass_at_k, reflection_stats
 from thinkrl.rewards import RewardModel, extract_answer
 from thinkrl.rollout import Engine, SamplingParams
 from thinkrl.tasks import Example
 from thinkrl.tasks.templates import render_prompt
+
+
+def eval_settings(cfg) -> dict:
+    """``evaluate``'s keyword arguments from a run config's ``eval.*`` keys, the same for
+    ``thinkrl eval`` and the evaluations during training (greedy for one sample, else
+    ``rollout.temperature`` unless ``eval.temperature`` says otherwise)."""
+    e = cfg.eval
+    k = e.samples
+    temperature = e.temperature if e.temperature is not None else (0.0 if k == 1 else cfg.rollout.temperature)
+    return {"max_new_tokens": e.max_new_tokens or cfg.rollout.max_new_tokens, "temperature": temperature,
+            "samples": k, "reflection_words": e.reflection_words}
 
 
 def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskConfig, *,
@@ -68,6 +80,14 @@ def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskC
     if k > 1:
         summary[f"pass@{k}"] = sum(pass_at_k(k, int(sum(acc[q * k:(q + 1) * k])), k) for q in range(n)) / n
         summary[f"maj@{k}"] = maj_hits / n
+    if ro.logps is not None:  # calibration: the model's confidence in its own final answer
+        conf = [answer_confidence(c, lp, tokenizer) for c, lp in zip(ro.completion_ids, ro.logps)]
+        have = [(c, acc[i] == 1.0) for i, c in enumerate(conf) if c is not None]
+        if have:
+            summary["ece"] = expected_calibration_error([c for c, _ in have], [ok for _, ok in have])
+            summary["answer_confidence_mean"] = sum(c for c, _ in have) / len(have)
+        for q, rec in enumerate(records):
+            rec["confidence"] = conf[q * k]
     return {"summary": summary, "records": records}
 
 
@@ -75,7 +95,8 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     """Plain-text table: one row per model."""
     ks = sorted({s.get("samples", 1) for _, s in rows} - {1})
     cols = (["accuracy"] + [c for k in ks for c in (f"pass@{k}", f"maj@{k}")]
-            + ["format_rate", "response_len_mean", "response_len_max", "truncation_rate", "reflection_rate", "n"])
+            + ["format_rate", "response_len_mean", "response_len_max", "truncation_rate", "reflection_rate"]
+            + (["ece"] if any("ece" in s for _, s in rows) else []) + ["n"])
     head = ["model"] + cols
     body = [[name] + [_fmt(s.get(c)) for c in cols] for name, s in rows]
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]

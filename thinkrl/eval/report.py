@@ -133,6 +133,46 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                       + ("; KL is logged when algo.kl_coef > 0" if stem == "kl" else "") + ").", ""]
         else:
             lines += [f"## {title}", "", f"![{title}]({png.name})", ""]
+    gp = _gold_and_proxy(run, metrics, out)
+    if gp is not None:
+        lines += ["## gold and proxy reward (over-optimisation)", "", f"![gold and proxy]({gp.name})", ""]
     md = out / "report.md"
     md.write_text("\n".join(lines))
     return md
+
+
+def _gold_and_proxy(run: Path, metrics: list[dict], out: Path) -> Path | None:
+    """Gold and proxy reward against the KL to the reference (or the step): the curve of Gao et
+    al. 2023 and the CS336 lecture's slide 13, for runs with ``monitor.gold`` and ``monitor.proxy``."""
+    import yaml
+
+    try:
+        mon = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("monitor") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    gold, proxy = mon.get("gold"), mon.get("proxy")
+    if not gold or not proxy:
+        return None
+    rows = [m for m in metrics if isinstance(m.get(f"reward/{gold}"), (int, float))
+            and isinstance(m.get(f"reward/{proxy}"), (int, float))]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_kl = all(isinstance(m.get("kl"), (int, float)) for m in rows)
+    xs = [m["kl"] if use_kl else m["step"] for m in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(xs, [m[f"reward/{gold}"] for m in rows], "o-", ms=3, label=f"gold: {gold}")
+    ax.plot(xs, [m[f"reward/{proxy}"] for m in rows], "o-", ms=3, label=f"proxy: {proxy}")
+    ax.set_xlabel("KL to the reference" if use_kl else "step (KL not logged: algo.kl_coef = 0)")
+    ax.set_title("gold and proxy reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "gold_proxy.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -6,10 +6,12 @@ reasoning RL, rejection sampling + SFT, and a final RL stage; R1-Zero is RL alon
 Kimi k1.5's long2short (Kimi Team 2025, section 2.4) is shortest-correct sampling,
 SFT or DPO on the result, and weight merging. See ``configs/pipelines/``.
 
-A stage is a mapping with ``name``, ``kind`` (sft | rl | sample | dpo | merge | traces) and
+A stage is a mapping with ``name``, ``kind`` (sft | rl | sample | dpo | rm | merge | traces) and
 that kind's config keys. ``model`` (and ``data``, ``models``) may name an earlier
 stage, ``base`` (the pipeline's model) or a path; ``data: STAGE:pairs`` names the
-preference pairs a sample stage with ``with_pairs: true`` wrote from the same samples.
+preference pairs a sample stage with ``with_pairs: true`` wrote from the same samples. An ``rm``
+stage trains a reward model (not a policy: the latest model stays what it was), and an RL
+stage's ``reward_args.rm.path`` may name it.
 By default a stage takes the latest model and the latest data. A finished stage leaves ``stage.json`` in its
 folder and is skipped on a re-run; an RL stage interrupted mid-way resumes from its
 last checkpoint.
@@ -29,12 +31,13 @@ from thinkrl.pipeline.sample import SampleConfig, run_sample
 from thinkrl.pipeline.traces import TracesConfig, write_traces
 from thinkrl.trainer.common import need, to_dict
 from thinkrl.trainer.dpo import DPOConfig, train_dpo
+from thinkrl.trainer.rm import RMConfig, train_rm
 from thinkrl.trainer.sft import SFTConfig, train_sft
 
 log = logging.getLogger(__name__)
 
-KINDS = {"sft": SFTConfig, "rl": Config, "sample": SampleConfig, "dpo": DPOConfig, "merge": MergeConfig,
-         "traces": TracesConfig}
+KINDS = {"sft": SFTConfig, "rl": Config, "sample": SampleConfig, "dpo": DPOConfig, "rm": RMConfig,
+         "merge": MergeConfig, "traces": TracesConfig}
 PLACEHOLDER = "<from an earlier stage>"
 
 
@@ -94,7 +97,7 @@ def stage_config(cfg: PipelineConfig, st: dict, folder: Path, latest: dict, outp
                 "output_dir": str(folder)}
     else:
         base["model"] = _pick(keys.pop("model", None), latest["model"], outputs, "model", name)
-    if kind in ("sft", "dpo"):
+    if kind in ("sft", "dpo", "rm"):
         base.update(data=_pick(keys.pop("data", None), latest["data"], outputs, "data", name), output_dir=str(folder))
     elif kind == "sample":
         base["output"] = str(folder / "data.jsonl")
@@ -102,6 +105,10 @@ def stage_config(cfg: PipelineConfig, st: dict, folder: Path, latest: dict, outp
             base["pairs_output"] = str(folder / "pairs.jsonl")
     elif kind == "rl":
         base.update(output_dir=str(folder), resume=(folder / "checkpoints").is_dir())
+        rm_args = (keys.get("reward_args") or {}).get("rm") or {}
+        if str(rm_args.get("path")) in outputs:  # the reward model an earlier rm stage trained
+            keys = copy.deepcopy(keys)
+            keys["reward_args"]["rm"]["path"] = _pick(rm_args["path"], None, outputs, "reward_model", name)
     layered = copy.deepcopy(base)
     for k, v in keys.items():
         if isinstance(v, dict) and isinstance(layered.get(k), dict):
@@ -123,6 +130,8 @@ def run_stage(kind: str, scfg, folder: Path) -> dict:
         return {"model": str(train_sft(scfg))}
     if kind == "dpo":
         return {"model": str(train_dpo(scfg))}
+    if kind == "rm":
+        return {"reward_model": str(train_rm(scfg))}
     if kind == "merge":
         return {"model": str(run_merge(scfg))}
     if kind == "traces":

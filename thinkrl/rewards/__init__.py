@@ -23,7 +23,7 @@ from collections import Counter
 from thinkrl.config import ConfigError
 from thinkrl.sandbox import SandboxUnavailable
 
-from thinkrl.rewards import code, format, hedging, length, math  # noqa: F401  (registers the rewards)
+from thinkrl.rewards import code, format, hedging, learned, length, math  # noqa: F401  (registers the rewards)
 from thinkrl.rewards.base import (CONTEXT_KEYS, REWARDS, RewardFailure, check_options, extract_answer,
                                   extract_boxed, extract_final, extract_thinking, group_reward, keyword_params,
                                   parallel, resolve)
@@ -54,6 +54,8 @@ class RewardModel:
                                  f"({', '.join(self.fns)})")
         for name, fn in self.fns.items():
             check_options(name, fn, self.options[name])
+            if hasattr(fn, "validate"):  # a reward that can tell bad options before the first score
+                fn.validate(self.options[name])
         self.context_keys = {name: keyword_params(fn) & set(CONTEXT_KEYS) for name, fn in self.fns.items()}
         self.failures: Counter = Counter()
         self._lock = threading.Lock()  # parallel rewards count failures from pool threads

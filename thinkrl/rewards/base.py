@@ -127,7 +127,11 @@ def load_user_reward(ref: str):
 
 
 def resolve(name: str):
-    """A registered reward by name, or a user reward ``file.py:function``."""
+    """A registered reward by name, a reward model ``rm:PATH``, or a user reward ``file.py:function``."""
+    if name.startswith("rm:"):
+        from thinkrl.rewards.learned import rm_at
+
+        return rm_at(name[len("rm:"):])
     if _USER.match(name):
         return load_user_reward(name)
     return REWARDS.get(name)

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from thinkrl.algorithms import (ADVANTAGE_WEIGHTED, ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, USES_VALUES,
-                                AdvantageInput, LossParams, MovingAverage, aggregate, kl_in_for, loss_agg_for)
+                                AdvantageInput, LossParams, MovingAverage, aggregate, kl_in_for, loss_agg_for,
+                                tis_weights)
 from thinkrl.config import Config, ConfigError, save_config
-from thinkrl.eval import evaluate, write_json
+from thinkrl.eval import eval_settings, evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
 from thinkrl.models import load_model
 from thinkrl.rewards import RewardModel
@@ -43,6 +44,8 @@ from thinkrl.rollout.fast import SUPPORTED as FAST_SUPPORTED, FastEngine
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
+from thinkrl.trainer.monitor import Monitor
+from thinkrl.trainer.tracking import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +249,19 @@ def advantage_inputs(p: Parts, mbs, N: int, T: int) -> dict:
     return out
 
 
+def behaviour_logps(ro, N: int, T: int) -> torch.Tensor | None:
+    """The rollout engine's log-probs of its sampled tokens as an [N, T] tensor, or None."""
+    if ro.logps is None:
+        return None
+    out = torch.zeros(N, T)
+    for i, lp in enumerate(ro.logps):
+        out[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return out
+
+
 def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: dict | None = None) -> dict:
-    """``num_iterations`` optimizer steps on one batch of rollouts (PPO-style reuse).
+    """``num_iterations`` passes over one batch of rollouts (PPO-style reuse), each split into
+    ``algo.mini_batches`` optimizer steps over whole groups.
 
     ``fixed`` may hold ``old_logp`` [N, T] already computed for the advantages."""
     cfg, a = p.cfg, p.cfg.algo
@@ -259,63 +273,95 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     # KL or entropy term or the loss itself needs it, it is skipped outright (the normalisers
     # below still count it, so the loss is unchanged).
     needs_all = kl_in_loss or a.entropy_coef > 0 or a.loss not in ADVANTAGE_WEIGHTED
-    groups = [g for g in range(N // G) if needs_all or bool(adv[g * G:(g + 1) * G].abs().sum() > 0)]
-    total_seqs, total_tokens = N, float(mask.sum())
-    mbs = split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, groups, G,
-                                      cfg.optim.micro_batch_size, p.tok.pad_token_id)
+    # group ids of each optimizer step (fewer steps if dynamic sampling kept fewer groups)
+    chunks = [c.tolist() for c in torch.arange(N // G).tensor_split(a.mini_batches) if len(c)]
+    steps = []  # (micro-batches, rows, tokens) of each mini-batch; rows and tokens count skipped groups
+    for chunk in chunks:
+        rows = [r for g in chunk for r in range(g * G, (g + 1) * G)]
+        trained = [g for g in chunk if needs_all or bool(adv[g * G:(g + 1) * G].abs().sum() > 0)]
+        steps.append((split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, trained, G,
+                                                  cfg.optim.micro_batch_size, p.tok.pad_token_id),
+                      len(rows), float(mask[rows].sum())))
+    all_mbs = [mb for mbs, _, _ in steps for mb in mbs]
     policy_loss = POLICY_LOSSES.get(a.loss)
     hp = LossParams(clip_low=a.clip_eps, clip_high=a.clip_eps_high if a.clip_eps_high is not None else a.clip_eps,
                     clip_c=a.clip_c, tau=a.tau)
     kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
 
-    # Log-probs that stay fixed during the update: the sampling policy's and the reference's.
+    # Log-probs that stay fixed during the update: the sampling policy's (pi_old, recomputed by
+    # the trainer before any step when a later step needs it), the engine's (pi_behaviour) and
+    # the reference's.
     old_logp = (fixed or {}).get("old_logp")
-    if old_logp is None and a.num_iterations > 1:
-        old_logp = _logps_of(p.model, mbs, N, T, p)
-    ref_logp = p.ref.logps(p, mbs, N, T) if kl_in_loss else None
+    if old_logp is None and (a.num_iterations > 1 or a.mini_batches > 1):
+        old_logp = _logps_of(p.model, all_mbs, N, T, p)
+    behaviour = behaviour_logps(ro, N, T)
+    if a.tis_cap is not None and behaviour is None:
+        raise ConfigError("algo.tis_cap needs the rollout engine's log-probs; this engine gives none "
+                          "(use rollout.backend=fast)")
+    ref_logp = p.ref.logps(p, all_mbs, N, T) if kl_in_loss else None
 
     sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    mismatch = {"sum": 0.0, "max": 0.0, "tokens": 0.0, "tis": 0.0}
     loss_metrics: dict[str, float] = {}
     p.model.train()
     for it in range(a.num_iterations):
-        p.optimizer.zero_grad(set_to_none=True)
         last = it == a.num_iterations - 1
-        for mb in mbs:
-            logp, ent = token_logps(p.model, mb, temperature=cfg.rollout.temperature, bf16=p.bf16,
-                                    with_entropy=last, entropy_grad=a.entropy_coef > 0)  # [b, T']
-            m = mb.mask  # [b, T']
-            Tm = m.shape[1]
-            mb_old = old_logp[mb.index, :Tm] if old_logp is not None else logp.detach()
-            tok_loss, lm = policy_loss(logp, mb_old, adv[mb.index, :Tm], m, hp)  # [b, T']
-            kl = None
-            if ref_logp is not None:
-                kl = kl_fn(logp, ref_logp[mb.index, :Tm])  # [b, T']
-                tok_loss = tok_loss + a.kl_coef * kl
-            if a.entropy_coef > 0:
-                tok_loss = tok_loss - a.entropy_coef * ent
-            loss = aggregate(tok_loss, m, agg, norm=float(cfg.rollout.max_new_tokens))
-            n_tok = float(m.sum())
-            weight = n_tok / total_tokens if agg == "token_mean" else m.shape[0] / total_seqs
-            (loss * weight).backward()
-            if last:
-                sums["loss"] += loss.item() * weight
-                sums["entropy"] += float((ent.detach() * m).sum())
-                sums["tokens"] += n_tok
-                for k, v in lm.items():
-                    loss_metrics[k] = loss_metrics.get(k, 0.0) + v * n_tok
-                if kl is not None:
-                    sums["kl"] += float((kl.detach() * m).sum())
-        gn = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.max_grad_norm)
-        sums["grad_norm"] = float(gn)
-        p.optimizer.step()
-        p.scheduler.step()
+        for mbs, step_rows, step_tokens in steps:
+            p.optimizer.zero_grad(set_to_none=True)
+            for mb in mbs:
+                logp, ent = token_logps(p.model, mb, temperature=cfg.rollout.temperature, bf16=p.bf16,
+                                        with_entropy=last, entropy_grad=a.entropy_coef > 0)  # [b, T']
+                m = mb.mask  # [b, T']
+                Tm = m.shape[1]
+                mb_old = old_logp[mb.index, :Tm] if old_logp is not None else logp.detach()
+                tok_loss, lm = policy_loss(logp, mb_old, adv[mb.index, :Tm], m, hp)  # [b, T']
+                if behaviour is not None:
+                    gap = (mb_old - behaviour[mb.index, :Tm]) * m  # log pi_old - log pi_behaviour
+                    if a.tis_cap is not None:
+                        w = tis_weights(mb_old, behaviour[mb.index, :Tm], a.tis_cap)
+                        tok_loss = tok_loss * w
+                    if it == 0:
+                        mismatch["sum"] += float(gap.abs().sum())
+                        mismatch["max"] = max(mismatch["max"], float(gap.abs().max()))
+                        mismatch["tokens"] += float(m.sum())
+                        if a.tis_cap is not None:
+                            mismatch["tis"] += float((w * m).sum())
+                kl = None
+                if ref_logp is not None:
+                    kl = kl_fn(logp, ref_logp[mb.index, :Tm])  # [b, T']
+                    tok_loss = tok_loss + a.kl_coef * kl
+                if a.entropy_coef > 0:
+                    tok_loss = tok_loss - a.entropy_coef * ent
+                loss = aggregate(tok_loss, m, agg, norm=float(cfg.rollout.max_new_tokens))
+                n_tok = float(m.sum())
+                weight = n_tok / step_tokens if agg == "token_mean" else m.shape[0] / step_rows
+                (loss * weight).backward()
+                if last:
+                    # the loss over the whole batch: each mini-batch's share of it
+                    share = step_tokens / float(mask.sum()) if agg == "token_mean" else step_rows / N
+                    sums["loss"] += loss.item() * weight * share
+                    sums["entropy"] += float((ent.detach() * m).sum())
+                    sums["tokens"] += n_tok
+                    for k, v in lm.items():
+                        loss_metrics[k] = loss_metrics.get(k, 0.0) + v * n_tok
+                    if kl is not None:
+                        sums["kl"] += float((kl.detach() * m).sum())
+            gn = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.max_grad_norm)
+            sums["grad_norm"] = float(gn)
+            p.optimizer.step()
+            p.scheduler.step()
     n = max(sums["tokens"], 1.0)
     out = {"loss": sums["loss"], "grad_norm": sums["grad_norm"], "clip_frac": 0.0,
            **{k: v / n for k, v in loss_metrics.items()},
-           "entropy": sums["entropy"] / n if mbs else float("nan"), "trained_seqs": sum(int(mb.mask.shape[0])
-                                                                                       for mb in mbs)}
+           "entropy": sums["entropy"] / n if all_mbs else float("nan"),
+           "trained_seqs": sum(int(mb.mask.shape[0]) for mb in all_mbs), "optimizer_steps": a.num_iterations * len(steps)}
     if kl_in_loss:
         out["kl"] = sums["kl"] / n
+    if mismatch["tokens"]:
+        out["logp_mismatch_mean"] = mismatch["sum"] / mismatch["tokens"]
+        out["logp_mismatch_max"] = mismatch["max"]
+        if a.tis_cap is not None:
+            out["tis_weight_mean"] = mismatch["tis"] / mismatch["tokens"]
     return out
 
 
@@ -327,6 +373,7 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     """Build the policy, reference, engine, optimizer and the rest; ``resume_from`` is a
     step checkpoint whose weights the policy starts from (its trainer state is loaded by
     the caller)."""
+    device.resolve_device(cfg.device)
     tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -348,7 +395,7 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     trainable = [q for q in model.parameters() if q.requires_grad]  # with LoRA: the adapters only
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay, fused=True)  # one pass per tensor, ~8x faster on CPU
-    total = cfg.max_steps * cfg.algo.num_iterations
+    total = cfg.max_steps * cfg.algo.num_iterations * cfg.algo.mini_batches  # optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     critic = Critic.from_config(cfg, bf16) if cfg.algo.advantage in USES_VALUES else None
     baseline = MovingAverage(cfg.algo.baseline_decay) if cfg.algo.baseline_decay is not None else None
@@ -379,9 +426,14 @@ def load_policy(cfg: Config, resume_from: Path | None = None):
 
 
 def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
+    """Held-out evaluation with every ``eval.*`` setting, as ``thinkrl eval`` runs it."""
     cfg = p.cfg
-    res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task,
-                   max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    rollout_batch = p.engine.batch_size
+    p.engine.batch_size = cfg.eval.batch_size
+    try:
+        res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
+    finally:
+        p.engine.batch_size = rollout_batch
     summary = {"step": step, "label": label, **res["summary"]}
     write_json(out / f"eval_{label}.json", {"summary": summary, "records": res["records"]})
     JsonlWriter(out / "evals.jsonl").write(summary)
@@ -437,13 +489,19 @@ def train(cfg: Config) -> dict:
             p.critic.save(critic_path(out, path.name), with_optimizer=path.name != "final")
         ckpt.save_checkpoint(path, p.model, p.tok, state)
 
+    trackers = Trackers(cfg.log.backends, out, cfg.log.project, cfg.to_dict(), out.name)
+    monitor = Monitor(cfg.monitor.gold, cfg.monitor.proxy, cfg.monitor.window)
+    for m in read_jsonl(out / "metrics.jsonl") if monitor.active else []:  # a resumed run's history
+        monitor.update(m)
     bar = _progress(cfg, start)
     step = start
     t_start = time.monotonic()  # max_minutes counts the training loop of this process
     try:
         for step in range(start + 1, cfg.max_steps + 1):
             metrics, samples = rl_step(p, step)
+            stop_reason = monitor.update(metrics)
             metrics_log.write(metrics)
+            trackers.log(metrics, step)
             for s in samples:
                 samples_log.write(s)
             bar.update(1)
@@ -458,6 +516,9 @@ def train(cfg: Config) -> dict:
             if cfg.max_minutes and time.monotonic() - t_start >= 60 * cfg.max_minutes:
                 log.info("max_minutes=%g reached after step %d of %d: stopping", cfg.max_minutes, step, cfg.max_steps)
                 break
+            if stop_reason:
+                log.warning("stopping after step %d: %s", step, stop_reason)
+                break
     except KeyboardInterrupt:
         bar.close()
         done = step - 1
@@ -465,6 +526,8 @@ def train(cfg: Config) -> dict:
             save(done, out / "checkpoints" / f"step-{done}")
             log.warning("interrupted: saved checkpoints/step-%d; continue with resume=true", done)
         raise
+    finally:
+        trackers.close()
     bar.close()
     results["train_minutes"] = (time.monotonic() - t_start) / 60
     log.info("training loop: steps %d-%d in %.2f min", start + 1, step, results["train_minutes"])

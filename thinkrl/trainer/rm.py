@@ -1,0 +1,166 @@
+"""Bradley-Terry reward models: a scalar head on a causal LM, trained on preference pairs.
+
+The pairs are the rows ``thinkrl dpo`` reads (``prompt``, ``chosen``, ``rejected``). The model
+is a Hugging Face sequence-classification model with one label. Its backbone starts from the
+causal LM's weights. Its head ``score`` (hidden -> 1, no bias) is new, and reads the hidden
+state of the *last token* of prompt + response. The loss is the Bradley-Terry negative
+log-likelihood (Bradley and Terry 1952; Ouyang et al. 2022, eq. 1), optionally with a margin:
+
+    loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - margin)
+
+A seeded held-out share of the pairs gives the pair accuracy: the fraction scored in the right
+order. The output folder (``final/``) is an ordinary ``AutoModelForSequenceClassification``
+folder with its tokenizer, plus ``thinkrl_rm.json`` (the chat-template settings the prompts
+were rendered with and the held-out accuracy), which the ``rm:PATH`` reward reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from thinkrl.config import TaskConfig
+from thinkrl.data import read_rows
+from thinkrl.models import load_model
+from thinkrl.rollout import autocast
+from thinkrl.trainer.common import bucketed_steps, make_optimizer, need, optimizer_step
+from thinkrl.trainer.dpo import Pair, encode_pairs
+from thinkrl.trainer.logs import JsonlWriter
+
+log = logging.getLogger(__name__)
+RM_FILE = "thinkrl_rm.json"
+
+
+@dataclass
+class RMConfig:
+    model: str = "smollm2-135m"
+    data: str = ""  # JSONL of prompt/chosen/rejected rows (the format of thinkrl dpo)
+    output_dir: str = "runs/rm"
+    margin: float = 0.0  # Bradley-Terry with a margin: chosen must beat rejected by this much
+    eval_fraction: float = 0.1  # seeded share of the pairs held out for pair accuracy
+    epochs: int = 1
+    max_steps: int = 0  # 0: as many as the epochs take
+    batch_size: int = 8  # pairs per step
+    max_len: int = 512
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    progress: bool = True
+    task: TaskConfig = field(default_factory=TaskConfig)  # renders the prompts
+
+    def validate(self) -> None:
+        need(bool(self.data), "rm needs data=PATH (a JSONL file of prompt/chosen/rejected rows)")
+        need(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
+        need(self.margin >= 0, "margin must be >= 0")
+        need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
+        need(self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0")
+        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean of -log sigmoid(r_chosen - r_rejected - margin) over the pairs ([B] each)."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+def reward_model_from(causal_lm):
+    """A one-label sequence-classification model whose backbone is ``causal_lm``'s (copied)."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = causal_lm.config
+    cfg.num_labels = 1
+    cfg.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    rm = AutoModelForSequenceClassification.from_config(cfg)
+    getattr(rm, rm.base_model_prefix).load_state_dict(getattr(causal_lm, causal_lm.base_model_prefix).state_dict())
+    return rm
+
+
+def scores(rm, seqs: list[list[int]], pad_id: int, bf16: bool = False) -> torch.Tensor:
+    """r for each token sequence: the head on the hidden state of its last token, [B]. Right
+    padding and an explicit gather make a batch equal to its rows scored one by one."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])  # [B, L]
+    attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])  # [B, L]
+    last = torch.tensor([len(s) - 1 for s in seqs])  # [B]
+    with autocast(bf16):
+        hidden = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, L, H]
+        h = hidden[torch.arange(len(seqs)), last]  # [B, H]
+        return rm.score(h).float().squeeze(-1)  # [B]
+
+
+def pair_scores(rm, pairs: list[Pair], pad_id: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    r = scores(rm, seqs, pad_id, bf16)
+    return r[: len(pairs)], r[len(pairs):]
+
+
+@torch.no_grad()
+def pair_accuracy(rm, pairs: list[Pair], pad_id: int, bf16: bool, batch_size: int = 16) -> float:
+    """Share of pairs whose chosen response scores above the rejected one."""
+    if not pairs:
+        return float("nan")
+    rm.eval()
+    right = 0
+    for s in range(0, len(pairs), batch_size):
+        c, r = pair_scores(rm, pairs[s: s + batch_size], pad_id, bf16)
+        right += int((c > r).sum())
+    return right / len(pairs)
+
+
+def split_pairs(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(fraction * len(pairs)))
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+
+
+def train_rm(cfg: RMConfig) -> Path:
+    from thinkrl.device import use_bf16
+    from thinkrl.trainer.rl import seed_everything
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    bf16 = use_bf16(cfg.dtype)
+    rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
+    causal, tok = load_model(cfg.model)
+    pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
+    train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    need(len(train_pairs) > 0, "no pairs left to train on after holding out eval_fraction")
+    rm = reward_model_from(causal)
+    del causal
+    pad = tok.pad_token_id
+    before = pair_accuracy(rm, eval_pairs, pad, bf16)
+    lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train_pairs]
+    total = cfg.max_steps or -(-len(train_pairs) // cfg.batch_size) * cfg.epochs
+    opt, sched = make_optimizer(rm, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total)
+    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=0)
+    for step, _, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
+        rm.train()
+        c, r = pair_scores(rm, [train_pairs[i] for i in idx], pad, bf16)  # [b], [b]
+        loss = bradley_terry_loss(c, r, cfg.margin)
+        gn = optimizer_step(rm, opt, sched, loss, cfg.max_grad_norm)
+        metrics_log.write({"step": step, "loss": float(loss.detach()), "grad_norm": gn,
+                           "train_pair_accuracy": float((c > r).float().mean()),
+                           "margin_mean": float((c - r).mean().detach())})
+        if cfg.progress and (step % 10 == 0 or step == total):
+            log.info("rm step %d/%d loss %.4f", step, total, float(loss.detach()))
+    after = pair_accuracy(rm, eval_pairs, pad, bf16)
+    log.info("held-out pair accuracy (%d pairs): %.3f before training, %.3f after", len(eval_pairs), before, after)
+    final = out / "final"
+    rm.save_pretrained(final)
+    tok.save_pretrained(final)
+    meta = {"task": asdict(cfg.task), "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs),
+            "pair_accuracy_before": before, "pair_accuracy": after, "margin": cfg.margin,
+            "head": "score: Linear(hidden, 1, bias=False) on the last token's final hidden state"}
+    (final / RM_FILE).write_text(json.dumps(meta, indent=2))
+    return final
