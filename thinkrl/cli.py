@@ -1,7 +1,8 @@
 """The ``thinkrl`` command: parse, build, run.
 
     thinkrl train [CONFIG.yaml] [key=value ...]
-    thinkrl eval  [CONFIG.yaml] model=PATH[,PATH...] [task=NAME] [n=N] [k=SAMPLES] [output=FILE] [key=value ...]
+    thinkrl eval  [CONFIG.yaml] model=PATH[,PATH...] [task=NAME] [n=N] [k=SAMPLES] [output=FILE]
+                  [thinking_budget=B1,B2,...] [key=value ...]
     thinkrl sft    [CONFIG.yaml] model=NAME data=FILE.jsonl output_dir=DIR [key=value ...]
     thinkrl sample [CONFIG.yaml] model=NAME output=FILE.jsonl [mode=all|shortest|pairs] [n=N] [key=value ...]
     thinkrl dpo    [CONFIG.yaml] model=NAME data=FILE.jsonl [loss=dpo|ln_dpo|simpo] [key=value ...]
@@ -89,6 +90,7 @@ def _model_args(items: list[str], short: dict) -> tuple[list[str], str | None, l
 def cmd_eval(args: list[str]) -> int:
     from thinkrl.config import build_config
     from thinkrl.eval import eval_settings, evaluate, format_table, write_json
+    from thinkrl.eval.budget import parse_budgets
     from thinkrl.models import load_model
     from thinkrl.rollout import build_engine
     from thinkrl.tasks import build_task
@@ -97,6 +99,10 @@ def cmd_eval(args: list[str]) -> int:
     from thinkrl.device import use_bf16
 
     config, items = _split(args)
+    budgets = None  # thinking_budget=32,64,...: one evaluation per budget
+    for item in [i for i in items if i.startswith("thinking_budget=")]:
+        budgets = parse_budgets(item.split("=", 1)[1])
+        items.remove(item)
     models, output, overrides = _model_args(items, {"task": "task.name", "n": "eval.n", "k": "eval.samples"})
     if not models:
         raise ConfigError("thinkrl eval needs model=PATH (a built-in name, an HF folder or a .gguf file)")
@@ -107,21 +113,40 @@ def cmd_eval(args: list[str]) -> int:
     bf16 = use_bf16(cfg.dtype)
     settings = eval_settings(cfg)
     k, temperature = settings["samples"], settings["temperature"]
-    rows, results = [], {}
+    runs = []  # (model, its result, or its results per budget); a model may be listed twice
     for name in models:
         model, tok = load_model(name)
         drop_long_prompts(task, tok, cfg.task)
         engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, bf16=bf16)
-        res = evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings)
-        rows.append((name, res["summary"]))
-        results[name] = res
+
+        def run(budget: int | None) -> dict:
+            return evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings, thinking_budget=budget)
+
+        runs.append((name, {b: run(b) for b in budgets} if budgets else run(None)))
     how = "greedy" if temperature == 0 else f"{k} samples at temperature {temperature:g}"
     print(f"task: {cfg.task.name}  (held-out, {how})")
-    print(format_table(rows))
-    output = output or "eval_results.json"
-    write_json(Path(output), {"task": cfg.task.name, "samples": k, "temperature": temperature, "results": results})
+    output = Path(output or "eval_results.json")
+    head = {"task": cfg.task.name, "samples": k, "temperature": temperature}
+    if budgets:
+        _report_budgets(runs, budgets, output, head)
+    else:
+        print(format_table([(name, res["summary"]) for name, res in runs]))
+        write_json(output, {**head, "results": dict(runs)})
     print(f"wrote {output}")
     return 0
+
+
+def _report_budgets(runs: list[tuple[str, dict[int, dict]]], budgets: list[int], output: Path, head: dict) -> None:
+    """Print and save an eval over thinking budgets: the accuracy / length table, the JSON
+    (results per model, then per budget) and ``budget_curve.png`` beside it."""
+    from thinkrl.eval import write_json
+    from thinkrl.eval.budget import format_budget_table, plot_budget_curve
+
+    curves = [(name, {b: res["summary"] for b, res in by_budget.items()}) for name, by_budget in runs]
+    print(format_budget_table(curves))
+    write_json(output, {**head, "thinking_budgets": budgets,
+                        "results": {name: {str(b): res for b, res in by_budget.items()} for name, by_budget in runs}})
+    print(f"wrote {plot_budget_curve(curves, output.parent / 'budget_curve.png')}")
 
 
 def cmd_sft(args: list[str]) -> int:

@@ -70,3 +70,27 @@ def test_folder_without_config_and_non_gguf_file(tmp_path):
 def test_unknown_hub_id_raises_model_error_offline():
     with pytest.raises(ModelError, match="not a built-in name .*could not be fetched"):
         load_model("nobody-xyz/does-not-exist-xyz")
+
+
+def test_tiny_qwen3_has_think_tokens_and_the_enable_thinking_template(tmp_path):
+    from thinkrl.models import build_tiny_model
+
+    build_tiny_model(tmp_path, "qwen3")
+    model, tok = load_model(str(tmp_path))
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.head_dim == 32
+    # <think> and </think> are added after the 259 byte and special tokens, one id each, kept by decode
+    ids = tok("<think>x</think>", add_special_tokens=False).input_ids
+    assert len(tok) == 261 and ids[0] == 259 and ids[2] == 260 and len(ids) == 3
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>x</think>"
+    msgs = [{"role": "user", "content": "Hi"}]
+    on = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    off = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert on == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert off == on + "<think>\n\n</think>\n\n"
+
+
+def test_unknown_tiny_family_is_a_model_error(tmp_path):
+    from thinkrl.models import build_tiny_model
+
+    with pytest.raises(ModelError, match="tiny model family 'gpt9' unknown"):
+        build_tiny_model(tmp_path, "gpt9")

@@ -63,3 +63,20 @@ def test_without_dynamic_sampling_every_group_is_kept():
     s = Script(TABLE)
     kept, seen, stats = collect_groups(s.draw, s.run, 3, dynamic=False, max_rounds=3)
     assert kept is seen and kept.examples == [0, 1, 2] and stats == {}
+
+
+def test_forced_token_masks_follow_their_rows():
+    """A thinking budget's forced-token masks (Rollout.forced) stay with their completions when
+    groups are selected and concatenated."""
+    s = Script(TABLE)
+    run = s.run
+
+    def run_with_masks(ids):
+        g = run(ids)
+        g.ro.forced = [[i == 3, j == 1] for i in ids for j in range(G)]  # prompt 3 and sample 1 marked
+        return g
+
+    kept, _, _ = collect_groups(s.draw, run_with_masks, 3, dynamic=True, max_rounds=3)
+    assert kept.examples == [1, 3, 6]
+    assert kept.ro.forced == [[False, False], [False, True], [True, False], [True, True],
+                              [False, False], [False, True]]

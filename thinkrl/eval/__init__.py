@@ -28,19 +28,22 @@ def eval_settings(cfg) -> dict:
 
 def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskConfig, *,
              max_new_tokens: int, temperature: float = 0.0, samples: int = 1,
-             reflection_words=REFLECTION_WORDS) -> dict:
+             reflection_words=REFLECTION_WORDS, thinking_budget: int | None = None) -> dict:
     """Score ``samples`` completions per held-out example (one greedy one by default).
 
     ``accuracy`` is pass@1 averaged over the samples; with samples = k > 1 the summary also
-    has the unbiased ``pass@k`` and ``maj@k`` (see :mod:`thinkrl.eval.metrics`).
+    has the unbiased ``pass@k`` and ``maj@k`` (see :mod:`thinkrl.eval.metrics`). With a
+    ``thinking_budget`` the engine caps each response's thinking at that many tokens
+    (:mod:`thinkrl.rollout.thinking`) and the summary adds ``forced_rate``, the share of
+    responses whose thinking the budget cut short.
     """
     if not examples:
         raise ConfigError("no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)")
     k = samples
     rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
     t0 = time.perf_counter()
-    ro = engine.generate([r[0] for r in rendered], k, SamplingParams(max_new_tokens=max_new_tokens,
-                                                                     temperature=temperature))
+    ro = engine.generate([r[0] for r in rendered], k, SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, thinking_budget=thinking_budget))
     seconds = time.perf_counter() - t0
     texts = [rendered[i // k][1] + t for i, t in enumerate(ro.texts)]  # [n * k]
     _, parts = RewardModel({"accuracy": 1.0, "format": 1.0}).score(texts, [ex for ex in examples for _ in range(k)])
@@ -58,6 +61,9 @@ def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskC
         **reflection_stats(texts, reflection_words),
         "seconds": round(seconds, 2),
     }
+    if thinking_budget is not None:
+        summary["thinking_budget"] = thinking_budget
+        summary["forced_rate"] = sum(any(f) for f in ro.forced or []) / (n * k)
     records = []
     maj_hits = 0
     for q, ex in enumerate(examples):

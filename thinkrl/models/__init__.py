@@ -93,10 +93,20 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
     "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Qwen3's convention on top of ChatML: with enable_thinking=False the generation prompt carries
+# an empty thinking block, so the model answers directly (Qwen3 technical report, "thinking
+# mode fusion"). The real template also strips earlier turns' thinking; tests do not need that.
+QWEN3_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}")
 
 
-def build_tiny_tokenizer():
-    """A byte-level tokenizer (256 byte tokens + 3 specials) with a ChatML chat template."""
+def build_tiny_tokenizer(added: tuple[str, ...] = (), template: str = CHATML_TEMPLATE):
+    """A byte-level tokenizer (256 byte tokens + 3 specials) with a ChatML chat template.
+
+    ``added``: plain (not special) tokens after those, such as Qwen3's ``<think>`` and
+    ``</think>``, each then one id that decoding keeps."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -111,25 +121,43 @@ def build_tiny_tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": specials})
-    tok.chat_template = CHATML_TEMPLATE
+    if added:
+        tok.add_tokens(list(added))
+    tok.chat_template = template
     return tok
 
 
-def _build_tiny(dst: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_tiny_model(dst: Path, arch: str = "llama", **overrides) -> None:
+    """Write a tiny random model of family ``arch`` (llama | qwen2 | qwen3) and its tokenizer
+    to ``dst``, initialised from seed 0: 2 layers, hidden size 64, 4 query heads over 2
+    key/value heads. ``overrides`` go to the config (e.g. ``use_sliding_window=True``).
 
-    tok = build_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    gen = torch.random.fork_rng()
-    with gen:
+    qwen2 keeps its config's untied output head and biases on q/k/v; qwen3 gets head_dim 32
+    (not hidden / heads = 16, as in the real Qwen3 models), its per-head q/k norms, a
+    ``<think>``/``</think>`` pair of added tokens and the enable_thinking chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    families = {"llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
+                "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+                "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32, "tie_word_embeddings": True})}
+    if arch not in families:
+        raise ModelError(f"tiny model family '{arch}' unknown; choose from: {', '.join(families)}")
+    config_cls, model_cls, extra = families[arch]
+    tok = build_tiny_tokenizer(("<think>", "</think>"), QWEN3_TEMPLATE) if arch == "qwen3" else build_tiny_tokenizer()
+    config = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, **{**extra, **overrides})
+    with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = model_cls(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(dst)
     tok.save_pretrained(dst)
+
+
+def _build_tiny(dst: Path) -> None:
+    build_tiny_model(dst, "llama")
 
 
 def resolve(name: str) -> Path | str:

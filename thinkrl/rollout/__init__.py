@@ -7,11 +7,14 @@ with the ``n`` samples of one prompt next to each other in the output.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,6 +24,15 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     min_new_tokens: int = 0  # end-of-sequence tokens are banned before this many new tokens
+    # At most this many tokens inside <think> ... </think>; then the closing phrase is forced
+    # (thinkrl/rollout/thinking.py). None: no cap.
+    thinking_budget: int | None = None
+
+    def __post_init__(self):
+        if self.thinking_budget is not None:
+            from thinkrl.rollout.thinking import check_budget
+
+            check_budget(self.thinking_budget)
 
 
 @dataclass
@@ -30,6 +42,9 @@ class Rollout:
     texts: list[str]  # decoded completions without special tokens
     truncated: list[bool]  # hit max_new_tokens before EOS
     logps: list[list[float]] | None = None  # sampled tokens' log-probs, where the engine gives them
+    # With a thinking budget: per completion token, True where the engine forced it (the
+    # closing phrase) instead of sampling it; None without a budget.
+    forced: list[list[bool]] | None = None
 
 
 class Engine(Protocol):
@@ -49,29 +64,46 @@ class HFEngine:
     def __init__(self, model, tokenizer, *, batch_size: int = 64, bf16: bool = False):
         self.model, self.tok, self.batch_size, self.bf16 = model, tokenizer, batch_size, bf16
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
+        self._closing: list[int] | None = None  # the thinking budget's closing phrase, tokenized once
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> Rollout:
         tok = self.tok
         prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
         flat = [ids for ids in prompt_ids for _ in range(n)]  # [N] with N = len(prompts) * n
-        out_ids: list[list[int]] = []
+        flat_text = [p for p in prompts for _ in range(n)]
+        completions, truncated, forced = [], [], []
         was_training = self.model.training
         self.model.eval()
         try:
             for s in range(0, len(flat), self.batch_size):
-                out_ids += self._generate_batch(flat[s: s + self.batch_size], params)
+                batch = flat[s: s + self.batch_size]
+                budget = self._budget(flat_text[s: s + self.batch_size], batch, params)
+                for ids in self._generate_batch(batch, params, budget):
+                    cut = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+                    completions.append(ids if cut is None else ids[: cut + 1])
+                    truncated.append(cut is None)
+                if budget is not None:
+                    forced += budget.finish(completions[s:])
         finally:
             self.model.train(was_training)
-        completions, truncated = [], []
-        for ids in out_ids:
-            cut = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
-            completions.append(ids if cut is None else ids[: cut + 1])
-            truncated.append(cut is None)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
-        return Rollout(prompt_ids=flat, completion_ids=completions, texts=texts, truncated=truncated)
+        return Rollout(prompt_ids=flat, completion_ids=completions, texts=texts, truncated=truncated,
+                       forced=forced if params.thinking_budget is not None else None)
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    def _budget(self, prompts: list[str], batch: list[list[int]], params: SamplingParams):
+        """A logits processor that enforces ``params.thinking_budget`` on a batch (the prompts'
+        text and ids), or None without a budget."""
+        if params.thinking_budget is None:
+            return None
+        from thinkrl.rollout.thinking import BudgetLogitsProcessor, BudgetTracker, closing_ids
+
+        if self._closing is None:
+            self._closing = closing_ids(self.tok)
+        tracker = BudgetTracker(self.tok, params.thinking_budget, prompts, self._closing)
+        return BudgetLogitsProcessor(tracker, max(len(x) for x in batch))
+
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams, budget=None) -> list[list[int]]:
         pad = self.tok.pad_token_id
         width = max(len(x) for x in batch)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])  # [b, P], left-padded
@@ -83,6 +115,8 @@ class HFEngine:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if budget is not None:
+            kwargs["logits_processor"] = [budget]
         with autocast(self.bf16):
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)  # [b, P + T]
         return out[:, width:].tolist()
@@ -110,12 +144,19 @@ def _as_list(x) -> list:
 
 
 def build_engine(name: str, model, tokenizer, *, batch_size: int, bf16: bool) -> Engine:
+    """The engine ``rollout.backend=name`` asks for. ``fast`` runs only the decoder layouts it
+    implements exactly; for any other model it falls back to ``hf`` (same outputs, slower)
+    with one log line saying why, so that a new model type never stops a run."""
+    if name == "fast":
+        from thinkrl.rollout.fast import FastEngine, unsupported
+
+        why = unsupported(model.config)
+        if why is None:
+            return FastEngine(model, tokenizer, batch_size=batch_size, bf16=bf16)
+        log.warning("rollout.backend=fast cannot run this model (%s); using the hf backend", why)
+        name = "hf"
     if name == "hf":
         return HFEngine(model, tokenizer, batch_size=batch_size, bf16=bf16)
-    if name == "fast":
-        from thinkrl.rollout.fast import FastEngine
-
-        return FastEngine(model, tokenizer, batch_size=batch_size, bf16=bf16)
     from thinkrl.config import ConfigError
 
     raise ConfigError(f"rollout.backend '{name}' unknown; choose from: fast, hf")

@@ -1,4 +1,4 @@
-"""thinkrl's own generation engine for Llama-family models on CPU.
+"""thinkrl's own generation engine for Llama- and Qwen-family models on CPU.
 
 Why not ``generate``: on a small model, HF ``generate`` spends most of its time
 outside the matmuls (cache objects, logits processors, mask building per step),
@@ -23,8 +23,11 @@ and under bf16 autocast it re-casts every weight at every step. This engine:
   pass and a two-level inverse-CDF search) and returns each sampled token's
   log-prob under the temperature-scaled distribution (what the trainer uses).
 
-Supported: ``llama``, ``mistral`` and ``qwen2`` decoder layouts (RMSNorm, RoPE,
-GQA attention, SwiGLU MLP).
+Supported: ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` decoder layouts (RMSNorm,
+RoPE, GQA attention, SwiGLU MLP; Qwen2's biases on the query/key/value projections; Qwen3's
+RMSNorm of every query and key head before RoPE). :func:`unsupported` says why a model falls
+outside that (another layout, RoPE scaling, a sliding window, ...); ``build_engine`` then uses
+the ``hf`` engine instead.
 """
 
 from __future__ import annotations
@@ -39,8 +42,52 @@ from thinkrl import device
 from thinkrl.perf import tune_allocator
 from thinkrl.rollout import Rollout, SamplingParams, shared_prefix_len
 from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
+from thinkrl.rollout.thinking import BudgetTracker, closing_ids, forced_logps
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported(config) -> str | None:
+    """Why this engine cannot reproduce the model of ``config`` exactly, or None if it can.
+
+    The engine computes one decoder layout: pre-norm RMSNorm, rotary embeddings without
+    scaling, full causal attention with grouped key/value heads, a SiLU-gated MLP; biases only
+    on the query/key/value projections (Qwen2), and optionally an RMSNorm per query and key
+    head (Qwen3). Anything else would silently change the model's distribution, so it is
+    reported here instead of approximated."""
+    kind = config.model_type
+    if kind not in SUPPORTED:
+        return f"model type '{kind}' (supported: {', '.join(SUPPORTED)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation '{config.hidden_act}' (supported: silu)"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") not in ("default", None):
+        return f"RoPE scaling '{rope['rope_type']}'"
+    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        return "partial rotary embeddings"
+    if getattr(config, "attention_bias", False) and kind != "qwen2":
+        return "a bias on the attention output projection"  # attention_bias biases o_proj too
+    if getattr(config, "mlp_bias", False):
+        return "biases in the MLP"
+    window = _sliding_window(config)
+    if window:
+        return f"sliding-window attention ({window} tokens)"
+    return None
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window of ``config`` where one can cut attention short, else None.
+
+    Qwen2/3 name a window per layer (``layer_types``; off unless ``use_sliding_window``);
+    Mistral applies ``sliding_window`` to every layer, which changes nothing for sequences no
+    longer than it, so a window as long as ``max_position_embeddings`` does not count."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in types):
+        return window or -1
+    if config.model_type == "mistral" and window and window < getattr(config, "max_position_embeddings", 0):
+        return window
+    return None
 
 
 @dataclass
@@ -52,6 +99,7 @@ class _Layer:
     ln_post: Tensor  # [H] fp32
     wgu: Tensor  # [2 I, H]
     wd: Tensor  # [H, I]
+    qk_norm: Tensor | None = None  # [nh + nkv, hd] fp32: Qwen3's q_norm weight per query head, then k_norm per key head
     packed: dict | None = None  # the same four weights prepacked for the GEMM library (see _prepack)
 
 
@@ -254,11 +302,11 @@ class FastEngine:
         """``prepack`` and ``kernel``: None follows the device plan (``thinkrl/device.py``);
         False turns the fast path off; True asks for it where the plan says it runs."""
         cfg = model.config
-        if cfg.model_type not in SUPPORTED:
+        why = unsupported(cfg)
+        if why is not None:
             from thinkrl.config import ConfigError
 
-            raise ConfigError(f"rollout.backend=fast supports {', '.join(SUPPORTED)} models, not "
-                              f"'{cfg.model_type}'; use rollout.backend=hf")
+            raise ConfigError(f"rollout.backend=fast cannot run this model: {why}; use rollout.backend=hf")
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         tune_allocator()  # each decode step allocates and frees MB-sized logits: reuse, no page faults
         self.dtype = torch.bfloat16 if bf16 else torch.float32
@@ -272,6 +320,7 @@ class FastEngine:
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos} - {None})
         self._rope_inv_freq = self._inv_freq(cfg)
         self._version = None
+        self._closing: list[int] | None = None  # the thinking budget's closing phrase, tokenized once
         self.packer = device.packer(self.dtype, batch_size, prepack)
         self.head_packed = None
         # decode attention in C (bf16 caches, head dims of 16k) where it builds and agrees with the torch path
@@ -282,12 +331,7 @@ class FastEngine:
 
     def _inv_freq(self, cfg) -> Tensor:
         rope = getattr(cfg, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        kind = rope.get("rope_type", "default")
-        if kind not in ("default", None):
-            from thinkrl.config import ConfigError
-
-            raise ConfigError(f"rollout.backend=fast: RoPE scaling '{kind}' is not implemented; use backend=hf")
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))  # scaling was refused by unsupported()
         return 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
 
     def freeze(self) -> FastEngine:
@@ -320,8 +364,17 @@ class FastEngine:
                 self.layers.append(_Layer(
                     ln_in=layer.input_layernorm.weight.detach().float(), wqkv=wqkv, bqkv=b,
                     wo=W(at.o_proj).to(dt), ln_post=layer.post_attention_layernorm.weight.detach().float(),
-                    wgu=torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]).to(dt), wd=W(mlp.down_proj).to(dt)))
+                    wgu=torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]).to(dt), wd=W(mlp.down_proj).to(dt),
+                    qk_norm=self._qk_norm(at)))
             self._prepack()
+
+    def _qk_norm(self, attn) -> Tensor | None:
+        """Qwen3's per-head norms as one weight [nh + nkv, hd] fp32, laid out like the fused
+        query+key heads of a decode step, so one RMSNorm covers both; None without them."""
+        if not hasattr(attn, "q_norm"):
+            return None
+        q, k = attn.q_norm.weight.detach().float(), attn.k_norm.weight.detach().float()  # [hd] each
+        return torch.cat([q.expand(self.nh, self.hd), k.expand(self.nkv, self.hd)])
 
     @property
     def prepack(self) -> bool:
@@ -388,8 +441,11 @@ class FastEngine:
             P = L.packed or {}
             qkv = self._linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, s, (nh + 2 nkv) hd]
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], -1)
-            q = self._rotate(q.view(b, s, nh, hd).transpose(1, 2), cos, sin)  # [b, nh, s, hd]
-            k = self._rotate(k.view(b, s, nkv, hd).transpose(1, 2), cos, sin)  # [b, nkv, s, hd]
+            q, k = q.view(b, s, nh, hd), k.view(b, s, nkv, hd)
+            if L.qk_norm is not None:  # Qwen3: RMSNorm over each head's hd dims, before RoPE
+                q, k = _rms(q, L.qk_norm[:nh], self.eps).to(dt), _rms(k, L.qk_norm[nh:], self.eps).to(dt)
+            q = self._rotate(q.transpose(1, 2), cos, sin)  # [b, nh, s, hd]
+            k = self._rotate(k.transpose(1, 2), cos, sin)  # [b, nkv, s, hd]
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v.view(b, s, nkv, hd).transpose(1, 2)
             a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
@@ -427,6 +483,8 @@ class FastEngine:
             h = F.rms_norm(x, (H,), L.ln_in, self.eps).to(dt)
             qkv = self._linear(h, L.wqkv, P.get("wqkv"), L.bqkv)  # [b, (nh + 2 nkv) hd]
             qk = qkv[:, : (nh + nkv) * hd].view(b, nh + nkv, hd)
+            if L.qk_norm is not None:  # Qwen3: every query and key head RMS-normed before RoPE
+                qk = _rms(qk, L.qk_norm, self.eps).to(dt)
             qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # RoPE on query and key heads at once
             if st.kernel is not None:
                 flat = qk.view(b, (nh + nkv) * hd)
@@ -533,14 +591,26 @@ class FastEngine:
         per_chunk = max(1, self.batch_size // n)  # prompts per chunk, so a chunk holds ~batch_size rows
         comps: list[list[int]] = []
         logps: list[list[float]] = []
+        forced: list[list[bool]] = []
         for s in range(0, len(ids), per_chunk):
-            c, lp = self._generate_chunk(ids[s: s + per_chunk], n, params)
+            budget = self._budget([p for p in prompts[s: s + per_chunk] for _ in range(n)], params)
+            c, lp = self._generate_chunk(ids[s: s + per_chunk], n, params, budget)
             comps += c
             logps += lp
+            forced += budget.forced if budget is not None else []
         flat = [x for x in ids for _ in range(n)]
         truncated = [not (c and c[-1] in self.eos_ids) for c in comps]
         texts = self.tok.batch_decode(comps, skip_special_tokens=True)
-        return Rollout(prompt_ids=flat, completion_ids=comps, texts=texts, truncated=truncated, logps=logps)
+        return Rollout(prompt_ids=flat, completion_ids=comps, texts=texts, truncated=truncated, logps=logps,
+                       forced=forced if params.thinking_budget is not None else None)
+
+    def _budget(self, prompts: list[str], params: SamplingParams) -> BudgetTracker | None:
+        """The bookkeeping of ``params.thinking_budget`` for a chunk's rows, or None."""
+        if params.thinking_budget is None:
+            return None
+        if self._closing is None:
+            self._closing = closing_ids(self.tok)
+        return BudgetTracker(self.tok, params.thinking_budget, prompts, self._closing)
 
     def _prefill(self, prompts: list[list[int]], extra: int = 0):
         """Run the prompts; returns the last positions' logits [g, V] fp32, per-layer key/value
@@ -588,7 +658,8 @@ class FastEngine:
             valid = valid.gather(1, order)
         return logits, kv, valid
 
-    def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams):
+    def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams,
+                        budget: BudgetTracker | None = None):
         P, T, g = max(len(p) for p in prompts), params.max_new_tokens, len(prompts)
         nkv, hd, dt = self.nkv, self.hd, self.dtype
         logits, kv, valid = self._prefill(prompts)  # [g, V], caches [g, nkv, P, hd], [g, P]
@@ -614,11 +685,18 @@ class FastEngine:
         fin = torch.zeros(B, dtype=torch.bool)  # finished rows still in the batch
         eos = torch.tensor(self.eos_ids)
         for t in range(T):
-            tok, lp = self._sample(logits, params, eos if t < params.min_new_tokens else None)  # [b]
+            banned = eos if t < params.min_new_tokens else None
+            force = None if budget is None else self._forced(budget, st.alive, logits, params, banned)
+            tok, lp = self._sample(logits, params, banned)  # [b]
+            if force is not None:  # rows writing the thinking budget's closing phrase
+                rows, ftok, flp = force
+                tok[rows], lp[rows] = ftok, flp
             for r, tk, lv, f in zip(st.alive.tolist(), tok.tolist(), lp.tolist(), fin.tolist()):
                 if not f:
                     out[r].append(tk)
                     out_lp[r].append(lv)
+                    if budget is not None:
+                        budget.observe(r, out[r])
             done = torch.isin(tok, eos)
             if self.stop_strings:
                 done |= torch.tensor([self._hit_stop(out[r]) for r in st.alive.tolist()])
@@ -635,6 +713,19 @@ class FastEngine:
             logits = self._decode_step(tok, next_pos, st)
             next_pos = next_pos + 1
         return out, out_lp
+
+    @staticmethod
+    def _forced(budget: BudgetTracker, alive: Tensor, logits: Tensor, params: SamplingParams,
+                banned: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The batch rows that must emit a forced token this step, those tokens, and their
+        log-probs under the distribution the other rows sample from; None if no row must.
+        Called before sampling, which overwrites ``logits``."""
+        want = [budget.next_forced(r) for r in alive.tolist()]
+        rows = [i for i, w in enumerate(want) if w is not None]
+        if not rows:
+            return None
+        idx, ftok = torch.tensor(rows), torch.tensor([want[i] for i in rows])
+        return idx, ftok, forced_logps(logits[idx], ftok, params.temperature, banned)
 
     def _hit_stop(self, toks: list[int]) -> bool:
         tail = self.tok.decode(toks[-16:], skip_special_tokens=True)

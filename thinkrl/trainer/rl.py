@@ -41,7 +41,7 @@ from thinkrl.rewards.code import runs_code
 from thinkrl.trainer import checkpoint as ckpt
 from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule
 from thinkrl.perf import tune_allocator
-from thinkrl.rollout.fast import SUPPORTED as FAST_SUPPORTED, FastEngine
+from thinkrl.rollout.fast import FastEngine, unsupported
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.guards import BadStepGuard, skip_cause
@@ -89,7 +89,7 @@ class Reference:
         if is_lora(policy):
             return cls(policy, adapter_off=True)
         ref, _ = load_model(cfg.model)
-        if cfg.rollout.backend == "fast" and ref.config.model_type in FAST_SUPPORTED:
+        if cfg.rollout.backend == "fast" and unsupported(ref.config) is None:
             # The reference never changes: keep only the fast engine's fused bf16 copy of it and
             # score with that (no autograd, each prompt run once per group).
             return cls(scorer=FastEngine(ref, tok, bf16=bf16).freeze())
