@@ -84,3 +84,15 @@ def test_sft_into_a_folder_with_checkpoints_needs_resume(tmp_path, capsys):
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("thinkrl:")]
     assert err == [f"thinkrl: error: {tmp_path / 'o'} already holds a run with checkpoints; pass resume=true to "
                    "continue it, or choose another output_dir"]
+
+
+def test_rm_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    rows = [{"prompt": f"question {i}?", "chosen": "yes yes", "rejected": "no no"} for i in range(20)]
+    data = write(tmp_path / "pairs.jsonl", rows)
+    cmd = ["rm", *COMMON, f"data={data}", "lr=0.003", "batch_size=4", "eval_fraction=0.2"]
+    u, r = interrupted_and_resumed(cmd, tmp_path, monkeypatch)
+    assert same_weights(r / "final", u / "final")
+    mu, mr = read_jsonl(u / "metrics.jsonl"), read_jsonl(r / "metrics.jsonl")
+    assert [m["step"] for m in mr] == [1, 2, 3, 4] and mr == mu
+    assert json.loads((r / "final" / "thinkrl_rm.json").read_text()) == json.loads(
+        (u / "final" / "thinkrl_rm.json").read_text())

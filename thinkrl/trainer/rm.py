@@ -9,7 +9,9 @@ log-likelihood (Bradley and Terry 1952; Ouyang et al. 2022, eq. 1), optionally w
     loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - margin)
 
 A seeded held-out share of the pairs gives the pair accuracy: the fraction scored in the right
-order. The output folder (``final/``) is an ordinary ``AutoModelForSequenceClassification``
+order. Checkpoints, ``resume=true``, the guards against non-finite losses and a clean stop on
+Ctrl-C are those of ``thinkrl sft`` (thinkrl/trainer/supervised.py). The output folder
+(``final/``) is an ordinary ``AutoModelForSequenceClassification``
 folder with its tokenizer, plus ``thinkrl_rm.json`` (the chat-template settings the prompts
 were rendered with and the held-out accuracy), which the ``rm:PATH`` reward reads.
 """
@@ -29,9 +31,9 @@ from thinkrl.config import TaskConfig
 from thinkrl.data import read_rows
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
-from thinkrl.trainer.common import bucketed_steps, make_optimizer, need, optimizer_step
+from thinkrl.trainer.common import make_optimizer, need
 from thinkrl.trainer.dpo import Pair, encode_pairs
-from thinkrl.trainer.logs import JsonlWriter
+from thinkrl.trainer.supervised import run_steps, validate_checkpointing
 
 log = logging.getLogger(__name__)
 RM_FILE = "thinkrl_rm.json"
@@ -55,9 +57,14 @@ class RMConfig:
     seed: int = 0
     dtype: str = "auto"
     progress: bool = True
+    save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
+    keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
+    resume: bool = False  # continue the run in output_dir from its newest whole checkpoint
+    max_bad_steps: int = 3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
     task: TaskConfig = field(default_factory=TaskConfig)  # renders the prompts
 
     def validate(self) -> None:
+        validate_checkpointing(self)
         need(bool(self.data), "rm needs data=PATH (a JSONL file of prompt/chosen/rejected rows)")
         need(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
         need(self.margin >= 0, "margin must be >= 0")
@@ -124,10 +131,14 @@ def split_pairs(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pai
 
 
 def train_rm(cfg: RMConfig) -> Path:
+    from transformers import AutoModelForSequenceClassification
+
     from thinkrl.device import use_bf16
+    from thinkrl.trainer import checkpoint as ckpt
     from thinkrl.trainer.rl import seed_everything
 
     out = Path(cfg.output_dir)
+    found = ckpt.resume_point(out, cfg.resume)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     bf16 = use_bf16(cfg.dtype)
@@ -136,29 +147,27 @@ def train_rm(cfg: RMConfig) -> Path:
     pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
     train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
     need(len(train_pairs) > 0, "no pairs left to train on after holding out eval_fraction")
-    rm = reward_model_from(causal)
-    del causal
     pad = tok.pad_token_id
-    before = pair_accuracy(rm, eval_pairs, pad, bf16)
+    if found is None:
+        rm = reward_model_from(causal)
+        before = pair_accuracy(rm, eval_pairs, pad, bf16)
+    else:  # the checkpoint holds the head and the backbone as trained so far
+        rm = AutoModelForSequenceClassification.from_pretrained(found[0])
+        before = found[1]["pair_accuracy_before"]
+    del causal
     lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train_pairs]
     total = cfg.max_steps or -(-len(train_pairs) // cfg.batch_size) * cfg.epochs
     opt, sched = make_optimizer(rm, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total)
-    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=0)
-    for step, _, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
-        rm.train()
+
+    def step_loss(idx: list[int]):
         c, r = pair_scores(rm, [train_pairs[i] for i in idx], pad, bf16)  # [b], [b]
-        loss = bradley_terry_loss(c, r, cfg.margin)
-        gn = optimizer_step(rm, opt, sched, loss, cfg.max_grad_norm)
-        metrics_log.write({"step": step, "loss": float(loss.detach()), "grad_norm": gn,
-                           "train_pair_accuracy": float((c > r).float().mean()),
-                           "margin_mean": float((c - r).mean().detach())})
-        if cfg.progress and (step % 10 == 0 or step == total):
-            log.info("rm step %d/%d loss %.4f", step, total, float(loss.detach()))
+        return bradley_terry_loss(c, r, cfg.margin), {"train_pair_accuracy": float((c > r).float().mean()),
+                                                      "margin_mean": float((c - r).mean().detach())}
+
+    final = run_steps(cfg, rm, tok, opt, sched, lengths, total, step_loss, found=found,
+                      extra_state={"pair_accuracy_before": before}, name="rm")
     after = pair_accuracy(rm, eval_pairs, pad, bf16)
     log.info("held-out pair accuracy (%d pairs): %.3f before training, %.3f after", len(eval_pairs), before, after)
-    final = out / "final"
-    rm.save_pretrained(final)
-    tok.save_pretrained(final)
     meta = {"task": asdict(cfg.task), "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs),
             "pair_accuracy_before": before, "pair_accuracy": after, "margin": cfg.margin,
             "head": "score: Linear(hidden, 1, bias=False) on the last token's final hidden state"}
