@@ -165,12 +165,18 @@ def _gold_and_proxy(run: Path, metrics: list[dict], out: Path) -> Path | None:
     use_kl = all(isinstance(m.get("kl"), (int, float)) for m in rows)
     xs = [m["kl"] if use_kl else m["step"] for m in rows]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(xs, [m[f"reward/{gold}"] for m in rows], "o-", ms=3, label=f"gold: {gold}")
-    ax.plot(xs, [m[f"reward/{proxy}"] for m in rows], "o-", ms=3, label=f"proxy: {proxy}")
+    gold_ax = ax.twinx()  # the two rewards live on different scales
+    ax.plot(xs, [m[f"reward/{proxy}"] for m in rows], "o-", ms=4, lw=0.8, color="tab:orange", label=f"proxy: {proxy}")
+    gold_ax.plot(xs, [m[f"reward/{gold}"] for m in rows], "s-", ms=4, lw=0.8, color="tab:blue", label=f"gold: {gold}")
+    for m, x in zip(rows, xs):  # points in step order, each labelled with its step
+        gold_ax.annotate(str(m["step"]), (x, m[f"reward/{gold}"]), fontsize=6, xytext=(2, 2),
+                         textcoords="offset points", color="tab:blue")
     ax.set_xlabel("KL to the reference" if use_kl else "step (KL not logged: algo.kl_coef = 0)")
-    ax.set_title("gold and proxy reward")
+    ax.set_ylabel(f"proxy ({proxy})", color="tab:orange")
+    gold_ax.set_ylabel(f"gold ({gold})", color="tab:blue")
+    ax.set_title("gold and proxy reward (numbers: steps)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = out / "gold_proxy.png"
     fig.savefig(path, dpi=100)
