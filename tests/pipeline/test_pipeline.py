@@ -252,3 +252,35 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tmp_path):
     assert abs(grads[0][0] - grads[1][0]) < 1e-5
     for a, b in zip(grads[0][2], grads[1][2]):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_rejection_sampling_can_verify_with_a_judge(taught, tmp_path):
+    """verifier=judge: an endpoint decides what is correct. A judge that says CORRECT exactly when
+    the answer is 2 (the taught task's answer) keeps the same rows as the task's own check."""
+    from http.server import ThreadingHTTPServer
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self):
+            prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+            pred = prompt.split("Answer to grade:\n", 1)[1].split("\n\n", 1)[0].strip()
+            body = json.dumps({"choices": [{"message": {
+                "content": "VERDICT: CORRECT" if pred == "2" else "VERDICT: INCORRECT"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        common = [f"model={taught['model']}", f"task.name={taught['task']}", "n=6", "prompts=6", "max_new_tokens=48",
+                  "temperature=0.5", "require_format=false", "mode=shortest", *TASK]
+        assert main(["sample", *common, f"output={tmp_path / 'rules.jsonl'}"]) == 0
+        assert main(["sample", *common, f"output={tmp_path / 'judged.jsonl'}", "verifier=judge",
+                     f"verifier_args.url=http://127.0.0.1:{srv.server_address[1]}/v1"]) == 0
+    finally:
+        srv.shutdown()
+    assert rows(tmp_path / "judged.jsonl") == rows(tmp_path / "rules.jsonl") != []

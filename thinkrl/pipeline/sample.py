@@ -53,6 +53,11 @@ class SampleConfig:
     require_format: bool = True  # <think>...</think> <answer>...</answer> exactly
     max_foreign_script: float = 0.05  # share of letters outside the dominant script (mixed-language filter)
     dedup: bool = True
+    # The reward that decides "correct": the task's own check by default; `judge` (an
+    # OpenAI-compatible endpoint, docs/rewards.md) for answers that rules cannot verify, with
+    # its options in verifier_args (url, model, ...). A reward of 1 counts as correct.
+    verifier: str = "accuracy"
+    verifier_args: dict = field(default_factory=dict)
     pairs_output: str = ""  # also write mode=pairs rows built from the same samples here (no second pass)
     format: str = "auto"  # auto (messages for the chat template) | messages | prompt_completion
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
@@ -176,13 +181,14 @@ def run_sample(cfg: SampleConfig) -> dict:
     examples = task.next_batch(min(cfg.prompts, len(task.train)))
     model, tok = load_model(cfg.model)
     texts, lens, trunc = generate(cfg, examples, tok, model)
-    scorer = RewardModel({"accuracy": 1.0, "format": 1.0})
+    scorer = RewardModel({cfg.verifier: 1.0, "format": 1.0}, {cfg.verifier: cfg.verifier_args} if cfg.verifier_args
+                         else None)
     rows, reasons, pair_rows = [], Counter(), []
     as_pairs = dataclasses.replace(cfg, mode="pairs")
     all_lens, kept_lens, n_correct = [], [], 0
     for ex, t, ln, tr in zip(examples, texts, lens, trunc):
         _, parts = scorer.score(t, [ex] * len(t))
-        samples = [Sample(r, k, a >= 1, "") for r, k, a in zip(t, ln, parts["accuracy"])]
+        samples = [Sample(r, k, a >= 1, "") for r, k, a in zip(t, ln, parts[cfg.verifier])]
         judge(samples, parts["format"], tr, cfg)
         reasons.update(s.reason for s in samples)
         n_correct += sum(s.correct for s in samples)
