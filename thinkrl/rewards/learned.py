@@ -48,9 +48,8 @@ def load_reward_model(path: str):
     from thinkrl.config import TaskConfig
     from thinkrl.trainer.rm import RM_FILE
 
+    _check_rm_folder(path)
     folder = Path(path)
-    if not (folder / RM_FILE).is_file():
-        raise ConfigError(f"reward model {path}: not a `thinkrl rm` output folder (no {RM_FILE})")
     meta = json.loads((folder / RM_FILE).read_text())
     rm = AutoModelForSequenceClassification.from_pretrained(folder).eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -111,8 +110,6 @@ def normalized(values: list[float], how: str, key: str, eps: float = 1e-6) -> li
 def rm(completions: list[str], examples: list, *, path: str = "", normalize: str = "none",
        apply_to: str = "all", batch_size: int = 16) -> list[float]:
     """A ``thinkrl rm`` reward model's scores of one prompt's completions (see module docstring)."""
-    if not path:
-        raise ConfigError("the rm reward needs reward_args.rm.path (a `thinkrl rm` output folder)")
     if apply_to not in ("all", "no_answer"):
         raise ValueError(f"rm reward: apply_to must be all or no_answer, got {apply_to!r}")
     if apply_to == "no_answer" and all(str(ex.answer).strip() for ex in examples):
