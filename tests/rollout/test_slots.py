@@ -175,3 +175,25 @@ def test_full_slots_and_too_long_prompts_are_refused(lively):
     assert len(em) <= 13 and (em[-1].reason == "stop" or dec.length(s) == 16)  # the cache bounds the length
     dec.free(s)
     assert dec.active == 0
+
+
+def test_hf_fallback_decoder_equals_hf_generate_and_serves_one_at_a_time(lively):
+    """The serial fallback (for models the fast engine cannot run) gives generate's greedy
+    tokens and its top log-probs rank the chosen token first."""
+    from thinkrl.rollout.slots import HFSlotDecoder
+
+    model, tok = lively
+    prompts = [chat(tok, q) for q in PROMPTS[:2]]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    ref = HFEngine(model, tok, bf16=False).generate(prompts, 1, params).completion_ids
+    dec = HFSlotDecoder(model, tok, max_len=128)
+    for p, want in zip(prompts, ref):
+        s = dec.add(ids(tok, p), params, top_logprobs=3)
+        with pytest.raises(SlotsFull):
+            dec.add([5])
+        em = []
+        while not dec._slots[s].finished:
+            em += dec.step()
+        assert [e.token for e in em] == want
+        assert all(e.top[0][0] == e.token and e.top[0][1] == pytest.approx(e.logp, abs=1e-5) for e in em)
+        dec.free(s)

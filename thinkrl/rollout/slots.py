@@ -59,6 +59,7 @@ class Emitted:
     forced: bool = False  # written by the thinking budget's closing phrase, not sampled
     finished: bool = False  # EOS, max_new_tokens reached, or the cache is full: call free()
     reason: str | None = None  # "stop" (EOS) or "length" once finished
+    top: list[tuple[int, float]] | None = None  # the most likely tokens and their log-probs, if asked for
 
 
 @dataclass
@@ -68,6 +69,7 @@ class _Slot:
     generated: list[int] = field(default_factory=list)  # tokens emitted by step() since the last add/extend
     budget: BudgetTracker | None = None
     rng: Tensor | None = None  # the slot's own CPU generator state when the request is seeded
+    top_logprobs: int = 0  # report this many most likely tokens per step
     finished: bool = False
 
 
@@ -122,19 +124,20 @@ class SlotDecoder:
 
     @torch.inference_mode()
     def add(self, ids: list[int], params: SamplingParams | None = None, seed: int | None = None,
-            prompt_text: str | None = None) -> int:
+            prompt_text: str | None = None, top_logprobs: int = 0) -> int:
         """Prefill ``ids`` into a free slot and return its id. ``params`` hold for every
         ``step`` of the slot (``max_new_tokens`` counts tokens since the last add/extend);
         ``seed`` gives the slot its own random stream, so its samples do not depend on the
         other requests in the batch. ``prompt_text`` (the decoded prompt by default) tells a
-        thinking budget whether the prompt already opened ``<think>``."""
+        thinking budget whether the prompt already opened ``<think>``. ``top_logprobs``: each
+        ``Emitted`` of the slot carries that many most likely tokens with their log-probs."""
         if not ids:
             raise ValueError("a slot needs at least one prompt token")
         if not self.free_slots:
             raise SlotsFull(f"all {self.max_slots} slots are taken")
         self._check_fits(0, len(ids), params)
         params = params or SamplingParams()
-        s = _Slot(params=params)
+        s = _Slot(params=params, top_logprobs=top_logprobs)
         if seed is not None:
             s.rng = torch.Generator().manual_seed(int(seed)).get_state()
         if params.thinking_budget is not None:
@@ -171,11 +174,14 @@ class SlotDecoder:
         del self._slots[slot]
         moved = self._order.pop()
         if moved != slot:  # move the last live row into the hole
-            n = int(self._lens[last])
-            for k, v in self.kv:
-                k[row, :, :n], v[row, :, :n] = k[last, :, :n], v[last, :, :n]
+            self._move_row(last, row)
             self._next[row], self._lens[row] = self._next[last], self._lens[last]
             self._order[row], self._row[moved] = moved, row
+
+    def _move_row(self, src: int, dst: int) -> None:
+        n = int(self._lens[src])
+        for k, v in self.kv:
+            k[dst, :, :n], v[dst, :, :n] = k[src, :, :n], v[src, :, :n]
 
     @torch.inference_mode()
     def step(self, params: dict[int, SamplingParams] | None = None) -> list[Emitted]:
@@ -189,9 +195,10 @@ class SlotDecoder:
         rows = [r for r, sl in enumerate(self._order) if not self._slots[sl].finished]
         if not rows:
             return []
+        tops = self._tops(rows)
         toks, lps, forced = self._sample_rows(rows)
         out, feed = [], []
-        for r, tk, lp, fz in zip(rows, toks, lps, forced):
+        for r, tk, lp, fz, top in zip(rows, toks, lps, forced, tops):
             slot = self._order[r]
             s = self._slots[slot]
             s.generated.append(tk)
@@ -205,7 +212,7 @@ class SlotDecoder:
             s.finished = reason is not None
             if s.length < self.max_len:
                 feed.append(r)
-            out.append(Emitted(slot, tk, lp, fz, s.finished, reason))
+            out.append(Emitted(slot, tk, lp, fz, s.finished, reason, top))
         by_row = dict(zip(rows, toks))
         if feed:
             self._decode(feed, [by_row[r] for r in feed])
@@ -228,6 +235,20 @@ class SlotDecoder:
         self._next[r] = self.eng._forward(torch.tensor([ids]), pos, view, start, mask)[0]
         s.length = start + n
         self._lens[r] = s.length
+
+    def _tops(self, rows: list[int]) -> list[list[tuple[int, float]] | None]:
+        """Per row, its ``top_logprobs`` most likely next tokens under the distribution it
+        samples from (temperature-scaled; temperature 1 when greedy), or None."""
+        out = []
+        for r in rows:
+            s = self._slots[self._order[r]]
+            if not s.top_logprobs:
+                out.append(None)
+                continue
+            t = s.params.temperature if s.params.temperature > 0 else 1.0
+            v, i = torch.log_softmax(self._next[r] / t, -1).topk(s.top_logprobs)
+            out.append(list(zip(i.tolist(), v.tolist())))
+        return out
 
     def _sample_rows(self, rows: list[int]) -> tuple[list[int], list[float], list[bool]]:
         """Sample the next token of each row in ``rows``: rows that share sampling parameters
@@ -302,3 +323,48 @@ class SlotDecoder:
         self._lens[ri] = lens + 1
         for r in rows:
             self._slots[self._order[r]].length += 1
+
+
+class HFSlotDecoder(SlotDecoder):
+    """The same API over HF ``transformers`` with one slot, for models the fast engine does
+    not run (``thinkrl.rollout.fast.unsupported``): requests are served one at a time, each
+    with the model's own key/value cache object. Sampling, seeds, budgets and stopping are
+    :class:`SlotDecoder`'s."""
+
+    def __init__(self, model, tok, max_len: int = 2048):
+        self.model, self.tok = model.eval(), tok
+        self.max_slots, self.max_len = 1, max_len
+        self._next = torch.zeros(1, model.get_output_embeddings().weight.shape[0])
+        self._lens = torch.zeros(1, dtype=torch.long)
+        self._slots, self._row, self._order, self._ids = {}, {}, [], 0
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = {tok.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))} - {None}
+        self._closing = None
+        self._past = None
+
+    def _move_row(self, src: int, dst: int) -> None:  # one slot: rows never move
+        pass
+
+    def free(self, slot: int) -> None:
+        super().free(slot)
+        if not self._order:
+            self._past = None
+
+    def _append(self, slot: int, ids: list[int]) -> None:
+        s = self._slots[slot]
+        if s.length == 0:
+            self._past = None
+        self._run(ids)
+        s.length += len(ids)
+        self._lens[0] = s.length
+
+    def _run(self, ids: list[int]) -> None:
+        out = self.model(torch.tensor([ids]), past_key_values=self._past, use_cache=True)
+        self._past = out.past_key_values
+        self._next[0] = out.logits[0, -1].float()
+
+    def _decode(self, rows: list[int], toks: list[int]) -> None:
+        self._run(toks)
+        s = self._slots[self._order[0]]
+        s.length += 1
+        self._lens[0] = s.length
