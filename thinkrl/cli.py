@@ -12,6 +12,8 @@
     thinkrl difficulty [CONFIG.yaml] model=PATH task=NAME [k=8] [n=N] output=FILE.jsonl [key=value ...]
     thinkrl report RUN_DIR [output=DIR]
     thinkrl sandbox check
+    thinkrl serve  model=PATH [host=127.0.0.1] [port=8000] [max_slots=32] [key=value ...]
+    thinkrl chat   model=PATH [thinking=on|off] [budget=N] [max_tokens=N] [key=value ...]
 """
 
 from __future__ import annotations
@@ -291,9 +293,24 @@ def cmd_sandbox(args: list[str]) -> int:
     return 1
 
 
+def cmd_serve(args: list[str]) -> int:
+    from thinkrl.config import build_config
+    from thinkrl.serve.server import ServeConfig, serve
+
+    serve(build_config(*_split(args), cls=ServeConfig))
+    return 0
+
+
+def cmd_chat(args: list[str]) -> int:
+    from thinkrl.config import build_config
+    from thinkrl.serve.chat import ChatConfig, run_chat
+
+    return run_chat(build_config(*_split(args), cls=ChatConfig))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "rm": cmd_rm, "sample": cmd_sample,
             "merge": cmd_merge, "pipeline": cmd_pipeline, "difficulty": cmd_difficulty, "report": cmd_report,
-            "sandbox": cmd_sandbox}
+            "sandbox": cmd_sandbox, "serve": cmd_serve, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

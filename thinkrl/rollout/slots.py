@@ -341,6 +341,9 @@ class HFSlotDecoder(SlotDecoder):
         self.eos_ids = {tok.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))} - {None}
         self._closing = None
         self._past = None
+        import inspect  # transformers renamed past_key_values to cache (5.x)
+
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _move_row(self, src: int, dst: int) -> None:  # one slot: rows never move
         pass
@@ -359,8 +362,8 @@ class HFSlotDecoder(SlotDecoder):
         self._lens[0] = s.length
 
     def _run(self, ids: list[int]) -> None:
-        out = self.model(torch.tensor([ids]), past_key_values=self._past, use_cache=True)
-        self._past = out.past_key_values
+        out = self.model(torch.tensor([ids]), use_cache=True, **{self._cache_kw: self._past})
+        self._past = getattr(out, self._cache_kw)
         self._next[0] = out.logits[0, -1].float()
 
     def _decode(self, rows: list[int], toks: list[int]) -> None:
