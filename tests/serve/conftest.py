@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -70,6 +71,30 @@ def wait_idle(url: str, timeout: float = 10.0) -> dict:
         if (h["active"] == 0 and h["waiting"] == 0) or time.monotonic() > deadline:
             return h
         time.sleep(0.05)
+
+
+def post(url: str, body: bytes | dict) -> tuple[int, dict]:
+    """POST JSON (or raw bytes); the status and the JSON reply, errors included."""
+    import json
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+class Helpers:
+    health, wait_idle, post, running_server = staticmethod(health), staticmethod(wait_idle), staticmethod(post), \
+        staticmethod(running_server)
+
+
+@pytest.fixture(scope="session")
+def srv():
+    """The helpers above, for test modules (tests/ is not a package)."""
+    return Helpers
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,7 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)  # vLLM's extension: end-of-sequence is banned before this many tokens
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     seed: int | None = None
@@ -161,7 +162,8 @@ class Backend:
                            "messages" if isinstance(req, ChatRequest) else "prompt", "context_length_exceeded")
         want = max_tokens or self.default_max_tokens
         params = SamplingParams(max_new_tokens=min(want, room), temperature=req.temperature, top_p=req.top_p,
-                                top_k=req.top_k, thinking_budget=req.budget())
+                                top_k=req.top_k, min_new_tokens=req.min_tokens,
+                                thinking_budget=req.budget())
         seqs = [Sequence(ids=ids, params=params, index=i, seed=None if req.seed is None else req.seed + i,
                          stop=tuple(req.stop or ()), prompt_text=prompt, top_logprobs=top) for i in range(req.n)]
         return ids, seqs
