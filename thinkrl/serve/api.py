@@ -130,27 +130,8 @@ class Backend:
         return self.tok(text, add_special_tokens=False).input_ids
 
     def render(self, req: ChatRequest) -> str:
-        """The prompt text: the chat template with ``chat_template_kwargs``. An explicit
-        ``enable_thinking`` the template does not act on is applied by a prefill: an open
-        ``<think>`` (DeepSeek-R1's template ends so) or an empty closed block (Qwen3's
-        no-think form)."""
-        msgs = []
-        for m in req.messages:
-            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            msgs.append(d)
-        kwargs = dict(req.chat_template_kwargs or {})
-        try:
-            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
-        except Exception as e:  # noqa: BLE001 (a template error is the request's fault)
-            raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from None
-        think = kwargs.get("enable_thinking")
-        if think is True and not thinking_open(text):
-            text += OPEN + "\n"
-        elif think is False and thinking_open(text):
-            text += "\n" + CLOSE + "\n\n"
-        elif think is False and not text.rstrip().endswith(CLOSE):
-            text += f"{OPEN}\n\n{CLOSE}\n\n"
-        return text
+        return render_chat(self.tok, [{"role": m.role, "content": m.text()} for m in req.messages],
+                           req.chat_template_kwargs)
 
     def sequences(self, req: _Common, prompt: str, max_tokens: int | None, top: int) -> tuple[list[int], list[Sequence]]:
         ids = self.encode(prompt)
@@ -167,6 +148,27 @@ class Backend:
         seqs = [Sequence(ids=ids, params=params, index=i, seed=None if req.seed is None else req.seed + i,
                          stop=tuple(req.stop or ()), prompt_text=prompt, top_logprobs=top) for i in range(req.n)]
         return ids, seqs
+
+
+def render_chat(tok, messages: list[dict], template_kwargs: dict | None = None) -> str:
+    """The prompt text of a conversation: the chat template with ``template_kwargs``. An
+    explicit ``enable_thinking`` that the template does not act on is applied by a prefill:
+    an open ``<think>`` (DeepSeek-R1's template ends so) for True, an empty closed block
+    (Qwen3's no-think form) for False."""
+    msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+    kwargs = dict(template_kwargs or {})
+    try:
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 (a template error is the request's fault)
+        raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from None
+    think = kwargs.get("enable_thinking")
+    if think is True and not thinking_open(text):
+        text += OPEN + "\n"
+    elif think is False and thinking_open(text):
+        text += "\n" + CLOSE + "\n\n"
+    elif think is False and not text.rstrip().endswith(CLOSE):
+        text += f"{OPEN}\n\n{CLOSE}\n\n"
+    return text
 
 
 def _check_model(backend: Backend, req: _Common) -> None:
