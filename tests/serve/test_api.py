@@ -279,3 +279,13 @@ def test_teacher_endpoint_and_judge_work_against_serve(server, client, tmp_path)
     stats = json.loads(out.with_suffix(".stats.json").read_text())
     assert stats["prompts"] == 2 and stats["samples"] == 4  # 3 questions, 1 held out; 2 replies each
     assert out.exists()
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "Hi"}],
+                                       temperature=0, max_tokens=5, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 5
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
