@@ -57,3 +57,18 @@ def test_a_full_queue_answers_429(small, srv):
     assert [s for s, _ in results] == [200, 200]
     assert all(r["usage"]["completion_tokens"] == 150 for _, r in results)
     assert srv.wait_idle(small)["active"] == 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["serve"], "thinkrl serve needs model=PATH"),
+    (["serve", "model=tiny-random", "slots=4"], "slots"),
+    (["serve", "model=tiny-random", "backend=vllm"], "backend 'vllm' unknown"),
+    (["chat"], "thinkrl chat needs model=PATH"),
+    (["chat", "model=tiny-random", "thinking=maybe"], "thinking must be auto, on or off"),
+])
+def test_bad_options_are_one_line(argv, says, capsys):
+    from thinkrl.cli import main
+
+    assert main(argv) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("thinkrl: error:") and says in err[0]
