@@ -289,3 +289,22 @@ def test_chat_logprobs(client):
     for t in content:  # greedy: the chosen token is the most likely one
         assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)
         assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+
+
+def test_a_dropped_non_streamed_request_frees_its_slot(server, srv):
+    """A client that closes its connection while waiting for a plain (non-streamed) reply."""
+    import http.client
+    from urllib.parse import urlparse
+
+    srv.wait_idle(server)
+    before = srv.health(server)["steps"]
+    u = urlparse(server)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    body = {"prompt": "Tell me a long story", "max_tokens": 1000, "min_tokens": 1000, "temperature": 1.0}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 10
+    while srv.health(server)["active"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    conn.close()
+    h = srv.wait_idle(server, timeout=5)
+    assert h["active"] == 0 and h["steps"] - before < 1000

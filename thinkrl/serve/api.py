@@ -193,17 +193,19 @@ def _submit(backend: Backend, seqs: list[Sequence]) -> asyncio.Queue:
 
 async def _events(q: asyncio.Queue, seqs: list[Sequence], request: Request, poll: float = 0.25):
     """The events of ``seqs`` as they come, until each has finished. Whatever ends the
-    iteration early (the client disconnected, which is checked every ``poll`` seconds while
-    no event comes, or the response was cancelled) cancels the sequences: their slots are
-    freed at the next decode step."""
-    left = len(seqs)
+    iteration early (the client disconnected, checked every ``poll`` seconds, or the
+    response was cancelled) cancels the sequences: their slots are freed at the next decode
+    step."""
+    left, checked = len(seqs), time.monotonic()
     try:
         while left:
+            if time.monotonic() - checked >= poll:
+                if await request.is_disconnected():
+                    return
+                checked = time.monotonic()
             try:
                 ev = await asyncio.wait_for(q.get(), poll)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
                 continue
             left -= ev.finish is not None
             yield ev
