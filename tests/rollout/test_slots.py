@@ -37,7 +37,7 @@ def ids(tok, text):
 def run_to_end(dec, slots):
     """Step until every slot in ``slots`` finished; their emitted tokens."""
     out = {s: [] for s in slots}
-    while not all(dec._slots[s].finished for s in slots):
+    while not all(dec.finished(s) for s in slots):
         for e in dec.step():
             if e.slot in out:
                 out[e.slot].append(e.token)
@@ -152,13 +152,14 @@ def test_thinking_budget_forces_the_closing_phrase(lively):
     s = dec.add(ids(tok, prompt), SamplingParams(max_new_tokens=3 + len(phrase) + 2, temperature=0,
                                                  thinking_budget=3), prompt_text=prompt)
     em = []
-    while not dec._slots[s].finished:
+    while not dec.finished(s):
         em += dec.step()
     toks = [e.token for e in em]
     if any(t in dec.eos_ids for t in toks[:3]):
         pytest.skip("the model ended before its budget")
     assert toks[3: 3 + len(phrase)] == phrase
     assert [e.forced for e in em[: 3 + len(phrase)]] == [False] * 3 + [True] * len(phrase)
+    assert dec.forced(s) == [e.forced for e in em] and dec.generated(s) == toks
 
 
 def test_full_slots_and_too_long_prompts_are_refused(lively):
@@ -170,7 +171,7 @@ def test_full_slots_and_too_long_prompts_are_refused(lively):
     with pytest.raises(SlotsFull):
         dec.add([5, 6])
     em = []
-    while not dec._slots[s].finished:
+    while not dec.finished(s):
         em += dec.step()
     assert len(em) <= 13 and (em[-1].reason == "stop" or dec.length(s) == 16)  # the cache bounds the length
     dec.free(s)
@@ -192,7 +193,7 @@ def test_hf_fallback_decoder_equals_hf_generate_and_serves_one_at_a_time(lively)
         with pytest.raises(SlotsFull):
             dec.add([5])
         em = []
-        while not dec._slots[s].finished:
+        while not dec.finished(s):
             em += dec.step()
         assert [e.token for e in em] == want
         assert all(e.top[0][0] == e.token and e.top[0][1] == pytest.approx(e.logp, abs=1e-5) for e in em)

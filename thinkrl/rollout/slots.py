@@ -120,6 +120,19 @@ class SlotDecoder:
         """Tokens in ``slot``'s cache."""
         return self._slots[slot].length
 
+    def finished(self, slot: int) -> bool:
+        """Whether ``slot`` stopped (EOS, max_new_tokens, a full cache) since its last add/extend."""
+        return self._slots[slot].finished
+
+    def generated(self, slot: int) -> list[int]:
+        """The tokens ``step`` emitted for ``slot`` since its last add/extend."""
+        return list(self._slots[slot].generated)
+
+    def forced(self, slot: int) -> list[bool] | None:
+        """Per generated token, whether the thinking budget forced it (None without a budget)."""
+        b = self._slots[slot].budget
+        return None if b is None else list(b.forced[0])
+
     # -- the public API ------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -164,6 +177,8 @@ class SlotDecoder:
         if params is not None:
             s.params = params
         s.generated, s.finished = [], False
+        if s.budget is not None:  # the budget's phase carries over (a later turn is not budgeted again)
+            s.budget.forced[0] = []
         self._append(slot, ids)
 
     def free(self, slot: int) -> None:

@@ -52,7 +52,10 @@ class Sequence:
     cancelled: bool = False
     slot: int | None = None
     tokens: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the decoded text already sent
+    text: str = ""  # the reply decoded so far (whole characters only)
+    sent: int = 0  # characters of ``text`` already sent
+    prefix: int = 0  # incremental decoding: tokens[prefix:read] were decoded last time (see _decode)
+    read: int = 0
     submitted: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
@@ -151,8 +154,8 @@ class Scheduler:
         """Append the token, send the text that is safe to send, finish on EOS, length or a
         stop string."""
         seq.tokens.append(e.token)
-        text = self.tok.decode(seq.tokens, skip_special_tokens=True)
         finish = e.reason if e.finished else None
+        text = self._decode(seq, flush=finish is not None)
         cut = min((i for i in (text.find(s, max(0, seq.sent - len(s))) for s in seq.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, finish = text[:cut], "stop"
@@ -164,6 +167,20 @@ class Scheduler:
             self._send(seq, Event(seq.index, "", [e]))
         if finish:
             self._release(seq)
+
+    def _decode(self, seq: Sequence, flush: bool) -> str:
+        """``seq.text`` with its new tokens decoded, in time independent of the reply's length:
+        only the tokens since the last decoded boundary are decoded, with a few before them
+        for context (a tokenizer may render a token differently at the start of a text), and
+        text is taken only once it ends in a whole character (vLLM's detokenizer does the
+        same), unless ``flush``."""
+        dec = lambda toks: self.tok.decode(toks, skip_special_tokens=True)  # noqa: E731
+        before = dec(seq.tokens[seq.prefix: seq.read])
+        now = dec(seq.tokens[seq.prefix:])
+        if len(now) > len(before) and (flush or not now.endswith("\ufffd")):
+            seq.text += now[len(before):]
+            seq.prefix, seq.read = seq.read, len(seq.tokens)
+        return seq.text
 
     def _release(self, seq: Sequence) -> None:
         self.running.pop(seq.slot, None)
