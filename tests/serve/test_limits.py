@@ -72,3 +72,12 @@ def test_bad_options_are_one_line(argv, says, capsys):
     assert main(argv) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and err[0].startswith("thinkrl: error:") and says in err[0]
+
+
+def test_a_port_in_use_is_one_line(small, capsys):
+    from thinkrl.cli import main
+
+    port = int(small.rsplit(":", 1)[1])
+    assert main(["serve", "model=tiny-random", f"port={port}"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]

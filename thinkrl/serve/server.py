@@ -71,11 +71,23 @@ def build_backend(cfg: ServeConfig):
     return Backend(sched, tok, cfg.served_name or cfg.model, dec.max_len, default_max_tokens=cfg.max_tokens)
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail before the model loads if the address cannot be bound."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another port= or host=") from None
+
+
 def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     from thinkrl.serve.api import create_app
 
+    _check_port(cfg.host, cfg.port)
     backend = build_backend(cfg)
     app = create_app(backend)
     print(f"thinkrl serve: {backend.name} on http://{cfg.host}:{cfg.port}/v1 "
