@@ -14,7 +14,13 @@ per layer. A sequence owns a *slot*:
   slot's cache without running its history again;
 - ``step()`` samples one token for every active slot, feeds it to the model in one batched
   forward pass, and returns what each slot emitted;
-- ``free(slot)`` gives the slot back.
+- ``free(slot)`` gives the slot back;
+- ``finished(slot)``, ``generated(slot)``, ``forced(slot)``, ``length(slot)`` read its state.
+
+A slot that finished keeps its cache (its last token included) until ``free``, so that
+``extend`` can continue it: a tool's observation, then ``step`` again. :class:`HFSlotDecoder`
+offers the same API on HF ``transformers`` with one slot, for models the fast engine does
+not run.
 
 Invariants: a slot's cache holds every token of its sequence, including the last one
 ``step`` emitted, and ``_next`` holds the logits that predict the token after them. Live
@@ -204,7 +210,9 @@ class SlotDecoder:
         run all the new tokens through the model in one batched forward pass. ``params``
         optionally replaces some slots' sampling parameters from now on. Returns one
         :class:`Emitted` per slot that stepped; a finished slot stays taken (its cache and
-        tokens kept, e.g. for ``extend``) until ``free``."""
+        tokens kept, e.g. for ``extend``) until ``free``. While finished slots sit between
+        live ones, a step gathers the live rows' caches (a copy per layer) instead of reading
+        them in place: free or extend finished slots soon."""
         for slot, p in (params or {}).items():
             self._slots[slot].params = p
         rows = [r for r, sl in enumerate(self._order) if not self._slots[sl].finished]
