@@ -198,3 +198,22 @@ def test_hf_fallback_decoder_equals_hf_generate_and_serves_one_at_a_time(lively)
         assert [e.token for e in em] == want
         assert all(e.top[0][0] == e.token and e.top[0][1] == pytest.approx(e.logp, abs=1e-5) for e in em)
         dec.free(s)
+
+
+def test_a_finished_slot_between_live_ones_keeps_the_others_exact(lively):
+    """The middle slot finishes first and is kept (not freed): the step then gathers rows 0
+    and 2; their tokens still equal decoding each prompt alone."""
+    model, tok = lively
+    long, short = SamplingParams(max_new_tokens=10, temperature=0), SamplingParams(max_new_tokens=2, temperature=0)
+    want = []
+    for q in (PROMPTS[0], PROMPTS[2]):
+        alone = SlotDecoder(model, tok, max_slots=1, max_len=96)
+        s = alone.add(ids(tok, chat(tok, q)), long)
+        want.append(run_to_end(alone, [s])[s])
+    dec = SlotDecoder(model, tok, max_slots=3, max_len=96)
+    a = dec.add(ids(tok, chat(tok, PROMPTS[0])), long)
+    m = dec.add(ids(tok, chat(tok, PROMPTS[1])), short)
+    c = dec.add(ids(tok, chat(tok, PROMPTS[2])), long)
+    got = run_to_end(dec, [a, m, c])
+    assert dec.finished(m) and len(got[m]) <= 2 and dec.active == 3
+    assert [got[a], got[c]] == want
