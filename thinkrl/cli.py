@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 from thinkrl.config import ConfigError
-from thinkrl.perf import tune_allocator
 
 USAGE = __doc__
 
@@ -92,11 +91,10 @@ def cmd_eval(args: list[str]) -> int:
     from thinkrl.eval import eval_settings, evaluate, format_table, write_json
     from thinkrl.eval.budget import parse_budgets
     from thinkrl.models import load_model
-    from thinkrl.rollout import build_engine
+    from thinkrl.rollout import engine_on
     from thinkrl.tasks import build_task
     from thinkrl.tasks.templates import drop_long_prompts
     from thinkrl import sandbox
-    from thinkrl.device import use_bf16
 
     config, items = _split(args)
     budgets = None  # thinking_budget=32,64,...: one evaluation per budget
@@ -110,14 +108,14 @@ def cmd_eval(args: list[str]) -> int:
     cfg = build_config(config, overrides, base=base)
     task = build_task(cfg.task)
     sandbox.configure(cfg.sandbox.allow_unconfined)
-    bf16 = use_bf16(cfg.dtype)
     settings = eval_settings(cfg)
     k, temperature = settings["samples"], settings["temperature"]
     runs = []  # (model, its result, or its results per budget); a model may be listed twice
     for name in models:
         model, tok = load_model(name)
         drop_long_prompts(task, tok, cfg.task)
-        engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, bf16=bf16)
+        engine = engine_on(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, dtype=cfg.dtype,
+                           device_name=cfg.device)
 
         def run(budget: int | None) -> dict:
             return evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings, thinking_budget=budget)
@@ -213,10 +211,9 @@ def cmd_difficulty(args: list[str]) -> int:
     """Label training questions with a model's pass rate over k samples (Kimi k1.5's difficulty)."""
     from thinkrl.config import build_config
     from thinkrl.models import load_model
-    from thinkrl.rollout import build_engine
+    from thinkrl.rollout import engine_on
     from thinkrl.sampling.difficulty import estimate_pass_rates, write_rows
     from thinkrl.tasks import build_task
-    from thinkrl.device import use_bf16
 
     config, items = _split(args)
     k, n, rest = 8, None, []
@@ -234,7 +231,8 @@ def cmd_difficulty(args: list[str]) -> int:
     cfg = build_config(config, overrides)
     task = build_task(cfg.task)
     model, tok = load_model(models[0])
-    engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=use_bf16(cfg.dtype))
+    engine = engine_on(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, dtype=cfg.dtype,
+                       device_name=cfg.device)
     examples = task.train[:n] if n else task.train
     rows = estimate_pass_rates(engine, tok, examples, cfg.task, k=k, max_new_tokens=cfg.rollout.max_new_tokens,
                                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
@@ -298,7 +296,6 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    tune_allocator()
     parser = argparse.ArgumentParser(prog="thinkrl", description=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS))

@@ -206,8 +206,8 @@ class Config:
     max_steps: int = 40
     max_minutes: float = 0.0  # stop training after this much wall time (0: no limit); final/ and eval still run
     seed: int = 0
-    dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU supports it)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N; only the CPU path exists yet (thinkrl/device.py)
+    dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU (natively) or the GPU runs it)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: the first CUDA GPU if any (thinkrl/device.py)
     threads: int = 0  # torch threads; 0 = all cores
     resume: bool = False
     save_every: int = 10
@@ -411,8 +411,9 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     need(cfg.rollout.temperature > 0, "rollout.temperature must be > 0 for RL sampling")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
-    need(cfg.rollout.backend in ("fast", "hf"),
-         f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: fast, hf")
+    from thinkrl.rollout import ENGINES  # the registered backends
+
+    ENGINES.check(cfg.rollout.backend)
     need(cfg.algo.num_iterations >= 1, "algo.num_iterations must be >= 1")
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
     need(cfg.algo.clip_eps > 0, "algo.clip_eps must be > 0")

@@ -99,8 +99,8 @@ def test_fast_engine_caps_thinking_at_the_budget(shaken):
     prompts = [thinking_prompt(tok, q) for q in QUESTIONS]
     phrase, B = closing_ids(tok), 8
     eng = FastEngine(model, tok, bf16=False)
-    free = eng.generate(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0))
-    capped = eng.generate(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0, thinking_budget=B))
+    free = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0))
+    capped = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0, thinking_budget=B))
     assert free.forced is None
     for f, c, mask, text in zip(free.completion_ids, capped.completion_ids, capped.forced, capped.texts):
         assert len(f) > B and "</think>" not in tok.decode(f[:B])  # the free run thinks past the budget
@@ -118,8 +118,8 @@ def test_hf_engine_gives_the_fast_engines_budgeted_tokens(shaken):
     prompts = [thinking_prompt(tok, q) for q in QUESTIONS]
     for B in (8, 0):
         params = SamplingParams(max_new_tokens=130, temperature=0, thinking_budget=B)
-        ref = HFEngine(model, tok, bf16=False, batch_size=2).generate(prompts, 1, params)  # two batches
-        got = FastEngine(model, tok, bf16=False).generate(prompts, 1, params)
+        ref = HFEngine(model, tok, bf16=False, batch_size=2).generate_text(prompts, 1, params)  # two batches
+        got = FastEngine(model, tok, bf16=False).generate_text(prompts, 1, params)
         assert got.completion_ids == ref.completion_ids
         assert got.forced == ref.forced
         assert all(sum(m) == len(closing_ids(tok)) for m in ref.forced)
@@ -131,7 +131,7 @@ def test_forced_tokens_logps_are_the_models(shaken):
     model, tok = shaken
     prompts = [thinking_prompt(tok, q) for q in QUESTIONS]
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=False).generate(
+    ro = FastEngine(model, tok, bf16=False).generate_text(
         prompts, 2, SamplingParams(max_new_tokens=120, temperature=0.7, thinking_budget=5))
     assert sum(map(sum, ro.forced)) >= len(closing_ids(tok))  # at least one row was forced
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
@@ -154,7 +154,7 @@ def test_a_budget_that_never_binds_changes_nothing(shaken, engine):
 
     def sample(prompts, budget):
         torch.manual_seed(4)
-        return eng.generate(prompts, 3, SamplingParams(max_new_tokens=30, temperature=1.0, thinking_budget=budget))
+        return eng.generate_text(prompts, 3, SamplingParams(max_new_tokens=30, temperature=1.0, thinking_budget=budget))
 
     thinking = [thinking_prompt(tok, QUESTIONS[0])]
     plain = [thinking_prompt(tok, QUESTIONS[1]).removesuffix("<think>")]
@@ -181,11 +181,11 @@ def test_qwen3_single_token_tags_and_its_no_thinking_prompt(tmp_path):
     nothink = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, enable_thinking=False)
                for m in msgs]
     params = SamplingParams(max_new_tokens=len(phrase) + 12, temperature=0, thinking_budget=4)
-    got = FastEngine(model, tok, bf16=False).generate(think + nothink, 1, params)
-    ref = HFEngine(model, tok, bf16=False).generate(think + nothink, 1, params)
+    got = FastEngine(model, tok, bf16=False).generate_text(think + nothink, 1, params)
+    ref = HFEngine(model, tok, bf16=False).generate_text(think + nothink, 1, params)
     assert got.completion_ids == ref.completion_ids and got.forced == ref.forced
     for c, mask in zip(got.completion_ids[:3], got.forced[:3]):
         assert c[4: 4 + len(phrase)] == phrase and mask[:4 + len(phrase)] == [False] * 4 + [True] * len(phrase)
-    free = FastEngine(model, tok, bf16=False).generate(nothink, 1, SamplingParams(max_new_tokens=len(phrase) + 12,
+    free = FastEngine(model, tok, bf16=False).generate_text(nothink, 1, SamplingParams(max_new_tokens=len(phrase) + 12,
                                                                                   temperature=0))
     assert got.completion_ids[3:] == free.completion_ids and not any(map(any, got.forced[3:]))

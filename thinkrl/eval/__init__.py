@@ -42,7 +42,7 @@ def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskC
     k = samples
     rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
     t0 = time.perf_counter()
-    ro = engine.generate([r[0] for r in rendered], k, SamplingParams(
+    ro = engine.generate_text([r[0] for r in rendered], k, SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, thinking_budget=thinking_budget))
     seconds = time.perf_counter() - t0
     texts = [rendered[i // k][1] + t for i, t in enumerate(ro.texts)]  # [n * k]

@@ -25,7 +25,7 @@ from thinkrl.data import write_rows
 from thinkrl.models import load_model
 from thinkrl.pipeline.teacher import EndpointConfig, as_response, chat_completion
 from thinkrl.rewards import RewardModel
-from thinkrl.rollout import SamplingParams, build_engine
+from thinkrl.rollout import SamplingParams, engine_on
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import render_prompt
 from thinkrl.trainer.common import need
@@ -46,6 +46,7 @@ class SampleConfig:
     batch_size: int = 64
     backend: str = "fast"
     dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (thinkrl/device.py)
     seed: int = 0
     per_prompt: int = 1  # mode=all: keep at most this many per prompt (0: every accepted one)
     min_tokens: int = 1  # length bounds on kept responses, in tokens (max 0: no bound)
@@ -135,11 +136,9 @@ def generate(cfg: SampleConfig, examples: list, tok, model) -> tuple[list[list[s
             trunc.append([False] * len(got))
         lens = [[len(tok(t, add_special_tokens=False).input_ids) for t in row] for row in texts]
         return texts, lens, trunc
-    from thinkrl.device import use_bf16
-
-    engine = build_engine(cfg.backend, model, tok, batch_size=cfg.batch_size, bf16=use_bf16(cfg.dtype))
+    engine = engine_on(cfg.backend, model, tok, batch_size=cfg.batch_size, dtype=cfg.dtype, device_name=cfg.device)
     rendered = [render_prompt(ex.question, tok, cfg.task) for ex in examples]
-    ro = engine.generate([r[0] for r in rendered], n, SamplingParams(
+    ro = engine.generate_text([r[0] for r in rendered], n, SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p))
     texts = [[rendered[i][1] + ro.texts[i * n + j] for j in range(n)] for i in range(len(examples))]
     lens = [[len(ro.completion_ids[i * n + j]) for j in range(n)] for i in range(len(examples))]
