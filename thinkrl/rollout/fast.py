@@ -359,7 +359,10 @@ class FastEngine(Engine):
                 + f", decode attention in {'C' if self.kernel is not None else 'torch ops'}")
 
     def sync_weights(self, model) -> None:
-        """Copy ``model``'s current weights in (after an optimizer step)."""
+        """Copy ``model``'s current weights in (after an optimizer step). Until then the engine
+        samples from its last copy, except that fp32 weights it does not fuse or pack (the
+        output projections, embeddings, norms) are the model's own tensors, not copies: so an
+        in-place change to the model must be followed by a sync before the next generate."""
         self.model = model
         self.sync()
 
