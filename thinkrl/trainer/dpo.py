@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from thinkrl import device
 from thinkrl.algorithms.preference import PREFERENCE_LOSSES
 from thinkrl.config import TaskConfig
 from thinkrl.data import IGNORE, encode_prompt_completion, read_rows
@@ -49,6 +50,7 @@ class DPOConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (thinkrl/device.py)
     progress: bool = True
     save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
     keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
@@ -97,7 +99,7 @@ def sequence_logps(model, pairs: list[Pair], pad_id: int, bf16: bool) -> tuple[t
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     mb = make_micro_batch(prompts, responses, list(range(len(prompts))), pad_id)
     logp, _ = token_logps(model, mb, bf16=bf16)  # [2B, T], zero on padding
-    seq = logp.sum(-1)  # [2B]
+    seq = device.to(logp.sum(-1), "cpu")  # [2B], with the lengths and reference log-probs (differentiable)
     return seq[: len(pairs)], seq[len(pairs):]
 
 
@@ -115,16 +117,18 @@ def train_dpo(cfg: DPOConfig) -> Path:
     """Train and write ``output_dir/final``; returns its path. Checkpoints and ``resume=true``
     as in the RL loop (thinkrl/trainer/supervised.py). The reference log-probs, computed once
     from the starting model, travel in every checkpoint, so a resumed run uses the same ones."""
-    from thinkrl.device import use_bf16
     from thinkrl.trainer.rl import seed_everything
 
     out = Path(cfg.output_dir)
     found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    bf16 = use_bf16(cfg.dtype)
+    dev = device.resolve_device(cfg.device)
+    device.setup(dev)
+    bf16 = device.use_bf16(cfg.dtype, dev)
     rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
     model, tok = load_model(weights)
+    model.to(dev)
     model.config.use_cache = False
     pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
     loss_fn = PREFERENCE_LOSSES.get(cfg.loss)

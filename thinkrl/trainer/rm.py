@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from thinkrl import device
 from thinkrl.config import TaskConfig
 from thinkrl.data import read_rows
 from thinkrl.models import load_model
@@ -56,6 +57,7 @@ class RMConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (thinkrl/device.py)
     progress: bool = True
     save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
     keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
@@ -97,10 +99,12 @@ def scores(rm, seqs: list[list[int]], pad_id: int, bf16: bool = False) -> torch.
     ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])  # [B, L]
     attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])  # [B, L]
     last = torch.tensor([len(s) - 1 for s in seqs])  # [B]
-    with autocast(bf16):
+    dev = rm.score.weight.device
+    ids, attn, last = (device.to(x, dev) for x in (ids, attn, last))
+    with autocast(bf16, dev):
         hidden = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, L, H]
-        h = hidden[torch.arange(len(seqs)), last]  # [B, H]
-        return rm.score(h).float().squeeze(-1)  # [B]
+        h = hidden[torch.arange(len(seqs), device=dev), last]  # [B, H]
+        return device.to(rm.score(h).float().squeeze(-1), "cpu")  # [B], on the CPU (differentiable)
 
 
 def pair_scores(rm, pairs: list[Pair], pad_id: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +137,6 @@ def split_pairs(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pai
 def train_rm(cfg: RMConfig) -> Path:
     from transformers import AutoModelForSequenceClassification
 
-    from thinkrl.device import use_bf16
     from thinkrl.trainer import checkpoint as ckpt
     from thinkrl.trainer.rl import seed_everything
 
@@ -141,7 +144,9 @@ def train_rm(cfg: RMConfig) -> Path:
     found = ckpt.resume_point(out, cfg.resume)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    bf16 = use_bf16(cfg.dtype)
+    dev = device.resolve_device(cfg.device)
+    device.setup(dev)
+    bf16 = device.use_bf16(cfg.dtype, dev)
     rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
     causal, tok = load_model(cfg.model)
     pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
@@ -149,10 +154,10 @@ def train_rm(cfg: RMConfig) -> Path:
     need(len(train_pairs) > 0, "no pairs left to train on after holding out eval_fraction")
     pad = tok.pad_token_id
     if found is None:
-        rm = reward_model_from(causal)
+        rm = reward_model_from(causal).to(dev)
         before = pair_accuracy(rm, eval_pairs, pad, bf16)
     else:  # the checkpoint holds the head and the backbone as trained so far
-        rm = AutoModelForSequenceClassification.from_pretrained(found[0])
+        rm = AutoModelForSequenceClassification.from_pretrained(found[0]).to(dev)
         before = found[1]["pair_accuracy_before"]
     del causal
     lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train_pairs]

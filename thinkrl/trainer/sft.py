@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from thinkrl import device
 from thinkrl.config import ConfigError, TaskConfig, validate_lora
 from thinkrl.data import IGNORE, encode_sft_rows, read_rows
 from thinkrl.models import load_model
@@ -48,6 +49,7 @@ class SFTConfig:
     packing: bool = False  # a step's rows packed into sequences of <= max_len tokens (block-diagonal attention)
     seed: int = 0
     dtype: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (thinkrl/device.py)
     progress: bool = True
     kd_teacher: str | None = None  # a model with the same vocabulary: adds token-level KL distillation
     kd_coef: float = 0.5  # loss = (1 - kd_coef) * CE + kd_coef * KL(teacher || student)
@@ -90,7 +92,9 @@ def target_logits(model, batch: dict, bf16: bool) -> tuple[Tensor, Tensor]:
     Running the LM head on target positions alone saves most of the vocabulary
     projection when prompts are long."""
     inner, head = _backbone_and_head(model)  # unwraps LoRA: its layers live inside the base model
-    with autocast(bf16):
+    dev = head.weight.device
+    batch = {k: device.to(v, dev) for k, v in batch.items()}  # the model's device: a no-op on the CPU
+    with autocast(bf16, dev):
         hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch.get("position_ids")).last_hidden_state
         targets = batch["labels"][:, 1:]  # [B, L-1]
@@ -134,18 +138,20 @@ def load_teacher(name: str, tok):
 def train_sft(cfg: SFTConfig) -> Path:
     """Train and write an HF model folder to ``output_dir/final``; returns that path.
     Checkpoints and ``resume=true`` as in the RL loop (thinkrl/trainer/supervised.py)."""
-    from thinkrl.device import use_bf16
     from thinkrl.trainer.rl import seed_everything
 
     out = Path(cfg.output_dir)
     found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    bf16 = use_bf16(cfg.dtype)
+    dev = device.resolve_device(cfg.device)
+    device.setup(dev)
+    bf16 = device.use_bf16(cfg.dtype, dev)
     rows = read_rows(cfg.data)
     model, tok = load_model(weights)
+    model.to(dev)
     data = encode_sft_rows(rows, tok, cfg.task, cfg.max_len, source=cfg.data)
-    teacher = load_teacher(cfg.kd_teacher, tok) if cfg.kd_teacher else None
+    teacher = load_teacher(cfg.kd_teacher, tok).to(dev) if cfg.kd_teacher else None
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
