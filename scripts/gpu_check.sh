@@ -32,11 +32,14 @@ for a in "${args[@]+"${args[@]}"}"; do [ "$a" = "--dry-run" ] && dry=1; done
 if [ -n "$wheels" ]; then
   [ -d "$wheels" ] || { echo "gpu_check: wheels folder $wheels does not exist" >&2; exit 2; }
   compgen -G "$wheels/*.whl" >/dev/null || { echo "gpu_check: no .whl files in $wheels (scripts/gpu_wheels.sh fills it)" >&2; exit 2; }
+  # By name, not by file: a package the machine already has (packaging, say) is left as it is.
+  names=()
+  for f in "$wheels"/*.whl; do b="$(basename "$f")"; names+=("${b%%-*}"); done
   if [ "$dry" = 1 ]; then
-    echo "[dry-run] would run: $PY -m pip install --no-index --find-links $wheels --no-deps $wheels/*.whl"
+    echo "[dry-run] would run: $PY -m pip install --no-index --find-links $wheels --no-deps ${names[*]}"
   else
-    echo "[wheels] installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels (no index)"
-    "$PY" -m pip install --quiet --no-index --find-links "$wheels" --no-deps "$wheels"/*.whl
+    echo "[wheels] installing what is missing of ${#names[@]} packages from $wheels (no index)"
+    "$PY" -m pip install --quiet --no-index --find-links "$wheels" --no-deps "${names[@]}"
   fi
 fi
 
