@@ -59,7 +59,12 @@ class TaskConfig:
     # Columns of a data file that hold the question, answer and (optionally) pass rate,
     # e.g. {question: problem, answer: solution}; unnamed ones keep their own name.
     fields: dict = field(default_factory=dict)
-    thinking: str | None = None  # think | no_think: Qwen3's "/think" or "/no_think" after the question
+    # Qwen3's thinking modes (thinkrl/tasks/thinking.py): on | off | switch. The question gets the
+    # soft switch " /think" (on) or " /no_think" (off), and the chat template its enable_thinking
+    # flag where it has one; switch mixes the two per example, think_share of them on, and
+    # evaluates every held-out question in both modes. None: the question as it is.
+    thinking: str | None = None
+    think_share: float = 0.5
     max_prompt_tokens: int = 0  # rows whose rendered prompt is longer are skipped and counted (0: no limit)
     pass_rates: str | None = None  # JSONL written by `thinkrl difficulty`, joined on the question text
     min_pass_rate: float = 0.0  # keep training rows with min_pass_rate <= pass rate <= max_pass_rate
@@ -171,6 +176,9 @@ class EvalConfig:
     samples: int = 1  # completions per question: pass@1 is their mean, plus pass@k and maj@k for k = samples
     temperature: float | None = None  # None: greedy for samples=1, else rollout.temperature
     reflection_words: list = field(default_factory=lambda: list(REFLECTION_WORDS))
+    # s1's "Wait" extension (thinkrl/rollout/thinking.py): a response may not close its thinking
+    # before this many thinking tokens; 0: no minimum.
+    min_thinking: int = 0
 
 
 @dataclass
@@ -449,7 +457,9 @@ def validate(cfg: Config) -> None:
 
 def _validate_data(cfg: Config, need) -> None:
     t, s = cfg.task, cfg.sampling
-    need(t.thinking in (None, "think", "no_think"), f"task.thinking '{t.thinking}' unknown; choose from: think, no_think")
+    need(t.thinking in (None, "on", "off", "switch", "think", "no_think"),
+         f"task.thinking '{t.thinking}' unknown; choose from: on, off, switch")
+    need(0.0 <= t.think_share <= 1.0, "task.think_share must be between 0 and 1")
     need(t.max_prompt_tokens >= 0, "task.max_prompt_tokens must be >= 0 (0: no limit)")
     need(0.0 <= t.min_pass_rate <= t.max_pass_rate <= 1.0,
          "task.min_pass_rate and task.max_pass_rate must satisfy 0 <= min <= max <= 1")
@@ -473,6 +483,8 @@ def _validate_data(cfg: Config, need) -> None:
     need(s.max_rounds >= 0, "sampling.max_rounds must be >= 0")
     need(cfg.max_minutes >= 0, "max_minutes must be >= 0 (0: no limit)")
     need(cfg.eval.samples >= 1, "eval.samples must be >= 1")
+    need(isinstance(cfg.eval.min_thinking, int) and cfg.eval.min_thinking >= 0,
+         "eval.min_thinking must be a whole number of tokens >= 0 (0: no minimum)")
     need(cfg.eval.samples == 1 or cfg.eval.temperature is None or cfg.eval.temperature > 0,
          "eval.samples > 1 needs eval.temperature > 0 (greedy samples would all be the same)")
 

@@ -27,12 +27,24 @@ class SamplingParams:
     # At most this many tokens inside <think> ... </think>; then the closing phrase is forced
     # (thinkrl/rollout/thinking.py). None: no cap.
     thinking_budget: int | None = None
+    # s1's "Wait" extension: no closing of the thinking before this many thinking tokens
+    # (thinkrl/rollout/thinking.py). 0: no minimum.
+    min_thinking: int = 0
+
+    @property
+    def shapes_thinking(self) -> bool:
+        """Whether the engine must follow each row's thinking (a budget or a minimum)."""
+        return self.thinking_budget is not None or self.min_thinking > 0
 
     def __post_init__(self):
         if self.thinking_budget is not None:
             from thinkrl.rollout.thinking import check_budget
 
             check_budget(self.thinking_budget)
+        if isinstance(self.min_thinking, bool) or not isinstance(self.min_thinking, int) or self.min_thinking < 0:
+            from thinkrl.config import ConfigError
+
+            raise ConfigError(f"min_thinking must be a whole number of tokens >= 0, got {self.min_thinking!r}")
 
 
 @dataclass
@@ -64,7 +76,7 @@ class HFEngine:
     def __init__(self, model, tokenizer, *, batch_size: int = 64, bf16: bool = False):
         self.model, self.tok, self.batch_size, self.bf16 = model, tokenizer, batch_size, bf16
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
-        self._closing: list[int] | None = None  # the thinking budget's closing phrase, tokenized once
+        self._closing: dict | None = None  # the thinking phrases' token ids, tokenized once
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> Rollout:
@@ -89,18 +101,16 @@ class HFEngine:
             self.model.train(was_training)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         return Rollout(prompt_ids=flat, completion_ids=completions, texts=texts, truncated=truncated,
-                       forced=forced if params.thinking_budget is not None else None)
+                       forced=forced if params.shapes_thinking else None)
 
     def _budget(self, prompts: list[str], batch: list[list[int]], params: SamplingParams):
-        """A logits processor that enforces ``params.thinking_budget`` on a batch (the prompts'
-        text and ids), or None without a budget."""
-        if params.thinking_budget is None:
+        """A logits processor that enforces ``params.thinking_budget`` and ``min_thinking`` on a
+        batch (the prompts' text and ids), or None without either."""
+        if not params.shapes_thinking:
             return None
-        from thinkrl.rollout.thinking import BudgetLogitsProcessor, BudgetTracker, closing_ids
+        from thinkrl.rollout.thinking import BudgetLogitsProcessor, budget_tracker
 
-        if self._closing is None:
-            self._closing = closing_ids(self.tok)
-        tracker = BudgetTracker(self.tok, params.thinking_budget, prompts, self._closing)
+        tracker, self._closing = budget_tracker(self.tok, params, prompts, self._closing)
         return BudgetLogitsProcessor(tracker, max(len(x) for x in batch))
 
     def _generate_batch(self, batch: list[list[int]], params: SamplingParams, budget=None) -> list[list[int]]:

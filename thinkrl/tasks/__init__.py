@@ -186,6 +186,7 @@ def build_task(cfg: TaskConfig) -> Task:
     """The task ``cfg`` names, with pass-rate labels attached and filtered (see thinkrl.sampling)."""
     from thinkrl.sampling.difficulty import apply_pass_rates
     from thinkrl.tasks.files import FileTask, is_data_path
+    from thinkrl.tasks.thinking import apply_modes
 
     if cfg.name == "humaneval":
         from thinkrl.tasks.humaneval import HumanEvalTask
@@ -193,6 +194,7 @@ def build_task(cfg: TaskConfig) -> Task:
         task = HumanEvalTask(cfg)
     else:
         task = FileTask(cfg) if is_data_path(cfg.name) else ReasoningGymTask(cfg)
+    apply_modes(task, cfg.thinking, cfg.think_share, cfg.seed)  # before the pass rates: they join on the question
     apply_pass_rates(task, cfg)
     return task
 

@@ -230,7 +230,22 @@ def _sample_metrics(cfg: Config, g: Groups) -> dict:
         "zero_std_groups": 1.0 - len(g.varied()) / len(g),
         **reflection_stats(g.texts, cfg.eval.reflection_words),
         "generated_seqs": N,
+        **_mode_metrics(g),
     }
+
+
+def _mode_metrics(g: Groups) -> dict:
+    """Accuracy, form and length per thinking mode (``task.thinking``: ``accuracy/on``, ...)."""
+    G = len(g.totals) // max(1, len(g))
+    modes = [g.examples[i // G].meta.get("thinking") for i in range(len(g.totals))]
+    out = {}
+    for mode in sorted({m for m in modes if m}):
+        rows = [i for i, m in enumerate(modes) if m == mode]
+        for name, values in (("accuracy", g.parts.get("accuracy")), ("format_rate", g.parts.get("format")),
+                             ("response_len_mean", [len(c) for c in g.ro.completion_ids])):
+            if values is not None:
+                out[f"{name}/{mode}"] = sum(values[i] for i in rows) / len(rows)
+    return out
 
 
 def _samples(cfg: Config, step: int, g: Groups) -> list[dict]:
