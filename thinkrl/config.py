@@ -17,10 +17,9 @@ from typing import Any
 
 import yaml
 
+from thinkrl.errors import ConfigError  # re-exported: thinkrl.config.ConfigError
 
-class ConfigError(ValueError):
-    """A mistake in a config file or override that the user can fix."""
-
+__all__ = ["ConfigError"]  # and the schema's dataclasses
 
 # Phrases that mark a model re-examining its own reasoning (R1's "aha moment"), counted in the thinking.
 REFLECTION_WORDS = ("wait", "re-check", "recheck", "let me verify", "let me check", "double-check")
@@ -502,7 +501,7 @@ def validate_lora(lora: LoraConfig) -> None:
 
 
 def _validate_algo(cfg: Config, need) -> None:
-    from thinkrl.algorithms import USES_TOKEN_REWARDS, kl_in_for
+    from thinkrl.algorithms import ADVANTAGES, kl_in_for, takes_token_rewards
 
     a = cfg.algo
     need(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high must be > 0")
@@ -531,8 +530,8 @@ def _validate_algo(cfg: Config, need) -> None:
     need(a.vf_clip is None or a.vf_clip > 0, "algo.vf_clip must be > 0 (or null for no clipping)")
     need(a.kl_in in (None, "loss", "reward"), f"algo.kl_in '{a.kl_in}' unknown; choose from: loss, reward")
     if a.kl_coef > 0 and kl_in_for(a.advantage, a.kl_in) == "reward":
-        need(a.advantage in USES_TOKEN_REWARDS,
-             f"algo.kl_in=reward needs an estimator with token rewards ({', '.join(sorted(USES_TOKEN_REWARDS))}); "
+        need(takes_token_rewards(a.advantage),
+             f"algo.kl_in=reward needs an estimator with token rewards ({', '.join(ADVANTAGES.names(kl_in='reward'))}); "
              f"'{a.advantage}' uses one reward per completion: set algo.kl_in=loss")
 
 

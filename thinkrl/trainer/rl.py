@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thinkrl.algorithms import (ADVANTAGE_WEIGHTED, ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, USES_VALUES,
-                                AdvantageInput, LossParams, MovingAverage, aggregate, kl_in_for, loss_agg_for,
-                                tis_weights)
+from thinkrl.algorithms import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, AdvantageInput, LossParams, MovingAverage,
+                                advantage_weighted, aggregate, kl_in_for, loss_agg_for, needs_values, tis_weights)
 from thinkrl.config import Config, ConfigError, save_config
 from thinkrl.eval import eval_settings, evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
@@ -303,7 +302,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     # A group whose advantages are all zero adds nothing to an advantage-weighted loss; unless a
     # KL or entropy term or the loss itself needs it, it is skipped outright (the normalisers
     # below still count it, so the loss is unchanged).
-    needs_all = kl_in_loss or a.entropy_coef > 0 or a.loss not in ADVANTAGE_WEIGHTED
+    needs_all = kl_in_loss or a.entropy_coef > 0 or not advantage_weighted(a.loss)
     # (a NaN advantage is not a zero one: its group stays, so the loss guard sees it)
     def trains(g: int) -> bool:
         return needs_all or not bool((adv[g * G:(g + 1) * G] == 0).all())
@@ -443,7 +442,7 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
                             weight_decay=cfg.optim.weight_decay, fused=True)  # one pass per tensor, ~8x faster on CPU
     total = cfg.max_steps * cfg.algo.num_iterations * cfg.algo.mini_batches  # optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    critic = Critic.from_config(cfg, bf16) if cfg.algo.advantage in USES_VALUES else None
+    critic = Critic.from_config(cfg, bf16) if needs_values(cfg.algo.advantage) else None
     baseline = MovingAverage(cfg.algo.baseline_decay) if cfg.algo.baseline_decay is not None else None
     return Parts(cfg, model, ref, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt,
                  sched, bf16, sampler=build_sampler(task, cfg), critic=critic, baseline=baseline)
