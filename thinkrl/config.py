@@ -237,6 +237,9 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # The user's own components: .py files or module names imported before the config is
+    # checked, so what they register can be named here (thinkrl/plugins.py, docs/extending.md).
+    plugins: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -397,6 +400,10 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
         _deep_update(data, _reset_params_with_name(layer))
     cfg = cls()
     _merge(cfg, data)
+    if getattr(cfg, "plugins", None):
+        from thinkrl.plugins import load_plugins
+
+        load_plugins(cfg.plugins)
     if cls is Config:
         validate(cfg)
     elif hasattr(cfg, "validate"):
@@ -404,9 +411,20 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
     return cfg
 
 
+DTYPES = ("auto", "bf16", "fp32")
+
+
+def check_dtype(dtype: str) -> None:
+    """``dtype`` (of any command's config) is one of :data:`DTYPES`, or one ConfigError."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' unknown; choose from: {', '.join(DTYPES)}")
+
+
 def validate(cfg: Config) -> None:
     from thinkrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from thinkrl.rewards import check_options, resolve
+    from thinkrl.tasks.templates import TEMPLATES
+    from thinkrl.trainer.common import SCHEDULES
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -429,11 +447,11 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.max_bad_steps >= 1, "optim.max_bad_steps must be >= 1 (skipped updates in a row that stop a run)")
     need(cfg.save_every >= 0 and cfg.keep_checkpoints >= 0,
          "save_every and keep_checkpoints must be >= 0 (0: no step checkpoints, keep all of them)")
-    need(cfg.optim.schedule in ("constant", "cosine", "linear"),
-         f"optim.schedule '{cfg.optim.schedule}' unknown; choose from: constant, cosine, linear")
-    need(cfg.dtype in ("auto", "bf16", "fp32"), f"dtype '{cfg.dtype}' unknown; choose from: auto, bf16, fp32")
-    need(cfg.task.template in ("chat", "r1_zero", "plain"),
-         f"task.template '{cfg.task.template}' unknown; choose from: chat, r1_zero, plain")
+    need(cfg.optim.schedule in SCHEDULES, f"optim.schedule '{cfg.optim.schedule}' unknown; "
+         f"choose from: {', '.join(SCHEDULES.names())}")
+    check_dtype(cfg.dtype)
+    need(cfg.task.template in TEMPLATES, f"task.template '{cfg.task.template}' unknown; "
+         f"choose from: {', '.join(TEMPLATES.names())}")
     for reg, key in ((ADVANTAGES, cfg.algo.advantage), (POLICY_LOSSES, cfg.algo.loss),
                      (KL_ESTIMATORS, cfg.algo.kl_estimator)):
         reg.check(key)
@@ -474,8 +492,9 @@ def _validate_data(cfg: Config, need) -> None:
         need(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0, f"task.mixture[{i}].weight must be > 0")
     need(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in t.levels),
          "task.levels must be a list of integers >= 0")
-    need(s.order in ("shuffle", "curriculum", "prioritized"),
-         f"sampling.order '{s.order}' unknown; choose from: shuffle, curriculum, prioritized")
+    from thinkrl.sampling.samplers import SAMPLERS
+
+    need(s.order in SAMPLERS, f"sampling.order '{s.order}' unknown; choose from: {', '.join(SAMPLERS.names())}")
     need(0.0 < s.priority_floor <= 1.0, "sampling.priority_floor must be in (0, 1]")
     need(0.0 < s.priority_ema <= 1.0, "sampling.priority_ema must be in (0, 1]")
     need(0.0 <= s.priority_prior <= 1.0, "sampling.priority_prior must be in [0, 1]")

@@ -4,6 +4,7 @@ and Qwen3's /think and /no_think switches (see thinkrl/tasks/thinking.py)."""
 from __future__ import annotations
 
 from thinkrl.config import TaskConfig
+from thinkrl.registry import Registry
 from thinkrl.tasks.thinking import ON, SWITCH, empty_thinking, question_mode
 
 # DeepSeek-AI 2025, "DeepSeek-R1", Table 1: the template R1-Zero was trained with.
@@ -16,6 +17,9 @@ R1_ZERO = (
 )
 
 
+TEMPLATES: Registry = Registry("prompt template")  # fn(question, tokenizer, task cfg) -> (prompt, prefill)
+
+
 def render_prompt(question: str, tokenizer, cfg: TaskConfig) -> tuple[str, str]:
     """Return ``(prompt_text, prefill)``: the text fed to the model, and the part of it that
     belongs to the response (the reward sees ``prefill + completion``).
@@ -26,11 +30,22 @@ def render_prompt(question: str, tokenizer, cfg: TaskConfig) -> tuple[str, str]:
     a chat template that has the ``enable_thinking`` flag gets it. Where that flag writes an
     empty thinking block into the prompt (Qwen3's), the block counts as prefill, so the
     reward sees the whole no-thinking response."""
+    return TEMPLATES.get(cfg.template)(question, tokenizer, cfg)
+
+
+@TEMPLATES.register("r1_zero")
+def _r1_zero(question: str, tokenizer, cfg: TaskConfig) -> tuple[str, str]:
+    return R1_ZERO.format(question=question), "<think>"
+
+
+@TEMPLATES.register("plain")
+def _plain(question: str, tokenizer, cfg: TaskConfig) -> tuple[str, str]:
+    return question + "\n" + cfg.prefill, cfg.prefill
+
+
+@TEMPLATES.register("chat")
+def _chat(question: str, tokenizer, cfg: TaskConfig) -> tuple[str, str]:
     mode = question_mode(question)
-    if cfg.template == "r1_zero":
-        return R1_ZERO.format(question=question), "<think>"
-    if cfg.template == "plain":
-        return question + "\n" + cfg.prefill, cfg.prefill
     messages = chat_messages(question, cfg)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prefill = cfg.prefill

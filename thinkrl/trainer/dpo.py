@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from thinkrl.algorithms.preference import PREFERENCE_LOSSES
-from thinkrl.config import TaskConfig
+from thinkrl.config import TaskConfig, check_dtype
 from thinkrl.data import IGNORE, encode_prompt_completion, read_rows
 from thinkrl.models import load_model
 from thinkrl.tasks import DataError
@@ -62,7 +62,7 @@ class DPOConfig:
         need(self.beta > 0, "beta must be > 0")
         need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
         need(self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0")
-        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
+        check_dtype(self.dtype)
         validate_checkpointing(self)
 
 

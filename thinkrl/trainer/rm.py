@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from thinkrl.config import TaskConfig
+from thinkrl.config import TaskConfig, check_dtype
 from thinkrl.data import read_rows
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
@@ -70,7 +70,7 @@ class RMConfig:
         need(self.margin >= 0, "margin must be >= 0")
         need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
         need(self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0")
-        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
+        check_dtype(self.dtype)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

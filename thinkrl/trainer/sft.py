@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from thinkrl.config import ConfigError, TaskConfig, validate_lora
+from thinkrl.config import ConfigError, TaskConfig, check_dtype, validate_lora
 from thinkrl.data import IGNORE, encode_sft_rows, read_rows
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
@@ -64,7 +64,7 @@ class SFTConfig:
         need(self.batch_size >= 1 and self.max_len >= 2, "batch_size must be >= 1 and max_len >= 2")
         need(self.lr > 0, "lr must be > 0")
         need(0 <= self.kd_coef <= 1, "kd_coef must be in [0, 1]")
-        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
+        check_dtype(self.dtype)
         validate_lora(self.lora)
         validate_checkpointing(self)
 
