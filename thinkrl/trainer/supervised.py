@@ -56,7 +56,10 @@ def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_
 
     model.train()
     step = start
-    with StopRequests() as stop:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=name, disable=not cfg.progress, dynamic_ncols=True)
+    with bar, StopRequests() as stop:
         for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
             if step <= start:
                 continue  # the batch order is a pure function of the seed: skip what the checkpoint did
@@ -66,8 +69,8 @@ def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_
                        "lr": sched.get_last_lr()[0], **({"skip_cause": cause} if cause else {})}
             guard.record(step, metrics)
             metrics_log.write(metrics)
-            if cfg.progress and (step % 10 == 0 or step == total):
-                log.info("%s step %d/%d loss %.4f", name, step, total, metrics["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if guard.exhausted:
                 raise guard.error(ckpt.latest_checkpoint(out))
             if step == total:
