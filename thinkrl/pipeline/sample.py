@@ -170,7 +170,7 @@ def select(question: str, answer: str, samples: list[Sample], cfg: SampleConfig)
 
 def run_sample(cfg: SampleConfig) -> dict:
     """Sample, filter, write ``cfg.output`` (JSONL) and ``<output>.stats.json``; returns the stats."""
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     seed_everything(cfg.seed)
     task = build_task(cfg.task)

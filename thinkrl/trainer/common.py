@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from thinkrl.config import ConfigError, LoraConfig
@@ -123,6 +125,13 @@ def pack(encoded: list, max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     visible = (causal & (seg[:, :, None] == seg[:, None, :])) | torch.eye(width, dtype=torch.bool)
     mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask[:, None]}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every trainer, before it builds anything)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 SCHEDULES: Registry = Registry("learning-rate schedule")  # fn(frac, min_ratio) -> multiplier after warm-up

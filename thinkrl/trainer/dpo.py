@@ -99,7 +99,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     as in the RL loop (thinkrl/trainer/supervised.py). The reference log-probs, computed once
     from the starting model, travel in every checkpoint, so a resumed run uses the same ones."""
     from thinkrl.device import use_bf16
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
     found, weights = start_weights(cfg, out)

@@ -14,12 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from thinkrl.algorithms import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, AdvantageInput, LossParams, MovingAverage,
@@ -38,7 +36,7 @@ from thinkrl.tasks.templates import drop_long_prompts, render_prompt
 from thinkrl import sandbox
 from thinkrl.rewards.code import runs_code
 from thinkrl.trainer import checkpoint as ckpt
-from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule
+from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule, seed_everything
 from thinkrl.perf import tune_allocator
 from thinkrl.rollout.fast import FastEngine, unsupported
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
@@ -108,12 +106,6 @@ class Reference:
 def lr_lambda(cfg: Config, total: int):
     o = cfg.optim
     return lr_schedule(o.warmup_steps, total, o.schedule, o.min_lr_ratio)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------

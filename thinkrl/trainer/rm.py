@@ -116,7 +116,7 @@ def train_rm(cfg: RMConfig) -> Path:
 
     from thinkrl.device import use_bf16
     from thinkrl.trainer import checkpoint as ckpt
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
     found = ckpt.resume_point(out, cfg.resume)

@@ -117,7 +117,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     """Train and write an HF model folder to ``output_dir/final``; returns that path.
     Checkpoints and ``resume=true`` as in the RL loop (thinkrl/trainer/supervised.py)."""
     from thinkrl.device import use_bf16
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
     found, weights = start_weights(cfg, out)
