@@ -88,7 +88,7 @@ def _model_args(items: list[str], short: dict) -> tuple[list[str], str | None, l
 
 def cmd_eval(args: list[str]) -> int:
     from thinkrl.config import build_config
-    from thinkrl.eval import eval_settings, evaluate, format_table, write_json
+    from thinkrl.eval import eval_settings, evaluate, format_mode_table, format_table, write_json
     from thinkrl.eval.budget import parse_budgets
     from thinkrl.models import load_model
     from thinkrl.rollout import engine_on
@@ -129,6 +129,9 @@ def cmd_eval(args: list[str]) -> int:
         _report_budgets(runs, budgets, output, head)
     else:
         print(format_table([(name, res["summary"]) for name, res in runs]))
+        by_mode = format_mode_table([(name, res["summary"]) for name, res in runs])
+        if by_mode:
+            print("\nper thinking mode (task.thinking):\n" + by_mode)
         write_json(output, {**head, "results": dict(runs)})
     print(f"wrote {output}")
     return 0

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from thinkrl.config import ConfigError
+from thinkrl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

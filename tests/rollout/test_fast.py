@@ -407,7 +407,7 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatc
     different lengths: the engine runs the prefix once, then the tails (one extra prefill pass,
     whose first call has a single row), and gives the same tokens and log-probs as running
     every prompt in full (fp32), in generate and in score."""
-    import thinkrl.rollout as rollout
+    import thinkrl.rollout.base as rollout  # where shared_prefix_len reads MIN_SHARED_PREFIX
 
     model, tok = lively
     shot = [{"role": "system", "content": "You add numbers. Think step by step, then answer."},

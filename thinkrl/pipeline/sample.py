@@ -27,7 +27,7 @@ from thinkrl.pipeline.teacher import EndpointConfig, as_response, chat_completio
 from thinkrl.rewards import RewardModel
 from thinkrl.rollout import SamplingParams, engine_on
 from thinkrl.tasks import build_task
-from thinkrl.tasks.templates import render_prompt
+from thinkrl.tasks.templates import chat_messages, render_prompt
 from thinkrl.trainer.common import need
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,7 @@ def judge(samples: list[Sample], fmt: list[float], truncated: list[bool], cfg: S
 
 def context_messages(question: str, cfg: TaskConfig) -> list[dict]:
     """The chat turns the chat template renders before the answer (few-shot turns are context only)."""
-    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    for shot in cfg.fewshot:
-        msgs += [{"role": "user", "content": shot["question"]},
-                 {"role": "assistant", "content": shot["response"], "weight": 0}]
-    return msgs + [{"role": "user", "content": question}]
+    return [{**m, "weight": 0} if m["role"] == "assistant" else m for m in chat_messages(question, cfg)]
 
 
 def generate(cfg: SampleConfig, examples: list, tok, model) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:
@@ -173,7 +169,7 @@ def select(question: str, answer: str, samples: list[Sample], cfg: SampleConfig)
 
 def run_sample(cfg: SampleConfig) -> dict:
     """Sample, filter, write ``cfg.output`` (JSONL) and ``<output>.stats.json``; returns the stats."""
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     seed_everything(cfg.seed)
     task = build_task(cfg.task)

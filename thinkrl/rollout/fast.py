@@ -41,9 +41,10 @@ from torch import Tensor
 from thinkrl import device
 from thinkrl.device import is_cuda
 from thinkrl.perf import tune_allocator
-from thinkrl.rollout import ENGINES, Engine, HFEngine, Rollout, SamplingParams, hits_stop, shared_prefix_len
+from thinkrl.rollout.base import ENGINES, Engine, Rollout, SamplingParams, hits_stop, shared_prefix_len
+from thinkrl.rollout.hf import HFEngine
 from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
-from thinkrl.rollout.thinking import BudgetTracker, closing_ids, forced_logps
+from thinkrl.rollout.thinking import BudgetTracker, budget_tracker, forced_logps
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -324,7 +325,7 @@ class FastEngine(Engine):
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos} - {None})
         self._rope_inv_freq = self._inv_freq(cfg)
         self._version = None
-        self._closing: list[int] | None = None  # the thinking budget's closing phrase, tokenized once
+        self._closing: dict | None = None  # the thinking phrases' token ids, tokenized once
         self.packer = device.packer(self.dtype, batch_size, prepack)
         self.head_packed = None
         # decode attention in C (bf16 caches, head dims of 16k) where it builds and agrees with the torch path
@@ -640,7 +641,7 @@ class FastEngine(Engine):
 
     def _generate(self, ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
         ids = [list(p) for p in ids]
-        prompts = self.tok.batch_decode(ids) if params.thinking_budget is not None else [""] * len(ids)
+        prompts = self.tok.batch_decode(ids) if params.shapes_thinking else [""] * len(ids)
         ends = sorted(set(self.eos_ids) | set(params.stop_ids))
         stops = self.stop_strings + params.stop_strings
         per_chunk = max(1, self.batch_size // n)  # prompts per chunk, so a chunk holds ~batch_size rows
@@ -657,15 +658,15 @@ class FastEngine(Engine):
         truncated = [not (c and (c[-1] in ends or hits_stop(self.tok, c, stops))) for c in comps]
         texts = self.tok.batch_decode(comps, skip_special_tokens=True)
         return Rollout(prompt_ids=flat, completion_ids=comps, texts=texts, truncated=truncated, logps=logps,
-                       forced=forced if params.thinking_budget is not None else None)
+                       forced=forced if params.shapes_thinking else None)
 
     def _budget(self, prompts: list[str], params: SamplingParams) -> BudgetTracker | None:
-        """The bookkeeping of ``params.thinking_budget`` for a chunk's rows, or None."""
-        if params.thinking_budget is None:
+        """The bookkeeping of ``params.thinking_budget`` and ``min_thinking`` for a chunk's
+        rows, or None without either."""
+        if not params.shapes_thinking:
             return None
-        if self._closing is None:
-            self._closing = closing_ids(self.tok)
-        return BudgetTracker(self.tok, params.thinking_budget, prompts, self._closing)
+        tracker, self._closing = budget_tracker(self.tok, params, prompts, self._closing)
+        return tracker
 
     def _prefill(self, prompts: list[list[int]], extra: int = 0):
         """Run the prompts; returns the last positions' logits [g, V] fp32, per-layer key/value
@@ -777,8 +778,12 @@ class FastEngine(Engine):
         """The batch rows that must emit a forced token this step, those tokens, and their
         log-probs under the distribution the other rows sample from; None if no row must.
         Called before sampling, which overwrites ``logits``."""
-        want = [budget.next_forced(r) for r in alive.tolist()]
+        want = [budget.next_forced(r, logits[i]) for i, r in enumerate(alive.tolist())]
         rows = [i for i, w in enumerate(want) if w is not None]
+        if budget.min_thinking:  # rows under the minimum that sample: no closing tag yet
+            early = [i for i, r in enumerate(alive.tolist()) if want[i] is None and budget.must_think(r)]
+            if early:
+                logits[torch.tensor(early)[:, None], torch.tensor(budget.close_starts)[None]] = float("-inf")
         if not rows:
             return None
         idx, ftok = torch.tensor(rows), torch.tensor([want[i] for i in rows])

@@ -14,17 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from thinkrl.algorithms import (ADVANTAGE_WEIGHTED, ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, USES_VALUES,
-                                AdvantageInput, LossParams, MovingAverage, aggregate, kl_in_for, loss_agg_for,
-                                tis_weights)
+from thinkrl.algorithms import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, AdvantageInput, LossParams, MovingAverage,
+                                advantage_weighted, aggregate, kl_in_for, loss_agg_for, needs_values, tis_weights)
 from thinkrl.config import Config, ConfigError, save_config
 from thinkrl.eval import eval_settings, evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
@@ -39,7 +36,7 @@ from thinkrl.tasks.templates import drop_long_prompts, render_prompt
 from thinkrl import sandbox
 from thinkrl.rewards.code import runs_code
 from thinkrl.trainer import checkpoint as ckpt
-from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule
+from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule, seed_everything
 from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.guards import BadStepGuard, skip_cause
@@ -109,12 +106,6 @@ class Reference:
 def lr_lambda(cfg: Config, total: int):
     o = cfg.optim
     return lr_schedule(o.warmup_steps, total, o.schedule, o.min_lr_ratio)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------
@@ -231,7 +222,22 @@ def _sample_metrics(cfg: Config, g: Groups) -> dict:
         "zero_std_groups": 1.0 - len(g.varied()) / len(g),
         **reflection_stats(g.texts, cfg.eval.reflection_words),
         "generated_seqs": N,
+        **_mode_metrics(g),
     }
+
+
+def _mode_metrics(g: Groups) -> dict:
+    """Accuracy, form and length per thinking mode (``task.thinking``: ``accuracy/on``, ...)."""
+    G = len(g.totals) // max(1, len(g))
+    modes = [g.examples[i // G].meta.get("thinking") for i in range(len(g.totals))]
+    out = {}
+    for mode in sorted({m for m in modes if m}):
+        rows = [i for i, m in enumerate(modes) if m == mode]
+        for name, values in (("accuracy", g.parts.get("accuracy")), ("format_rate", g.parts.get("format")),
+                             ("response_len_mean", [len(c) for c in g.ro.completion_ids])):
+            if values is not None:
+                out[f"{name}/{mode}"] = sum(values[i] for i in rows) / len(rows)
+    return out
 
 
 def _samples(cfg: Config, step: int, g: Groups) -> list[dict]:
@@ -289,7 +295,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     # A group whose advantages are all zero adds nothing to an advantage-weighted loss; unless a
     # KL or entropy term or the loss itself needs it, it is skipped outright (the normalisers
     # below still count it, so the loss is unchanged).
-    needs_all = kl_in_loss or a.entropy_coef > 0 or a.loss not in ADVANTAGE_WEIGHTED
+    needs_all = kl_in_loss or a.entropy_coef > 0 or not advantage_weighted(a.loss)
     # (a NaN advantage is not a zero one: its group stays, so the loss guard sees it)
     def trains(g: int) -> bool:
         return needs_all or not bool((adv[g * G:(g + 1) * G] == 0).all())
@@ -429,7 +435,7 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
                             weight_decay=cfg.optim.weight_decay, fused=True)  # one pass per tensor, ~8x faster on CPU
     total = cfg.max_steps * cfg.algo.num_iterations * cfg.algo.mini_batches  # optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    critic = Critic.from_config(cfg, bf16, dev) if cfg.algo.advantage in USES_VALUES else None
+    critic = Critic.from_config(cfg, bf16, dev) if needs_values(cfg.algo.advantage) else None
     baseline = MovingAverage(cfg.algo.baseline_decay) if cfg.algo.baseline_decay is not None else None
     return Parts(cfg, model, ref, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt,
                  sched, bf16, sampler=build_sampler(task, cfg), critic=critic, baseline=baseline, dev=dev)

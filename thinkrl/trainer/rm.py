@@ -21,58 +21,38 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from thinkrl import device
-from thinkrl.config import TaskConfig
 from thinkrl.data import read_rows
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
 from thinkrl.trainer.common import make_optimizer, need
 from thinkrl.trainer.dpo import Pair, encode_pairs
-from thinkrl.trainer.supervised import run_steps, validate_checkpointing
+from thinkrl.trainer.supervised import SupervisedConfig, run_steps
 
 log = logging.getLogger(__name__)
 RM_FILE = "thinkrl_rm.json"
 
 
 @dataclass
-class RMConfig:
-    model: str = "smollm2-135m"
-    data: str = ""  # JSONL of prompt/chosen/rejected rows (the format of thinkrl dpo)
+class RMConfig(SupervisedConfig):
+    command: ClassVar[str] = "rm"
+    data_help: ClassVar[str] = "a JSONL file of prompt/chosen/rejected rows"
+
     output_dir: str = "runs/rm"
     margin: float = 0.0  # Bradley-Terry with a margin: chosen must beat rejected by this much
     eval_fraction: float = 0.1  # seeded share of the pairs held out for pair accuracy
-    epochs: int = 1
-    max_steps: int = 0  # 0: as many as the epochs take
-    batch_size: int = 8  # pairs per step
-    max_len: int = 512
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (thinkrl/device.py)
-    progress: bool = True
-    save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
-    keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
-    resume: bool = False  # continue the run in output_dir from its newest whole checkpoint
-    max_bad_steps: int = 3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
-    task: TaskConfig = field(default_factory=TaskConfig)  # renders the prompts
 
     def validate(self) -> None:
-        validate_checkpointing(self)
-        need(bool(self.data), "rm needs data=PATH (a JSONL file of prompt/chosen/rejected rows)")
+        super().validate()
         need(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
         need(self.margin >= 0, "margin must be >= 0")
-        need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
-        need(self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0")
-        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -138,7 +118,7 @@ def train_rm(cfg: RMConfig) -> Path:
     from transformers import AutoModelForSequenceClassification
 
     from thinkrl.trainer import checkpoint as ckpt
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
     found = ckpt.resume_point(out, cfg.resume)
