@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor
 
 from thinkrl import device
 from thinkrl.rollout.base import ENGINES, Engine, Rollout, SamplingParams, _as_list, cut_at_end
@@ -11,10 +12,10 @@ from thinkrl.rollout.base import ENGINES, Engine, Rollout, SamplingParams, _as_l
 @ENGINES.register("hf")
 class HFEngine(Engine):
     """Reference engine: ``transformers`` ``generate`` on left-padded batches, on whichever
-    device the model is on. Log-probs come from the raw logits of each step (``output_logits``),
-    under softmax(logits / temperature) with banned end tokens removed: the same distribution
-    the fast engine reports (except under ``min_thinking``, whose ban on closing the thinking
-    early acts on the processed scores only, so that it is not in these log-probs)."""
+    device the model is on. Log-probs are of softmax(logits / temperature) with banned end tokens
+    removed (:class:`_LogpRecorder`): the distribution the fast engine reports, except under
+    ``min_thinking``, whose ban on closing the thinking early is applied after the recorder
+    and so is not in these log-probs."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, bf16: bool = False):
         self.model, self.tok, self.batch_size, self.bf16 = model, tokenizer, batch_size, bf16
@@ -75,24 +76,42 @@ class HFEngine(Engine):
         attn = device.to(torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch]), dev)  # [b, P]
         greedy = params.temperature <= 0
         kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=not greedy, pad_token_id=pad,
-                      eos_token_id=ends, min_new_tokens=params.min_new_tokens or None,
-                      return_dict_in_generate=True, output_logits=True)
+                      eos_token_id=ends, min_new_tokens=params.min_new_tokens or None)
         if not greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if budget is not None:
-            kwargs["logits_processor"] = [budget]
+        recorder = _LogpRecorder(1.0 if greedy else params.temperature)
+        kwargs["logits_processor"] = [recorder] + ([budget] if budget is not None else [])
         with device.autocast(self.bf16, dev):
-            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
-        toks = out.sequences[:, width:]  # [b, T]
-        lp = torch.zeros(toks.shape, dtype=torch.float32, device=toks.device)  # [b, T]
-        for t, raw in enumerate(out.logits):  # one [b, V] per step: no [b, T, V] copy
-            z = raw.float() / (1.0 if greedy else params.temperature)
-            if t < params.min_new_tokens:
-                z[:, ends] = float("-inf")  # banned there, as generate bans them
-            lp[:, t] = torch.log_softmax(z, -1).gather(-1, toks[:, t, None]).squeeze(-1)
-        return toks.tolist(), lp.tolist()
+            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)  # [b, P + T]
+        toks = out[:, width:]  # [b, T]
+        return toks.tolist(), recorder.finish(toks).tolist()
+
+
+class _LogpRecorder(LogitsProcessor):
+    """Records the log-prob of each sampled token under softmax(scores / temperature), where
+    ``scores`` are what ``generate``'s own processors left (end tokens banned before
+    ``min_new_tokens``) and before its temperature, top-k and top-p warpers, which run after
+    the processors a caller passes. A call sees the token chosen after the previous call, so
+    only one [b, V] distribution is kept at a time (``output_logits`` would keep all T)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.last: torch.Tensor | None = None  # [b, V] log-probs of the step being sampled
+        self.out: list[torch.Tensor] = []  # [b] per step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.out.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def finish(self, toks: torch.Tensor) -> torch.Tensor:
+        """The log-probs [b, T] of the generated tokens ``toks`` [b, T]."""
+        if self.last is not None and len(self.out) < toks.shape[1]:
+            self.out.append(self.last.gather(-1, toks[:, -1:]).squeeze(-1))
+        return torch.stack(self.out, 1) if self.out else toks.new_zeros(toks.shape, dtype=torch.float32)
 
 
 def _device_of(model) -> str:
