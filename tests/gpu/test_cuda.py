@@ -123,3 +123,21 @@ def test_supervised_trainers_on_cuda_match_the_cpu_in_fp32(tmp_path, command):
                      f"output_dir={out}"]) == 0
         losses[dev] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["cpu"]), atol=1e-4, rtol=1e-4)
+
+
+def test_a_cuda_run_resumes_on_the_cpu(tmp_path):
+    """Checkpoints hold CPU tensors only where it matters: the trainer state loads anywhere."""
+    from thinkrl.cli import main
+
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(20)))
+    out = tmp_path / "run"
+    common = ["train", "model=tiny-random", f"task.name={data}", f"output_dir={out}", "rollout.max_new_tokens=8",
+              "rollout.prompts_per_step=2", "rollout.group_size=2", "eval.before=false", "eval.after=false",
+              "progress=false", "plot=false", "task.template=plain", "save_every=1", "keep_checkpoints=0",
+              "dtype=fp32"]
+    assert main([*common, "device=cuda", "max_steps=2"]) == 0
+    assert main([*common, "device=cpu", "max_steps=3", "resume=true"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

@@ -585,7 +585,7 @@ def _restore(p: Parts, guard: BadStepGuard, out: Path, path: Path, state: dict) 
         cpath = critic_path(out, path.name)
         if not cpath.is_file():
             raise ConfigError(f"{path} has no critic checkpoint ({cpath}); cannot resume a gae run")
-        p.critic.load_state_dict(torch.load(cpath, weights_only=True))
+        p.critic.load_state_dict(torch.load(cpath, weights_only=True, map_location="cpu"))
     log.info("resumed from %s at step %d", path, state["step"])
     return state["step"]
 
