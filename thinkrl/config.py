@@ -62,7 +62,7 @@ class TaskConfig:
     # soft switch " /think" (on) or " /no_think" (off), and the chat template its enable_thinking
     # flag where it has one; switch mixes the two per example, think_share of them on, and
     # evaluates every held-out question in both modes. None: the question as it is.
-    thinking: str | None = None
+    thinking: str | bool | None = None  # YAML reads a bare on / off as true / false: the same modes
     think_share: float = 0.5
     max_prompt_tokens: int = 0  # rows whose rendered prompt is longer are skipped and counted (0: no limit)
     pass_rates: str | None = None  # JSONL written by `thinkrl difficulty`, joined on the question text
@@ -475,7 +475,7 @@ def validate(cfg: Config) -> None:
 
 def _validate_data(cfg: Config, need) -> None:
     t, s = cfg.task, cfg.sampling
-    need(t.thinking in (None, "on", "off", "switch", "think", "no_think"),
+    need(t.thinking is None or isinstance(t.thinking, bool) or t.thinking in ("on", "off", "switch", "think", "no_think"),
          f"task.thinking '{t.thinking}' unknown; choose from: on, off, switch")
     need(0.0 <= t.think_share <= 1.0, "task.think_share must be between 0 and 1")
     need(t.max_prompt_tokens >= 0, "task.max_prompt_tokens must be >= 0 (0: no limit)")

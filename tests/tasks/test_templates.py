@@ -64,6 +64,11 @@ def test_thinking_must_be_on_off_or_switch():
     with pytest.raises(ConfigError, match="task.think_share"):
         build_config(overrides=["task.thinking=switch", "task.think_share=1.5"])
     assert build_config(overrides=["task.thinking=no_think"]).task.thinking == "no_think"  # the older spelling
+    from thinkrl.tasks.thinking import normalise
+
+    # YAML reads task.thinking=off as false: still the off mode
+    assert [normalise(build_config(overrides=[f"task.thinking={v}"]).task.thinking) for v in ("on", "off", "switch")] == [
+        "on", "off", "switch"]
 
 
 def test_prompts_over_max_prompt_tokens_are_skipped_and_counted(tiny_pair, caplog):

@@ -33,8 +33,11 @@ _ALIASES = {"on": ON, "think": ON, "off": OFF, "no_think": OFF, "switch": "switc
 _TRAILING = re.compile(r"\s/(think|no_think)\s*$")
 
 
-def normalise(setting: str | None) -> str | None:
-    """``task.thinking`` as one of on, off, switch (think / no_think are older spellings)."""
+def normalise(setting: str | bool | None) -> str | None:
+    """``task.thinking`` as one of on, off, switch (think / no_think are older spellings; YAML
+    reads a bare ``on`` / ``off`` as true / false)."""
+    if isinstance(setting, bool):
+        return ON if setting else OFF
     return None if setting is None else _ALIASES[setting]
 
 
