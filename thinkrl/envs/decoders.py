@@ -1,0 +1,122 @@
+"""Turn decoders: generate the next policy turn of many episodes, from token ids.
+
+A decoder holds one token sequence per episode (``open``), generates a turn for some of them
+(``turn``), and takes the environment's observation tokens (``extend``). It never sees text
+to re-encode: what the policy sampled and what the environment said stay the exact ids.
+
+- :class:`RePrefill` re-runs each sequence in full at every turn, on the rollout engine's
+  own id-level generation (fast or hf). Simple and exact; the cost of a turn grows with the
+  history.
+- A cache-append decoder keeps each episode's keys/values and only runs the new tokens
+  (``thinkrl/rollout/slots.py``, where present); it must give the same tokens and log-probs
+  as :class:`RePrefill` greedily (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from dataclasses import dataclass
+from typing import Protocol
+
+from thinkrl.rollout import HFEngine, SamplingParams
+
+
+@dataclass
+class Turn:
+    ids: list[int]  # the sampled tokens of the turn, EOS or the stop string's last token included
+    logps: list[float] | None  # their behaviour log-probs, where the engine gives them
+    stopped: str  # eos | stop (a stop string: a tool call) | length (the episode's token budget)
+
+
+class TurnDecoder(Protocol):
+    def open(self, prompts: list[list[int]]) -> None: ...
+
+    def turn(self, rows: list[int], budgets: list[int], params: SamplingParams, stop: tuple[str, ...]) -> list[Turn]: ...
+
+    def extend(self, row: int, ids: list[int]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+STOP_WINDOW = 16  # tokens decoded to look for a stop string (as the fast engine does)
+
+
+def hits_stop(tok, ids: list[int], stop: tuple[str, ...]) -> bool:
+    tail = tok.decode(ids[-STOP_WINDOW:], skip_special_tokens=True)
+    return any(s in tail for s in stop)
+
+
+def cut_turn(tok, ids: list[int], logps: list[float] | None, budget: int, eos: set[int],
+             stop: tuple[str, ...]) -> Turn:
+    """The turn that ``ids`` (sampled past the end, possibly) holds: up to the first EOS or stop
+    string, and at most ``budget`` tokens. Cutting a longer sample is exact: the tokens before
+    the cut were sampled from the same distributions as if generation had stopped there."""
+    for k, t in enumerate(ids):
+        if k >= budget:
+            break
+        end = None
+        if t in eos:
+            end = "eos"
+        elif stop and hits_stop(tok, ids[: k + 1], stop):
+            end = "stop"
+        if end is not None:
+            return Turn(ids[: k + 1], None if logps is None else logps[: k + 1], end)
+    k = min(budget, len(ids))
+    return Turn(ids[:k], None if logps is None else logps[:k], "length")
+
+
+class RePrefill:
+    """Every turn re-runs the whole sequence so far (prompt, earlier turns, observations)."""
+
+    def __init__(self, engine, tok):
+        self.engine, self.tok = engine, tok
+        self.seqs: list[list[int]] = []
+
+    def open(self, prompts: list[list[int]]) -> None:
+        self.seqs = [list(p) for p in prompts]
+        if getattr(self.engine, "model", None) is not None and hasattr(self.engine, "sync"):
+            self.engine.sync()  # the fast engine samples from the policy's current weights
+
+    def turn(self, rows: list[int], budgets: list[int], params: SamplingParams, stop: tuple[str, ...]) -> list[Turn]:
+        p = dataclasses.replace(params, max_new_tokens=max(budgets))
+        raw, raw_lp = self._generate([self.seqs[r] for r in rows], p, stop)
+        eos = set(self.engine.eos_ids)
+        out = []
+        for r, ids, lp, b in zip(rows, raw, raw_lp, budgets):
+            t = cut_turn(self.tok, ids, lp, b, eos, stop)
+            self.seqs[r] += t.ids
+            out.append(t)
+        return out
+
+    def extend(self, row: int, ids: list[int]) -> None:
+        self.seqs[row] += ids
+
+    def close(self) -> None:
+        self.seqs = []
+
+    @torch.inference_mode()
+    def _generate(self, seqs: list[list[int]], p: SamplingParams, stop: tuple[str, ...]):
+        eng = self.engine
+        size = eng.batch_size
+        ids, lps = [], []
+        if isinstance(eng, HFEngine):  # ids only (HF generate gives no log-probs here); cut afterwards
+            was = eng.model.training
+            eng.model.eval()
+            try:
+                for s in range(0, len(seqs), size):
+                    ids += eng._generate_batch(seqs[s: s + size], p)
+            finally:
+                eng.model.train(was)
+            return ids, [None] * len(ids)
+        old = eng.stop_strings
+        eng.stop_strings = tuple(stop)  # rows end at a stop string; cut_turn finds the same token
+        try:
+            for s in range(0, len(seqs), size):
+                c, lp = eng._generate_chunk(seqs[s: s + size], 1, p)
+                ids += c
+                lps += lp
+        finally:
+            eng.stop_strings = old
+        return ids, lps
