@@ -7,7 +7,7 @@ import torch
 from thinkrl.config import EnvConfig, TaskConfig
 from thinkrl.envs import build_env
 from thinkrl.envs.decoders import Turn, cut_turn
-from thinkrl.envs.episodes import Episode, run_episodes, to_rollout, tool_metrics
+from thinkrl.envs.episodes import run_episodes, to_rollout, tool_metrics
 from thinkrl.models import build_tiny_tokenizer
 from thinkrl.rollout import Rollout, SamplingParams
 from thinkrl.sampling import Groups
