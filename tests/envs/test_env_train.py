@@ -117,3 +117,8 @@ def test_two_step_run_with_tool_calls(tmp_path, monkeypatch, byte_sum_reward):
     assert [t["role"] for t in s["turns"]] == ["assistant", "tool", "assistant"]
     assert s["turns"][1]["text"] == "\n<output>\n42\n</output>\n" and s["reason"] == "answered"
     assert s["env_tokens"] == 23
+    # the held-out evaluation runs in the environment too: the same policy, with its tool
+    after = read_jsonl(out / "evals.jsonl")[-1]
+    assert after["label"] == "after" and after["tool/calls_per_episode"] == 1.0 and after["n"] == 2
+    rec = json.loads((out / "eval_after.json").read_text())["records"][0]
+    assert [t["role"] for t in rec["episode"]["turns"]] == ["assistant", "tool", "assistant"]

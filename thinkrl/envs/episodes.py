@@ -207,3 +207,34 @@ def tool_metrics(ro: Rollout) -> dict:
     return {"tool/calls_per_episode": sum(calls) / n, "tool/episodes_with_call": sum(c > 0 for c in calls) / n,
             "tool/over_budget": sum(r == "tool_budget_exceeded" for r in reasons),
             "tool/killed_calls": killed, "tool/policy_tokens_mean": sum(e["policy_tokens"] for e in ro.episodes) / n}
+
+
+def evaluate_episodes(engine, tok, env, examples: list, cfg, *, max_new_tokens: int, temperature: float = 0.0,
+                      reflection_words=(), **_) -> dict:
+    """Held-out evaluation inside the environment (one episode per example, greedy by
+    default): what :func:`thinkrl.eval.evaluate` reports, plus the tool statistics, so that a
+    run with the tool is measured with the tool."""
+    from thinkrl.config import ConfigError
+    from thinkrl.envs.decoders import RePrefill
+    from thinkrl.eval.metrics import reflection_stats
+    from thinkrl.rewards import RewardModel
+
+    if not examples:
+        raise ConfigError("no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)")
+    t0 = time.perf_counter()
+    eps, _ = run_episodes(env, RePrefill(engine, tok), tok, examples, cfg.task, 1,
+                          SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), cfg.env.max_turns)
+    seconds = time.perf_counter() - t0
+    texts = [e.policy_text() for e in eps]
+    _, parts = RewardModel({"accuracy": 1.0, "format": 1.0}).score(texts, examples)
+    acc, fmt = parts["accuracy"], parts["format"]
+    n = len(eps)
+    lengths = [len(e.ids) for e in eps]
+    ro = to_rollout(eps, with_logps=False)
+    summary = {"n": n, "samples": 1, "accuracy": sum(acc) / n, "format_rate": sum(fmt) / n,
+               "response_len_mean": sum(lengths) / n, "response_len_max": max(lengths),
+               "truncation_rate": sum(e.truncated for e in eps) / n, **reflection_stats(texts, reflection_words),
+               **tool_metrics(ro), "seconds": round(seconds, 2)}
+    records = [{"question": ex.question, "answer": ex.answer, "completion": t, "correct": a, "format": f,
+                "episode": rec} for ex, t, a, f, rec in zip(examples, texts, acc, fmt, ro.episodes)]
+    return {"summary": summary, "records": records}

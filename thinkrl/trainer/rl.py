@@ -44,7 +44,7 @@ from thinkrl.perf import tune_allocator
 from thinkrl.rollout.fast import FastEngine, unsupported
 from thinkrl.trainer.batch import policy_token_mask, split_grouped_micro_batches, token_logps
 from thinkrl.envs import build_env
-from thinkrl.envs.episodes import generate_and_score_episodes, tool_metrics
+from thinkrl.envs.episodes import evaluate_episodes, generate_and_score_episodes, tool_metrics
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.guards import BadStepGuard, skip_cause
 from thinkrl.trainer.interrupt import Interrupted, StopRequests, failpoint
@@ -471,7 +471,10 @@ def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
     rollout_batch = p.engine.batch_size
     p.engine.batch_size = cfg.eval.batch_size
     try:
-        res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
+        if p.env is not None:  # a multi-turn run is measured in its environment (with its tool)
+            res = evaluate_episodes(p.engine, p.tok, p.env, p.task.eval[: cfg.eval.n], cfg, **eval_settings(cfg))
+        else:
+            res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
     finally:
         p.engine.batch_size = rollout_batch
     summary = {"step": step, "label": label, **res["summary"]}
