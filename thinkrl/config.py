@@ -201,6 +201,9 @@ class EnvConfig:
     call_timeout_s: float = 5.0  # wall clock (and CPU seconds, rounded up) per tool call
     call_memory_mb: int = 256  # address space per tool call
     max_output_chars: int = 512  # a call's output is cut to this many characters before the model sees it
+    # How a turn continues after an observation: cache (append it to the episode's KV cache,
+    # rollout.backend=fast), reprefill (run the whole history again), auto (cache where possible)
+    decoder: str = "auto"
 
 
 @dataclass

@@ -107,7 +107,7 @@ class ScriptedPolicy(RePrefill):
 def test_two_step_run_with_tool_calls(tmp_path, monkeypatch, byte_sum_reward):
     monkeypatch.setattr(decoders, "RePrefill", ScriptedPolicy)
     out = tmp_path / "run"
-    assert main([*BASE, f"output_dir={out}", f"rewards.{byte_sum_reward}=1.0", "env.max_tool_calls=1",
+    assert main([*BASE, f"output_dir={out}", f"rewards.{byte_sum_reward}=1.0", "env.max_tool_calls=1", "env.decoder=reprefill",
                  "rollout.max_new_tokens=96"]) == 0
     metrics = read_jsonl(out / "metrics.jsonl")
     assert all(m["tool/calls_per_episode"] == 1.0 and m["tool/episodes_with_call"] == 1.0 for m in metrics)

@@ -95,5 +95,7 @@ def validate_env(cfg: EnvConfig) -> None:
         raise ConfigError("env.call_memory_mb must be >= 16 (a Python interpreter needs that much address space)")
     if cfg.max_output_chars < 1:
         raise ConfigError("env.max_output_chars must be >= 1")
+    if cfg.decoder not in ("auto", "cache", "reprefill"):
+        raise ConfigError(f"env.decoder '{cfg.decoder}' unknown; choose from: auto, cache, reprefill")
     if cfg.max_turns < 1:
         raise ConfigError("env.max_turns must be >= 1")

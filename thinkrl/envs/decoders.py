@@ -120,3 +120,72 @@ class RePrefill:
         finally:
             eng.stop_strings = old
         return ids, lps
+
+
+class CacheAppend:
+    """Each episode owns a slot of :class:`thinkrl.rollout.slots.SlotDecoder`: its prompt is
+    prefilled once, and after an observation only the observation's tokens run (``extend``),
+    appended to the slot's keys/values; the history is never run again. All live slots
+    decode together, one token each per step, each at its own length. Fast engine only."""
+
+    def __init__(self, engine, tok):
+        self.engine, self.tok = engine, tok
+        self.dec = None
+
+    def open(self, prompts: list[list[int]]) -> None:
+        self.prompts = [list(p) for p in prompts]
+        self.dec, self.slot, self.pending = None, {}, {}
+
+    def turn(self, rows: list[int], budgets: list[int], params: SamplingParams, stop: tuple[str, ...]) -> list[Turn]:
+        from thinkrl.rollout.slots import SlotDecoder
+
+        if self.dec is None:  # sized for every episode's whole budget: no slot outgrows its cache
+            self.dec = SlotDecoder(self.engine, self.tok, max_slots=len(self.prompts),
+                                   max_len=max(map(len, self.prompts)) + max(budgets) + 1)
+        for r in set(self.slot) - set(rows):  # episodes that ended give their slot back
+            self.dec.free(self.slot.pop(r))
+        row_of = {}
+        for r, b in zip(rows, budgets):
+            p = dataclasses.replace(params, max_new_tokens=b)
+            if r not in self.slot:
+                self.slot[r] = self.dec.add(self.prompts[r], p)
+            else:
+                self.dec.extend(self.slot[r], self.pending.pop(r), p)  # only the observation runs
+            row_of[self.slot[r]] = r
+        ids = {r: [] for r in rows}
+        lps = {r: [] for r in rows}
+        stopped: dict[int, str] = {}
+        while len(stopped) < len(rows):
+            for e in self.dec.step():
+                r = row_of[e.slot]
+                ids[r].append(e.token)
+                lps[r].append(e.logp)
+                if e.finished:
+                    stopped[r] = "eos" if e.reason == "stop" else "length"
+                elif stop and hits_stop(self.tok, ids[r], stop):
+                    stopped[r] = "stop"
+                    # the turn ends here; the slot keeps its cache for the observation. (The slot
+                    # decoder has no public "end this turn"; its finished flag is what step() reads.)
+                    self.dec._slots[e.slot].finished = True
+        return [Turn(ids[r], lps[r], stopped[r]) for r in rows]
+
+    def extend(self, row: int, ids: list[int]) -> None:
+        self.pending[row] = list(ids)
+
+    def close(self) -> None:
+        self.dec = None
+
+
+def make_decoder(engine, tok, kind: str = "auto") -> TurnDecoder:
+    """``env.decoder``: cache (append to each episode's KV cache; the fast engine), reprefill
+    (re-run the history every turn; any engine), or auto (cache where the engine allows)."""
+    from thinkrl.rollout.fast import FastEngine
+
+    if kind == "cache" or (kind == "auto" and isinstance(engine, FastEngine)):
+        if not isinstance(engine, FastEngine):
+            from thinkrl.config import ConfigError
+
+            raise ConfigError("env.decoder=cache needs rollout.backend=fast (the hf engine re-prefills: "
+                              "env.decoder=reprefill or auto)")
+        return CacheAppend(engine, tok)
+    return RePrefill(engine, tok)

@@ -173,13 +173,13 @@ def generate_and_score_episodes(engine, tok, env, rewards, cfg, examples: list, 
     scored episodes per example, their rollout carrying the loss mask and turn records."""
     from thinkrl.sampling import Groups
 
-    from thinkrl.envs.decoders import RePrefill
+    from thinkrl.envs.decoders import make_decoder
 
     G = cfg.rollout.group_size
     t0 = time.perf_counter()
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
-    eps, rendered = run_episodes(env, decoder or RePrefill(engine, tok), tok, examples, cfg.task, G, params,
+    eps, rendered = run_episodes(env, decoder or make_decoder(engine, tok, cfg.env.decoder), tok, examples, cfg.task, G, params,
                                  cfg.env.max_turns)
     timings["time_generate"] += time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -215,14 +215,14 @@ def evaluate_episodes(engine, tok, env, examples: list, cfg, *, max_new_tokens: 
     default): what :func:`thinkrl.eval.evaluate` reports, plus the tool statistics, so that a
     run with the tool is measured with the tool."""
     from thinkrl.config import ConfigError
-    from thinkrl.envs.decoders import RePrefill
+    from thinkrl.envs.decoders import make_decoder
     from thinkrl.eval.metrics import reflection_stats
     from thinkrl.rewards import RewardModel
 
     if not examples:
         raise ConfigError("no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)")
     t0 = time.perf_counter()
-    eps, _ = run_episodes(env, RePrefill(engine, tok), tok, examples, cfg.task, 1,
+    eps, _ = run_episodes(env, make_decoder(engine, tok, cfg.env.decoder), tok, examples, cfg.task, 1,
                           SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), cfg.env.max_turns)
     seconds = time.perf_counter() - t0
     texts = [e.policy_text() for e in eps]
