@@ -60,3 +60,41 @@ def test_decoder_choice(tiny):
     assert isinstance(make_decoder(hf, tok), RePrefill)
     with pytest.raises(ConfigError, match="env.decoder=cache needs rollout.backend=fast"):
         make_decoder(hf, tok, "cache")
+
+
+class Gate:
+    """Episode "slow"'s first tool call blocks until episode "fast" has had three observations:
+    possible only if "fast" goes on decoding while "slow" waits for its tool."""
+
+    multi_turn = True
+    stop = ("zzzz", "bbb")
+
+    def __init__(self):
+        import threading
+
+        self.opened, self.fast_steps = threading.Event(), 0
+
+    def reset(self, example):
+        return [{"role": "user", "content": example.question}]
+
+    def step(self, messages, turn):
+        calls = sum(m["role"] == "tool" for m in messages)
+        if messages[0]["content"] == "slow":
+            if calls == 0:
+                return " z", None, False, {"waited_for_fast": self.opened.wait(timeout=20)}
+            return None, None, True, {"reason": "answered"}
+        self.fast_steps += 1
+        if self.fast_steps == 3:
+            self.opened.set()
+        return (" z", None, False, {}) if calls < 3 else (None, None, True, {"reason": "answered"})
+
+
+def test_an_episode_goes_on_while_another_waits_for_its_tool(tiny):
+    model, tok = tiny
+    eng = FastEngine(model, tok, batch_size=8, bf16=False)
+    eps, _ = run_episodes(Gate(), CacheAppend(eng, tok), tok, [Example("slow", "1"), Example("fast", "2")],
+                          TaskConfig(template="plain", prefill="b"), 1, SamplingParams(max_new_tokens=80, temperature=0.0), 8)
+    slow, fast = eps
+    assert slow.turns[1]["waited_for_fast"] is True  # fast's third observation came while slow's call ran
+    assert fast.tool_calls() == 3 and slow.tool_calls() == 1
+    assert slow.reason == fast.reason == "answered"

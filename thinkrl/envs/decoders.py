@@ -7,7 +7,7 @@ to re-encode: what the policy sampled and what the environment said stay the exa
 - :class:`RePrefill` re-runs each sequence in full at every turn, on the rollout engine's
   own id-level generation (fast or hf). Simple and exact; the cost of a turn grows with the
   history.
-- A cache-append decoder keeps each episode's keys/values and only runs the new tokens
+- :class:`CacheAppend` keeps each episode's keys/values and only runs the new tokens
   (``thinkrl/rollout/slots.py``, where present); it must give the same tokens and log-probs
   as :class:`RePrefill` greedily (tested).
 """
@@ -125,55 +125,29 @@ class RePrefill:
 class CacheAppend:
     """Each episode owns a slot of :class:`thinkrl.rollout.slots.SlotDecoder`: its prompt is
     prefilled once, and after an observation only the observation's tokens run (``extend``),
-    appended to the slot's keys/values; the history is never run again. All live slots
-    decode together, one token each per step, each at its own length. Fast engine only."""
+    appended to the slot's keys/values; the history is never run again. Live slots decode
+    together, one token each per step, each at its own length; a slot waiting for its tool
+    leaves the batch meanwhile. ``run_episodes`` drives it turn by turn per episode
+    (``episodes._run_concurrent``) instead of in rounds. Fast engine only."""
+
+    concurrent = True
 
     def __init__(self, engine, tok):
         self.engine, self.tok = engine, tok
-        self.dec = None
 
-    def open(self, prompts: list[list[int]]) -> None:
-        self.prompts = [list(p) for p in prompts]
-        self.dec, self.slot, self.pending = None, {}, {}
-
-    def turn(self, rows: list[int], budgets: list[int], params: SamplingParams, stop: tuple[str, ...]) -> list[Turn]:
+    def slots(self, n: int, max_len: int):
         from thinkrl.rollout.slots import SlotDecoder
 
-        if self.dec is None:  # sized for every episode's whole budget: no slot outgrows its cache
-            self.dec = SlotDecoder(self.engine, self.tok, max_slots=len(self.prompts),
-                                   max_len=max(map(len, self.prompts)) + max(budgets) + 1)
-        for r in set(self.slot) - set(rows):  # episodes that ended give their slot back
-            self.dec.free(self.slot.pop(r))
-        row_of = {}
-        for r, b in zip(rows, budgets):
-            p = dataclasses.replace(params, max_new_tokens=b)
-            if r not in self.slot:
-                self.slot[r] = self.dec.add(self.prompts[r], p)
-            else:
-                self.dec.extend(self.slot[r], self.pending.pop(r), p)  # only the observation runs
-            row_of[self.slot[r]] = r
-        ids = {r: [] for r in rows}
-        lps = {r: [] for r in rows}
-        stopped: dict[int, str] = {}
-        while len(stopped) < len(rows):
-            for e in self.dec.step():
-                r = row_of[e.slot]
-                ids[r].append(e.token)
-                lps[r].append(e.logp)
-                if e.finished:
-                    stopped[r] = "eos" if e.reason == "stop" else "length"
-                elif stop and hits_stop(self.tok, ids[r], stop):
-                    stopped[r] = "stop"
-                    # the turn ends here; the slot keeps its cache for the observation. (The slot
-                    # decoder has no public "end this turn"; its finished flag is what step() reads.)
-                    self.dec._slots[e.slot].finished = True
-        return [Turn(ids[r], lps[r], stopped[r]) for r in rows]
+        return SlotDecoder(self.engine, self.tok, max_slots=n, max_len=max_len)
 
-    def extend(self, row: int, ids: list[int]) -> None:
-        self.pending[row] = list(ids)
+    def hits(self, ids: list[int], stop: tuple[str, ...]) -> bool:
+        return hits_stop(self.tok, ids, stop)
 
-    def close(self) -> None:
-        self.dec = None
+    @staticmethod
+    def pause(dec, slot: int) -> None:
+        """End ``slot``'s turn at a stop string; it keeps its cache for the observation. (The slot
+        decoder has no public "end this turn"; its finished flag is what ``step`` reads.)"""
+        dec._slots[slot].finished = True
 
 
 def make_decoder(engine, tok, kind: str = "auto") -> TurnDecoder:

@@ -12,9 +12,12 @@ so the mask marks exactly the tokens the policy sampled, even where encoding the
 text would merge tokens across a boundary (the bug class of TRL #5144 and verl #6921).
 Behaviour log-probs exist for policy tokens only (0.0, masked, on observation tokens).
 
-All live episodes take their next turn together (one batched decode), then their
-environment steps run concurrently (tool calls are sandbox processes); each episode ends at
-its own turn. With GRPO the G episodes of a prompt form its group; one reward per episode.
+With the cache-append decoder (the fast engine) every episode goes at its own turn: all slots
+that are writing a turn decode together, a slot whose turn ended waits out of the batch for
+its environment step (a tool call in a thread pool) while the others go on, then rejoins with
+the observation appended to its cache. With the re-prefill decoder episodes go in rounds: the
+live ones take their next turn together, then their steps run concurrently. With GRPO the G
+episodes of a prompt form its group; one reward per episode.
 """
 
 from __future__ import annotations
@@ -114,6 +117,9 @@ def run_episodes(env, decoder, tok, examples: list, task_cfg, G: int, params: Sa
     rendered = [episode_prompt(env.reset(ex), tok, task_cfg) for ex in examples]
     prompt_ids = [tok(r[0], add_special_tokens=False).input_ids for r in rendered]
     eps = [Episode(ex, prompt_ids[g], rendered[g][1], env.reset(ex)) for g, ex in enumerate(examples) for _ in range(G)]
+    if getattr(decoder, "concurrent", False):
+        _run_concurrent(env, decoder, tok, eps, params, max_turns)
+        return eps, rendered
     budget = params.max_new_tokens
     decoder.open([e.prompt_ids for e in eps])
     try:
@@ -126,29 +132,96 @@ def run_episodes(env, decoder, tok, examples: list, task_cfg, G: int, params: Sa
             stepping = [k for k, t in enumerate(turns) if t.stopped != "length"]
             steps = dict(zip(stepping, _pool().map(lambda k: env.step(eps[live[k]].messages, texts[k]), stepping)))
             for k, (i, t) in enumerate(zip(live, turns)):
-                e = eps[i]
-                e.add_policy(t.ids, t.logps, texts[k])
-                if t.stopped == "length":
-                    e.truncated = True
-                    e.end("length")
-                    continue
-                obs, reward, done, info = steps[k]
-                if done:
-                    e.reward = reward
-                    e.end(info.pop("reason", "done"), **info)
-                    continue
-                obs_ids = tok(obs, add_special_tokens=False).input_ids
-                if len(e.ids) + len(obs_ids) >= budget:  # no room for the observation and a turn after it
-                    e.truncated = True
-                    e.end("length", **info)
-                    continue
-                e.add_observation(obs_ids, obs, info)
-                decoder.extend(i, obs_ids)
-                if turn_no == max_turns - 1:
-                    e.end("max_turns")
+                obs_ids = after_turn(eps[i], t, texts[k], steps.get(k), tok, budget, turn_no == max_turns - 1)
+                if obs_ids is not None:
+                    decoder.extend(i, obs_ids)
     finally:
         decoder.close()
     return eps, rendered
+
+
+def after_turn(e: Episode, t, text: str, step, tok, budget: int, last_turn: bool) -> list[int] | None:
+    """Record policy turn ``t`` of episode ``e`` and what the environment said to it (``step``:
+    its ``(obs, reward, done, info)``; None for a turn cut by the token budget). Returns the
+    observation's ids when the episode goes on, None when it ended."""
+    e.add_policy(t.ids, t.logps, text)
+    if t.stopped == "length":
+        e.truncated = True
+        e.end("length")
+        return None
+    obs, reward, done, info = step
+    if done:
+        e.reward = reward
+        e.end(info.pop("reason", "done"), **info)
+        return None
+    obs_ids = tok(obs, add_special_tokens=False).input_ids
+    if len(e.ids) + len(obs_ids) >= budget:  # no room for the observation and a turn after it
+        e.truncated = True
+        e.end("length", **info)
+        return None
+    e.add_observation(obs_ids, obs, info)
+    if last_turn:
+        e.end("max_turns")
+        return None
+    return obs_ids
+
+
+def _run_concurrent(env, decoder, tok, eps: list[Episode], params: SamplingParams, max_turns: int) -> None:
+    """Every episode at its own turn (``decoder``: a :class:`thinkrl.envs.decoders.CacheAppend`).
+
+    Each decode step runs every slot that is writing a turn. A slot whose turn ends waits,
+    out of the batch, for its environment step (a tool call in the thread pool), while the
+    others go on decoding; when the step returns, its observation is appended to the slot's
+    cache and the slot rejoins the batch. No episode waits for another's tool call."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from thinkrl.envs.decoders import Turn
+
+    budget = params.max_new_tokens
+    dec = decoder.slots(len(eps), max(len(e.prompt_ids) for e in eps) + budget + 1)
+    slot = {dec.add(e.prompt_ids, dataclasses.replace(params, max_new_tokens=budget)): i for i, e in enumerate(eps)}
+    ids: dict[int, list[int]] = {i: [] for i in range(len(eps))}
+    lps: dict[int, list[float]] = {i: [] for i in range(len(eps))}
+    turns = [0] * len(eps)
+    waiting: dict = {}  # future of an env step -> (episode, its turn)
+    live = len(eps)
+
+    def ended(i: int, s: int, stopped: str) -> None:
+        nonlocal live
+        t = Turn(ids[i], lps[i], stopped)
+        ids[i], lps[i] = [], []
+        text = tok.decode(t.ids, skip_special_tokens=True)
+        if stopped == "length":
+            after_turn(eps[i], t, text, None, tok, budget, False)
+            dec.free(s)
+            live -= 1
+            return
+        waiting[_pool().submit(env.step, eps[i].messages, text)] = (i, s, t, text)
+
+    while live:
+        emitted = dec.step()
+        for em in emitted:
+            i = slot[em.slot]
+            ids[i].append(em.token)
+            lps[i].append(em.logp)
+            if em.finished:
+                ended(i, em.slot, "eos" if em.reason == "stop" else "length")
+            elif env.stop and decoder.hits(ids[i], env.stop):
+                decoder.pause(dec, em.slot)
+                ended(i, em.slot, "stop")
+        if not waiting:
+            continue
+        # while some slot decodes, only collect steps that are done; else wait for the first one
+        done, _ = wait(list(waiting), timeout=0 if emitted else None, return_when=FIRST_COMPLETED)
+        for f in done:
+            i, s, t, text = waiting.pop(f)
+            turns[i] += 1
+            obs_ids = after_turn(eps[i], t, text, f.result(), tok, budget, turns[i] == max_turns)
+            if obs_ids is None:
+                dec.free(s)
+                live -= 1
+            else:  # only the observation runs; the slot's history stays in its cache
+                dec.extend(s, obs_ids, dataclasses.replace(params, max_new_tokens=budget - len(eps[i].ids)))
 
 
 def to_rollout(eps: list[Episode], with_logps: bool) -> Rollout:
