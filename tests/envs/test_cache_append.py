@@ -98,3 +98,19 @@ def test_an_episode_goes_on_while_another_waits_for_its_tool(tiny):
     assert slow.turns[1]["waited_for_fast"] is True  # fast's third observation came while slow's call ran
     assert fast.tool_calls() == 3 and slow.tool_calls() == 1
     assert slow.reason == fast.reason == "answered"
+
+
+def test_hf_engine_reprefill_gives_the_same_episodes(tiny):
+    """The hf engine's id-level generation, cut at stop strings afterwards, gives the fast engine's
+    episodes greedily (tokens; the hf engine gives no log-probs)."""
+    from thinkrl.rollout import HFEngine
+
+    model, tok = tiny
+    exs = [Example("abc", "1"), Example("hello", "2")]
+    cfg = TaskConfig(template="plain", prefill="b")
+    params = SamplingParams(max_new_tokens=60, temperature=0.0)
+    fast, _ = run_episodes(Echo(("bbb", "zzzz")), RePrefill(FastEngine(model, tok, bf16=False), tok), tok, exs, cfg,
+                           1, params, 8)
+    hf, _ = run_episodes(Echo(("bbb", "zzzz")), RePrefill(HFEngine(model, tok), tok), tok, exs, cfg, 1, params, 8)
+    assert [e.ids for e in hf] == [e.ids for e in fast] and [e.mask for e in hf] == [e.mask for e in fast]
+    assert [e.tool_calls() for e in hf] == [1, 3]

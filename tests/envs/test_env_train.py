@@ -122,3 +122,16 @@ def test_two_step_run_with_tool_calls(tmp_path, monkeypatch, byte_sum_reward):
     assert after["label"] == "after" and after["tool/calls_per_episode"] == 1.0 and after["n"] == 2
     rec = json.loads((out / "eval_after.json").read_text())["records"][0]
     assert [t["role"] for t in rec["episode"]["turns"]] == ["assistant", "tool", "assistant"]
+
+
+def test_over_budget_episodes_say_so_in_samples(tmp_path, monkeypatch, byte_sum_reward):
+    monkeypatch.setattr(decoders, "RePrefill", ScriptedPolicy)
+    out = tmp_path / "run"
+    assert main([*BASE, f"output_dir={out}", f"rewards.{byte_sum_reward}=1.0", "env.max_tool_calls=0",
+                 "env.decoder=reprefill", "eval.after=false", "max_steps=1"]) == 0
+    [m] = read_jsonl(out / "metrics.jsonl")
+    assert m["tool/over_budget"] == 4 and m["tool/calls_per_episode"] == 0.0  # 2 prompts x 2 episodes
+    for s in read_jsonl(out / "samples.jsonl"):
+        ep = s["episode"]
+        assert ep["reason"] == "tool_budget_exceeded" and ep["tool_calls"] == 0
+        assert ep["turns"][-1]["detail"] == "tool call 1 past env.max_tool_calls=0"
