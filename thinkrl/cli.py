@@ -69,7 +69,7 @@ def _eval_base(model: str) -> dict:
     for cand in (p / "config.yaml", p.parent / "config.yaml", p.parent.parent / "config.yaml"):
         if p.is_dir() and cand.is_file():
             data = load_yaml(cand)
-            return {k: v for k, v in data.items() if k in ("task", "rollout", "eval", "dtype", "seed")}
+            return {k: v for k, v in data.items() if k in ("task", "rollout", "eval", "dtype", "seed", "env")}
     return {}
 
 
@@ -97,6 +97,8 @@ def cmd_eval(args: list[str]) -> int:
     from thinkrl.tasks.templates import drop_long_prompts
     from thinkrl import sandbox
     from thinkrl.device import use_bf16
+    from thinkrl.envs import build_env
+    from thinkrl.envs.episodes import evaluate_episodes
 
     config, items = _split(args)
     budgets = None  # thinking_budget=32,64,...: one evaluation per budget
@@ -110,6 +112,13 @@ def cmd_eval(args: list[str]) -> int:
     cfg = build_config(config, overrides, base=base)
     task = build_task(cfg.task)
     sandbox.configure(cfg.sandbox.allow_unconfined)
+    env = build_env(cfg.env)
+    if not env.multi_turn:
+        env = None
+    elif budgets:
+        raise ConfigError(f"thinking_budget=... is not supported with env.name={cfg.env.name}; evaluate without it")
+    elif getattr(env, "runs_code", False):
+        sandbox.require_isolation()
     bf16 = use_bf16(cfg.dtype)
     settings = eval_settings(cfg)
     k, temperature = settings["samples"], settings["temperature"]
@@ -120,6 +129,8 @@ def cmd_eval(args: list[str]) -> int:
         engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, bf16=bf16)
 
         def run(budget: int | None) -> dict:
+            if env is not None:  # episodes in the environment, e.g. with the python tool
+                return evaluate_episodes(engine, tok, env, task.eval[: cfg.eval.n], cfg, **settings)
             return evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings, thinking_budget=budget)
 
         runs.append((name, {b: run(b) for b in budgets} if budgets else run(None)))

@@ -135,3 +135,14 @@ def test_over_budget_episodes_say_so_in_samples(tmp_path, monkeypatch, byte_sum_
         ep = s["episode"]
         assert ep["reason"] == "tool_budget_exceeded" and ep["tool_calls"] == 0
         assert ep["turns"][-1]["detail"] == "tool call 1 past env.max_tool_calls=0"
+
+
+def test_thinkrl_eval_runs_in_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(decoders, "RePrefill", ScriptedPolicy)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "model=tiny-random", "env.name=python", "env.decoder=reprefill", "n=2",
+                 "task.template=plain", "task.eval_size=4", "task.train_size=4", "eval.max_new_tokens=96",
+                 f"output={out}"]) == 0
+    res = json.loads(out.read_text())["results"]["tiny-random"]
+    assert res["summary"]["tool/calls_per_episode"] == 1.0 and res["summary"]["n"] == 2
+    assert [t["role"] for t in res["records"][0]["episode"]["turns"]] == ["assistant", "tool", "assistant"]

@@ -210,6 +210,8 @@ def _run_concurrent(env, decoder, tok, eps: list[Episode], params: SamplingParam
                 decoder.pause(dec, em.slot)
                 ended(i, em.slot, "stop")
         if not waiting:
+            if not emitted:  # every live episode must be decoding or waiting for its step
+                raise RuntimeError(f"{live} episodes neither decode nor wait for the environment")
             continue
         # while some slot decodes, only collect steps that are done; else wait for the first one
         done, _ = wait(list(waiting), timeout=0 if emitted else None, return_when=FIRST_COMPLETED)
