@@ -23,9 +23,11 @@ episodes of a prompt form its group; one reward per episode.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from thinkrl.rollout import Rollout, SamplingParams
 from thinkrl.tasks.templates import render_prompt
@@ -96,15 +98,10 @@ def episode_prompt(messages: list[dict], tok, task_cfg) -> tuple[str, str]:
     return render_prompt(question, tok, cfg)
 
 
-_POOL: list[ThreadPoolExecutor] = []
-
-
+@lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    if not _POOL:
-        import os
-
-        _POOL.append(ThreadPoolExecutor(max_workers=max(2, 2 * (os.cpu_count() or 1)), thread_name_prefix="env"))
-    return _POOL[0]
+    """Threads for environment steps: they mostly wait on sandbox processes."""
+    return ThreadPoolExecutor(max_workers=max(2, 2 * (os.cpu_count() or 1)), thread_name_prefix="env")
 
 
 def run_episodes(env, decoder, tok, examples: list, task_cfg, G: int, params: SamplingParams,
