@@ -68,7 +68,7 @@ def _eval_base(model: str) -> dict:
     for cand in (p / "config.yaml", p.parent / "config.yaml", p.parent.parent / "config.yaml"):
         if p.is_dir() and cand.is_file():
             data = load_yaml(cand)
-            return {k: v for k, v in data.items() if k in ("task", "rollout", "eval", "dtype", "seed")}
+            return {k: v for k, v in data.items() if k in ("task", "rollout", "eval", "dtype", "seed", "env")}
     return {}
 
 
@@ -95,6 +95,8 @@ def cmd_eval(args: list[str]) -> int:
     from thinkrl.tasks import build_task
     from thinkrl.tasks.templates import drop_long_prompts
     from thinkrl import sandbox
+    from thinkrl.envs import build_env
+    from thinkrl.envs.episodes import evaluate_episodes
 
     config, items = _split(args)
     budgets = None  # thinking_budget=32,64,...: one evaluation per budget
@@ -108,6 +110,13 @@ def cmd_eval(args: list[str]) -> int:
     cfg = build_config(config, overrides, base=base)
     task = build_task(cfg.task)
     sandbox.configure(cfg.sandbox.allow_unconfined)
+    env = build_env(cfg.env)
+    if not env.multi_turn:
+        env = None
+    elif budgets:
+        raise ConfigError(f"thinking_budget=... is not supported with env.name={cfg.env.name}; evaluate without it")
+    elif getattr(env, "runs_code", False):
+        sandbox.require_isolation()
     settings = eval_settings(cfg)
     k, temperature = settings["samples"], settings["temperature"]
     runs = []  # (model, its result, or its results per budget); a model may be listed twice
@@ -118,6 +127,8 @@ def cmd_eval(args: list[str]) -> int:
                            device_name=cfg.device)
 
         def run(budget: int | None) -> dict:
+            if env is not None:  # episodes in the environment, e.g. with the python tool
+                return evaluate_episodes(engine, tok, env, task.eval[: cfg.eval.n], cfg, **settings)
             return evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings, thinking_budget=budget)
 
         runs.append((name, {b: run(b) for b in budgets} if budgets else run(None)))

@@ -199,6 +199,21 @@ class MonitorConfig:
 
 
 @dataclass
+class EnvConfig:
+    """The environment episodes run in (thinkrl/envs, docs/tools.md)."""
+
+    name: str = "single_turn"  # single_turn (one turn, the plain rollout) | python (a Python tool in the sandbox)
+    max_tool_calls: int = 4  # per episode; a call past it ends the episode (reason tool_budget_exceeded)
+    max_turns: int = 8  # policy turns per episode, at most
+    call_timeout_s: float = 5.0  # wall clock (and CPU seconds, rounded up) per tool call
+    call_memory_mb: int = 256  # address space per tool call
+    max_output_chars: int = 512  # a call's output is cut to this many characters before the model sees it
+    # How a turn continues after an observation: cache (append it to the episode's KV cache,
+    # rollout.backend=fast), reprefill (run the whole history again), auto (cache where possible)
+    decoder: str = "auto"
+
+
+@dataclass
 class SandboxConfig:
     # Where no isolation can be built (no user namespaces, root without CAP_SYS_ADMIN in a
     # locked-down container), model-written code does not run unless this is true; it then runs
@@ -235,6 +250,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # The user's own components: .py files or module names imported before the config is
@@ -459,6 +475,12 @@ def validate(cfg: Config) -> None:
     if cfg.algo.loss_agg is not None:
         LOSS_AGGREGATIONS.check(cfg.algo.loss_agg)
     _validate_data(cfg, need)
+    from thinkrl.envs import validate_env
+
+    validate_env(cfg.env)
+    need(cfg.env.name == "single_turn" or cfg.algo.advantage != "gae",
+         "env.name=%s with algo.advantage=gae: the critic would be trained on tool-output tokens; "
+         "multi-turn episodes support the critic-free estimators (grpo, dr_grpo, rloo, reinforce*)" % cfg.env.name)
     validate_lora(cfg.lora)
     for i, shot in enumerate(cfg.task.fewshot):
         need(isinstance(shot, dict) and set(shot) == {"question", "response"},

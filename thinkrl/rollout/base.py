@@ -5,7 +5,7 @@ every backend implements and the registry of backends (``rollout.backend=NAME``)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from thinkrl.errors import ConfigError
 from thinkrl.registry import Registry
@@ -69,6 +69,25 @@ class Rollout:
     # With a thinking budget: per completion token, True where the engine forced it (the
     # closing phrase) instead of sampling it; None without a budget.
     forced: list[list[bool]] | None = None
+    # Multi-turn episodes (thinkrl/envs): completion_ids hold the policy's turns and the
+    # environment's observations in order; loss_mask is 1 on the policy's tokens, 0 on the
+    # observations' (never trained on), and ``episodes`` the turn-by-turn records. None: one turn.
+    loss_mask: list[list[int]] | None = None
+    episodes: list[dict] | None = None
+
+    def rows(self, index: list[int]) -> Rollout:
+        """The rollout of the sequences ``index``, every per-sequence field kept."""
+        return Rollout(**{f.name: None if (v := getattr(self, f.name)) is None else [v[i] for i in index]
+                          for f in fields(self)})
+
+    @staticmethod
+    def concat(items: list[Rollout]) -> Rollout:
+        """Sequences of ``items`` one after another; a field some items lack becomes None."""
+        def cat(name):
+            parts = [getattr(it, name) for it in items]
+            return None if any(x is None for x in parts) else [y for x in parts for y in x]
+
+        return Rollout(**{f.name: cat(f.name) for f in fields(Rollout)})
 
 
 class Engine:

@@ -53,6 +53,17 @@ class MicroBatch:
         return MicroBatch(index=self.index, prompt_len=self.prompt_len, group_size=self.group_size, **move)
 
 
+def policy_token_mask(ro, T: int) -> Tensor:
+    """[N, T] 1.0 where a completion token is the policy's own: all of them in a single-turn
+    rollout; in a multi-turn one (``ro.loss_mask``), not the environment's observation tokens,
+    which the loss never trains on. Padding is the caller's to mask (its columns here are 1)."""
+    N = len(ro.completion_ids)
+    out = torch.ones(N, T)
+    for i, m in enumerate(ro.loss_mask or []):
+        out[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+    return out
+
+
 def make_micro_batch(prompts: list[list[int]], completions: list[list[int]], index: list[int],
                      pad_id: int) -> MicroBatch:
     P = max(len(p) for p in prompts)

@@ -37,7 +37,9 @@ from thinkrl import sandbox
 from thinkrl.rewards.code import runs_code
 from thinkrl.trainer import checkpoint as ckpt
 from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule, seed_everything
-from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
+from thinkrl.trainer.batch import policy_token_mask, split_grouped_micro_batches, token_logps
+from thinkrl.envs import build_env
+from thinkrl.envs.episodes import evaluate_episodes, generate_and_score_episodes, tool_metrics
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.guards import BadStepGuard, skip_cause
 from thinkrl.trainer.interrupt import Interrupted, StopRequests, failpoint
@@ -66,6 +68,7 @@ class Parts:
     critic: Critic | None = None  # gae only
     baseline: MovingAverage | None = None  # reinforce's moving-average reward baseline, when configured
     dev: str = "cpu"  # where the models compute (thinkrl/device.py); the step's [N, T] tensors stay on the CPU
+    env: object = None  # thinkrl.envs: a multi-turn environment, or None for single-turn episodes
 
 
 class Reference:
@@ -136,7 +139,7 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     N = len(ro.completion_ids)
     T = max(len(c) for c in ro.completion_ids)
     lengths = torch.tensor([len(c) for c in ro.completion_ids])  # [N]
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()  # [N, T]
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float() * policy_token_mask(ro, T)  # [N, T]
     rewards = torch.tensor(totals, dtype=torch.float32)  # [N]
     group_ids = torch.arange(len(examples)).repeat_interleave(G)  # [N]
     mbs = split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, list(range(len(examples))), G,
@@ -168,6 +171,7 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
         # reward, accuracy, lengths and reflection over every group generated this step (with dynamic
         # sampling, also the dropped ones: the kept ones alone would overstate a mixed success rate)
         **_sample_metrics(cfg, seen),
+        **tool_metrics(seen.ro),
         **dyn_stats,
         **train_metrics,
         **timings,
@@ -189,6 +193,8 @@ def _untrained(p: Parts, step: int, seen: Groups, dyn_stats: dict, timings: dict
 def generate_and_score(p: Parts, examples: list, timings: dict) -> Groups:
     """G completions for each prompt, and their rewards; adds to ``timings``."""
     cfg, G = p.cfg, p.cfg.rollout.group_size
+    if p.env is not None and p.env.multi_turn:  # turns and observations (thinkrl/envs/episodes.py)
+        return generate_and_score_episodes(p.engine, p.tok, p.env, p.rewards, cfg, examples, timings)
     t0 = time.perf_counter()
     rendered = [render_prompt(ex.question, p.tok, cfg.task) for ex in examples]
     ro = p.engine.generate_text([r[0] for r in rendered], G, SamplingParams(
@@ -243,7 +249,8 @@ def _mode_metrics(g: Groups) -> dict:
 def _samples(cfg: Config, step: int, g: Groups) -> list[dict]:
     N, G = len(g.totals), cfg.rollout.group_size
     return [{"step": step, "prompt": g.rendered[i // G][0], "completion": g.texts[i],
-             "answer": g.examples[i // G].answer, "reward": g.totals[i], **{k: v[i] for k, v in g.parts.items()}}
+             "answer": g.examples[i // G].answer, "reward": g.totals[i], **{k: v[i] for k, v in g.parts.items()},
+             **({"episode": g.ro.episodes[i]} if g.ro.episodes else {})}
             for i in range(0, N, max(1, N // max(1, cfg.log_samples)))][: cfg.log_samples]
 
 
@@ -339,12 +346,12 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
             for mb in mbs:
                 logp, ent = token_logps(p.model, mb, temperature=cfg.rollout.temperature, bf16=p.bf16,
                                         with_entropy=last, entropy_grad=a.entropy_coef > 0)  # [b, T']
-                m = mb.mask.to(logp.device)  # [b, T']
-                Tm = m.shape[1]
+                Tm = mb.mask.shape[1]
 
                 def rows(x):  # this micro-batch's rows of a step tensor [N, T], on the model's device
                     return x[mb.index, :Tm].to(logp.device)
 
+                m = mb.mask.to(logp.device) * rows(mask)  # [b, T'] policy tokens only (multi-turn: no observations)
                 mb_old = rows(old_logp) if old_logp is not None else logp.detach()
                 tok_loss, lm = policy_loss(logp, mb_old, rows(adv), m, hp)  # [b, T']
                 if behaviour is not None:
@@ -423,7 +430,8 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     log.info("%s; this run (dtype=%s) computes in %s", device.describe(dev), cfg.dtype, "bf16" if bf16 else "fp32")
     task = build_task(cfg.task)
     sandbox.configure(cfg.sandbox.allow_unconfined)
-    if runs_code(cfg.rewards, task.train + task.eval):
+    env = build_env(cfg.env)
+    if runs_code(cfg.rewards, task.train + task.eval) or getattr(env, "runs_code", False):
         sandbox.require_isolation()  # refuse now, not at the first reward, where isolation is impossible
     model, tok = load_policy(cfg, resume_from, dev)
     drop_long_prompts(task, tok, cfg.task)
@@ -438,7 +446,8 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     critic = Critic.from_config(cfg, bf16, dev) if needs_values(cfg.algo.advantage) else None
     baseline = MovingAverage(cfg.algo.baseline_decay) if cfg.algo.baseline_decay is not None else None
     return Parts(cfg, model, ref, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt,
-                 sched, bf16, sampler=build_sampler(task, cfg), critic=critic, baseline=baseline, dev=dev)
+                 sched, bf16, sampler=build_sampler(task, cfg), critic=critic, baseline=baseline, dev=dev,
+                 env=env if env.multi_turn else None)
 
 
 def load_policy(cfg: Config, resume_from: Path | None = None, dev: str = "cpu"):
@@ -467,7 +476,10 @@ def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
     rollout_batch = p.engine.batch_size
     p.engine.batch_size = cfg.eval.batch_size
     try:
-        res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
+        if p.env is not None:  # a multi-turn run is measured in its environment (with its tool)
+            res = evaluate_episodes(p.engine, p.tok, p.env, p.task.eval[: cfg.eval.n], cfg, **eval_settings(cfg))
+        else:
+            res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
     finally:
         p.engine.batch_size = rollout_batch
     summary = {"step": step, "label": label, **res["summary"]}
