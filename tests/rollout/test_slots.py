@@ -50,7 +50,7 @@ def test_staggered_greedy_slots_equal_hf_generate(lively):
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
     params = SamplingParams(max_new_tokens=20, temperature=0)
-    ref = HFEngine(model, tok, bf16=False).generate(prompts, 1, params).completion_ids
+    ref = HFEngine(model, tok, bf16=False).generate_text(prompts, 1, params).completion_ids
     assert len({tuple(c) for c in ref}) > 1  # the outputs differ per prompt: a real check
     dec = SlotDecoder(model, tok, max_slots=4, max_len=128)
     got = {}
