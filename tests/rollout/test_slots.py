@@ -186,7 +186,7 @@ def test_hf_fallback_decoder_equals_hf_generate_and_serves_one_at_a_time(lively)
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS[:2]]
     params = SamplingParams(max_new_tokens=12, temperature=0)
-    ref = HFEngine(model, tok, bf16=False).generate(prompts, 1, params).completion_ids
+    ref = HFEngine(model, tok, bf16=False).generate_text(prompts, 1, params).completion_ids
     dec = HFSlotDecoder(model, tok, max_len=128)
     for p, want in zip(prompts, ref):
         s = dec.add(ids(tok, p), params, top_logprobs=3)
@@ -217,3 +217,22 @@ def test_a_finished_slot_between_live_ones_keeps_the_others_exact(lively):
     got = run_to_end(dec, [a, m, c])
     assert dec.finished(m) and len(got[m]) <= 2 and dec.active == 3
     assert [got[a], got[c]] == want
+
+
+@pytest.mark.parametrize("extra", [dict(thinking_budget=6), dict(thinking_budget=40, min_thinking=30),
+                                   dict(min_new_tokens=12, stop=(ord("a"),))])
+def test_slot_equals_the_fast_engine_on_budgets_minimums_and_stops(lively, extra):
+    """The same greedy tokens as the batch engine (FastEngine.generate) under a thinking
+    budget, s1's minimum thinking, and min_new_tokens with a stop token."""
+    from thinkrl.rollout.fast import FastEngine
+
+    model, tok = lively
+    prompts = [chat(tok, q) + "<think>\n" for q in PROMPTS]
+    params = SamplingParams(max_new_tokens=40, temperature=0, **extra)
+    ref = FastEngine(model, tok, bf16=False).generate_text(prompts, 1, params)
+    dec = SlotDecoder(model, tok, max_slots=3, max_len=160)
+    slots = [dec.add(ids(tok, p), params, prompt_text=p) for p in prompts]
+    got = run_to_end(dec, slots)
+    assert [got[s] for s in slots] == ref.completion_ids
+    if ref.forced is not None:
+        assert [dec.forced(s) for s in slots] == ref.forced

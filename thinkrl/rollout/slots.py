@@ -44,7 +44,7 @@ from torch import Tensor
 
 from thinkrl.rollout import SamplingParams
 from thinkrl.rollout.fast import FastEngine, _rms
-from thinkrl.rollout.thinking import BudgetTracker, closing_ids, forced_logps
+from thinkrl.rollout.thinking import BudgetTracker, budget_tracker, forced_logps
 
 
 class SlotsFull(RuntimeError):
@@ -106,7 +106,7 @@ class SlotDecoder:
         self._order: list[int] = []  # row -> slot id, for rows 0..n-1
         self._ids = 0
         self.eos_ids = set(eng.eos_ids)
-        self._closing: list[int] | None = None
+        self._phrases: dict | None = None  # the thinking phrases' token ids, tokenized once
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -149,7 +149,9 @@ class SlotDecoder:
         ``seed`` gives the slot its own random stream, so its samples do not depend on the
         other requests in the batch. ``prompt_text`` (the decoded prompt by default) tells a
         thinking budget whether the prompt already opened ``<think>``. ``top_logprobs``: each
-        ``Emitted`` of the slot carries that many most likely tokens with their log-probs."""
+        ``Emitted`` of the slot carries that many most likely tokens with their log-probs.
+        Of ``params.stop``, stop token ids end the slot like EOS; stop strings are the
+        caller's to look for (the server cuts text at them)."""
         if not ids:
             raise ValueError("a slot needs at least one prompt token")
         if not self.free_slots:
@@ -157,13 +159,12 @@ class SlotDecoder:
         self._check_fits(0, len(ids), params)
         params = params or SamplingParams()
         s = _Slot(params=params, top_logprobs=top_logprobs)
+        seed = params.seed if seed is None else seed
         if seed is not None:
             s.rng = torch.Generator().manual_seed(int(seed)).get_state()
-        if params.thinking_budget is not None:
-            if self._closing is None:
-                self._closing = closing_ids(self.tok)
+        if params.shapes_thinking:  # a thinking budget, or s1's minimum ("Wait")
             text = prompt_text if prompt_text is not None else self.tok.decode(ids[-64:], skip_special_tokens=False)
-            s.budget = BudgetTracker(self.tok, params.thinking_budget, [text], self._closing)
+            s.budget, self._phrases = budget_tracker(self.tok, params, [text], self._phrases)
         slot, self._ids = self._ids, self._ids + 1
         self._slots[slot], self._row[slot] = s, len(self._order)
         self._order.append(slot)
@@ -228,7 +229,7 @@ class SlotDecoder:
             if s.budget is not None:
                 s.budget.observe(0, s.generated)
             reason = None
-            if tk in self.eos_ids:
+            if tk in self.eos_ids or tk in s.params.stop_ids:
                 reason = "stop"
             elif len(s.generated) >= s.params.max_new_tokens or s.length + 1 >= self.max_len:
                 reason = "length"
@@ -281,27 +282,31 @@ class SlotDecoder:
         for i, r in enumerate(rows):
             s = self._slots[self._order[r]]
             p = s.params
-            want = s.budget.next_forced(0) if s.budget is not None else None
-            banned = len(s.generated) < p.min_new_tokens
-            if want is not None:  # the thinking budget writes the closing phrase
-                ban = torch.tensor(sorted(self.eos_ids)) if banned else None
-                lp = forced_logps(self._next[r: r + 1], torch.tensor([want]), p.temperature, ban)
+            want = s.budget.next_forced(0, self._next[r]) if s.budget is not None else None
+            ban = ()  # tokens this row may not draw now
+            if len(s.generated) < p.min_new_tokens:  # no end (EOS or a stop token) yet
+                ban += tuple(sorted(self.eos_ids | set(p.stop_ids)))
+            if want is not None:  # the thinking budget writes its phrase
+                lp = forced_logps(self._next[r: r + 1], torch.tensor([want]), p.temperature,
+                                  torch.tensor(ban) if ban else None)
                 toks[i], lps[i], forced[i] = want, float(lp[0]), True
                 continue
-            key = (p.temperature, p.top_p, p.top_k, banned, i if s.rng is not None else -1)
+            if s.budget is not None and s.budget.must_think(0):  # under min_thinking: no closing tag yet
+                ban += tuple(s.budget.close_starts)
+            key = (p.temperature, p.top_p, p.top_k, ban, i if s.rng is not None else -1)
             groups.setdefault(key, []).append(i)
-        eos = torch.tensor(sorted(self.eos_ids))
-        for (temp, top_p, top_k, banned, own), idx in groups.items():
+        for (temp, top_p, top_k, ban, own), idx in groups.items():
             p = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k)
+            banned = torch.tensor(ban) if ban else None
             logits = self._next[[rows[i] for i in idx]].clone()  # [g, V]; _sample overwrites it
             if own >= 0:  # a seeded slot draws from its own stream
                 s = self._slots[self._order[rows[own]]]
                 with torch.random.fork_rng(devices=[]):
                     torch.set_rng_state(s.rng)
-                    tk, lp = FastEngine._sample(logits, p, eos if banned else None)
+                    tk, lp = FastEngine._sample(logits, p, banned)
                     s.rng = torch.get_rng_state()
             else:
-                tk, lp = FastEngine._sample(logits, p, eos if banned else None)
+                tk, lp = FastEngine._sample(logits, p, banned)
             for i, t, v in zip(idx, tk.tolist(), lp.tolist()):
                 toks[i], lps[i] = t, v
         return toks, lps, forced
@@ -362,7 +367,7 @@ class HFSlotDecoder(SlotDecoder):
         self._slots, self._row, self._order, self._ids = {}, {}, [], 0
         eos = model.generation_config.eos_token_id
         self.eos_ids = {tok.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))} - {None}
-        self._closing = None
+        self._phrases = None
         self._past = None
         import inspect  # transformers renamed past_key_values to cache (5.x)
 
