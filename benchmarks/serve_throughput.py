@@ -157,12 +157,13 @@ def main() -> None:
     model.eval()
     texts = prompts(tok, a.prompts)
     longest = max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
+    hf_s, hf_tok = hf_sequential(model, tok, texts, a.max_tokens, bf16)  # before the server exists: no rival process
+    hf_rate = hf_tok / hf_s
+    rows = [("HF generate, sequential", hf_s, hf_tok, hf_rate, None, None)]
+    del model
     proc, url = start_server(a.model, "bf16" if bf16 else "fp32", max(levels), longest + a.max_tokens + 8)
     try:
         post(url, {"model": a.model, "prompt": texts[0], "max_tokens": 4})  # warm-up
-        hf_s, hf_tok = hf_sequential(model, tok, texts, a.max_tokens, bf16)
-        hf_rate = hf_tok / hf_s
-        rows = [("HF generate, sequential", hf_s, hf_tok, hf_rate, None, None)]
         for c in levels:
             r = serve_run(url, a.model, texts, a.max_tokens, c)
             assert r["requests"] == len(texts), "a request was lost"
