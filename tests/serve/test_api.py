@@ -308,3 +308,17 @@ def test_a_dropped_non_streamed_request_frees_its_slot(server, srv):
     conn.close()
     h = srv.wait_idle(server, timeout=5)
     assert h["active"] == 0 and h["steps"] - before < 1000
+
+
+def test_streamed_choices_interleave_and_equal_the_plain_reply(client):
+    kw = dict(model="tiny-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=12, n=2, seed=4,
+              temperature=1.0)
+    text, finish = {0: "", 1: ""}, {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            text[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    plain = client.chat.completions.create(**kw)
+    assert [text[0].strip(), text[1].strip()] == [c.message.content for c in plain.choices]
+    assert set(finish) == {0, 1} and text[0] != text[1]
