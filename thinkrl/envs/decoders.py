@@ -123,9 +123,8 @@ class CacheAppend:
 
     @staticmethod
     def pause(dec, slot: int) -> None:
-        """End ``slot``'s turn at a stop string; it keeps its cache for the observation. (The slot
-        decoder has no public "end this turn"; its finished flag is what ``step`` reads.)"""
-        dec._slots[slot].finished = True
+        """End ``slot``'s turn at a stop string; it keeps its cache for the observation."""
+        dec.finish(slot)
 
 
 def make_decoder(engine, tok, kind: str = "auto") -> TurnDecoder:

@@ -188,6 +188,12 @@ class SlotDecoder:
             s.budget.forced[0] = []
         self._append(slot, ids)
 
+    def finish(self, slot: int, reason: str = "stop") -> None:
+        """End ``slot``'s current turn now (a caller found a stop string): it stops stepping and
+        keeps its cache, so ``extend`` can continue it or ``free`` release it."""
+        s = self._slots[slot]
+        s.finished, s.reason = True, reason
+
     def free(self, slot: int) -> None:
         """Give ``slot`` back. The last live row moves into its row, so live rows stay 0..n-1."""
         if slot not in self._slots:
