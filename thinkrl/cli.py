@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # thinkrl.trainer.interrupt.Interrupted says what it saved
         print(f"thinkrl: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    finally:
+        if "thinkrl.distributed.torch_dist" in sys.modules:  # a torchrun run: leave the process group cleanly
+            sys.modules["thinkrl.distributed.torch_dist"].close()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ all run in the one loop of ``thinkrl.trainer.rl``.
 """
 
 from thinkrl.algorithms import advantages, losses
-from thinkrl.algorithms.advantages import (ADVANTAGES, USES_TOKEN_REWARDS, USES_VALUES, AdvantageInput, Advantages,
+from thinkrl.algorithms.advantages import (ADVANTAGES, BATCH_STATISTICS, USES_TOKEN_REWARDS, USES_VALUES, AdvantageInput, Advantages,
                                            MovingAverage, group_stats)
 from thinkrl.algorithms.kl import KL_ESTIMATORS
 from thinkrl.algorithms.losses import (ADVANTAGE_WEIGHTED, LOSS_AGGREGATIONS, POLICY_LOSSES, LossParams, aggregate,
@@ -29,6 +29,6 @@ def kl_in_for(advantage: str, configured: str | None = None) -> str:
     return configured or advantages.DEFAULT_KL_IN.get(advantage, "loss")
 
 
-__all__ = ["ADVANTAGES", "ADVANTAGE_WEIGHTED", "DEFAULT_LOSS_AGG", "KL_ESTIMATORS", "LOSS_AGGREGATIONS",
+__all__ = ["ADVANTAGES", "BATCH_STATISTICS", "ADVANTAGE_WEIGHTED", "DEFAULT_LOSS_AGG", "KL_ESTIMATORS", "LOSS_AGGREGATIONS",
            "POLICY_LOSSES", "USES_TOKEN_REWARDS", "USES_VALUES", "AdvantageInput", "Advantages", "LossParams",
            "MovingAverage", "aggregate", "group_stats", "kl_in_for", "loss_agg_for", "tis_weights", "value_loss"]

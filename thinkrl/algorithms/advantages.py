@@ -42,6 +42,9 @@ DEFAULT_KL_IN = {name: "loss" for name in ("grpo", "dr_grpo", "rloo")} | {
     name: "reward" for name in ("reinforce", "reinforce_pp", "reinforce_pp_baseline", "gae")}
 USES_TOKEN_REWARDS = frozenset(k for k, v in DEFAULT_KL_IN.items() if v == "reward")  # can take KL in the reward
 USES_VALUES = frozenset({"gae"})  # need a critic
+# Normalise over the whole batch (whitening), not within a group: with many processes they
+# run on the gathered batch (thinkrl/distributed/torch_dist.py).
+BATCH_STATISTICS = frozenset({"reinforce_pp", "reinforce_pp_baseline", "gae"})
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from thinkrl.algorithms.preference import PREFERENCE_LOSSES
 from thinkrl.config import TaskConfig
 from thinkrl.data import IGNORE, encode_prompt_completion, read_rows
+from thinkrl.distributed import torch_dist as dist
 from thinkrl.models import load_model
 from thinkrl.tasks import DataError
 from thinkrl.trainer.batch import make_micro_batch, token_logps
@@ -119,12 +120,15 @@ def train_dpo(cfg: DPOConfig) -> Path:
     from thinkrl.trainer.rl import seed_everything
 
     out = Path(cfg.output_dir)
+    dist.init()  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
     found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     bf16 = use_bf16(cfg.dtype)
     rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
-    model, tok = load_model(weights)
+    with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
+        model, tok = load_model(weights)
+    dist.broadcast_parameters(model)
     model.config.use_cache = False
     pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
     loss_fn = PREFERENCE_LOSSES.get(cfg.loss)
