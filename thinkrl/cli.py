@@ -309,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     argv = [a for a in argv if a not in ("-v", "--verbose")]
     ns = parser.parse_args(argv[:1])
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone prints results and progress
+    if not rank0:
+        sys.stdout = open(os.devnull, "w")
+    logging.basicConfig(level=logging.WARNING if not rank0 else logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
