@@ -296,6 +296,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo
             "sandbox": cmd_sandbox}
 
 
+DATA_PARALLEL = frozenset({"train", "sft", "dpo"})  # the commands that torchrun can launch on many ranks
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     tune_allocator()
@@ -322,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     from thinkrl.sandbox import SandboxUnavailable
 
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ns.command not in DATA_PARALLEL:
+            raise ConfigError(f"thinkrl {ns.command} runs in one process; under torchrun only "
+                              f"{', '.join(sorted(DATA_PARALLEL))} are data-parallel (launch it without torchrun)")
         return COMMANDS[ns.command](argv[1:])
     except (ConfigError, ModelError, SandboxUnavailable) as e:
         print(f"thinkrl: error: {e}", file=sys.stderr)

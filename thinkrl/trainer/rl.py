@@ -329,8 +329,12 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     def trains(g: int) -> bool:
         return needs_all or not bool((adv[g * G:(g + 1) * G] == 0).all())
 
-    # group ids of each optimizer step (fewer steps if dynamic sampling kept fewer groups)
-    chunks = [c.tolist() for c in torch.arange(N // G).tensor_split(a.mini_batches) if len(c)]
+    # group ids of each optimizer step (fewer steps if dynamic sampling kept fewer groups). With
+    # many ranks the mini-batches split the global batch as one process would, and each rank
+    # takes its own groups of each (possibly none: it then adds zero gradients).
+    n_groups, first = N // G, dist.rank() * (N // G)  # this rank holds global groups first .. first + n_groups - 1
+    chunks = [[g - first for g in c.tolist() if first <= g < first + n_groups]
+              for c in torch.arange(n_groups * dist.world_size()).tensor_split(a.mini_batches) if len(c)]
     steps = []  # (micro-batches, rows, tokens) of each mini-batch; rows and tokens count skipped groups
     for chunk in chunks:
         rows = [r for g in chunk for r in range(g * G, (g + 1) * G)]

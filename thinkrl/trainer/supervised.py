@@ -85,10 +85,12 @@ def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_
                 raise guard.error(ckpt.latest_checkpoint(out))
             if step == total:
                 break
-            stopping = dist.any_true(stop.requested)  # all ranks stop together
-            if (cfg.save_every and step % cfg.save_every == 0) or stopping:
+            saved = bool(cfg.save_every) and step % cfg.save_every == 0
+            if saved:
                 save(step, out / "checkpoints" / f"step-{step}")
-            if stopping:
+            if dist.any_true(stop.requested):  # it may have come during the save; all ranks stop together
+                if not saved:
+                    save(step, out / "checkpoints" / f"step-{step}")
                 raise Interrupted(f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
                                   "with resume=true", stop.signum)
         save(step, out / "final")
