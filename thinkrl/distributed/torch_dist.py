@@ -117,6 +117,11 @@ def group_seed(seed: int, step: int, index: int) -> int:
     return zlib.crc32(f"{seed}/{step}/{index}".encode())
 
 
+def _comm_device() -> torch.device:
+    """Where collectives' tensors must live: NCCL reduces CUDA tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 # ---------------------------------------------------------------------------
 # Collectives on plain values
 
@@ -132,7 +137,7 @@ def all_gather_objects(obj) -> list:
 def sum_floats(values: list[float]) -> list[float]:
     if world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return t.tolist()
 
@@ -163,9 +168,13 @@ def broadcast_parameters(model) -> None:
     """Give every rank rank 0's weights (and buffers), as DDP does at construction."""
     if world_size() == 1:
         return
+    dev = _comm_device()
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
+            x = t.data.to(dev)
+            dist.broadcast(x, src=0)
+            if x is not t.data:  # a CPU model under NCCL: the copy went over the GPU
+                t.data.copy_(x)
 
 
 def sum_gradients(params, *extra: float) -> list[float]:
@@ -189,8 +198,9 @@ def sum_gradients(params, *extra: float) -> list[float]:
         buckets.append(cur)
     out = list(extra)
     for i, b in enumerate(buckets):
-        tail = torch.tensor(out, dtype=torch.float32) if i == 0 else torch.zeros(0)
-        flat = torch.cat([q.grad.reshape(-1).float() for q in b] + [tail])
+        dev = _comm_device()
+        tail = torch.tensor(out if i == 0 else [], dtype=torch.float32, device=dev)
+        flat = torch.cat([q.grad.reshape(-1).float().to(dev) for q in b] + [tail])
         dist.all_reduce(flat)
         at = 0
         for q in b:
