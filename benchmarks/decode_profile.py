@@ -78,14 +78,14 @@ def main() -> None:
         return out
     fast.FastEngine._decode_step = timed_step
 
-    engine.generate(prompts[:1], 2, SamplingParams(max_new_tokens=4))  # warm-up
+    engine.generate_text(prompts[:1], 2, SamplingParams(max_new_tokens=4))  # warm-up
     params = SamplingParams(max_new_tokens=args.new, temperature=1.0, min_new_tokens=args.new)
     per_run = []
     for seed in (0, 1):
         spent.clear()
         steps.clear()
         fast.torch.manual_seed(seed)
-        engine.generate(prompts, 8, params)
+        engine.generate_text(prompts, 8, params)
         n = len(steps)
         sampling_outside = spent["sampling"]  # _sample runs outside _decode_step
         parts = {k: v / n for k, v in spent.items()}

@@ -51,7 +51,7 @@ from thinkrl.trainer.batch import split_micro_batches, token_logps
 def run(engine, prompts, n, params, seed):
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    ro = engine.generate(prompts, n, params)
+    ro = engine.generate_text(prompts, n, params)
     dt = time.perf_counter() - t0
     return ro, sum(len(c) for c in ro.completion_ids), dt
 

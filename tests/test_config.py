@@ -98,7 +98,7 @@ def test_unknown_registry_names_list_choices(item, match):
     ("rollout.temperature=0", "temperature must be > 0"),
     ("optim.schedule=step", "choose from: constant, cosine, linear"),
     ("dtype=fp16", "choose from: auto, bf16, fp32"),
-    ("task.template=alpaca", "choose from: chat, r1_zero, plain"),
+    ("task.template=alpaca", "choose from: chat, plain, r1_zero"),
     ("rewards.accuracy=high", "rewards.accuracy: weight must be a number"),
 ])
 def test_validation(item, match):

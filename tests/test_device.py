@@ -64,14 +64,53 @@ def test_the_plan_matches_what_torch_reports():
     assert p.cpu in p.describe() and p.capability in p.describe()
 
 
-def test_the_device_key_resolves_to_the_cpu_and_refuses_cuda():
-    import pytest
+def test_the_device_key_resolves_and_a_missing_gpu_is_one_clear_error(monkeypatch):
+    import torch
 
-    from thinkrl.config import ConfigError
-
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert device.resolve_device("auto") == "cpu" and device.resolve_device("cpu") == "cpu"
     for name in ("cuda", "cuda:1"):
-        with pytest.raises(ConfigError, match="does not train on CUDA yet"):
+        with pytest.raises(ConfigError, match=f"device={name} but this machine has no CUDA GPU; "
+                                              "choose from: auto, cpu$"):
             device.resolve_device(name)
-    with pytest.raises(ConfigError, match="device 'tpu' unknown"):
+    with pytest.raises(ConfigError, match="device 'tpu' unknown; choose from: auto, cpu, cuda, cuda:N"):
         device.resolve_device("tpu")
+
+
+def test_with_two_gpus_auto_is_the_first_and_a_third_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device.resolve_device("auto") == "cuda:0" and device.resolve_device("cuda") == "cuda:0"
+    assert device.resolve_device("cuda:1") == "cuda:1" and device.resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match=r"device=cuda:2 but this machine has cuda:0 .. cuda:1; "
+                                          r"choose from: auto, cpu, cuda, cuda:0, cuda:1"):
+        device.resolve_device("cuda:2")
+
+
+def test_the_cpu_policy_is_the_cpu_s_alone():
+    """Eager attention for training, the allocator tuning and the fast engine's CPU paths on
+    the CPU; SDPA on CUDA; bf16 autocast on the device's own type."""
+    import torch
+
+    assert device.train_attention("cpu") == "eager" and device.train_attention("cuda:0") == "sdpa"
+    with device.autocast(True, "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    with device.autocast(False, "cuda:0"):
+        assert not torch.is_autocast_enabled("cpu")
+    x = torch.ones(2)
+    assert device.to(x, "cpu") is x  # no copy where it already is
+
+
+def test_seeded_draws_repeat_and_restore_the_global_stream():
+    import torch
+
+    state = torch.get_rng_state()
+    with device.seeded(7):
+        a = torch.rand(3)
+    with device.seeded(7):
+        b = torch.rand(3)
+    assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), a)  # seed 7 is torch's own seed 7

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 from thinkrl.config import ConfigError
-from thinkrl.perf import tune_allocator
 
 USAGE = __doc__
 
@@ -69,7 +68,7 @@ def _eval_base(model: str) -> dict:
     for cand in (p / "config.yaml", p.parent / "config.yaml", p.parent.parent / "config.yaml"):
         if p.is_dir() and cand.is_file():
             data = load_yaml(cand)
-            return {k: v for k, v in data.items() if k in ("task", "rollout", "eval", "dtype", "seed")}
+            return {k: v for k, v in data.items() if k in ("task", "rollout", "eval", "dtype", "seed", "env")}
     return {}
 
 
@@ -89,14 +88,15 @@ def _model_args(items: list[str], short: dict) -> tuple[list[str], str | None, l
 
 def cmd_eval(args: list[str]) -> int:
     from thinkrl.config import build_config
-    from thinkrl.eval import eval_settings, evaluate, format_table, write_json
+    from thinkrl.eval import eval_settings, evaluate, format_mode_table, format_table, write_json
     from thinkrl.eval.budget import parse_budgets
     from thinkrl.models import load_model
-    from thinkrl.rollout import build_engine
+    from thinkrl.rollout import engine_on
     from thinkrl.tasks import build_task
     from thinkrl.tasks.templates import drop_long_prompts
     from thinkrl import sandbox
-    from thinkrl.device import use_bf16
+    from thinkrl.envs import build_env
+    from thinkrl.envs.episodes import evaluate_episodes
 
     config, items = _split(args)
     budgets = None  # thinking_budget=32,64,...: one evaluation per budget
@@ -110,16 +110,25 @@ def cmd_eval(args: list[str]) -> int:
     cfg = build_config(config, overrides, base=base)
     task = build_task(cfg.task)
     sandbox.configure(cfg.sandbox.allow_unconfined)
-    bf16 = use_bf16(cfg.dtype)
+    env = build_env(cfg.env)
+    if not env.multi_turn:
+        env = None
+    elif budgets:
+        raise ConfigError(f"thinking_budget=... is not supported with env.name={cfg.env.name}; evaluate without it")
+    elif getattr(env, "runs_code", False):
+        sandbox.require_isolation()
     settings = eval_settings(cfg)
     k, temperature = settings["samples"], settings["temperature"]
     runs = []  # (model, its result, or its results per budget); a model may be listed twice
     for name in models:
         model, tok = load_model(name)
         drop_long_prompts(task, tok, cfg.task)
-        engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, bf16=bf16)
+        engine = engine_on(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, dtype=cfg.dtype,
+                           device_name=cfg.device)
 
         def run(budget: int | None) -> dict:
+            if env is not None:  # episodes in the environment, e.g. with the python tool
+                return evaluate_episodes(engine, tok, env, task.eval[: cfg.eval.n], cfg, **settings)
             return evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings, thinking_budget=budget)
 
         runs.append((name, {b: run(b) for b in budgets} if budgets else run(None)))
@@ -131,6 +140,9 @@ def cmd_eval(args: list[str]) -> int:
         _report_budgets(runs, budgets, output, head)
     else:
         print(format_table([(name, res["summary"]) for name, res in runs]))
+        by_mode = format_mode_table([(name, res["summary"]) for name, res in runs])
+        if by_mode:
+            print("\nper thinking mode (task.thinking):\n" + by_mode)
         write_json(output, {**head, "results": dict(runs)})
     print(f"wrote {output}")
     return 0
@@ -213,10 +225,9 @@ def cmd_difficulty(args: list[str]) -> int:
     """Label training questions with a model's pass rate over k samples (Kimi k1.5's difficulty)."""
     from thinkrl.config import build_config
     from thinkrl.models import load_model
-    from thinkrl.rollout import build_engine
+    from thinkrl.rollout import engine_on
     from thinkrl.sampling.difficulty import estimate_pass_rates, write_rows
     from thinkrl.tasks import build_task
-    from thinkrl.device import use_bf16
 
     config, items = _split(args)
     k, n, rest = 8, None, []
@@ -234,7 +245,8 @@ def cmd_difficulty(args: list[str]) -> int:
     cfg = build_config(config, overrides)
     task = build_task(cfg.task)
     model, tok = load_model(models[0])
-    engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=use_bf16(cfg.dtype))
+    engine = engine_on(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, dtype=cfg.dtype,
+                       device_name=cfg.device)
     examples = task.train[:n] if n else task.train
     rows = estimate_pass_rates(engine, tok, examples, cfg.task, k=k, max_new_tokens=cfg.rollout.max_new_tokens,
                                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
@@ -301,7 +313,6 @@ DATA_PARALLEL = frozenset({"train", "sft", "dpo"})  # the commands that torchrun
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    tune_allocator()
     parser = argparse.ArgumentParser(prog="thinkrl", description=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS))

@@ -17,10 +17,9 @@ from typing import Any
 
 import yaml
 
+from thinkrl.errors import ConfigError  # re-exported: thinkrl.config.ConfigError
 
-class ConfigError(ValueError):
-    """A mistake in a config file or override that the user can fix."""
-
+__all__ = ["ConfigError"]  # and the schema's dataclasses
 
 # Phrases that mark a model re-examining its own reasoning (R1's "aha moment"), counted in the thinking.
 REFLECTION_WORDS = ("wait", "re-check", "recheck", "let me verify", "let me check", "double-check")
@@ -59,7 +58,12 @@ class TaskConfig:
     # Columns of a data file that hold the question, answer and (optionally) pass rate,
     # e.g. {question: problem, answer: solution}; unnamed ones keep their own name.
     fields: dict = field(default_factory=dict)
-    thinking: str | None = None  # think | no_think: Qwen3's "/think" or "/no_think" after the question
+    # Qwen3's thinking modes (thinkrl/tasks/thinking.py): on | off | switch. The question gets the
+    # soft switch " /think" (on) or " /no_think" (off), and the chat template its enable_thinking
+    # flag where it has one; switch mixes the two per example, think_share of them on, and
+    # evaluates every held-out question in both modes. None: the question as it is.
+    thinking: str | bool | None = None  # YAML reads a bare on / off as true / false: the same modes
+    think_share: float = 0.5
     max_prompt_tokens: int = 0  # rows whose rendered prompt is longer are skipped and counted (0: no limit)
     pass_rates: str | None = None  # JSONL written by `thinkrl difficulty`, joined on the question text
     min_pass_rate: float = 0.0  # keep training rows with min_pass_rate <= pass rate <= max_pass_rate
@@ -171,6 +175,9 @@ class EvalConfig:
     samples: int = 1  # completions per question: pass@1 is their mean, plus pass@k and maj@k for k = samples
     temperature: float | None = None  # None: greedy for samples=1, else rollout.temperature
     reflection_words: list = field(default_factory=lambda: list(REFLECTION_WORDS))
+    # s1's "Wait" extension (thinkrl/rollout/thinking.py): a response may not close its thinking
+    # before this many thinking tokens; 0: no minimum.
+    min_thinking: int = 0
 
 
 @dataclass
@@ -189,6 +196,21 @@ class MonitorConfig:
     gold: str | None = None
     proxy: str | None = None
     window: int = 0
+
+
+@dataclass
+class EnvConfig:
+    """The environment episodes run in (thinkrl/envs, docs/tools.md)."""
+
+    name: str = "single_turn"  # single_turn (one turn, the plain rollout) | python (a Python tool in the sandbox)
+    max_tool_calls: int = 4  # per episode; a call past it ends the episode (reason tool_budget_exceeded)
+    max_turns: int = 8  # policy turns per episode, at most
+    call_timeout_s: float = 5.0  # wall clock (and CPU seconds, rounded up) per tool call
+    call_memory_mb: int = 256  # address space per tool call
+    max_output_chars: int = 512  # a call's output is cut to this many characters before the model sees it
+    # How a turn continues after an observation: cache (append it to the episode's KV cache,
+    # rollout.backend=fast), reprefill (run the whole history again), auto (cache where possible)
+    decoder: str = "auto"
 
 
 @dataclass
@@ -217,8 +239,8 @@ class Config:
     max_steps: int = 40
     max_minutes: float = 0.0  # stop training after this much wall time (0: no limit); final/ and eval still run
     seed: int = 0
-    dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU supports it)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N; only the CPU path exists yet (thinkrl/device.py)
+    dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU (natively) or the GPU runs it)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: the first CUDA GPU if any (thinkrl/device.py)
     threads: int = 0  # torch threads; 0 = all cores
     resume: bool = False
     save_every: int = 10
@@ -239,9 +261,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # The user's own components: .py files or module names imported before the config is
+    # checked, so what they register can be named here (thinkrl/plugins.py, docs/extending.md).
+    plugins: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -402,6 +428,10 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
         _deep_update(data, _reset_params_with_name(layer))
     cfg = cls()
     _merge(cfg, data)
+    if getattr(cfg, "plugins", None):
+        from thinkrl.plugins import load_plugins
+
+        load_plugins(cfg.plugins)
     if cls is Config:
         validate(cfg)
     elif hasattr(cfg, "validate"):
@@ -409,9 +439,20 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
     return cfg
 
 
+DTYPES = ("auto", "bf16", "fp32")
+
+
+def check_dtype(dtype: str) -> None:
+    """``dtype`` (of any command's config) is one of :data:`DTYPES`, or one ConfigError."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' unknown; choose from: {', '.join(DTYPES)}")
+
+
 def validate(cfg: Config) -> None:
     from thinkrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from thinkrl.rewards import check_options, resolve
+    from thinkrl.tasks.templates import TEMPLATES
+    from thinkrl.trainer.common import SCHEDULES
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -423,8 +464,9 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     need(cfg.rollout.temperature > 0, "rollout.temperature must be > 0 for RL sampling")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
-    need(cfg.rollout.backend in ("fast", "hf"),
-         f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: fast, hf")
+    from thinkrl.rollout import ENGINES  # the registered backends
+
+    ENGINES.check(cfg.rollout.backend)
     need(cfg.distributed.strategy in ("ddp", "fsdp"),
          f"distributed.strategy '{cfg.distributed.strategy}' unknown; choose from: ddp, fsdp")
     need(cfg.algo.num_iterations >= 1, "algo.num_iterations must be >= 1")
@@ -436,17 +478,23 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.max_bad_steps >= 1, "optim.max_bad_steps must be >= 1 (skipped updates in a row that stop a run)")
     need(cfg.save_every >= 0 and cfg.keep_checkpoints >= 0,
          "save_every and keep_checkpoints must be >= 0 (0: no step checkpoints, keep all of them)")
-    need(cfg.optim.schedule in ("constant", "cosine", "linear"),
-         f"optim.schedule '{cfg.optim.schedule}' unknown; choose from: constant, cosine, linear")
-    need(cfg.dtype in ("auto", "bf16", "fp32"), f"dtype '{cfg.dtype}' unknown; choose from: auto, bf16, fp32")
-    need(cfg.task.template in ("chat", "r1_zero", "plain"),
-         f"task.template '{cfg.task.template}' unknown; choose from: chat, r1_zero, plain")
+    need(cfg.optim.schedule in SCHEDULES, f"optim.schedule '{cfg.optim.schedule}' unknown; "
+         f"choose from: {', '.join(SCHEDULES.names())}")
+    check_dtype(cfg.dtype)
+    need(cfg.task.template in TEMPLATES, f"task.template '{cfg.task.template}' unknown; "
+         f"choose from: {', '.join(TEMPLATES.names())}")
     for reg, key in ((ADVANTAGES, cfg.algo.advantage), (POLICY_LOSSES, cfg.algo.loss),
                      (KL_ESTIMATORS, cfg.algo.kl_estimator)):
         reg.check(key)
     if cfg.algo.loss_agg is not None:
         LOSS_AGGREGATIONS.check(cfg.algo.loss_agg)
     _validate_data(cfg, need)
+    from thinkrl.envs import validate_env
+
+    validate_env(cfg.env)
+    need(cfg.env.name == "single_turn" or cfg.algo.advantage != "gae",
+         "env.name=%s with algo.advantage=gae: the critic would be trained on tool-output tokens; "
+         "multi-turn episodes support the critic-free estimators (grpo, dr_grpo, rloo, reinforce*)" % cfg.env.name)
     validate_lora(cfg.lora)
     for i, shot in enumerate(cfg.task.fewshot):
         need(isinstance(shot, dict) and set(shot) == {"question", "response"},
@@ -463,7 +511,9 @@ def validate(cfg: Config) -> None:
 
 def _validate_data(cfg: Config, need) -> None:
     t, s = cfg.task, cfg.sampling
-    need(t.thinking in (None, "think", "no_think"), f"task.thinking '{t.thinking}' unknown; choose from: think, no_think")
+    need(t.thinking is None or isinstance(t.thinking, bool) or t.thinking in ("on", "off", "switch", "think", "no_think"),
+         f"task.thinking '{t.thinking}' unknown; choose from: on, off, switch")
+    need(0.0 <= t.think_share <= 1.0, "task.think_share must be between 0 and 1")
     need(t.max_prompt_tokens >= 0, "task.max_prompt_tokens must be >= 0 (0: no limit)")
     need(0.0 <= t.min_pass_rate <= t.max_pass_rate <= 1.0,
          "task.min_pass_rate and task.max_pass_rate must satisfy 0 <= min <= max <= 1")
@@ -479,14 +529,17 @@ def _validate_data(cfg: Config, need) -> None:
         need(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0, f"task.mixture[{i}].weight must be > 0")
     need(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in t.levels),
          "task.levels must be a list of integers >= 0")
-    need(s.order in ("shuffle", "curriculum", "prioritized"),
-         f"sampling.order '{s.order}' unknown; choose from: shuffle, curriculum, prioritized")
+    from thinkrl.sampling.samplers import SAMPLERS
+
+    need(s.order in SAMPLERS, f"sampling.order '{s.order}' unknown; choose from: {', '.join(SAMPLERS.names())}")
     need(0.0 < s.priority_floor <= 1.0, "sampling.priority_floor must be in (0, 1]")
     need(0.0 < s.priority_ema <= 1.0, "sampling.priority_ema must be in (0, 1]")
     need(0.0 <= s.priority_prior <= 1.0, "sampling.priority_prior must be in [0, 1]")
     need(s.max_rounds >= 0, "sampling.max_rounds must be >= 0")
     need(cfg.max_minutes >= 0, "max_minutes must be >= 0 (0: no limit)")
     need(cfg.eval.samples >= 1, "eval.samples must be >= 1")
+    need(isinstance(cfg.eval.min_thinking, int) and cfg.eval.min_thinking >= 0,
+         "eval.min_thinking must be a whole number of tokens >= 0 (0: no minimum)")
     need(cfg.eval.samples == 1 or cfg.eval.temperature is None or cfg.eval.temperature > 0,
          "eval.samples > 1 needs eval.temperature > 0 (greedy samples would all be the same)")
 
@@ -504,7 +557,7 @@ def validate_lora(lora: LoraConfig) -> None:
 
 
 def _validate_algo(cfg: Config, need) -> None:
-    from thinkrl.algorithms import USES_TOKEN_REWARDS, kl_in_for
+    from thinkrl.algorithms import ADVANTAGES, kl_in_for, takes_token_rewards
 
     a = cfg.algo
     need(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high must be > 0")
@@ -533,8 +586,8 @@ def _validate_algo(cfg: Config, need) -> None:
     need(a.vf_clip is None or a.vf_clip > 0, "algo.vf_clip must be > 0 (or null for no clipping)")
     need(a.kl_in in (None, "loss", "reward"), f"algo.kl_in '{a.kl_in}' unknown; choose from: loss, reward")
     if a.kl_coef > 0 and kl_in_for(a.advantage, a.kl_in) == "reward":
-        need(a.advantage in USES_TOKEN_REWARDS,
-             f"algo.kl_in=reward needs an estimator with token rewards ({', '.join(sorted(USES_TOKEN_REWARDS))}); "
+        need(takes_token_rewards(a.advantage),
+             f"algo.kl_in=reward needs an estimator with token rewards ({', '.join(ADVANTAGES.names(kl_in='reward'))}); "
              f"'{a.advantage}' uses one reward per completion: set algo.kl_in=loss")
 
 

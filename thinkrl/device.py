@@ -18,6 +18,9 @@ probed once, by running it, rather than assumed:
 - ``kernel``: the engine's C decode-attention kernel (built and checked in
   ``rollout/kernels.py``; this flag only says whether it may be tried).
 
+All of this is the CPU performance policy, applied on the CPU only (:func:`setup`); the
+CUDA path uses bf16 autocast where the GPU has it, SDPA attention and pinned copies.
+
 Each can be forced off for testing or debugging, which is how the test suite runs
 every fallback on every CPU: ``THINKRL_BF16=0`` (auto picks fp32),
 ``THINKRL_PREPACK=0`` (no prepacked weights of either kind), ``THINKRL_KERNELS=0`` (no
@@ -26,10 +29,12 @@ C kernel). :func:`plan` reads them once; :func:`reset` forgets the cached plan.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from thinkrl.config import ConfigError
+from thinkrl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +172,21 @@ def reset() -> None:
     plan.cache_clear()
 
 
-def use_bf16(dtype: str) -> bool:
-    """Whether to compute in bf16 for ``dtype`` = auto | bf16 | fp32.
+def use_bf16(dtype: str, dev: str = "cpu") -> bool:
+    """Whether to compute in bf16 for ``dtype`` = auto | bf16 | fp32 on ``dev``.
 
-    ``bf16`` is honoured wherever oneDNN runs bf16 at all, emulated included (it is
-    then slower than fp32, which the log says); ``auto`` picks bf16 only where it is native."""
+    On CUDA, ``auto`` and ``bf16`` mean bf16 autocast wherever the GPU runs bf16 (Ampere and
+    later). On the CPU, ``bf16`` is honoured wherever oneDNN runs bf16 at all, emulated
+    included (it is then slower than fp32, which the log says); ``auto`` picks bf16 only
+    where it is native."""
     if dtype == "fp32":
         return False
+    if is_cuda(dev):
+        ok = torch.cuda.is_bf16_supported()
+        if dtype == "bf16" and not ok:
+            raise ConfigError(f"dtype=bf16 but this GPU ({torch.cuda.get_device_name(dev)}) cannot run bf16; "
+                              "use dtype=fp32 or dtype=auto")
+        return ok
     p = plan()
     if dtype == "bf16":
         if not p.bf16_runs:
@@ -194,19 +207,81 @@ def packer(dtype: torch.dtype, batch_size: int, wanted: bool | None) -> Packer |
 
 
 def resolve_device(name: str) -> str:
-    """The device a run computes on, for the config's ``device`` = auto | cpu | cuda | cuda:N.
-
-    Every part of thinkrl computes on the CPU today: the CUDA path (issue 19) is not built. So
-    ``auto`` means the CPU, with a warning where a GPU is present, and an explicit ``cuda`` is
-    a config error rather than a run that silently stays on the CPU."""
-    import re
-
+    """The device a run computes on, for the config's ``device`` = auto | cpu | cuda | cuda:N:
+    ``"cpu"`` or ``"cuda:N"``. ``auto`` is the first CUDA GPU where one is present, else the
+    CPU; asking for a GPU that is not there is a config error that lists what is."""
     if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
         raise ConfigError(f"device '{name}' unknown; choose from: auto, cpu, cuda, cuda:N")
-    gpu = torch.cuda.is_available()
-    if name.startswith("cuda"):
-        raise ConfigError(f"device={name}: thinkrl does not train on CUDA yet (only on the CPU); use device=cpu"
-                          + ("" if gpu else " (and this machine has no CUDA GPU)"))
-    if name == "auto" and gpu:
-        log.warning("a CUDA GPU is present, but thinkrl computes on the CPU only for now (device=auto -> cpu)")
-    return "cpu"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "cpu" or name == "auto" and not gpus:
+        return "cpu"
+    # under torchrun, auto and cuda mean the GPU of this process's local rank
+    index = int(name.split(":")[1]) if ":" in name else int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= gpus:
+        have = f"cuda:0 .. cuda:{gpus - 1}" if gpus else "no CUDA GPU"
+        raise ConfigError(f"device={name} but this machine has {have}; choose from: auto, cpu"
+                          + (", cuda, " + ", ".join(f"cuda:{i}" for i in range(gpus)) if gpus else ""))
+    return f"cuda:{index}"
+
+
+def is_cuda(dev) -> bool:
+    return str(dev).startswith("cuda")
+
+
+def setup(dev: str) -> None:
+    """Process-wide settings for computing on ``dev``: the CPU performance policy applies on
+    the CPU only (the allocator tuning here; oneDNN/MKL prepack and the C kernel live in the
+    fast engine, which runs on the CPU only; eager attention for training:
+    :func:`train_attention`). On CUDA: the GPU is made current."""
+    if is_cuda(dev):
+        torch.cuda.set_device(torch.device(dev))
+        return
+    from thinkrl.perf import tune_allocator
+
+    tune_allocator()
+
+
+def train_attention(dev: str) -> str:
+    """The attention implementation for training forward passes: plain matmuls on the CPU,
+    whose backward beats the fused SDPA kernel's at these lengths (~15% of a GRPO step on
+    smollm2-135m, docs/speed.md); SDPA (flash / memory-efficient kernels) on CUDA."""
+    return "sdpa" if is_cuda(dev) else "eager"
+
+
+def autocast(enabled: bool, dev: str = "cpu"):
+    """bf16 autocast on ``dev``'s device type, or nothing."""
+    if enabled:
+        return torch.autocast("cuda" if is_cuda(dev) else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to(x: Tensor, dev) -> Tensor:
+    """``x`` on ``dev``: a no-op where it is already there; host-to-GPU copies go from pinned
+    memory, without blocking the host (the copy then overlaps the Python that follows)."""
+    if x.device == torch.device(dev):
+        return x
+    if is_cuda(dev) and x.device.type == "cpu":
+        return x.pin_memory().to(dev, non_blocking=True)
+    return x.to(dev)
+
+
+def seeded(seed: int | None, dev: str = "cpu"):
+    """A context in which the random state of the CPU (and of ``dev``'s GPU) starts from
+    ``seed`` and is restored afterwards; nothing for ``seed`` None."""
+    if seed is None:
+        return contextlib.nullcontext()
+    return _seeded(seed, dev)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, dev: str):
+    with torch.random.fork_rng(devices=[torch.device(dev)] if is_cuda(dev) else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def describe(dev: str) -> str:
+    """One line on what ``dev`` is, for the run's log."""
+    if is_cuda(dev):
+        return f"GPU: {torch.cuda.get_device_name(torch.device(dev))} ({dev})"
+    return f"CPU: {plan().describe()}"

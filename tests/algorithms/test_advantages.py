@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from thinkrl.algorithms import (ADVANTAGES, DEFAULT_LOSS_AGG, LOSS_AGGREGATIONS, AdvantageInput, MovingAverage,
+from thinkrl.algorithms import (ADVANTAGES, LOSS_AGGREGATIONS, AdvantageInput, MovingAverage,
                                 group_stats)
 from thinkrl.algorithms.advantages import discounted_returns, gae_advantages, masked_whiten, token_rewards
 
@@ -108,10 +108,14 @@ def test_advantage_is_zero_on_padding(name):
         assert torch.all(vals == vals[0])
 
 
-def test_default_loss_aggregation_names_are_registered():
-    assert set(DEFAULT_LOSS_AGG) == set(ADVANTAGES.names())
-    for agg in DEFAULT_LOSS_AGG.values():
-        assert agg in LOSS_AGGREGATIONS
+def test_every_estimator_declares_a_registered_aggregation_and_a_kl_place():
+    for name in ADVANTAGES.names():
+        assert ADVANTAGES.trait(name, "loss_agg") in LOSS_AGGREGATIONS
+        assert ADVANTAGES.trait(name, "kl_in") in ("loss", "reward")
+    # the papers' choices, read off the registrations
+    assert ADVANTAGES.names(kl_in="loss") == ["dr_grpo", "grpo", "rloo"]
+    assert ADVANTAGES.trait("dr_grpo", "loss_agg") == "seq_mean_token_sum_norm"
+    assert [n for n in ADVANTAGES.names() if "values" in ADVANTAGES.trait(n, "needs", ())] == ["gae"]
 
 
 @pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])

@@ -71,3 +71,13 @@ def test_parse_budgets_and_the_table():
     assert table.splitlines()[0].split() == ["model", "thinking_budget", "accuracy", "response_len_mean",
                                              "forced_rate", "format_rate", "n"]
     assert table.splitlines()[2].split() == ["m", "8", "0.250", "12.500", "1.000", "0.500", "4"]
+
+
+def test_a_wait_phrase_is_found_among_a_completions_forced_runs():
+    from thinkrl.eval import _forced_run
+
+    wait = [7, 8]
+    assert _forced_run([1, 7, 8, 2, 3], [False, True, True, False, False], wait)
+    assert not _forced_run([1, 7, 8, 2], [False, False, True, False], wait)  # the 7 was sampled
+    assert _forced_run([1, 7, 8, 5, 6], [False, True, True, True, True], wait)  # Wait, then the closing phrase
+    assert not _forced_run([5, 6, 7, 8], [True, True, True, True], wait)  # a closing phrase that contains 7, 8

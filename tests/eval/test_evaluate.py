@@ -21,7 +21,7 @@ SCRIPT = {  # question -> (gold answer, 4 completions)
 
 
 class ScriptedEngine:
-    def generate(self, prompts, n, params):
+    def generate_text(self, prompts, n, params):
         texts = [SCRIPT[p.strip()][1][j] for p in prompts for j in range(n)]
         return Rollout(prompt_ids=[[1]] * len(texts), completion_ids=[[0] * len(t.split()) for t in texts],
                        texts=texts, truncated=[t == "no format 5" for t in texts])

@@ -201,11 +201,12 @@ TINY = {"sample": {"n": 6, "prompts": 6, "max_new_tokens": 48, "temperature": 0.
                "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 48}}}
 
 
-@pytest.mark.parametrize("recipe", ["r1_zero", "r1", "long2short"])
+@pytest.mark.parametrize("recipe", ["r1_zero", "r1", "long2short", "qwen3_fusion"])
 def test_shipped_recipe_runs_tiny_and_resumes(recipe, taught, tmp_path, capsys):
     cfg = yaml.safe_load((ROOT / "configs" / "pipelines" / f"{recipe}.yaml").read_text())
     cfg.update(model=str(taught["model"]), output_dir=str(tmp_path / "run"), eval_n=3, eval_max_new_tokens=48,
-               dtype="fp32", task={"name": str(taught["task"]), "template": "plain", "eval_size": 3})
+               dtype="fp32", task={**cfg.get("task", {}), "name": str(taught["task"]), "template": "plain",
+                                   "eval_size": 3})
     for st in cfg["stages"]:
         for k, v in TINY.get(st["kind"], {}).items():
             st[k] = {**st.get(k, {}), **v} if isinstance(v, dict) else v
@@ -216,6 +217,9 @@ def test_shipped_recipe_runs_tiny_and_resumes(recipe, taught, tmp_path, capsys):
     assert [r["stage"] for r in report] == ["base"] + [s["name"] for s in cfg["stages"]
                                                        if s["kind"] not in ("sample", "traces", "rm")]
     assert all(0 <= r["accuracy"] <= 1 and r["response_len_mean"] > 0 for r in report)
+    if recipe == "qwen3_fusion":  # every held-out question in both modes, first thinking
+        assert all(sorted(r["by_mode"]) == ["off", "on"] and r["by_mode"]["on"]["n"] == r["by_mode"]["off"]["n"]
+                   == r["n"] // 2 for r in report)
     out = capsys.readouterr().out
     assert "accuracy" in out and "response_len_mean" in out
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/stage.json")}

@@ -38,8 +38,8 @@ def test_greedy_fp32_tokens_equal_hf_generate(lively, paths, request):
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
     params = SamplingParams(max_new_tokens=24, temperature=0)
-    ref = HFEngine(model, tok, bf16=False).generate(prompts, 1, params)
-    got = FastEngine(model, tok, bf16=False).generate(prompts, 1, params)
+    ref = HFEngine(model, tok, bf16=False).generate_text(prompts, 1, params)
+    got = FastEngine(model, tok, bf16=False).generate_text(prompts, 1, params)
     assert len({tuple(c) for c in ref.completion_ids}) > 1  # the outputs differ per prompt: a real check
     assert got.completion_ids == ref.completion_ids
     assert got.truncated == ref.truncated
@@ -49,7 +49,7 @@ def test_sampled_logps_match_the_training_forward(lively):
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=False).generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7))
+    ro = FastEngine(model, tok, bf16=False).generate_text(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7))
     assert [len(x) for x in ro.logps] == [len(c) for c in ro.completion_ids]
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_bf16_logps_stay_close_to_fp32(tiny_pair, kernel):
     model, tok = tiny_pair  # unshaken weights: logits of ordinary size
     prompts = [chat(tok, q) for q in PROMPTS]
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=True, kernel=kernel).generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0))
+    ro = FastEngine(model, tok, bf16=True, kernel=kernel).generate_text(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0))
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
     with torch.no_grad():
         logp, _ = token_logps(model, mb)
@@ -91,7 +91,7 @@ def test_prepacked_weights_give_the_same_tokens_and_logps(lively, bf16, atol):
     outs = []
     for eng in (packed, plain):
         torch.manual_seed(3)
-        outs.append(eng.generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0)))
+        outs.append(eng.generate_text(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0)))
     assert packed.layers[0].packed is not None and plain.layers[0].packed is None
     assert outs[0].completion_ids == outs[1].completion_ids
     for a, b in zip(outs[0].logps, outs[1].logps):
@@ -104,7 +104,7 @@ def test_the_switches_turn_every_fast_path_off(lively, fast_paths_off):
     model, tok = lively
     for bf16 in (False, True):
         eng = FastEngine(model, tok, bf16=bf16)
-        ro = eng.generate([chat(tok, "Hi")], 2, SamplingParams(max_new_tokens=4, temperature=1.0))
+        ro = eng.generate_text([chat(tok, "Hi")], 2, SamplingParams(max_new_tokens=4, temperature=1.0))
         assert not eng.prepack and eng.kernel is None and eng.layers[0].packed is None
         assert all(len(c) >= 1 for c in ro.completion_ids)
 
@@ -118,7 +118,7 @@ def test_samples_follow_the_softmax(lively):
         logits = model(torch.tensor([ids])).logits[0, -1]
     probs = torch.softmax(logits / 1.5, -1)
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=False, batch_size=6000).generate(
+    ro = FastEngine(model, tok, bf16=False, batch_size=6000).generate_text(
         [prompt], 6000, SamplingParams(max_new_tokens=1, temperature=1.5))
     counts = torch.bincount(torch.tensor([c[0] for c in ro.completion_ids]), minlength=probs.numel()).float()
     freq = counts / 6000
@@ -131,15 +131,15 @@ def test_top_k_one_is_greedy(lively):
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
     eng = FastEngine(model, tok, bf16=False)
-    greedy = eng.generate(prompts, 1, SamplingParams(max_new_tokens=10, temperature=0))
-    topk1 = eng.generate(prompts, 1, SamplingParams(max_new_tokens=10, temperature=1.0, top_k=1))
+    greedy = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=10, temperature=0))
+    topk1 = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=10, temperature=1.0, top_k=1))
     assert topk1.completion_ids == greedy.completion_ids
 
 
 def test_samples_of_one_prompt_are_adjacent_and_stop_at_eos(lively):
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS[:2]]
-    ro = FastEngine(model, tok, bf16=False).generate(prompts, 3, SamplingParams(max_new_tokens=20))
+    ro = FastEngine(model, tok, bf16=False).generate_text(prompts, 3, SamplingParams(max_new_tokens=20))
     assert len(ro.completion_ids) == 6
     p0 = tok(prompts[0], add_special_tokens=False).input_ids
     p1 = tok(prompts[1], add_special_tokens=False).input_ids
@@ -155,20 +155,20 @@ def test_min_new_tokens_bans_eos_until_reached(lively):
     model = copy.deepcopy(model)
     prompts = [chat(tok, q) for q in PROMPTS[:2]]
     eng = FastEngine(model, tok, bf16=False)
-    first = eng.generate(prompts, 1, SamplingParams(max_new_tokens=1, temperature=0)).completion_ids
+    first = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=1, temperature=0)).completion_ids
     with torch.no_grad():  # give EOS twice the logit of prompt 0's greedy first token: it now wins early
         head = model.get_output_embeddings().weight
         head[tok.eos_token_id] = 2 * head[first[0][0]]
     torch.manual_seed(0)
-    free = eng.generate(prompts, 4, SamplingParams(max_new_tokens=20))
+    free = eng.generate_text(prompts, 4, SamplingParams(max_new_tokens=20))
     assert any(not t for t in free.truncated)  # without the ban some rows stop early: the ban matters
     torch.manual_seed(0)
-    ro = eng.generate(prompts, 4, SamplingParams(max_new_tokens=20, min_new_tokens=20))
+    ro = eng.generate_text(prompts, 4, SamplingParams(max_new_tokens=20, min_new_tokens=20))
     assert all(len(c) == 20 and tok.eos_token_id not in c for c in ro.completion_ids)
     assert all(ro.truncated)
     greedy = SamplingParams(max_new_tokens=12, temperature=0, min_new_tokens=12)
-    ref = HFEngine(model, tok, bf16=False).generate(prompts, 1, greedy)
-    assert eng.generate(prompts, 1, greedy).completion_ids == ref.completion_ids  # HF's min_new_tokens too
+    ref = HFEngine(model, tok, bf16=False).generate_text(prompts, 1, greedy)
+    assert eng.generate_text(prompts, 1, greedy).completion_ids == ref.completion_ids  # HF's min_new_tokens too
 
 
 def test_banned_tokens_are_never_drawn_and_logps_renormalise():
@@ -193,7 +193,7 @@ def test_lora_policy_greedy_fp32_tokens_equal_hf_generate(lively):
     base, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
     params = SamplingParams(max_new_tokens=24, temperature=0)
-    base_ids = FastEngine(base, tok, bf16=False).generate(prompts, 1, params).completion_ids
+    base_ids = FastEngine(base, tok, bf16=False).generate_text(prompts, 1, params).completion_ids
     policy = apply_lora(copy.deepcopy(base), LoraConfig(enabled=True, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     g = torch.Generator().manual_seed(2)
@@ -201,8 +201,8 @@ def test_lora_policy_greedy_fp32_tokens_equal_hf_generate(lively):
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    ref = HFEngine(policy, tok, bf16=False).generate(prompts, 1, params)
-    got = FastEngine(policy, tok, bf16=False).generate(prompts, 1, params)
+    ref = HFEngine(policy, tok, bf16=False).generate_text(prompts, 1, params)
+    got = FastEngine(policy, tok, bf16=False).generate_text(prompts, 1, params)
     assert ref.completion_ids != base_ids  # the adapter changes the greedy text: a real check
     assert got.completion_ids == ref.completion_ids
     assert not any(getattr(m, "merged", False) for m in policy.modules())
@@ -255,12 +255,12 @@ def test_logps_stay_exact_while_finished_rows_are_dropped(lively, paths, request
     model = copy.deepcopy(model)
     prompts = [chat(tok, q) for q in PROMPTS]
     eng = FastEngine(model, tok, bf16=False)
-    first = eng.generate(prompts, 1, SamplingParams(max_new_tokens=1, temperature=0)).completion_ids
+    first = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=1, temperature=0)).completion_ids
     with torch.no_grad():  # make EOS likely enough that rows end at many different steps
         head = model.get_output_embeddings().weight
         head[tok.eos_token_id] = 1.2 * head[first[0][0]]
     torch.manual_seed(0)
-    ro = eng.generate(prompts, 8, SamplingParams(max_new_tokens=24, temperature=1.0))
+    ro = eng.generate_text(prompts, 8, SamplingParams(max_new_tokens=24, temperature=1.0))
     lengths = sorted(len(c) for c in ro.completion_ids)
     # a quarter of the 24 rows ended while at least one row was still running: rows were dropped
     assert lengths[5] < lengths[-1] and not all(ro.truncated)
@@ -407,7 +407,7 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatc
     different lengths: the engine runs the prefix once, then the tails (one extra prefill pass,
     whose first call has a single row), and gives the same tokens and log-probs as running
     every prompt in full (fp32), in generate and in score."""
-    import thinkrl.rollout as rollout
+    import thinkrl.rollout.base as rollout  # where shared_prefix_len reads MIN_SHARED_PREFIX
 
     model, tok = lively
     shot = [{"role": "system", "content": "You add numbers. Think step by step, then answer."},
@@ -425,12 +425,12 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatc
     real = eng._forward
     monkeypatch.setattr(eng, "_forward", lambda ids, *a, **k: rows.append(ids.shape) or real(ids, *a, **k))
     torch.manual_seed(5)
-    shared = eng.generate(prompts, 2, params)
+    shared = eng.generate_text(prompts, 2, params)
     assert rows[0] == (1, L) and rows[1][0] == 3  # the prefix alone, then the three tails
     monkeypatch.setattr(rollout, "MIN_SHARED_PREFIX", 10**6)  # no sharing: every prompt in full
     rows.clear()
     torch.manual_seed(5)
-    full = eng.generate(prompts, 2, params)
+    full = eng.generate_text(prompts, 2, params)
     assert rows[0] == (3, max(len(x) for x in ids))
     assert shared.completion_ids == full.completion_ids
     for a, b in zip(shared.logps, full.logps):

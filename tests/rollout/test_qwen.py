@@ -64,8 +64,8 @@ def test_greedy_fp32_tokens_equal_hf_generate(qwen, paths, request):
     ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     assert shared_prefix_len(ids) >= MIN_SHARED_PREFIX
     params = SamplingParams(max_new_tokens=24, temperature=0)
-    ref = HFEngine(model, tok, bf16=False).generate(prompts, 1, params)
-    got = FastEngine(model, tok, bf16=False).generate(prompts, 1, params)
+    ref = HFEngine(model, tok, bf16=False).generate_text(prompts, 1, params)
+    got = FastEngine(model, tok, bf16=False).generate_text(prompts, 1, params)
     assert len({tuple(c) for c in ref.completion_ids}) > 1  # the outputs differ per prompt: a real check
     assert got.completion_ids == ref.completion_ids
     assert got.truncated == ref.truncated
@@ -80,8 +80,8 @@ def test_qwen3_thinking_switch_prompts_also_match(qwen):
     on, off = chat(tok, QUESTIONS[0]), chat(tok, QUESTIONS[0], enable_thinking=False)
     assert off == on + "<think>\n\n</think>\n\n"
     params = SamplingParams(max_new_tokens=16, temperature=0)
-    ref = HFEngine(model, tok, bf16=False).generate([on, off], 1, params)
-    got = FastEngine(model, tok, bf16=False).generate([on, off], 1, params)
+    ref = HFEngine(model, tok, bf16=False).generate_text([on, off], 1, params)
+    got = FastEngine(model, tok, bf16=False).generate_text([on, off], 1, params)
     assert ref.completion_ids[0] != ref.completion_ids[1]
     assert got.completion_ids == ref.completion_ids
 
@@ -90,7 +90,7 @@ def test_sampled_logps_match_the_training_forward(qwen):
     _, model, tok = qwen
     prompts = [chat(tok, q) for q in QUESTIONS]
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=False).generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7))
+    ro = FastEngine(model, tok, bf16=False).generate_text(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7))
     assert [len(x) for x in ro.logps] == [len(c) for c in ro.completion_ids]
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_bf16_logps_stay_close_to_fp32(qwen, kernel):
     prompts = [chat(tok, q) for q in QUESTIONS]
     torch.manual_seed(0)
     eng = FastEngine(model, tok, bf16=True, kernel=kernel)
-    ro = eng.generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0))
+    ro = eng.generate_text(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0))
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
     with torch.no_grad():
         logp, _ = token_logps(model, mb)
@@ -147,12 +147,12 @@ def test_qwen3_norms_matter(qwen):
     model = copy.deepcopy(model)
     prompts = [chat(tok, q) for q in QUESTIONS]
     params = SamplingParams(max_new_tokens=16, temperature=0)
-    before = FastEngine(model, tok, bf16=False).generate(prompts, 1, params).completion_ids
+    before = FastEngine(model, tok, bf16=False).generate_text(prompts, 1, params).completion_ids
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.mul_(3.0)
-    ref = HFEngine(model, tok, bf16=False).generate(prompts, 1, params).completion_ids
-    got = FastEngine(model, tok, bf16=False).generate(prompts, 1, params).completion_ids
+    ref = HFEngine(model, tok, bf16=False).generate_text(prompts, 1, params).completion_ids
+    got = FastEngine(model, tok, bf16=False).generate_text(prompts, 1, params).completion_ids
     assert got != before and got == ref
 
 
@@ -180,7 +180,7 @@ def test_an_unsupported_model_type_falls_back_to_hf_with_one_log_line(caplog):
     assert len(lines) == 1 and "model type 'gpt2'" in lines[0].getMessage() and "hf backend" in lines[0].getMessage()
     prompts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
     params = SamplingParams(max_new_tokens=6, temperature=0)
-    assert engine.generate(prompts, 2, params).completion_ids == HFEngine(model, tok).generate(prompts, 2, params).completion_ids
+    assert engine.generate_text(prompts, 2, params).completion_ids == HFEngine(model, tok).generate_text(prompts, 2, params).completion_ids
     with pytest.raises(ConfigError, match="model type 'gpt2'.*rollout.backend=hf"):
         FastEngine(model, tok, bf16=False)  # built directly, it still refuses
 

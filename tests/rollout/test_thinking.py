@@ -8,7 +8,8 @@ import torch
 from thinkrl.config import ConfigError
 from thinkrl.rollout import HFEngine, SamplingParams
 from thinkrl.rollout.fast import FastEngine
-from thinkrl.rollout.thinking import CLOSING_PHRASE, FORCING, THINKING, BudgetTracker, closing_ids, thinking_open
+from thinkrl.rollout.thinking import (CLOSING_PHRASE, FORCING, THINKING, WAIT_PHRASE, BudgetTracker, close_start_ids,
+                                      closing_ids, thinking_open, wait_ids)
 from thinkrl.trainer.batch import make_micro_batch, token_logps
 
 QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Tell me a story about a cat"]
@@ -99,8 +100,8 @@ def test_fast_engine_caps_thinking_at_the_budget(shaken):
     prompts = [thinking_prompt(tok, q) for q in QUESTIONS]
     phrase, B = closing_ids(tok), 8
     eng = FastEngine(model, tok, bf16=False)
-    free = eng.generate(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0))
-    capped = eng.generate(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0, thinking_budget=B))
+    free = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0))
+    capped = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0, thinking_budget=B))
     assert free.forced is None
     for f, c, mask, text in zip(free.completion_ids, capped.completion_ids, capped.forced, capped.texts):
         assert len(f) > B and "</think>" not in tok.decode(f[:B])  # the free run thinks past the budget
@@ -118,8 +119,8 @@ def test_hf_engine_gives_the_fast_engines_budgeted_tokens(shaken):
     prompts = [thinking_prompt(tok, q) for q in QUESTIONS]
     for B in (8, 0):
         params = SamplingParams(max_new_tokens=130, temperature=0, thinking_budget=B)
-        ref = HFEngine(model, tok, bf16=False, batch_size=2).generate(prompts, 1, params)  # two batches
-        got = FastEngine(model, tok, bf16=False).generate(prompts, 1, params)
+        ref = HFEngine(model, tok, bf16=False, batch_size=2).generate_text(prompts, 1, params)  # two batches
+        got = FastEngine(model, tok, bf16=False).generate_text(prompts, 1, params)
         assert got.completion_ids == ref.completion_ids
         assert got.forced == ref.forced
         assert all(sum(m) == len(closing_ids(tok)) for m in ref.forced)
@@ -131,7 +132,7 @@ def test_forced_tokens_logps_are_the_models(shaken):
     model, tok = shaken
     prompts = [thinking_prompt(tok, q) for q in QUESTIONS]
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=False).generate(
+    ro = FastEngine(model, tok, bf16=False).generate_text(
         prompts, 2, SamplingParams(max_new_tokens=120, temperature=0.7, thinking_budget=5))
     assert sum(map(sum, ro.forced)) >= len(closing_ids(tok))  # at least one row was forced
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
@@ -154,7 +155,7 @@ def test_a_budget_that_never_binds_changes_nothing(shaken, engine):
 
     def sample(prompts, budget):
         torch.manual_seed(4)
-        return eng.generate(prompts, 3, SamplingParams(max_new_tokens=30, temperature=1.0, thinking_budget=budget))
+        return eng.generate_text(prompts, 3, SamplingParams(max_new_tokens=30, temperature=1.0, thinking_budget=budget))
 
     thinking = [thinking_prompt(tok, QUESTIONS[0])]
     plain = [thinking_prompt(tok, QUESTIONS[1]).removesuffix("<think>")]
@@ -181,11 +182,70 @@ def test_qwen3_single_token_tags_and_its_no_thinking_prompt(tmp_path):
     nothink = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, enable_thinking=False)
                for m in msgs]
     params = SamplingParams(max_new_tokens=len(phrase) + 12, temperature=0, thinking_budget=4)
-    got = FastEngine(model, tok, bf16=False).generate(think + nothink, 1, params)
-    ref = HFEngine(model, tok, bf16=False).generate(think + nothink, 1, params)
+    got = FastEngine(model, tok, bf16=False).generate_text(think + nothink, 1, params)
+    ref = HFEngine(model, tok, bf16=False).generate_text(think + nothink, 1, params)
     assert got.completion_ids == ref.completion_ids and got.forced == ref.forced
     for c, mask in zip(got.completion_ids[:3], got.forced[:3]):
         assert c[4: 4 + len(phrase)] == phrase and mask[:4 + len(phrase)] == [False] * 4 + [True] * len(phrase)
-    free = FastEngine(model, tok, bf16=False).generate(nothink, 1, SamplingParams(max_new_tokens=len(phrase) + 12,
+    free = FastEngine(model, tok, bf16=False).generate_text(nothink, 1, SamplingParams(max_new_tokens=len(phrase) + 12,
                                                                                   temperature=0))
     assert got.completion_ids[3:] == free.completion_ids and not any(map(any, got.forced[3:]))
+
+
+# -- the "Wait" extension (s1): a minimum of thinking tokens --------------------------------
+
+
+def test_close_start_tokens_and_the_wait_phrase(tiny_pair):
+    """tiny-random's tokens are bytes: every spelling of </think> starts with the byte "<"."""
+    tok = tiny_pair[1]
+    assert close_start_ids(tok) == tok("<", add_special_tokens=False).input_ids
+    assert tok.decode(wait_ids(tok)) == WAIT_PHRASE
+
+
+def test_tracker_writes_wait_where_the_model_would_close_too_early(tiny_pair):
+    """min_thinking=8, no cap. Thought tokens "ab" (2), then the logits' argmax is "<": the
+    phrase " Wait," (6 bytes) is forced, which brings the count to 8; the next "<" is allowed."""
+    tok = tiny_pair[1]
+    lt = tok("<", add_special_tokens=False).input_ids[0]
+    V = len(tok)
+    closing, wait = closing_ids(tok), wait_ids(tok)
+    tr = BudgetTracker(tok, None, ["<think>"], closing, min_thinking=8, wait=wait, close_starts=[lt])
+    wants_close, other = torch.zeros(V), torch.zeros(V)
+    wants_close[lt], other[lt + 1] = 1.0, 1.0
+    toks = []
+    for ch in "ab":
+        assert tr.next_forced(0, other) is None and tr.must_think(0)
+        toks += tok(ch, add_special_tokens=False).input_ids
+        tr.observe(0, toks)
+    for want in wait:
+        assert tr.next_forced(0, wants_close) == want
+        toks.append(want)
+        tr.observe(0, toks)
+    assert tr.phase[0] == THINKING and tr.thought[0] == 8 and tr.waits[0] == 1
+    assert not tr.must_think(0) and tr.next_forced(0, wants_close) is None
+    assert tr.forced[0] == [False, False] + [True] * len(wait)
+
+
+def test_a_bad_minimum_is_one_config_error():
+    with pytest.raises(ConfigError, match="min_thinking"):
+        SamplingParams(min_thinking=-1)
+
+
+def test_both_engines_keep_thinking_until_the_minimum(shaken, monkeypatch):
+    """Every token but the bytes of " Wait," counts as a closing tag's start here (patched), so
+    under the minimum a row either has " Wait," forced (the argmax is a "closing" token) or
+    may only sample the phrase's bytes: its first 12 thinking tokens are all such bytes, the
+    first 6 the forced phrase. Both engines give the same tokens and masks."""
+    import thinkrl.rollout.thinking as thinking
+
+    model, tok = shaken
+    wait = wait_ids(tok)
+    monkeypatch.setattr(thinking, "close_start_ids", lambda t: [i for i in range(len(t)) if i not in wait])
+    prompts = [thinking_prompt(tok, q) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=16, temperature=0, min_thinking=12)
+    ro = {name: cls(model, tok, bf16=False).generate_text(prompts, 1, params)
+          for name, cls in (("fast", FastEngine), ("hf", HFEngine))}
+    for c, f in zip(ro["fast"].completion_ids, ro["fast"].forced):
+        assert c[:6] == wait and f[:6] == [True] * 6
+        assert set(c[:12]) <= set(wait)
+    assert ro["fast"].completion_ids == ro["hf"].completion_ids and ro["fast"].forced == ro["hf"].forced

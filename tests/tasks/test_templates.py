@@ -46,22 +46,29 @@ def test_fewshot_turns_come_before_the_question(tiny_pair):
                       f"<|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n<think>")
 
 
-def test_qwen3_thinking_switches_end_the_user_turn(tiny_pair):
+def test_a_question_with_a_soft_switch_keeps_it_at_the_end_of_the_user_turn(tiny_pair):
     tok = tiny_pair[1]
-    prompt, _ = render_prompt(Q, tok, TaskConfig(template="chat", system_prompt=None, thinking="no_think", prefill="", fewshot=[]))
-    assert prompt == f"<|im_start|>user\n{Q} /no_think<|im_end|>\n<|im_start|>assistant\n"
-    prompt, _ = render_prompt(Q, tok, TaskConfig(template="chat", system_prompt=None, thinking="think", prefill="", fewshot=[]))
-    assert prompt == f"<|im_start|>user\n{Q} /think<|im_end|>\n<|im_start|>assistant\n"
-    assert render_prompt(Q, tok, TaskConfig(template="plain", thinking="think", prefill=""))[0] == Q + " /think\n"
+    cfg = TaskConfig(template="chat", system_prompt=None, prefill="", fewshot=[])
+    assert render_prompt(Q + " /no_think", tok, cfg)[0] == f"<|im_start|>user\n{Q} /no_think<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(Q + " /think", tok, cfg)[0] == f"<|im_start|>user\n{Q} /think<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(Q + " /think", tok, TaskConfig(template="plain", prefill=""))[0] == Q + " /think\n"
 
 
-def test_thinking_must_be_think_or_no_think():
+def test_thinking_must_be_on_off_or_switch():
     import pytest
 
     from thinkrl.config import ConfigError, build_config
 
-    with pytest.raises(ConfigError, match="task.thinking 'maybe' unknown"):
+    with pytest.raises(ConfigError, match="task.thinking 'maybe' unknown; choose from: on, off, switch"):
         build_config(overrides=["task.thinking=maybe"])
+    with pytest.raises(ConfigError, match="task.think_share"):
+        build_config(overrides=["task.thinking=switch", "task.think_share=1.5"])
+    assert build_config(overrides=["task.thinking=no_think"]).task.thinking == "no_think"  # the older spelling
+    from thinkrl.tasks.thinking import normalise
+
+    # YAML reads task.thinking=off as false: still the off mode
+    assert [normalise(build_config(overrides=[f"task.thinking={v}"]).task.thinking) for v in ("on", "off", "switch")] == [
+        "on", "off", "switch"]
 
 
 def test_prompts_over_max_prompt_tokens_are_skipped_and_counted(tiny_pair, caplog):

@@ -122,7 +122,7 @@ def test_a_prefix_shared_by_all_prompts_runs_once_with_the_same_logps_and_gradie
     """Three prompts that share a 20-token prefix (a system prompt, say) and have tails of 3,
     1 and 5 tokens: the prefix runs once on one row, the tails against it, and the log-probs
     and gradients equal running every row in full (fp32)."""
-    import thinkrl.rollout as rollout
+    import thinkrl.rollout.base as rollout  # where shared_prefix_len reads MIN_SHARED_PREFIX
 
     model, _ = tiny
     prefix = list(range(30, 50))  # 20 tokens >= MIN_SHARED_PREFIX

@@ -257,12 +257,13 @@ def test_training_time_eval_honours_every_eval_key(tmp_path, monkeypatch):
                "rollout.group_size=2", "rollout.batch_size=16", "progress=false", "task.train_size=20",
                "task.eval_size=4", "max_steps=1", "save_every=0", "plot=false", f"output_dir={tmp_path / 'run'}",
                "eval.n=4", "eval.samples=3", "eval.temperature=0.7", "eval.batch_size=5", "eval.max_new_tokens=6",
-               "eval.reflection_words=[zzzq]"])
+               "eval.reflection_words=[zzzq]", "eval.min_thinking=2"])
     assert rc == 0 and len(seen) == 2  # before and after
     for call in seen:
         assert call == {"batch_size": 5, "max_new_tokens": 6, "temperature": 0.7, "samples": 3,
-                        "reflection_words": ["zzzq"]}
+                        "reflection_words": ["zzzq"], "min_thinking": 2}
     import json
 
     summary = json.loads((tmp_path / "run" / "eval_after.json").read_text())["summary"]
     assert summary["samples"] == 3 and "pass@3" in summary and summary["reflection_rate"] == 0.0
+    assert summary["min_thinking"] == 2 and 0.0 <= summary["wait_rate"] <= 1.0

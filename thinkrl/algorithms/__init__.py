@@ -9,26 +9,43 @@ loss aggregation. GRPO, Dr. GRPO, RLOO, REINFORCE(++), PPO and Kimi's mirror des
 all run in the one loop of ``thinkrl.trainer.rl``.
 """
 
-from thinkrl.algorithms import advantages, losses
-from thinkrl.algorithms.advantages import (ADVANTAGES, BATCH_STATISTICS, USES_TOKEN_REWARDS, USES_VALUES, AdvantageInput, Advantages,
-                                           MovingAverage, group_stats)
+from thinkrl.algorithms.advantages import ADVANTAGES, AdvantageInput, Advantages, MovingAverage, group_stats
 from thinkrl.algorithms.kl import KL_ESTIMATORS
-from thinkrl.algorithms.losses import (ADVANTAGE_WEIGHTED, LOSS_AGGREGATIONS, POLICY_LOSSES, LossParams, aggregate,
-                                       tis_weights, value_loss)
-
-DEFAULT_LOSS_AGG = advantages.DEFAULT_LOSS_AGG
+from thinkrl.algorithms.losses import (LOSS_AGGREGATIONS, POLICY_LOSSES, LossParams, aggregate, tis_weights,
+                                       value_loss)
 
 
 def loss_agg_for(advantage: str, loss: str, configured: str | None = None) -> str:
     """The configured aggregation, else the loss's own (sequence-level losses), else the estimator's."""
-    return configured or losses.DEFAULT_LOSS_AGG.get(loss) or advantages.DEFAULT_LOSS_AGG.get(advantage, "token_mean")
+    return (configured or POLICY_LOSSES.trait(loss, "loss_agg")
+            or ADVANTAGES.trait(advantage, "loss_agg", "token_mean"))
 
 
 def kl_in_for(advantage: str, configured: str | None = None) -> str:
     """Where the KL penalty goes: the configured place, else the estimator's paper's."""
-    return configured or advantages.DEFAULT_KL_IN.get(advantage, "loss")
+    return configured or ADVANTAGES.trait(advantage, "kl_in", "loss")
 
 
-__all__ = ["ADVANTAGES", "BATCH_STATISTICS", "ADVANTAGE_WEIGHTED", "DEFAULT_LOSS_AGG", "KL_ESTIMATORS", "LOSS_AGGREGATIONS",
-           "POLICY_LOSSES", "USES_TOKEN_REWARDS", "USES_VALUES", "AdvantageInput", "Advantages", "LossParams",
-           "MovingAverage", "aggregate", "group_stats", "kl_in_for", "loss_agg_for", "tis_weights", "value_loss"]
+def takes_token_rewards(advantage: str) -> bool:
+    """Whether the estimator builds token-level returns, so the KL penalty can go in the reward."""
+    return ADVANTAGES.trait(advantage, "kl_in") == "reward"
+
+
+def needs_values(advantage: str) -> bool:
+    """Whether the estimator reads a critic's values (GAE)."""
+    return "values" in ADVANTAGES.trait(advantage, "needs", ())
+
+
+def uses_batch_statistics(advantage: str) -> bool:
+    """Whether the estimator normalises over the whole batch (whitening), not within each group."""
+    return bool(ADVANTAGES.trait(advantage, "batch_stats", False))
+
+
+def advantage_weighted(loss: str) -> bool:
+    """Whether the loss vanishes, value and gradient, wherever the advantage is 0."""
+    return bool(POLICY_LOSSES.trait(loss, "advantage_weighted", False))
+
+
+__all__ = ["ADVANTAGES", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES", "AdvantageInput", "Advantages",
+           "LossParams", "MovingAverage", "advantage_weighted", "aggregate", "group_stats", "kl_in_for",
+           "loss_agg_for", "needs_values", "takes_token_rewards", "tis_weights", "uses_batch_statistics", "value_loss"]

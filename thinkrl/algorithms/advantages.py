@@ -26,25 +26,13 @@ from thinkrl.registry import Registry
 
 ADVANTAGES: Registry = Registry("advantage estimator")
 
-# The loss aggregation each estimator's paper uses, when the config does not say.
-DEFAULT_LOSS_AGG = {
-    "grpo": "seq_mean_token_mean",  # GRPO (Shao et al. 2024): 1/G sum_i 1/|o_i| sum_t
-    "dr_grpo": "seq_mean_token_sum_norm",  # Dr. GRPO (Liu et al. 2025): a constant normaliser
-    "rloo": "seq_mean_token_mean",
-    "reinforce": "seq_mean_token_sum",  # eq. (6.17) of the seed: 1/N sum_n sum_t
-    "reinforce_pp": "token_mean",  # REINFORCE++ (Hu 2025), as in OpenRLHF
-    "reinforce_pp_baseline": "token_mean",
-    "gae": "token_mean",  # PPO for LMs (Ouyang et al. 2022; verl, OpenRLHF)
-}
-# Where the KL penalty goes when ``algo.kl_in`` is not set: in the reward for the
-# estimators that build token-level returns, in the loss for the group estimators.
-DEFAULT_KL_IN = {name: "loss" for name in ("grpo", "dr_grpo", "rloo")} | {
-    name: "reward" for name in ("reinforce", "reinforce_pp", "reinforce_pp_baseline", "gae")}
-USES_TOKEN_REWARDS = frozenset(k for k, v in DEFAULT_KL_IN.items() if v == "reward")  # can take KL in the reward
-USES_VALUES = frozenset({"gae"})  # need a critic
-# Normalise over the whole batch (whitening), not within a group: with many processes they
-# run on the gathered batch (thinkrl/distributed/torch_dist.py).
-BATCH_STATISTICS = frozenset({"reinforce_pp", "reinforce_pp_baseline", "gae"})
+# Each estimator declares, where it is registered, the loss aggregation its paper uses
+# (``loss_agg``, when the config does not say), where the KL penalty goes by default
+# (``kl_in``: in the reward for the estimators that build token-level returns, which then
+# also accept it there; in the loss for the group estimators) and what it reads beyond the
+# rewards (``needs=("values",)``: a critic). ``batch_stats=True`` marks an estimator that
+# normalises over the whole batch (whitening), not within a group: with many processes it
+# runs on the gathered batch (thinkrl/distributed/torch_dist.py).
 
 
 @dataclass
@@ -149,7 +137,7 @@ def _broadcast(adv: Tensor, mask: Tensor) -> Tensor:
 # Group estimators: one scalar per completion, broadcast over its tokens
 
 
-@ADVANTAGES.register("grpo")
+@ADVANTAGES.register("grpo", loss_agg="seq_mean_token_mean", kl_in="loss")  # GRPO (Shao et al. 2024): 1/G sum_i 1/|o_i| sum_t
 def grpo(b: AdvantageInput) -> Advantages:
     """GRPO outcome advantage: A_i = (r_i - mean(r_group)) / (std(r_group) + eps).
 
@@ -160,7 +148,7 @@ def grpo(b: AdvantageInput) -> Advantages:
     return Advantages(_broadcast((b.rewards - mean) / (std + b.eps), b.mask))
 
 
-@ADVANTAGES.register("dr_grpo")
+@ADVANTAGES.register("dr_grpo", loss_agg="seq_mean_token_sum_norm", kl_in="loss")  # Dr. GRPO (Liu et al. 2025): a constant normaliser
 def dr_grpo(b: AdvantageInput) -> Advantages:
     """Dr. GRPO: A_i = r_i - mean(r_group), with no division by the group std.
 
@@ -173,7 +161,7 @@ def dr_grpo(b: AdvantageInput) -> Advantages:
     return Advantages(_broadcast(b.rewards - mean, b.mask))
 
 
-@ADVANTAGES.register("rloo")
+@ADVANTAGES.register("rloo", loss_agg="seq_mean_token_mean", kl_in="loss")
 def rloo(b: AdvantageInput) -> Advantages:
     """RLOO: A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline (seed eq. 6.30).
 
@@ -190,7 +178,7 @@ def rloo(b: AdvantageInput) -> Advantages:
 # REINFORCE family: token rewards -> return-to-go
 
 
-@ADVANTAGES.register("reinforce")
+@ADVANTAGES.register("reinforce", loss_agg="seq_mean_token_sum", kl_in="reward")  # eq. (6.17) of the seed: 1/N sum_n sum_t
 def reinforce(b: AdvantageInput) -> Advantages:
     """REINFORCE: A_t = R_t - b, the discounted return-to-go minus an optional baseline.
 
@@ -204,7 +192,7 @@ def reinforce(b: AdvantageInput) -> Advantages:
     return Advantages((ret - b.baseline) * b.mask, ret)
 
 
-@ADVANTAGES.register("reinforce_pp")
+@ADVANTAGES.register("reinforce_pp", loss_agg="token_mean", kl_in="reward", batch_stats=True)  # REINFORCE++ (Hu 2025), as in OpenRLHF
 def reinforce_pp(b: AdvantageInput) -> Advantages:
     """REINFORCE++: token rewards with -beta*KL, return-to-go, whitened over the whole batch.
 
@@ -220,7 +208,7 @@ def reinforce_pp(b: AdvantageInput) -> Advantages:
     return Advantages(masked_whiten(ret, b.mask, b.eps), ret)
 
 
-@ADVANTAGES.register("reinforce_pp_baseline")
+@ADVANTAGES.register("reinforce_pp_baseline", loss_agg="token_mean", kl_in="reward", batch_stats=True)
 def reinforce_pp_baseline(b: AdvantageInput) -> Advantages:
     """REINFORCE++-baseline: subtract the group's mean reward, then REINFORCE++.
 
@@ -235,7 +223,7 @@ def reinforce_pp_baseline(b: AdvantageInput) -> Advantages:
     return Advantages(masked_whiten(ret, b.mask, b.eps), ret)
 
 
-@ADVANTAGES.register("gae")
+@ADVANTAGES.register("gae", loss_agg="token_mean", kl_in="reward", needs=("values",), batch_stats=True)  # PPO for LMs (Ouyang et al. 2022; verl, OpenRLHF)
 def gae(b: AdvantageInput) -> Advantages:
     """PPO's advantage: GAE(gamma, lambda) on KL-shaped token rewards, from a learned critic.
 

@@ -9,7 +9,7 @@ Policy-loss signature::
 ``logp.detach()`` on the first pass over a batch). The token losses are then
 reduced by :func:`aggregate`. Sequence-level losses (``gspo``, ``kimi``) write each
 sequence's loss so that ``seq_mean_token_mean`` yields exactly the paper's
-objective; it is their default aggregation (:data:`DEFAULT_LOSS_AGG`).
+objective; it is their default aggregation (their ``loss_agg`` trait).
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from thinkrl.registry import Registry
 POLICY_LOSSES: Registry = Registry("policy loss")
 LOSS_AGGREGATIONS: Registry = Registry("loss aggregation")
 
-# Aggregation a loss needs for its published form (overrides the advantage's default).
-DEFAULT_LOSS_AGG = {"gspo": "seq_mean_token_mean", "kimi": "seq_mean_token_mean"}
-# Losses whose value and gradient vanish wherever adv == 0, so rows with zero advantage can be skipped.
-ADVANTAGE_WEIGHTED = frozenset({"ppo_clip", "dual_clip", "pg", "gspo"})
+# Each loss declares, where it is registered, the aggregation its published form needs
+# (``loss_agg``, which overrides the advantage estimator's) and whether its value and gradient
+# vanish wherever adv == 0 (``advantage_weighted=True``: rows with zero advantage can be skipped).
 
 
 @dataclass
@@ -60,7 +59,7 @@ def _clip_objective(ratio: Tensor, adv: Tensor, hp: LossParams) -> tuple[Tensor,
     return torch.minimum(unclipped, clipped), (clipped < unclipped).float()
 
 
-@POLICY_LOSSES.register("ppo_clip")
+@POLICY_LOSSES.register("ppo_clip", advantage_weighted=True)
 def ppo_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
              hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
     """PPO's clipped surrogate, per token: -min(ratio * A, clip(ratio, 1-e_low, 1+e_high) * A).
@@ -77,7 +76,7 @@ def ppo_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     return -obj, metrics
 
 
-@POLICY_LOSSES.register("dual_clip")
+@POLICY_LOSSES.register("dual_clip", advantage_weighted=True)
 def dual_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
               hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
     """Dual-clip PPO: for A < 0 the objective is max(min(rA, clip(r)A), c A), c = ``clip_c`` > 1.
@@ -97,7 +96,7 @@ def dual_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     return -obj, metrics
 
 
-@POLICY_LOSSES.register("pg")
+@POLICY_LOSSES.register("pg", advantage_weighted=True)
 def pg(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
        hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
     """Plain policy gradient, no ratio: -A * logp (seed eq. 6.17 / 6.22; Williams 1992).
@@ -108,7 +107,7 @@ def pg(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     return -adv * logp, {"clip_frac": 0.0}
 
 
-@POLICY_LOSSES.register("gspo")
+@POLICY_LOSSES.register("gspo", loss_agg="seq_mean_token_mean", advantage_weighted=True)
 def gspo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
          hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
     """GSPO: one importance ratio per sequence, the geometric mean of its token ratios, clipped.
@@ -129,7 +128,7 @@ def gspo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     return -obj, metrics
 
 
-@POLICY_LOSSES.register("kimi")
+@POLICY_LOSSES.register("kimi", loss_agg="seq_mean_token_mean")
 def kimi(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
          hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
     """Kimi k1.5's online policy mirror descent: a squared loss per sequence,

@@ -11,6 +11,7 @@ from thinkrl.eval.calibration import answer_confidence, expected_calibration_err
 from thinkrl.eval.metrics import majority_vote, pass_at_k, reflection_stats
 from thinkrl.rewards import RewardModel, extract_answer
 from thinkrl.rollout import Engine, SamplingParams
+from thinkrl.rollout.thinking import WAIT_PHRASE
 from thinkrl.tasks import Example
 from thinkrl.tasks.templates import render_prompt
 
@@ -23,27 +24,31 @@ def eval_settings(cfg) -> dict:
     k = e.samples
     temperature = e.temperature if e.temperature is not None else (0.0 if k == 1 else cfg.rollout.temperature)
     return {"max_new_tokens": e.max_new_tokens or cfg.rollout.max_new_tokens, "temperature": temperature,
-            "samples": k, "reflection_words": e.reflection_words}
+            "samples": k, "reflection_words": e.reflection_words, "min_thinking": e.min_thinking}
 
 
 def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskConfig, *,
              max_new_tokens: int, temperature: float = 0.0, samples: int = 1,
-             reflection_words=REFLECTION_WORDS, thinking_budget: int | None = None) -> dict:
+             reflection_words=REFLECTION_WORDS, thinking_budget: int | None = None,
+             min_thinking: int = 0) -> dict:
     """Score ``samples`` completions per held-out example (one greedy one by default).
 
     ``accuracy`` is pass@1 averaged over the samples; with samples = k > 1 the summary also
     has the unbiased ``pass@k`` and ``maj@k`` (see :mod:`thinkrl.eval.metrics`). With a
     ``thinking_budget`` the engine caps each response's thinking at that many tokens
     (:mod:`thinkrl.rollout.thinking`) and the summary adds ``forced_rate``, the share of
-    responses whose thinking the budget cut short.
+    responses whose thinking the budget cut short. ``min_thinking`` > 0 keeps each response
+    thinking at least that many tokens (s1's "Wait" extension) and adds ``wait_rate``, the
+    share of responses that were made to go on.
     """
     if not examples:
         raise ConfigError("no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)")
     k = samples
     rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
     t0 = time.perf_counter()
-    ro = engine.generate([r[0] for r in rendered], k, SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, thinking_budget=thinking_budget))
+    ro = engine.generate_text([r[0] for r in rendered], k, SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, thinking_budget=thinking_budget,
+        min_thinking=min_thinking))
     seconds = time.perf_counter() - t0
     texts = [rendered[i // k][1] + t for i, t in enumerate(ro.texts)]  # [n * k]
     _, parts = RewardModel({"accuracy": 1.0, "format": 1.0}).score(texts, [ex for ex in examples for _ in range(k)])
@@ -61,9 +66,22 @@ def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskC
         **reflection_stats(texts, reflection_words),
         "seconds": round(seconds, 2),
     }
+    modes = [ex.meta.get("thinking") for ex in examples]
+    if any(modes):  # task.thinking: accuracy, form and length per thinking mode
+        summary["by_mode"] = {}
+        for mode in sorted({m for m in modes if m}):
+            rows = [q * k + j for q, m in enumerate(modes) if m == mode for j in range(k)]
+            summary["by_mode"][mode] = {"accuracy": sum(acc[i] for i in rows) / len(rows),
+                                        "format_rate": sum(fmt[i] for i in rows) / len(rows),
+                                        "response_len_mean": sum(lengths[i] for i in rows) / len(rows),
+                                        "n": len(rows) // k}
     if thinking_budget is not None:
         summary["thinking_budget"] = thinking_budget
         summary["forced_rate"] = sum(any(f) for f in ro.forced or []) / (n * k)
+    if min_thinking:
+        summary["min_thinking"] = min_thinking
+        wait = tokenizer(WAIT_PHRASE, add_special_tokens=False).input_ids
+        summary["wait_rate"] = sum(_forced_run(c, f, wait) for c, f in zip(ro.completion_ids, ro.forced or [])) / (n * k)
     records = []
     maj_hits = 0
     for q, ex in enumerate(examples):
@@ -91,6 +109,19 @@ def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskC
     return {"summary": summary, "records": records}
 
 
+def _forced_run(ids: list[int], forced: list[bool], phrase: list[int]) -> bool:
+    """Whether the forced tokens of a completion include ``phrase`` written by the engine."""
+    runs, cur = [], []
+    for t, f in zip(ids, forced):
+        if f:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs += [cur] if cur else []
+    return any(r[: len(phrase)] == phrase for r in runs)
+
+
 def format_table(rows: list[tuple[str, dict]]) -> str:
     """Plain-text table: one row per model."""
     ks = sorted({s.get("samples", 1) for _, s in rows} - {1})
@@ -99,6 +130,20 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
             + (["ece"] if any("ece" in s for _, s in rows) else []) + ["n"])
     head = ["model"] + cols
     body = [[name] + [_fmt(s.get(c)) for c in cols] for name, s in rows]
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def format_mode_table(rows: list[tuple[str, dict]]) -> str:
+    """Plain-text table of accuracy, form and length per thinking mode (task.thinking), one row
+    per model and mode; empty if no summary has modes."""
+    cols = ["accuracy", "format_rate", "response_len_mean", "n"]
+    head = ["model", "thinking"] + cols
+    body = [[name, mode] + [_fmt(m.get(c)) for c in cols]
+            for name, s in rows for mode, m in s.get("by_mode", {}).items()]
+    if not body:
+        return ""
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])

@@ -125,6 +125,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                   "|---|---|---|---|---|---|"]
         lines += [f"| {e['step']} | {e.get('label', '')} | {_fmt(e.get('accuracy'))} | {_fmt(e.get('format_rate'))} "
                   f"| {_fmt(e.get('response_len_mean'))} | {e.get('n', '')} |" for e in evals]
+    lines += _tool_section(metrics)
     lines.append("")
     for stem, title, series in PLOTS:
         png = _plot(metrics, evals, stem, title, series, out)
@@ -139,6 +140,32 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     md = out / "report.md"
     md.write_text("\n".join(lines))
     return md
+
+
+def _tool_section(metrics: list[dict]) -> list[str]:
+    """Tool-call statistics of a multi-turn run (``env.name=python``; thinkrl/envs), or nothing.
+    Per-step shares are weighted by the step's episodes (``generated_seqs``)."""
+    rows = [m for m in metrics if isinstance(m.get("tool/calls_per_episode"), (int, float))]
+    if not rows:
+        return []
+    n = sum(m.get("generated_seqs", 1) for m in rows)
+
+    def mean(key):
+        return sum(m[key] * m.get("generated_seqs", 1) for m in rows) / n
+
+    over = sum(int(m.get("tool/over_budget", 0)) for m in rows)
+    killed = sum(int(m.get("tool/killed_calls", 0)) for m in rows)
+    out = ["", f"Tool calls ({n} episodes over {len(rows)} steps):", "",
+           "| statistic | first 10% of steps | last 10% of steps | whole run |", "|---|---|---|---|"]
+    for key, label in (("tool/calls_per_episode", "calls per episode"),
+                       ("tool/episodes_with_call", "share of episodes using the tool"),
+                       ("tool/policy_tokens_mean", "policy tokens per episode")):
+        if all(key in m for m in rows):
+            out.append(f"| {label} | {_fmt(_window_mean(rows, key, True))} | {_fmt(_window_mean(rows, key, False))} "
+                       f"| {_fmt(mean(key))} |")
+    out.append(f"| episodes over the tool budget | | | {over} ({over / n:.1%}) |")
+    out.append(f"| calls killed by a limit (time, memory, output) | | | {killed} |")
+    return out
 
 
 def _gold_and_proxy(run: Path, metrics: list[dict], out: Path) -> Path | None:

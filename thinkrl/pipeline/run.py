@@ -55,6 +55,7 @@ class PipelineConfig:
     model: str = "smollm2-135m"
     output_dir: str = "runs/pipeline"
     dtype: str = "auto"
+    device: str = "auto"  # of the held-out evaluations (thinkrl/device.py)
     seed: int = 0
     eval_n: int = 50  # held-out questions scored (greedy) after every model stage; 0: none
     eval_max_new_tokens: int = 128
@@ -161,13 +162,12 @@ def run_stage(kind: str, scfg, folder: Path) -> dict:
 def evaluate_model(cfg: PipelineConfig, model_path: str) -> dict:
     from thinkrl.eval import evaluate
     from thinkrl.models import load_model
-    from thinkrl.rollout import build_engine
+    from thinkrl.rollout import engine_on
     from thinkrl.tasks import build_task
-    from thinkrl.device import use_bf16
 
     task = build_task(cfg.task)
     model, tok = load_model(model_path)
-    engine = build_engine(cfg.eval_backend, model, tok, batch_size=64, bf16=use_bf16(cfg.dtype))
+    engine = engine_on(cfg.eval_backend, model, tok, batch_size=64, dtype=cfg.dtype, device_name=cfg.device)
     res = evaluate(engine, tok, task.eval[: cfg.eval_n], cfg.task, max_new_tokens=cfg.eval_max_new_tokens)
     return res["summary"]
 

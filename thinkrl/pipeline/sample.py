@@ -25,9 +25,9 @@ from thinkrl.data import write_rows
 from thinkrl.models import load_model
 from thinkrl.pipeline.teacher import EndpointConfig, as_response, chat_completion
 from thinkrl.rewards import RewardModel
-from thinkrl.rollout import SamplingParams, build_engine
+from thinkrl.rollout import SamplingParams, engine_on
 from thinkrl.tasks import build_task
-from thinkrl.tasks.templates import render_prompt
+from thinkrl.tasks.templates import chat_messages, render_prompt
 from thinkrl.trainer.common import need
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class SampleConfig:
     batch_size: int = 64
     backend: str = "fast"
     dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (thinkrl/device.py)
     seed: int = 0
     per_prompt: int = 1  # mode=all: keep at most this many per prompt (0: every accepted one)
     min_tokens: int = 1  # length bounds on kept responses, in tokens (max 0: no bound)
@@ -116,11 +117,7 @@ def judge(samples: list[Sample], fmt: list[float], truncated: list[bool], cfg: S
 
 def context_messages(question: str, cfg: TaskConfig) -> list[dict]:
     """The chat turns the chat template renders before the answer (few-shot turns are context only)."""
-    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    for shot in cfg.fewshot:
-        msgs += [{"role": "user", "content": shot["question"]},
-                 {"role": "assistant", "content": shot["response"], "weight": 0}]
-    return msgs + [{"role": "user", "content": question}]
+    return [{**m, "weight": 0} if m["role"] == "assistant" else m for m in chat_messages(question, cfg)]
 
 
 def generate(cfg: SampleConfig, examples: list, tok, model) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:
@@ -135,11 +132,9 @@ def generate(cfg: SampleConfig, examples: list, tok, model) -> tuple[list[list[s
             trunc.append([False] * len(got))
         lens = [[len(tok(t, add_special_tokens=False).input_ids) for t in row] for row in texts]
         return texts, lens, trunc
-    from thinkrl.device import use_bf16
-
-    engine = build_engine(cfg.backend, model, tok, batch_size=cfg.batch_size, bf16=use_bf16(cfg.dtype))
+    engine = engine_on(cfg.backend, model, tok, batch_size=cfg.batch_size, dtype=cfg.dtype, device_name=cfg.device)
     rendered = [render_prompt(ex.question, tok, cfg.task) for ex in examples]
-    ro = engine.generate([r[0] for r in rendered], n, SamplingParams(
+    ro = engine.generate_text([r[0] for r in rendered], n, SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p))
     texts = [[rendered[i][1] + ro.texts[i * n + j] for j in range(n)] for i in range(len(examples))]
     lens = [[len(ro.completion_ids[i * n + j]) for j in range(n)] for i in range(len(examples))]
@@ -174,7 +169,7 @@ def select(question: str, answer: str, samples: list[Sample], cfg: SampleConfig)
 
 def run_sample(cfg: SampleConfig) -> dict:
     """Sample, filter, write ``cfg.output`` (JSONL) and ``<output>.stats.json``; returns the stats."""
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     seed_everything(cfg.seed)
     task = build_task(cfg.task)

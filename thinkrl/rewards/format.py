@@ -12,10 +12,24 @@ _NO_TAG = r"(?:(?!</?(?:think|answer)>).)+"
 _FORMAT = re.compile(rf"^\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*$", re.DOTALL)
 
 
+# Qwen3's no-thinking form: an empty thinking block, then the answer.
+_NO_THINK_FORMAT = re.compile(rf"^\s*<think>\s*</think>\s*<answer>{_NO_TAG}</answer>\s*$", re.DOTALL)
+
+
 @REWARDS.register("format")
 def format_reward(completion: str, example) -> float | None:
-    """1.0 for exactly ``<think>...</think> <answer>...</answer>`` and nothing else around it."""
-    return 1.0 if _FORMAT.match(completion) else 0.0
+    """1.0 for exactly ``<think>...</think> <answer>...</answer>`` and nothing else around it.
+
+    An example that asks for a thinking mode (``meta["thinking"]``, set by ``task.thinking``;
+    thinkrl/tasks/thinking.py) must use that mode's form: ``off`` an empty thinking block
+    (``<think> </think> <answer>...</answer>``), ``on`` a thinking block with something in it."""
+    mode = getattr(example, "meta", {}).get("thinking")
+    if mode == "off":
+        return 1.0 if _NO_THINK_FORMAT.match(completion) else 0.0
+    m = _FORMAT.match(completion)
+    if m and mode == "on" and not extract_thinking(completion).strip():
+        return 0.0
+    return 1.0 if m else 0.0
 
 
 # ---------------------------------------------------------------------------

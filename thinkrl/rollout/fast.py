@@ -39,10 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from thinkrl import device
+from thinkrl.device import is_cuda
 from thinkrl.perf import tune_allocator
-from thinkrl.rollout import Rollout, SamplingParams, shared_prefix_len
+from thinkrl.rollout.base import ENGINES, Engine, Rollout, SamplingParams, hits_stop, shared_prefix_len
+from thinkrl.rollout.hf import HFEngine
 from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
-from thinkrl.rollout.thinking import BudgetTracker, closing_ids, forced_logps
+from thinkrl.rollout.thinking import BudgetTracker, budget_tracker, forced_logps
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -296,11 +298,14 @@ def _kernel_error(fn) -> float:
     return float((got - want).abs().max())
 
 
-class FastEngine:
+@ENGINES.register("fast")
+class FastEngine(Engine):
     def __init__(self, model, tokenizer, *, batch_size: int = 64, bf16: bool = True,
                  stop_strings: tuple[str, ...] = (), prepack: bool | None = None, kernel: bool | None = None):
         """``prepack`` and ``kernel``: None follows the device plan (``thinkrl/device.py``);
-        False turns the fast path off; True asks for it where the plan says it runs."""
+        False turns the fast path off; True asks for it where the plan says it runs.
+        ``stop_strings`` apply to every call, on top of ``SamplingParams.stop``. The weights
+        are copied here and then at each :meth:`sync_weights`."""
         cfg = model.config
         why = unsupported(cfg)
         if why is not None:
@@ -320,12 +325,47 @@ class FastEngine:
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos} - {None})
         self._rope_inv_freq = self._inv_freq(cfg)
         self._version = None
-        self._closing: list[int] | None = None  # the thinking budget's closing phrase, tokenized once
+        self._closing: dict | None = None  # the thinking phrases' token ids, tokenized once
         self.packer = device.packer(self.dtype, batch_size, prepack)
         self.head_packed = None
         # decode attention in C (bf16 caches, head dims of 16k) where it builds and agrees with the torch path
         use = device.plan().kernel if kernel is None else kernel and device.plan().kernel
         self.kernel = checked_kernel() if use and bf16 and self.hd % 16 == 0 else None
+        self.sync()
+
+    @classmethod
+    def build(cls, model, tokenizer, *, batch_size: int, bf16: bool, device: str = "cpu") -> Engine:
+        """The fast engine where it runs (the CPU, the layouts :func:`unsupported` accepts);
+        elsewhere the hf engine, with one log line saying why. On CUDA the hf engine covers
+        rollouts: this engine's gains are CPU ones (prepacked GEMMs, the C kernel, fewer
+        small-op dispatches), see docs/devices.md."""
+        why = "it runs on the CPU only" if is_cuda(device) else unsupported(model.config)
+        if why is None:
+            return cls(model, tokenizer, batch_size=batch_size, bf16=bf16)
+        import logging
+
+        logging.getLogger(__name__).warning("rollout.backend=fast cannot run this model (%s); using the hf backend",
+                                            why)
+        return HFEngine.build(model, tokenizer, batch_size=batch_size, bf16=bf16, device=device)
+
+    @classmethod
+    def frozen_scorer(cls, model, tokenizer, *, bf16: bool, device: str = "cpu") -> Engine | None:
+        if is_cuda(device) or unsupported(model.config) is not None:
+            return None
+        return cls(model, tokenizer, bf16=bf16).freeze()
+
+    def describe(self) -> str:
+        return (f"fast, {'bf16' if self.dtype == torch.bfloat16 else 'fp32'} weights"
+                + (f" prepacked ({self.packer.name})" if self.prepack else "")
+                + f", decode attention in {'C' if self.kernel is not None else 'torch ops'}")
+
+    def sync_weights(self, model) -> None:
+        """Copy ``model``'s current weights in (after an optimizer step). Until then the engine
+        samples from its last copy, except that fp32 weights it does not fuse or pack (the
+        output projections, embeddings, norms) are the model's own tensors, not copies: so an
+        in-place change to the model must be followed by a sync before the next generate."""
+        self.model = model
+        self.sync()
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -335,9 +375,9 @@ class FastEngine:
         return 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
 
     def freeze(self) -> FastEngine:
-        """Copy the weights once and let go of the model (for a model that never trains, such
-        as the KL reference: only the engine's low-precision copy stays in memory)."""
-        self.sync()
+        """Let go of the model, keeping the weights copied at construction (for a model that
+        never trains, such as the KL reference: only the engine's low-precision copy stays in
+        memory)."""
         self.model = None
         return self
 
@@ -550,8 +590,6 @@ class FastEngine:
         completions, and all completion tokens run in one forward pass. What the trainer's
         ``token_logps`` computes, in bf16 with fused weights; used for frozen models
         (the KL reference), whose weights are synced once."""
-        from thinkrl.trainer.batch import HeadLogProbs
-
         P, T = mb.prompt_len, mb.mask.shape[1]
         grouped = mb.prompt_ids is not None and mb.group_size > 1
         G = mb.group_size if grouped else 1
@@ -578,39 +616,57 @@ class FastEngine:
         h = self._forward(c_ids[:, : T - 1], start + torch.arange(T - 1)[None], kv, P, keys[:, None],
                           all_hidden=True)  # [b, T-1, H]
         keep = c_mask[:, 1:]  # [b, T-1] positions whose next token is real
-        lp, _ = HeadLogProbs.apply(h[keep], self.head, c_ids[:, 1:][keep], temperature,
-                                   self.dtype == torch.bfloat16, False)  # [n]
+        lp = self._head_logps(h[keep], c_ids[:, 1:][keep], temperature)  # [n]
         out[:, 1:] = out[:, 1:].masked_scatter(keep, lp)
         return out
 
+    HEAD_CHUNK = 128  # positions per LM-head matmul in score: [128, V] fp32 logits at a time
+
+    def _head_logps(self, h: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        """log softmax(h W^T / temperature)[target] [n] for final hidden states h [n, H]
+        (what the trainer's HeadLogProbs computes forward, in the engine's dtype)."""
+        out = torch.empty(h.shape[0])
+        for s in range(0, h.shape[0], self.HEAD_CHUNK):
+            z = torch.matmul(h[s: s + self.HEAD_CHUNK], self.head.t()).float()  # [c, V]
+            if temperature != 1.0:
+                z.div_(temperature)
+            out[s: s + self.HEAD_CHUNK] = z.gather(-1, targets[s: s + self.HEAD_CHUNK, None]).squeeze(-1) \
+                - torch.logsumexp(z, -1)
+        return out
+
     @torch.inference_mode()
-    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> Rollout:
-        if self.model is not None:  # a frozen engine keeps the weights it copied
-            self.sync()
-        ids = [self.tok(p, add_special_tokens=False).input_ids for p in prompts]
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
+        with device.seeded(params.seed):
+            return self._generate(prompt_ids, n, params)
+
+    def _generate(self, ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
+        ids = [list(p) for p in ids]
+        prompts = self.tok.batch_decode(ids) if params.shapes_thinking else [""] * len(ids)
+        ends = sorted(set(self.eos_ids) | set(params.stop_ids))
+        stops = self.stop_strings + params.stop_strings
         per_chunk = max(1, self.batch_size // n)  # prompts per chunk, so a chunk holds ~batch_size rows
         comps: list[list[int]] = []
         logps: list[list[float]] = []
         forced: list[list[bool]] = []
         for s in range(0, len(ids), per_chunk):
             budget = self._budget([p for p in prompts[s: s + per_chunk] for _ in range(n)], params)
-            c, lp = self._generate_chunk(ids[s: s + per_chunk], n, params, budget)
+            c, lp = self._generate_chunk(ids[s: s + per_chunk], n, params, budget, ends, stops)
             comps += c
             logps += lp
             forced += budget.forced if budget is not None else []
         flat = [x for x in ids for _ in range(n)]
-        truncated = [not (c and c[-1] in self.eos_ids) for c in comps]
+        truncated = [not (c and (c[-1] in ends or hits_stop(self.tok, c, stops))) for c in comps]
         texts = self.tok.batch_decode(comps, skip_special_tokens=True)
         return Rollout(prompt_ids=flat, completion_ids=comps, texts=texts, truncated=truncated, logps=logps,
-                       forced=forced if params.thinking_budget is not None else None)
+                       forced=forced if params.shapes_thinking else None)
 
     def _budget(self, prompts: list[str], params: SamplingParams) -> BudgetTracker | None:
-        """The bookkeeping of ``params.thinking_budget`` for a chunk's rows, or None."""
-        if params.thinking_budget is None:
+        """The bookkeeping of ``params.thinking_budget`` and ``min_thinking`` for a chunk's
+        rows, or None without either."""
+        if not params.shapes_thinking:
             return None
-        if self._closing is None:
-            self._closing = closing_ids(self.tok)
-        return BudgetTracker(self.tok, params.thinking_budget, prompts, self._closing)
+        tracker, self._closing = budget_tracker(self.tok, params, prompts, self._closing)
+        return tracker
 
     def _prefill(self, prompts: list[list[int]], extra: int = 0):
         """Run the prompts; returns the last positions' logits [g, V] fp32, per-layer key/value
@@ -659,7 +715,9 @@ class FastEngine:
         return logits, kv, valid
 
     def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams,
-                        budget: BudgetTracker | None = None):
+                        budget: BudgetTracker | None, ends: list[int], stops: tuple[str, ...]):
+        """The chunk's completions and log-probs; a row ends at a token of ``ends`` (EOS and
+        stop ids) or once its tail holds one of the ``stops`` strings."""
         P, T, g = max(len(p) for p in prompts), params.max_new_tokens, len(prompts)
         nkv, hd, dt = self.nkv, self.hd, self.dtype
         logits, kv, valid = self._prefill(prompts)  # [g, V], caches [g, nkv, P, hd], [g, P]
@@ -683,7 +741,7 @@ class FastEngine:
         out = [[] for _ in range(B)]
         out_lp = [[] for _ in range(B)]
         fin = torch.zeros(B, dtype=torch.bool)  # finished rows still in the batch
-        eos = torch.tensor(self.eos_ids)
+        eos = torch.tensor(ends)
         for t in range(T):
             banned = eos if t < params.min_new_tokens else None
             force = None if budget is None else self._forced(budget, st.alive, logits, params, banned)
@@ -698,8 +756,8 @@ class FastEngine:
                     if budget is not None:
                         budget.observe(r, out[r])
             done = torch.isin(tok, eos)
-            if self.stop_strings:
-                done |= torch.tensor([self._hit_stop(out[r]) for r in st.alive.tolist()])
+            if stops:
+                done |= torch.tensor([hits_stop(self.tok, out[r], stops) for r in st.alive.tolist()])
             fin |= done
             if t == T - 1 or bool(fin.all()):
                 break
@@ -720,13 +778,14 @@ class FastEngine:
         """The batch rows that must emit a forced token this step, those tokens, and their
         log-probs under the distribution the other rows sample from; None if no row must.
         Called before sampling, which overwrites ``logits``."""
-        want = [budget.next_forced(r) for r in alive.tolist()]
+        want = [budget.next_forced(r, logits[i]) for i, r in enumerate(alive.tolist())]
         rows = [i for i, w in enumerate(want) if w is not None]
+        if budget.min_thinking:  # rows under the minimum that sample: no closing tag yet
+            early = [i for i, r in enumerate(alive.tolist()) if want[i] is None and budget.must_think(r)]
+            if early:
+                logits[torch.tensor(early)[:, None], torch.tensor(budget.close_starts)[None]] = float("-inf")
         if not rows:
             return None
         idx, ftok = torch.tensor(rows), torch.tensor([want[i] for i in rows])
         return idx, ftok, forced_logps(logits[idx], ftok, params.temperature, banned)
 
-    def _hit_stop(self, toks: list[int]) -> bool:
-        tail = self.tok.decode(toks[-16:], skip_special_tokens=True)
-        return any(s in tail for s in self.stop_strings)

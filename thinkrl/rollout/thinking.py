@@ -26,6 +26,9 @@ OPEN, CLOSE = "<think>", "</think>"
 CLOSING_PHRASE = ("\n\nConsidering the limited time, I have to give the solution based on the thinking "
                   "directly now.\n</think>\n\n")
 
+# What the "Wait" extension writes where a row would close its thinking too early (s1).
+WAIT_PHRASE = " Wait,"
+
 BEFORE, THINKING, FORCING, AFTER = range(4)  # a row's phase
 
 
@@ -53,36 +56,62 @@ class BudgetTracker:
     """Which rows of a batch are thinking, for how long, and what to force next.
 
     A row is BEFORE its thinking until ``<think>`` appears (in its prompt's end, or generated),
-    THINKING while it counts the tokens it generates after the tag, FORCING while the closing
-    phrase is being written into it (one token per step), and AFTER once ``</think>`` was
-    written by the model or by the phrase. The budget caps the first thinking block only: a
-    later ``<think>`` is left alone.
+    THINKING while it counts the tokens it generates after the tag, FORCING while a phrase is
+    being written into it (one token per step), and AFTER once ``</think>`` was written by the
+    model or by the closing phrase. The budget caps the first thinking block only: a later
+    ``<think>`` is left alone.
+
+    ``min_thinking`` is s1's "Wait" extension (Muennighoff et al. 2025, budget forcing): a row
+    that has thought fewer tokens than that may not close its thinking yet. At such a step,
+    if the most likely next token would start ``</think>`` (one of ``close_starts``), the
+    engine writes :data:`WAIT_PHRASE` instead and the row goes on thinking; otherwise those
+    tokens are banned for that step (:meth:`must_think`). ``budget`` None: no cap, only the
+    minimum.
 
     Tags are looked for in decoded text, not in token ids: a tokenizer that has no single
     token for ``</think>`` (byte-level ones, SmolLM2's) can write it in more than one way.
     """
 
-    def __init__(self, tokenizer, budget: int, prompts: list[str], phrase: list[int]):
+    def __init__(self, tokenizer, budget: int | None, prompts: list[str], phrase: list[int], *,
+                 min_thinking: int = 0, wait: list[int] | None = None, close_starts: list[int] | None = None):
         check_budget(budget)
         self.tok, self.budget, self.phrase = tokenizer, budget, phrase
+        self.min_thinking, self.wait = min_thinking, wait or []
+        self.close_starts = close_starts or []
+        if min_thinking and not (self.wait and self.close_starts):
+            raise ValueError("min_thinking needs the wait phrase and the closing tag's first tokens")
         # tokens that always hold a whole tag: the longest tag's tokens, plus slack for a
         # token that starts before the tag or ends after it
         self.tail = max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in (OPEN, CLOSE)) + 2
         self.phase = [BEFORE] * len(prompts)
-        self.count = [0] * len(prompts)  # THINKING: tokens thought so far; FORCING: phrase tokens written
+        self.thought = [0] * len(prompts)  # tokens since the opening tag (forced ones included)
+        self.writing: list[list[int]] = [[] for _ in prompts]  # FORCING: the phrase being written
+        self.pos = [0] * len(prompts)  # FORCING: phrase tokens written so far
         self.forced: list[list[bool]] = [[] for _ in prompts]  # per row: which generated tokens were forced
+        self.waits = [0] * len(prompts)  # Wait phrases written per row
         for r, p in enumerate(prompts):
             if thinking_open(p):
                 self._start_thinking(r)
 
     def _start_thinking(self, r: int) -> None:
-        self.phase[r], self.count[r] = THINKING, 0
+        self.phase[r], self.thought[r] = THINKING, 0
         if self.budget == 0:
-            self.phase[r] = FORCING
+            self._force(r, self.phrase)
 
-    def next_forced(self, r: int) -> int | None:
-        """The token row ``r`` must emit next, or None if it samples."""
-        return self.phrase[self.count[r]] if self.phase[r] == FORCING else None
+    def _force(self, r: int, phrase: list[int]) -> None:
+        self.phase[r], self.writing[r], self.pos[r] = FORCING, phrase, 0
+
+    def must_think(self, r: int) -> bool:
+        """Whether row ``r`` is thinking and under ``min_thinking``: it may not close yet."""
+        return self.phase[r] == THINKING and self.thought[r] < self.min_thinking
+
+    def next_forced(self, r: int, logits: torch.Tensor | None = None) -> int | None:
+        """The token row ``r`` must emit next, or None if it samples. ``logits`` [V]: the row's
+        next-token logits, which the "Wait" extension reads (see the class docstring)."""
+        if logits is not None and self.must_think(r) and int(logits.argmax()) in self.close_starts:
+            self._force(r, self.wait)
+            self.waits[r] += 1
+        return self.writing[r][self.pos[r]] if self.phase[r] == FORCING else None
 
     def observe(self, r: int, toks: list[int]) -> None:
         """Row ``r`` has just emitted ``toks[-1]`` (``toks``: its generated tokens so far, or
@@ -93,18 +122,53 @@ class BudgetTracker:
             if OPEN in self._text(toks[-self.tail:]):
                 self._start_thinking(r)
         elif phase == THINKING:
-            self.count[r] += 1
-            if CLOSE in self._text(toks[-min(self.tail, self.count[r]):]):  # only tokens since the opening
+            self.thought[r] += 1
+            if CLOSE in self._text(toks[-min(self.tail, self.thought[r]):]):  # only tokens since the opening
                 self.phase[r] = AFTER
-            elif self.count[r] >= self.budget:
-                self.phase[r], self.count[r] = FORCING, 0
+            elif self.budget is not None and self.thought[r] >= self.budget:
+                self._force(r, self.phrase)
         elif phase == FORCING:
-            self.count[r] += 1
-            if self.count[r] == len(self.phrase):
-                self.phase[r] = AFTER
+            self.thought[r] += 1
+            self.pos[r] += 1
+            if self.pos[r] == len(self.writing[r]):
+                # the closing phrase ends the thinking; the Wait phrase goes back to it
+                self.phase[r] = AFTER if self.writing[r] is self.phrase else THINKING
+                if self.phase[r] == THINKING and self.budget is not None and self.thought[r] >= self.budget:
+                    self._force(r, self.phrase)
 
     def _text(self, toks: list[int]) -> str:
         return self.tok.decode(toks, skip_special_tokens=False)
+
+
+def budget_tracker(tokenizer, params, prompts: list[str], cached: dict | None = None):
+    """A :class:`BudgetTracker` for ``params`` (its ``thinking_budget`` and ``min_thinking``)
+    over a batch's prompts, and the phrases' token ids, which an engine keeps (``cached``) so
+    they are tokenized once."""
+    if cached is None:
+        cached = {"closing": closing_ids(tokenizer), "wait": wait_ids(tokenizer),
+                  "close_starts": close_start_ids(tokenizer)}
+    tracker = BudgetTracker(tokenizer, params.thinking_budget, prompts, cached["closing"],
+                            min_thinking=params.min_thinking, wait=cached["wait"],
+                            close_starts=cached["close_starts"])
+    return tracker, cached
+
+
+def wait_ids(tokenizer) -> list[int]:
+    """:data:`WAIT_PHRASE` as token ids."""
+    return tokenizer(WAIT_PHRASE, add_special_tokens=False).input_ids
+
+
+def close_start_ids(tokenizer) -> list[int]:
+    """The tokens a model can start ``</think>`` with: the first token holding ``<`` of the
+    tag's tokenization after nothing, a space and line breaks (byte-level tokenizers merge the
+    space or line break into the tag's first token; Qwen3 has one token for the tag)."""
+    out = []
+    for lead in ("", " ", "\n", "\n\n"):
+        for t in tokenizer(lead + CLOSE, add_special_tokens=False).input_ids:
+            if "<" in tokenizer.decode([t]):
+                out.append(t)
+                break
+    return sorted(set(out))
 
 
 def forced_logps(logits: torch.Tensor, forced: torch.Tensor, temperature: float,
@@ -134,10 +198,12 @@ class BudgetLogitsProcessor(LogitsProcessor):
                 self.rows[r].append(t)
                 self.tracker.observe(r, self.rows[r])
         for r in range(scores.shape[0]):
-            t = self.tracker.next_forced(r)
+            t = self.tracker.next_forced(r, scores[r])
             if t is not None:
                 scores[r] = float("-inf")
                 scores[r, t] = 0.0
+            elif self.tracker.must_think(r):
+                scores[r, self.tracker.close_starts] = float("-inf")
         return scores
 
     def finish(self, completions: list[list[int]]) -> list[list[bool]]:

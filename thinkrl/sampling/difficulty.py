@@ -27,7 +27,7 @@ def estimate_pass_rates(engine, tokenizer, examples: list, task_cfg: TaskConfig,
     from thinkrl.tasks.templates import render_prompt
 
     rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
-    ro = engine.generate([r[0] for r in rendered], k, SamplingParams(
+    ro = engine.generate_text([r[0] for r in rendered], k, SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
     texts = [rendered[i // k][1] + t for i, t in enumerate(ro.texts)]  # [len(examples) * k]
     _, parts = RewardModel({"accuracy": 1.0}).score(texts, [ex for ex in examples for _ in range(k)])

@@ -48,13 +48,9 @@ class Groups:
     def select(self, groups: list[int]) -> "Groups":
         G = self.group_size()
         rows = [g * G + j for g in groups for j in range(G)]
-        ro = self.ro
         return Groups(
             examples=[self.examples[g] for g in groups], rendered=[self.rendered[g] for g in groups],
-            ro=Rollout(prompt_ids=[ro.prompt_ids[i] for i in rows], completion_ids=[ro.completion_ids[i] for i in rows],
-                       texts=[ro.texts[i] for i in rows], truncated=[ro.truncated[i] for i in rows],
-                       logps=None if ro.logps is None else [ro.logps[i] for i in rows],
-                       forced=None if ro.forced is None else [ro.forced[i] for i in rows]),
+            ro=self.ro.rows(rows),
             texts=[self.texts[i] for i in rows], totals=[self.totals[i] for i in rows],
             parts={k: [v[i] for i in rows] for k, v in self.parts.items()})
 
@@ -63,13 +59,9 @@ class Groups:
         def cat(get):
             return [x for it in items for x in get(it)]
 
-        logps = None if any(it.ro.logps is None for it in items) else cat(lambda it: it.ro.logps)
-        forced = None if any(it.ro.forced is None for it in items) else cat(lambda it: it.ro.forced)
         return Groups(
             examples=cat(lambda it: it.examples), rendered=cat(lambda it: it.rendered),
-            ro=Rollout(prompt_ids=cat(lambda it: it.ro.prompt_ids), completion_ids=cat(lambda it: it.ro.completion_ids),
-                       texts=cat(lambda it: it.ro.texts), truncated=cat(lambda it: it.ro.truncated), logps=logps,
-                       forced=forced),
+            ro=Rollout.concat([it.ro for it in items]),
             texts=cat(lambda it: it.texts), totals=cat(lambda it: it.totals),
             parts={k: cat(lambda it: it.parts[k]) for k in items[0].parts})
 

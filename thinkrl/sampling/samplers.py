@@ -17,6 +17,7 @@ import math
 import random
 
 from thinkrl.config import Config, ConfigError
+from thinkrl.registry import Registry
 
 
 class ShuffleSampler:
@@ -141,11 +142,26 @@ class PrioritizedSampler:
         self.success = {int(k): float(v) for k, v in s.get("success", {}).items()}
 
 
-def build_sampler(task, cfg: Config):
-    s = cfg.sampling
-    if s.order == "curriculum":
-        return CurriculumSampler(task, horizon=cfg.max_steps * cfg.rollout.prompts_per_step, seed=cfg.task.seed)
-    if s.order == "prioritized":
-        return PrioritizedSampler(task, seed=cfg.task.seed, floor=s.priority_floor, ema=s.priority_ema,
-                                  prior=s.priority_prior)
+SAMPLERS: Registry = Registry("sampling order")  # fn(task, cfg) -> a sampler
+
+
+@SAMPLERS.register("shuffle")
+def _shuffle(task, cfg: Config):
     return ShuffleSampler(task)
+
+
+@SAMPLERS.register("curriculum")
+def _curriculum(task, cfg: Config):
+    return CurriculumSampler(task, horizon=cfg.max_steps * cfg.rollout.prompts_per_step, seed=cfg.task.seed)
+
+
+@SAMPLERS.register("prioritized")
+def _prioritized(task, cfg: Config):
+    s = cfg.sampling
+    return PrioritizedSampler(task, seed=cfg.task.seed, floor=s.priority_floor, ema=s.priority_ema,
+                              prior=s.priority_prior)
+
+
+def build_sampler(task, cfg: Config):
+    """The sampler ``sampling.order`` names."""
+    return SAMPLERS.get(cfg.sampling.order)(task, cfg)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from thinkrl.config import ConfigError, TaskConfig
+from thinkrl.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class Task:
         if not train:
             raise DataError(f"task '{self.name}' has no training examples")
         self.train, self.eval = train, eval_
+        for ex in train + eval_:
+            if ex.source is None:
+                ex.source = self  # the task's check() judges its own examples
         self.seed, self.epoch, self.pos = seed, 0, 0
         self._order = self._shuffled(0)
 
@@ -182,17 +186,29 @@ def answers_match(pred: str, gold: str) -> bool:
     return False
 
 
+# Tasks by name, each a factory fn(TaskConfig) -> Task. A name that is not registered is a data
+# file (.jsonl, .parquet, ...) or a reasoning-gym dataset.
+TASKS: Registry = Registry("task")
+
+
+@TASKS.register("humaneval")
+def _humaneval(cfg: TaskConfig) -> Task:
+    from thinkrl.tasks.humaneval import HumanEvalTask
+
+    return HumanEvalTask(cfg)
+
+
 def build_task(cfg: TaskConfig) -> Task:
     """The task ``cfg`` names, with pass-rate labels attached and filtered (see thinkrl.sampling)."""
     from thinkrl.sampling.difficulty import apply_pass_rates
     from thinkrl.tasks.files import FileTask, is_data_path
+    from thinkrl.tasks.thinking import apply_modes
 
-    if cfg.name == "humaneval":
-        from thinkrl.tasks.humaneval import HumanEvalTask
-
-        task = HumanEvalTask(cfg)
+    if cfg.name in TASKS:
+        task = TASKS.get(cfg.name)(cfg)
     else:
         task = FileTask(cfg) if is_data_path(cfg.name) else ReasoningGymTask(cfg)
+    apply_modes(task, cfg.thinking, cfg.think_share, cfg.seed)  # before the pass rates: they join on the question
     apply_pass_rates(task, cfg)
     return task
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from thinkrl.rollout import autocast, shared_prefix_len
+from thinkrl import device
+from thinkrl.rollout import shared_prefix_len
 
 
 @dataclass
@@ -41,6 +42,26 @@ class MicroBatch:
     group_size: int = 1  # G > 1: rows come in groups of G sharing one prompt
     prompt_ids: Tensor | None = None  # [b / G, P] the groups' prompts, left-padded
     prompt_mask: Tensor | None = None  # [b / G, P]
+
+    def to(self, dev) -> MicroBatch:
+        """The micro-batch with its model inputs on ``dev`` (``index`` stays on the CPU, with the
+        step's [N, T] tensors it indexes); itself where they already are."""
+        if self.input_ids.device == torch.device(dev):
+            return self
+        move = {k: device.to(getattr(self, k), dev) if getattr(self, k) is not None else None
+                for k in ("input_ids", "attention_mask", "mask", "prompt_ids", "prompt_mask")}
+        return MicroBatch(index=self.index, prompt_len=self.prompt_len, group_size=self.group_size, **move)
+
+
+def policy_token_mask(ro, T: int) -> Tensor:
+    """[N, T] 1.0 where a completion token is the policy's own: all of them in a single-turn
+    rollout; in a multi-turn one (``ro.loss_mask``), not the environment's observation tokens,
+    which the loss never trains on. Padding is the caller's to mask (its columns here are 1)."""
+    N = len(ro.completion_ids)
+    out = torch.ones(N, T)
+    for i, m in enumerate(ro.loss_mask or []):
+        out[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+    return out
 
 
 def make_micro_batch(prompts: list[list[int]], completions: list[list[int]], index: list[int],
@@ -116,6 +137,7 @@ def completion_hidden(inner, mb: MicroBatch) -> Tensor:
     state s_t before token t (the policy's logits and the critic's values both read them)."""
     P = mb.prompt_len
     T = mb.mask.shape[1]
+    mb = mb.to(inner.get_input_embeddings().weight.device)
     if mb.prompt_ids is not None and mb.group_size > 1 and not _drops_cache(inner):
         return _grouped_hidden(inner, mb)  # [b, T, H]
     # Full rows: a grouped micro-batch holds them too (input_ids repeat each prompt G times).
@@ -133,9 +155,10 @@ def token_logps(model, mb: MicroBatch, *, temperature: float = 1.0, bf16: bool =
     Only the real completion tokens go through the LM head, in chunks, by
     :class:`HeadLogProbs`: no [b, T, V] logits tensor is ever built."""
     inner, head = _backbone_and_head(model)
+    mb = mb.to(head.weight.device)
     P = mb.prompt_len
     T = mb.mask.shape[1]
-    with autocast(bf16):
+    with device.autocast(bf16, head.weight.device):
         hidden = completion_hidden(inner, mb)  # [b, T, H]
     keep = mb.mask.bool()  # [b, T]
     targets = mb.input_ids[:, P: P + T][keep]  # [n] the n real completion tokens
@@ -169,7 +192,7 @@ class HeadLogProbs(torch.autograd.Function):
                 with_entropy: bool):
         n = h.shape[0]
         w = weight.detach().to(torch.bfloat16 if bf16 else torch.float32)  # [V, H]
-        logp, lse, ent = (torch.zeros(n) for _ in range(3))  # [n] each
+        logp, lse, ent = (torch.zeros(n, device=h.device) for _ in range(3))  # [n] each
         for s in range(0, n, HeadLogProbs.CHUNK):
             e = min(n, s + HeadLogProbs.CHUNK)
             z = HeadLogProbs._logits(h[s:e], w, temperature)  # [c, V] fp32
@@ -196,7 +219,7 @@ class HeadLogProbs(torch.autograd.Function):
         w = weight.detach().to(torch.bfloat16 if ctx.bf16 else torch.float32)  # [V, H]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = h.shape[0]
-        gz_all = torch.empty(n, w.shape[0], dtype=w.dtype)  # [n, V] d loss / d logits, filled chunk by chunk
+        gz_all = torch.empty(n, w.shape[0], dtype=w.dtype, device=w.device)  # [n, V] d loss / d logits, filled chunk by chunk
         use_ent = ctx.with_entropy and g_ent is not None and bool(g_ent.abs().sum() > 0)
         for s in range(0, n, HeadLogProbs.CHUNK):
             e = min(n, s + HeadLogProbs.CHUNK)
@@ -208,7 +231,7 @@ class HeadLogProbs(torch.autograd.Function):
                 gz.sub_(p * g_logp[s:e, None])
             else:
                 gz = p.mul_(-g_logp[s:e, None])  # -p * g
-            gz[torch.arange(e - s), targets[s:e]] += g_logp[s:e]  # + onehot(y) * g
+            gz[torch.arange(e - s, device=gz.device), targets[s:e]] += g_logp[s:e]  # + onehot(y) * g
             if t != 1.0:
                 gz.div_(t)
             gz_all[s:e] = gz
@@ -237,7 +260,7 @@ def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
     G, P = mb.group_size, mb.prompt_len
     last, prompt_kv, kv_mask = _prompt_pass(inner, mb.prompt_ids, mb.prompt_mask)
     b, T = mb.mask.shape
-    group = torch.arange(b) // G  # [b] the prompt of each row
+    group = torch.arange(b, device=last.device) // G  # [b] the prompt of each row
     last = last[group]  # [b, H] predicts token 0
     if T == 1:
         return last[:, None]
@@ -252,7 +275,7 @@ def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
             for i, (k, v) in enumerate(prompt_kv):
                 cache.update(k[group[rows]], v[group[rows]], i)  # differentiable copy per row
             attn = torch.cat([kv_mask[group[rows]], mb.attention_mask[rows, P: P + Tk - 1]], 1)
-            pos = start[rows, None] + torch.arange(Tk - 1)[None]  # [bk, Tk-1]
+            pos = start[rows, None] + torch.arange(Tk - 1, device=start.device)[None]  # [bk, Tk-1]
             rest = inner(input_ids=c_ids[rows, : Tk - 1], attention_mask=attn, position_ids=pos,
                          past_key_values=cache, use_cache=True).last_hidden_state  # [bk, Tk-1, H]
             h = torch.cat([h, rest], 1)  # [bk, Tk, H]
@@ -280,15 +303,17 @@ def _prompt_pass(inner, ids: Tensor, mask: Tensor) -> tuple[Tensor, list, Tensor
         out = inner(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         return out.last_hidden_state[:, -1], [(c.keys, c.values) for c in out.past_key_values.layers], mask
     S = P - L
-    pre = inner(input_ids=torch.tensor([real[0][:L]]), position_ids=torch.arange(L)[None], use_cache=True)
+    dev = ids.device
+    pre = inner(input_ids=torch.tensor([real[0][:L]], device=dev), position_ids=torch.arange(L, device=dev)[None],
+                use_cache=True)
     cache = DynamicCache()
     for i, c in enumerate(pre.past_key_values.layers):
         cache.update(c.keys.expand(g, -1, -1, -1), c.values.expand(g, -1, -1, -1), i)  # [g, nkv, L, hd]
-    t_ids = torch.tensor([[0] * (S - len(r) + L) + r[L:] for r in real])  # [g, S] left-padded tails (pads masked)
-    t_mask = torch.zeros(g, S, dtype=mask.dtype)
+    t_ids = torch.tensor([[0] * (S - len(r) + L) + r[L:] for r in real], device=dev)  # [g, S] left-padded tails
+    t_mask = torch.zeros(g, S, dtype=mask.dtype, device=dev)
     for i, r in enumerate(real):
         t_mask[i, S - len(r) + L:] = 1
-    kv_mask = torch.cat([torch.ones(g, L, dtype=mask.dtype), t_mask], 1)  # [g, P]
+    kv_mask = torch.cat([torch.ones(g, L, dtype=mask.dtype, device=dev), t_mask], 1)  # [g, P]
     pos = L + (t_mask.cumsum(-1) - 1).clamp(min=0)  # [g, S]
     out = inner(input_ids=t_ids, attention_mask=kv_mask, position_ids=pos, past_key_values=cache, use_cache=True)
     return out.last_hidden_state[:, -1], [(c.keys, c.values) for c in out.past_key_values.layers], kv_mask

@@ -257,7 +257,7 @@ def verify(path: Path) -> str | None:
 
 def load_state(path: Path) -> dict:
     """The trainer state of a checkpoint; tensors and plain containers only (weights_only)."""
-    return torch.load(Path(path) / STATE_FILE, weights_only=True)
+    return torch.load(Path(path) / STATE_FILE, weights_only=True, map_location="cpu")  # any device resumes it
 
 
 def find_resumable(run_dir: Path) -> tuple[Path, dict] | None:

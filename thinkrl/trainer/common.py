@@ -7,13 +7,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from thinkrl.config import ConfigError, LoraConfig
 from thinkrl.data import IGNORE, length_buckets
+from thinkrl.registry import Registry
 from thinkrl.trainer.guards import skip_cause
 
 
@@ -124,19 +127,41 @@ def pack(encoded: list, max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask[:, None]}
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every trainer, before it builds anything)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+SCHEDULES: Registry = Registry("learning-rate schedule")  # fn(frac, min_ratio) -> multiplier after warm-up
+
+
+@SCHEDULES.register("constant")
+def _constant(frac: float, min_ratio: float) -> float:
+    return 1.0
+
+
+@SCHEDULES.register("linear")
+def _linear(frac: float, min_ratio: float) -> float:
+    return 1.0 - (1.0 - min_ratio) * frac
+
+
+@SCHEDULES.register("cosine")
+def _cosine(frac: float, min_ratio: float) -> float:
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def lr_schedule(warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.1):
-    """LR multiplier per optimizer step: linear warm-up, then constant, linear or cosine
-    decay to ``min_ratio`` at ``total_steps``. Shared by the RL, SFT and DPO trainers."""
+    """LR multiplier per optimizer step: linear warm-up, then one of :data:`SCHEDULES`
+    (constant, linear or cosine decay to ``min_ratio`` at ``total_steps``). Shared by the RL,
+    SFT and DPO trainers."""
+    decay = SCHEDULES.get(schedule)
 
     def f(i: int) -> float:
         if warmup_steps and i < warmup_steps:
             return (i + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        frac = min(1.0, (i - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "linear":
-            return 1.0 - (1.0 - min_ratio) * frac
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return decay(min(1.0, (i - warmup_steps) / max(1, total_steps - warmup_steps)), min_ratio)
 
     return f
 

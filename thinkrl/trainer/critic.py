@@ -39,9 +39,13 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, mb: MicroBatch, bf16: bool = False) -> Tensor:
-        with autocast(bf16):
-            hidden = completion_hidden(self.backbone, mb)  # [b, T, H]
-        return self.head(hidden.float()).squeeze(-1) * mb.mask  # [b, T, 1] -> [b, T]
+        """Values [b, T] on the micro-batch's device (the CPU, like the step's tensors), computed
+        on the model's."""
+        dev = self.head.weight.device
+        on = mb.to(dev)
+        with autocast(bf16, dev):
+            hidden = completion_hidden(self.backbone, on)  # [b, T, H]
+        return (self.head(hidden.float()).squeeze(-1) * on.mask).to(mb.mask.device)  # [b, T, 1] -> [b, T]
 
 
 def build_value_model(model_path: str) -> ValueModel:
@@ -61,9 +65,9 @@ class Critic:
         self.vf_clip, self.max_grad_norm, self.bf16 = vf_clip, max_grad_norm, bf16
 
     @classmethod
-    def from_config(cls, cfg, bf16: bool) -> Critic:
+    def from_config(cls, cfg, bf16: bool, dev: str = "cpu") -> Critic:
         a = cfg.algo
-        return cls(build_value_model(a.critic_model or cfg.model), lr=a.critic_lr, betas=cfg.optim.betas,
+        return cls(build_value_model(a.critic_model or cfg.model).to(dev), lr=a.critic_lr, betas=cfg.optim.betas,
                    weight_decay=cfg.optim.weight_decay, vf_clip=a.vf_clip, max_grad_norm=cfg.optim.max_grad_norm,
                    bf16=bf16)
 

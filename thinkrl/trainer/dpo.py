@@ -14,57 +14,41 @@ computes none.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from thinkrl import device
 from thinkrl.algorithms.preference import PREFERENCE_LOSSES
-from thinkrl.config import TaskConfig
 from thinkrl.data import IGNORE, encode_prompt_completion, read_rows
 from thinkrl.distributed import torch_dist as dist
 from thinkrl.models import load_model
 from thinkrl.tasks import DataError
 from thinkrl.trainer.batch import make_micro_batch, token_logps
 from thinkrl.trainer.common import make_optimizer, need
-from thinkrl.trainer.supervised import run_steps, start_weights, validate_checkpointing
+from thinkrl.trainer.supervised import SupervisedConfig, run_steps, start_weights
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DPOConfig:
-    model: str = "smollm2-135m"
-    data: str = ""  # JSONL of prompt/chosen/rejected rows
+class DPOConfig(SupervisedConfig):
+    command: ClassVar[str] = "dpo"
+    data_help: ClassVar[str] = "a JSONL file of prompt/chosen/rejected rows"
+
     output_dir: str = "runs/dpo"
     loss: str = "dpo"  # dpo | ln_dpo | simpo
     beta: float = 0.1  # SimPO's paper uses 2.0-2.5 (its rewards are per-token averages)
     gamma: float = 0.5  # SimPO's target reward margin; unused by dpo and ln_dpo
-    epochs: int = 1
-    max_steps: int = 0  # 0: as many as the epochs take
     batch_size: int = 4  # pairs per step
-    max_len: int = 512
     lr: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"
-    progress: bool = True
-    save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
-    keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
-    resume: bool = False  # continue the run in output_dir from its newest whole checkpoint
-    max_bad_steps: int = 3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
-    task: TaskConfig = field(default_factory=TaskConfig)  # renders the prompts
 
     def validate(self) -> None:
-        need(bool(self.data), "dpo needs data=PATH (a JSONL file of prompt/chosen/rejected rows)")
+        super().validate()
         PREFERENCE_LOSSES.check(self.loss)
         need(self.beta > 0, "beta must be > 0")
-        need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
-        need(self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0")
-        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
-        validate_checkpointing(self)
 
 
 @dataclass
@@ -98,7 +82,7 @@ def sequence_logps(model, pairs: list[Pair], pad_id: int, bf16: bool) -> tuple[t
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     mb = make_micro_batch(prompts, responses, list(range(len(prompts))), pad_id)
     logp, _ = token_logps(model, mb, bf16=bf16)  # [2B, T], zero on padding
-    seq = logp.sum(-1)  # [2B]
+    seq = device.to(logp.sum(-1), "cpu")  # [2B], with the lengths and reference log-probs (differentiable)
     return seq[: len(pairs)], seq[len(pairs):]
 
 
@@ -116,18 +100,20 @@ def train_dpo(cfg: DPOConfig) -> Path:
     """Train and write ``output_dir/final``; returns its path. Checkpoints and ``resume=true``
     as in the RL loop (thinkrl/trainer/supervised.py). The reference log-probs, computed once
     from the starting model, travel in every checkpoint, so a resumed run uses the same ones."""
-    from thinkrl.device import use_bf16
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
     dist.init()  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
     found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    bf16 = use_bf16(cfg.dtype)
+    dev = device.resolve_device(cfg.device)
+    device.setup(dev)
+    bf16 = device.use_bf16(cfg.dtype, dev)
     rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
     with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
         model, tok = load_model(weights)
+    model.to(dev)
     dist.broadcast_parameters(model)
     model.config.use_cache = False
     pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)

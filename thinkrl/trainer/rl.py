@@ -16,17 +16,15 @@ import dataclasses
 import itertools
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from thinkrl.algorithms import (ADVANTAGE_WEIGHTED, ADVANTAGES, BATCH_STATISTICS, KL_ESTIMATORS, POLICY_LOSSES, USES_VALUES,
-                                AdvantageInput, LossParams, MovingAverage, aggregate, kl_in_for, loss_agg_for,
-                                tis_weights)
+from thinkrl.algorithms import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, AdvantageInput, LossParams, MovingAverage,
+                                advantage_weighted, aggregate, kl_in_for, loss_agg_for, needs_values, tis_weights,
+                                uses_batch_statistics)
 from thinkrl.config import Config, ConfigError, save_config
 from thinkrl.eval import eval_settings, evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
@@ -35,17 +33,17 @@ from thinkrl.rewards import RewardModel
 from thinkrl import device
 from thinkrl.device import use_bf16
 from thinkrl.distributed import torch_dist as dist
-from thinkrl.rollout import Rollout, SamplingParams, build_engine
+from thinkrl.rollout import Rollout, SamplingParams, build_engine, build_scorer
 from thinkrl.sampling import Groups, build_sampler, collect_groups
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import drop_long_prompts, render_prompt
 from thinkrl import sandbox
 from thinkrl.rewards.code import runs_code
 from thinkrl.trainer import checkpoint as ckpt
-from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule
-from thinkrl.perf import tune_allocator
-from thinkrl.rollout.fast import FastEngine, unsupported
-from thinkrl.trainer.batch import split_grouped_micro_batches, token_logps
+from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule, seed_everything
+from thinkrl.trainer.batch import policy_token_mask, split_grouped_micro_batches, token_logps
+from thinkrl.envs import build_env
+from thinkrl.envs.episodes import evaluate_episodes, generate_and_score_episodes, tool_metrics
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.guards import BadStepGuard, skip_cause
 from thinkrl.trainer.interrupt import Interrupted, StopRequests, failpoint
@@ -73,6 +71,8 @@ class Parts:
     sampler: object = None  # thinkrl.sampling: which prompts each step draws
     critic: Critic | None = None  # gae only
     baseline: MovingAverage | None = None  # reinforce's moving-average reward baseline, when configured
+    dev: str = "cpu"  # where the models compute (thinkrl/device.py); the step's [N, T] tensors stay on the CPU
+    env: object = None  # thinkrl.envs: a multi-turn environment, or None for single-turn episodes
 
 
 class Reference:
@@ -88,15 +88,16 @@ class Reference:
         self.model, self.adapter_off, self.scorer = model, adapter_off, scorer
 
     @classmethod
-    def for_policy(cls, policy, tok, cfg: Config, bf16: bool) -> Reference:
+    def for_policy(cls, policy, tok, cfg: Config, bf16: bool, dev: str = "cpu") -> Reference:
         if is_lora(policy):
             return cls(policy, adapter_off=True)
         ref, _ = load_model(cfg.model)
-        if cfg.rollout.backend == "fast" and unsupported(ref.config) is None:
-            # The reference never changes: keep only the fast engine's fused bf16 copy of it and
-            # score with that (no autograd, each prompt run once per group).
-            return cls(scorer=FastEngine(ref, tok, bf16=bf16).freeze())
-        return cls(ref.eval().requires_grad_(False))
+        # The reference never changes: where the backend can score, keep only its copy of the
+        # weights (the fast engine's fused bf16 one: no autograd, each prompt run once per group).
+        scorer = build_scorer(cfg.rollout.backend, ref, tok, bf16=bf16, device=dev)
+        if scorer is not None:
+            return cls(scorer=scorer)
+        return cls(ref.to(dev).eval().requires_grad_(False))
 
     def logps(self, p: Parts, mbs, N: int, T: int) -> torch.Tensor:
         """log pi_ref of every row in ``mbs``: [N, T], without gradients."""
@@ -112,12 +113,6 @@ class Reference:
 def lr_lambda(cfg: Config, total: int):
     o = cfg.optim
     return lr_schedule(o.warmup_steps, total, o.schedule, o.min_lr_ratio)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------
@@ -150,7 +145,7 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     N = len(ro.completion_ids)
     T = max(len(c) for c in ro.completion_ids)
     lengths = torch.tensor([len(c) for c in ro.completion_ids])  # [N]
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()  # [N, T]
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float() * policy_token_mask(ro, T)  # [N, T]
     rewards = torch.tensor(totals, dtype=torch.float32)  # [N]
     group_ids = torch.arange(len(examples)).repeat_interleave(G)  # [N]
     mbs = split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, list(range(len(examples))), G,
@@ -162,10 +157,11 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     est = dist.advantages(ADVANTAGES.get(a.advantage), AdvantageInput(
         rewards, group_ids, mask, token_kl=token_kl, kl_coef=a.kl_coef, values=fixed.get("values"),
         baseline=p.baseline.value if p.baseline else 0.0, gamma=a.gamma, lam=a.lam, eps=a.std_eps),
-        whole_batch=a.advantage in BATCH_STATISTICS)
+        whole_batch=uses_batch_statistics(a.advantage))
 
     # 4. Update the policy (and the critic).
     train_metrics = policy_update(p, ro, est.adv, mask, fixed, step=step)
+    p.engine.sync_weights(p.model)  # the next rollouts sample from the updated policy
     skipped = "skip_cause" in train_metrics  # the policy was not updated: neither are the critic and baseline
     if token_kl is not None:
         kl_sum, n_tok = dist.sum_floats([float(token_kl.sum()), float(mask.sum())])
@@ -184,6 +180,7 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
         # reward, accuracy, lengths and reflection over every group generated this step (with dynamic
         # sampling, also the dropped ones: the kept ones alone would overstate a mixed success rate)
         **_sample_metrics(cfg, seen),
+        **tool_metrics(seen.ro),
         **dyn_stats,
         **train_metrics,
         **timings,
@@ -197,14 +194,16 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
 
 
 def _group_seeds(cfg: Config, step: int):
-    """The sampling seeds of this rank's groups, in order (an iterator), or None: one batched
-    engine call with the global RNG, seeded per step and rank when there are several ranks
-    (each rank then samples its own stream, also after a resume, which restores rank 0's RNG)."""
+    """How this step's rollouts are seeded: an iterator of this rank's per-group seeds
+    (``distributed.seed_by_group``: one engine call per group); one seed for the step's
+    batched call, from the step and the rank, when there are several ranks (each rank then
+    samples its own stream, also after a resume, which restores rank 0's RNG); or None in
+    one process: one batched call on the process's RNG, as always."""
     if cfg.distributed.seed_by_group:
         start = dist.rank() * (cfg.rollout.prompts_per_step // dist.world_size())
         return (dist.group_seed(cfg.seed, step, g) for g in itertools.count(start))
     if dist.world_size() > 1:
-        torch.manual_seed(dist.group_seed(cfg.seed, step, -1 - dist.rank()))
+        return dist.group_seed(cfg.seed, step, -1 - dist.rank())
     return None
 
 
@@ -218,18 +217,18 @@ def generate_and_score(p: Parts, examples: list, timings: dict, seeds=None) -> G
     """G completions for each prompt, and their rewards; adds to ``timings``. ``seeds``: an
     iterator of per-group sampling seeds (``distributed.seed_by_group``), one engine call each."""
     cfg, G = p.cfg, p.cfg.rollout.group_size
+    if p.env is not None and p.env.multi_turn:  # turns and observations (thinkrl/envs/episodes.py)
+        return generate_and_score_episodes(p.engine, p.tok, p.env, p.rewards, cfg, examples, timings)
     t0 = time.perf_counter()
     rendered = [render_prompt(ex.question, p.tok, cfg.task) for ex in examples]
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
-    if seeds is None:
-        ro = p.engine.generate([r[0] for r in rendered], G, params)
-    else:
-        parts = []
-        for r in rendered:
-            torch.manual_seed(next(seeds))
-            parts.append(p.engine.generate([r[0]], G, params))
-        ro = _concat_rollouts(parts)
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            seed=seeds if isinstance(seeds, int) else None)
+    if seeds is None or isinstance(seeds, int):
+        ro = p.engine.generate_text([r[0] for r in rendered], G, params)
+    else:  # one call per group, each with its own seed
+        ro = _concat_rollouts([p.engine.generate_text([r[0]], G, dataclasses.replace(params, seed=next(seeds)))
+                               for r in rendered])
     timings["time_generate"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     exs = [ex for ex in examples for _ in range(G)]  # [N]
@@ -266,13 +265,29 @@ def _sample_metrics(cfg: Config, g: Groups) -> dict:
         "zero_std_groups": 1.0 - len(g.varied()) / len(g),
         **reflection_stats(g.texts, cfg.eval.reflection_words),
         "generated_seqs": N,
+        **_mode_metrics(g),
     }
+
+
+def _mode_metrics(g: Groups) -> dict:
+    """Accuracy, form and length per thinking mode (``task.thinking``: ``accuracy/on``, ...)."""
+    G = len(g.totals) // max(1, len(g))
+    modes = [g.examples[i // G].meta.get("thinking") for i in range(len(g.totals))]
+    out = {}
+    for mode in sorted({m for m in modes if m}):
+        rows = [i for i, m in enumerate(modes) if m == mode]
+        for name, values in (("accuracy", g.parts.get("accuracy")), ("format_rate", g.parts.get("format")),
+                             ("response_len_mean", [len(c) for c in g.ro.completion_ids])):
+            if values is not None:
+                out[f"{name}/{mode}"] = sum(values[i] for i in rows) / len(rows)
+    return out
 
 
 def _samples(cfg: Config, step: int, g: Groups) -> list[dict]:
     N, G = len(g.totals), cfg.rollout.group_size
     return [{"step": step, "prompt": g.rendered[i // G][0], "completion": g.texts[i],
-             "answer": g.examples[i // G].answer, "reward": g.totals[i], **{k: v[i] for k, v in g.parts.items()}}
+             "answer": g.examples[i // G].answer, "reward": g.totals[i], **{k: v[i] for k, v in g.parts.items()},
+             **({"episode": g.ro.episodes[i]} if g.ro.episodes else {})}
             for i in range(0, N, max(1, N // max(1, cfg.log_samples)))][: cfg.log_samples]
 
 
@@ -282,7 +297,7 @@ def _logps_of(model, mbs, N: int, T: int, p: Parts) -> torch.Tensor:
     with torch.no_grad():
         for mb in mbs:
             out[mb.index, : mb.mask.shape[1]] = token_logps(model, mb, temperature=p.cfg.rollout.temperature,
-                                                            bf16=p.bf16)[0]
+                                                            bf16=p.bf16)[0].to(out.device)
     return out
 
 
@@ -324,7 +339,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     # A group whose advantages are all zero adds nothing to an advantage-weighted loss; unless a
     # KL or entropy term or the loss itself needs it, it is skipped outright (the normalisers
     # below still count it, so the loss is unchanged).
-    needs_all = kl_in_loss or a.entropy_coef > 0 or a.loss not in ADVANTAGE_WEIGHTED
+    needs_all = kl_in_loss or a.entropy_coef > 0 or not advantage_weighted(a.loss)
     # (a NaN advantage is not a zero one: its group stays, so the loss guard sees it)
     def trains(g: int) -> bool:
         return needs_all or not bool((adv[g * G:(g + 1) * G] == 0).all())
@@ -361,7 +376,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     behaviour = behaviour_logps(ro, N, T)
     if a.tis_cap is not None and behaviour is None:
         raise ConfigError("algo.tis_cap needs the rollout engine's log-probs; this engine gives none "
-                          "(use rollout.backend=fast)")
+                          "(choose a rollout.backend that returns them)")
     ref_logp = p.ref.logps(p, all_mbs, N, T) if kl_in_loss else None
 
     sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0}
@@ -377,14 +392,18 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
             for mb in mbs:
                 logp, ent = token_logps(p.model, mb, temperature=cfg.rollout.temperature, bf16=p.bf16,
                                         with_entropy=last, entropy_grad=a.entropy_coef > 0)  # [b, T']
-                m = mb.mask  # [b, T']
-                Tm = m.shape[1]
-                mb_old = old_logp[mb.index, :Tm] if old_logp is not None else logp.detach()
-                tok_loss, lm = policy_loss(logp, mb_old, adv[mb.index, :Tm], m, hp)  # [b, T']
+                Tm = mb.mask.shape[1]
+
+                def rows(x):  # this micro-batch's rows of a step tensor [N, T], on the model's device
+                    return x[mb.index, :Tm].to(logp.device)
+
+                m = mb.mask.to(logp.device) * rows(mask)  # [b, T'] policy tokens only (multi-turn: no observations)
+                mb_old = rows(old_logp) if old_logp is not None else logp.detach()
+                tok_loss, lm = policy_loss(logp, mb_old, rows(adv), m, hp)  # [b, T']
                 if behaviour is not None:
-                    gap = (mb_old - behaviour[mb.index, :Tm]) * m  # log pi_old - log pi_behaviour
+                    gap = (mb_old - rows(behaviour)) * m  # log pi_old - log pi_behaviour
                     if a.tis_cap is not None:
-                        w = tis_weights(mb_old, behaviour[mb.index, :Tm], a.tis_cap)
+                        w = tis_weights(mb_old, rows(behaviour), a.tis_cap)
                         tok_loss = tok_loss * w
                     if it == 0:
                         mismatch["sum"] += float(gap.abs().sum())
@@ -394,7 +413,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
                             mismatch["tis"] += float((w * m).sum())
                 kl = None
                 if ref_logp is not None:
-                    kl = kl_fn(logp, ref_logp[mb.index, :Tm])  # [b, T']
+                    kl = kl_fn(logp, rows(ref_logp))  # [b, T']
                     tok_loss = tok_loss + a.kl_coef * kl
                 if a.entropy_coef > 0:
                     tok_loss = tok_loss - a.entropy_coef * ent
@@ -465,39 +484,37 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     """Build the policy, reference, engine, optimizer and the rest; ``resume_from`` is a
     step checkpoint whose weights the policy starts from (its trainer state is loaded by
     the caller)."""
-    device.resolve_device(cfg.device)
-    tune_allocator()
+    dev = device.resolve_device(cfg.device)
+    device.setup(dev)  # the CPU performance policy, on the CPU only
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    bf16 = use_bf16(cfg.dtype)
-    log.info("CPU: %s; this run (dtype=%s) computes in %s", device.plan().describe(), cfg.dtype,
-             "bf16" if bf16 else "fp32")
+    bf16 = use_bf16(cfg.dtype, dev)
+    log.info("%s; this run (dtype=%s) computes in %s", device.describe(dev), cfg.dtype, "bf16" if bf16 else "fp32")
     task = build_task(cfg.task)
     sandbox.configure(cfg.sandbox.allow_unconfined)
-    if runs_code(cfg.rewards, task.train + task.eval):
+    env = build_env(cfg.env)
+    if runs_code(cfg.rewards, task.train + task.eval) or getattr(env, "runs_code", False):
         sandbox.require_isolation()  # refuse now, not at the first reward, where isolation is impossible
     with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
-        model, tok = load_policy(cfg, resume_from)
+        model, tok = load_policy(cfg, resume_from, dev)
     dist.broadcast_parameters(model)  # equal replicas from the start, whatever the loading did
     drop_long_prompts(task, tok, cfg.task)
-    ref = Reference.for_policy(model, tok, cfg, bf16) if cfg.algo.kl_coef > 0 else None  # beta = 0: no reference
-    engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16)
-    if isinstance(engine, FastEngine):
-        log.info("rollout engine: fast, %s weights%s, decode attention in %s", "bf16" if bf16 else "fp32",
-                 f" prepacked ({engine.packer.name})" if engine.prepack else "",
-                 "C" if engine.kernel is not None else "torch ops")
+    ref = Reference.for_policy(model, tok, cfg, bf16, dev) if cfg.algo.kl_coef > 0 else None  # beta = 0: none
+    engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16, device=dev)
+    log.info("rollout engine: %s", engine.describe())
     trainable = [q for q in model.parameters() if q.requires_grad]  # with LoRA: the adapters only
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay, fused=True)  # one pass per tensor, ~8x faster on CPU
     total = cfg.max_steps * cfg.algo.num_iterations * cfg.algo.mini_batches  # optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    critic = Critic.from_config(cfg, bf16) if cfg.algo.advantage in USES_VALUES else None
+    critic = Critic.from_config(cfg, bf16, dev) if needs_values(cfg.algo.advantage) else None
     baseline = MovingAverage(cfg.algo.baseline_decay) if cfg.algo.baseline_decay is not None else None
     return Parts(cfg, model, ref, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt,
-                 sched, bf16, sampler=build_sampler(task, cfg), critic=critic, baseline=baseline)
+                 sched, bf16, sampler=build_sampler(task, cfg), critic=critic, baseline=baseline, dev=dev,
+                 env=env if env.multi_turn else None)
 
 
-def load_policy(cfg: Config, resume_from: Path | None = None):
+def load_policy(cfg: Config, resume_from: Path | None = None, dev: str = "cpu"):
     """The policy to train and its tokenizer. Full fine-tuning starts from ``resume_from``'s
     weights when resuming. LoRA always starts from ``cfg.model`` (the frozen base, which is
     also the KL reference) and, when resuming, loads the adapter saved in the checkpoint."""
@@ -508,9 +525,7 @@ def load_policy(cfg: Config, resume_from: Path | None = None):
     model, tok = load_model(str(resume_from) if resume_from is not None and not lora else cfg.model)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False  # training forward passes keep no KV cache
-    # Plain matmul attention: on CPU its backward is faster than the fused SDPA kernel's at
-    # these lengths (measured: ~15% of a GRPO step's training time on smollm2-135m).
-    model.set_attn_implementation("eager")
+    model.to(dev).set_attn_implementation(device.train_attention(dev))  # eager on the CPU, SDPA on CUDA
     if cfg.optim.gradient_checkpointing:
         enable_gradient_checkpointing(model)  # before peft wraps the model
     model = apply_lora(model, cfg.lora)
@@ -525,7 +540,10 @@ def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
     rollout_batch = p.engine.batch_size
     p.engine.batch_size = cfg.eval.batch_size
     try:
-        res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
+        if p.env is not None:  # a multi-turn run is measured in its environment (with its tool)
+            res = evaluate_episodes(p.engine, p.tok, p.env, p.task.eval[: cfg.eval.n], cfg, **eval_settings(cfg))
+        else:
+            res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
     finally:
         p.engine.batch_size = rollout_batch
     summary = {"step": step, "label": label, **res["summary"]}
@@ -653,7 +671,7 @@ def _restore(p: Parts, guard: BadStepGuard, out: Path, path: Path, state: dict) 
         cpath = critic_path(out, path.name)
         if not cpath.is_file():
             raise ConfigError(f"{path} has no critic checkpoint ({cpath}); cannot resume a gae run")
-        p.critic.load_state_dict(torch.load(cpath, weights_only=True))
+        p.critic.load_state_dict(torch.load(cpath, weights_only=True, map_location="cpu"))
     log.info("resumed from %s at step %d", path, state["step"])
     return state["step"]
 
@@ -701,7 +719,10 @@ def _check_distributed(cfg: Config) -> None:
     if cfg.sampling.dynamic:
         raise ConfigError("sampling.dynamic=true is not data-parallel yet (ranks would refill different numbers "
                           "of groups): run it in one process")
-    if cfg.algo.advantage in USES_VALUES:
+    if cfg.env.name != "single_turn":
+        raise ConfigError(f"env.name={cfg.env.name} (multi-turn episodes) is not data-parallel yet (their sampling "
+                          "is not seeded per rank): run it in one process")
+    if needs_values(cfg.algo.advantage):
         raise ConfigError("algo.advantage=gae is not data-parallel yet (its critic trains in one process): run it "
                           "in one process")
 

@@ -21,56 +21,38 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from thinkrl.config import TaskConfig
+from thinkrl import device
 from thinkrl.data import read_rows
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
 from thinkrl.trainer.common import make_optimizer, need
 from thinkrl.trainer.dpo import Pair, encode_pairs
-from thinkrl.trainer.supervised import run_steps, validate_checkpointing
+from thinkrl.trainer.supervised import SupervisedConfig, run_steps
 
 log = logging.getLogger(__name__)
 RM_FILE = "thinkrl_rm.json"
 
 
 @dataclass
-class RMConfig:
-    model: str = "smollm2-135m"
-    data: str = ""  # JSONL of prompt/chosen/rejected rows (the format of thinkrl dpo)
+class RMConfig(SupervisedConfig):
+    command: ClassVar[str] = "rm"
+    data_help: ClassVar[str] = "a JSONL file of prompt/chosen/rejected rows"
+
     output_dir: str = "runs/rm"
     margin: float = 0.0  # Bradley-Terry with a margin: chosen must beat rejected by this much
     eval_fraction: float = 0.1  # seeded share of the pairs held out for pair accuracy
-    epochs: int = 1
-    max_steps: int = 0  # 0: as many as the epochs take
-    batch_size: int = 8  # pairs per step
-    max_len: int = 512
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"
-    progress: bool = True
-    save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
-    keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
-    resume: bool = False  # continue the run in output_dir from its newest whole checkpoint
-    max_bad_steps: int = 3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
-    task: TaskConfig = field(default_factory=TaskConfig)  # renders the prompts
 
     def validate(self) -> None:
-        validate_checkpointing(self)
-        need(bool(self.data), "rm needs data=PATH (a JSONL file of prompt/chosen/rejected rows)")
+        super().validate()
         need(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
         need(self.margin >= 0, "margin must be >= 0")
-        need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
-        need(self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0")
-        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -97,10 +79,12 @@ def scores(rm, seqs: list[list[int]], pad_id: int, bf16: bool = False) -> torch.
     ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])  # [B, L]
     attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])  # [B, L]
     last = torch.tensor([len(s) - 1 for s in seqs])  # [B]
-    with autocast(bf16):
+    dev = rm.score.weight.device
+    ids, attn, last = (device.to(x, dev) for x in (ids, attn, last))
+    with autocast(bf16, dev):
         hidden = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, L, H]
-        h = hidden[torch.arange(len(seqs)), last]  # [B, H]
-        return rm.score(h).float().squeeze(-1)  # [B]
+        h = hidden[torch.arange(len(seqs), device=dev), last]  # [B, H]
+        return device.to(rm.score(h).float().squeeze(-1), "cpu")  # [B], on the CPU (differentiable)
 
 
 def pair_scores(rm, pairs: list[Pair], pad_id: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,15 +117,16 @@ def split_pairs(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pai
 def train_rm(cfg: RMConfig) -> Path:
     from transformers import AutoModelForSequenceClassification
 
-    from thinkrl.device import use_bf16
     from thinkrl.trainer import checkpoint as ckpt
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
     found = ckpt.resume_point(out, cfg.resume)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    bf16 = use_bf16(cfg.dtype)
+    dev = device.resolve_device(cfg.device)
+    device.setup(dev)
+    bf16 = device.use_bf16(cfg.dtype, dev)
     rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
     causal, tok = load_model(cfg.model)
     pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
@@ -149,10 +134,10 @@ def train_rm(cfg: RMConfig) -> Path:
     need(len(train_pairs) > 0, "no pairs left to train on after holding out eval_fraction")
     pad = tok.pad_token_id
     if found is None:
-        rm = reward_model_from(causal)
+        rm = reward_model_from(causal).to(dev)
         before = pair_accuracy(rm, eval_pairs, pad, bf16)
     else:  # the checkpoint holds the head and the backbone as trained so far
-        rm = AutoModelForSequenceClassification.from_pretrained(found[0])
+        rm = AutoModelForSequenceClassification.from_pretrained(found[0]).to(dev)
         before = found[1]["pair_accuracy_before"]
     del causal
     lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train_pairs]

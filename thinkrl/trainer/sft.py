@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from thinkrl.config import ConfigError, TaskConfig, validate_lora
+from thinkrl import device
+from thinkrl.config import ConfigError, validate_lora
 from thinkrl.data import IGNORE, encode_sft_rows, read_rows
 from thinkrl.distributed import torch_dist as dist
 from thinkrl.models import load_model
@@ -27,47 +29,28 @@ from thinkrl.trainer.batch import _backbone_and_head
 from thinkrl.trainer.checkpoint import load_adapter
 from thinkrl.trainer.common import (LoraConfig, apply_lora, collate, enable_gradient_checkpointing, make_optimizer,
                                    need, pack)
-from thinkrl.trainer.supervised import run_steps, start_weights, validate_checkpointing
+from thinkrl.trainer.supervised import SupervisedConfig, run_steps, start_weights
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTConfig:
-    model: str = "smollm2-135m"
-    data: str = ""  # JSONL of messages rows or prompt/completion rows
+class SFTConfig(SupervisedConfig):
+    command: ClassVar[str] = "sft"
+    data_help: ClassVar[str] = "a JSONL file of messages rows or prompt/completion rows"
+
     output_dir: str = "runs/sft"
-    epochs: int = 1
-    max_steps: int = 0  # 0: as many as the epochs take
-    batch_size: int = 8
-    max_len: int = 512  # tokens per row; longer rows are cut
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more time
     packing: bool = False  # a step's rows packed into sequences of <= max_len tokens (block-diagonal attention)
-    seed: int = 0
-    dtype: str = "auto"  # auto | bf16 | fp32
-    progress: bool = True
     kd_teacher: str | None = None  # a model with the same vocabulary: adds token-level KL distillation
     kd_coef: float = 0.5  # loss = (1 - kd_coef) * CE + kd_coef * KL(teacher || student)
-    save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
-    keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
-    resume: bool = False  # continue the run in output_dir from its newest whole checkpoint
-    max_bad_steps: int = 3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
     lora: LoraConfig = field(default_factory=LoraConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)  # renders prompt/completion rows
 
     def validate(self) -> None:
-        need(bool(self.data), "sft needs data=PATH (a JSONL file)")
-        need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
-        need(self.batch_size >= 1 and self.max_len >= 2, "batch_size must be >= 1 and max_len >= 2")
-        need(self.lr > 0, "lr must be > 0")
+        super().validate()
+        need(self.max_len >= 2, "max_len must be >= 2")
         need(0 <= self.kd_coef <= 1, "kd_coef must be in [0, 1]")
-        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype '{self.dtype}' unknown; choose from: auto, bf16, fp32")
         validate_lora(self.lora)
-        validate_checkpointing(self)
 
 
 def sft_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
@@ -91,7 +74,9 @@ def target_logits(model, batch: dict, bf16: bool) -> tuple[Tensor, Tensor]:
     Running the LM head on target positions alone saves most of the vocabulary
     projection when prompts are long."""
     inner, head = _backbone_and_head(model)  # unwraps LoRA: its layers live inside the base model
-    with autocast(bf16):
+    dev = head.weight.device
+    batch = {k: device.to(v, dev) for k, v in batch.items()}  # the model's device: a no-op on the CPU
+    with autocast(bf16, dev):
         hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch.get("position_ids")).last_hidden_state
         targets = batch["labels"][:, 1:]  # [B, L-1]
@@ -135,21 +120,23 @@ def load_teacher(name: str, tok):
 def train_sft(cfg: SFTConfig) -> Path:
     """Train and write an HF model folder to ``output_dir/final``; returns that path.
     Checkpoints and ``resume=true`` as in the RL loop (thinkrl/trainer/supervised.py)."""
-    from thinkrl.device import use_bf16
-    from thinkrl.trainer.rl import seed_everything
+    from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
     dist.init()  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
     found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    bf16 = use_bf16(cfg.dtype)
+    dev = device.resolve_device(cfg.device)
+    device.setup(dev)
+    bf16 = device.use_bf16(cfg.dtype, dev)
     rows = read_rows(cfg.data)
     with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
         model, tok = load_model(weights)
+    model.to(dev)
     dist.broadcast_parameters(model)
     data = encode_sft_rows(rows, tok, cfg.task, cfg.max_len, source=cfg.data)
-    teacher = load_teacher(cfg.kd_teacher, tok) if cfg.kd_teacher else None
+    teacher = load_teacher(cfg.kd_teacher, tok).to(dev) if cfg.kd_teacher else None
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -19,11 +19,13 @@ that is here, with the same contract as the RL loop (thinkrl/trainer/rl.py):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
+from thinkrl.config import TaskConfig, check_dtype
 from thinkrl.distributed import torch_dist as dist
 from thinkrl.trainer import checkpoint as ckpt
 from thinkrl.trainer.common import bucketed_steps, need, optimizer_step
@@ -36,6 +38,43 @@ log = logging.getLogger(__name__)
 # batch row indices -> (loss, metrics); the loss is a mean over metrics["targets"] tokens when
 # the metrics give that count, else over the rows
 StepLoss = Callable[[list[int]], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class SupervisedConfig:
+    """The keys every supervised trainer (sft, dpo, rm) has; each subclass adds its own and
+    may change a default."""
+
+    data_help: ClassVar[str] = "a JSONL file"  # what ``data=`` must be, for the error message
+    command: ClassVar[str] = "train"
+
+    model: str = "smollm2-135m"
+    data: str = ""
+    output_dir: str = "runs/supervised"
+    epochs: int = 1
+    max_steps: int = 0  # 0: as many as the epochs take
+    batch_size: int = 8  # rows (pairs for dpo and rm) per step
+    max_len: int = 512  # tokens per row; longer rows are cut
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (thinkrl/device.py)
+    progress: bool = True
+    save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
+    keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
+    resume: bool = False  # continue the run in output_dir from its newest whole checkpoint
+    max_bad_steps: int = 3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
+    task: TaskConfig = field(default_factory=TaskConfig)  # renders the prompts
+
+    def validate(self) -> None:
+        need(bool(self.data), f"{self.command} needs data=PATH ({self.data_help})")
+        need(self.epochs >= 1 and self.max_steps >= 0, "epochs must be >= 1 and max_steps >= 0")
+        need(self.batch_size >= 1 and self.lr > 0, "batch_size must be >= 1 and lr > 0")
+        check_dtype(self.dtype)
+        validate_checkpointing(self)
 
 
 def validate_checkpointing(cfg) -> None:
@@ -68,7 +107,11 @@ def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_
 
     model.train()
     step = start
-    with StopRequests() as stop:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=name, disable=not cfg.progress or not dist.is_main(),
+               dynamic_ncols=True)
+    with bar, StopRequests() as stop:
         for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
             if step <= start:
                 continue  # the batch order is a pure function of the seed: skip what the checkpoint did
@@ -79,8 +122,8 @@ def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_
             guard.record(step, metrics)
             if main:
                 metrics_log.write(metrics)
-            if cfg.progress and (step % 10 == 0 or step == total):
-                log.info("%s step %d/%d loss %.4f", name, step, total, metrics["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if guard.exhausted:
                 raise guard.error(ckpt.latest_checkpoint(out))
             if step == total:
