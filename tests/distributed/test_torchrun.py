@@ -49,13 +49,13 @@ distributed: {{seed_by_group: true}}
 """
 
 
-def thinkrl(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def thinkrl(nproc: int, *args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "THINKRL_BF16": "0", "HF_HUB_OFFLINE": "1"}
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     res = subprocess.run([sys.executable, *launch, "-m", "thinkrl", *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (res.returncode == 0) == ok, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
 
@@ -141,3 +141,11 @@ def test_sft_two_ranks_equal_one_process(tmp_path):
         assert m1[k] == pytest.approx(m2[k], abs=1e-5), k
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
     assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"))
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_config_error(rl_runs):
+    res = thinkrl(2, "train", "rl.yaml", "output_dir=odd", "rollout.prompts_per_step=3", cwd=rl_runs, ok=False)
+    assert "thinkrl: error: rollout.prompts_per_step=3 does not split over 2 processes" in res.stderr
+    # one line per rank and no traceback through thinkrl (torchrun then prints its own report)
+    assert res.stderr.count("thinkrl: error:") == 2 and "thinkrl/trainer" not in res.stderr
+    assert not (rl_runs / "odd").exists()  # refused before anything was written
