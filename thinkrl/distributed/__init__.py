@@ -1,2 +1,2 @@
-"""Many processes: torch.distributed data parallelism (``torch_dist``); every helper there is a
-no-op in a single process, so the trainers call them unconditionally."""
+"""Running thinkrl across processes: rollout workers and a learner on Ray (``ray_*.py``,
+docs/distributed-ray.md) and data-parallel training under torchrun (``torch_dist.py``)."""
