@@ -325,6 +325,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo
             "sandbox": cmd_sandbox, "serve": cmd_serve, "chat": cmd_chat}
 
 
+DATA_PARALLEL = frozenset({"train", "sft", "dpo"})  # the commands that torchrun can launch on many ranks
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="thinkrl", description=USAGE,
@@ -337,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     argv = [a for a in argv if a not in ("-v", "--verbose")]
     ns = parser.parse_args(argv[:1])
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone prints results and progress
+    if not rank0:
+        sys.stdout = open(os.devnull, "w")
+    logging.basicConfig(level=logging.WARNING if not rank0 else logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -347,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     from thinkrl.sandbox import SandboxUnavailable
 
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ns.command not in DATA_PARALLEL:
+            raise ConfigError(f"thinkrl {ns.command} runs in one process; under torchrun only "
+                              f"{', '.join(sorted(DATA_PARALLEL))} are data-parallel (launch it without torchrun)")
         return COMMANDS[ns.command](argv[1:])
     except (ConfigError, ModelError, SandboxUnavailable) as e:
         print(f"thinkrl: error: {e}", file=sys.stderr)
@@ -354,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # thinkrl.trainer.interrupt.Interrupted says what it saved
         print(f"thinkrl: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    finally:
+        if "thinkrl.distributed.torch_dist" in sys.modules:  # a torchrun run: leave the process group cleanly
+            sys.modules["thinkrl.distributed.torch_dist"].close()
 
 
 if __name__ == "__main__":

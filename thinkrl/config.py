@@ -222,6 +222,17 @@ class SandboxConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data parallelism under torchrun (thinkrl/distributed/torch_dist.py, docs/distributed.md)."""
+
+    strategy: str = "ddp"  # ddp: replicated weights, summed gradients | fsdp: not supported by the trainers yet
+    # Seed each group's sampling by (seed, step, group index in the global batch), one engine
+    # call per group: rollouts then do not depend on the world size (slower: smaller batches).
+    # False: one batched call per step, seeded per step and rank when there are several ranks.
+    seed_by_group: bool = False
+
+
+@dataclass
 class Config:
     model: str = "smollm2-135m"
     output_dir: str = "runs/default"
@@ -253,6 +264,7 @@ class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # The user's own components: .py files or module names imported before the config is
     # checked, so what they register can be named here (thinkrl/plugins.py, docs/extending.md).
     plugins: list = field(default_factory=list)
@@ -455,6 +467,8 @@ def validate(cfg: Config) -> None:
     from thinkrl.rollout import ENGINES  # the registered backends
 
     ENGINES.check(cfg.rollout.backend)
+    need(cfg.distributed.strategy in ("ddp", "fsdp"),
+         f"distributed.strategy '{cfg.distributed.strategy}' unknown; choose from: ddp, fsdp")
     need(cfg.algo.num_iterations >= 1, "algo.num_iterations must be >= 1")
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
     need(cfg.algo.clip_eps > 0, "algo.clip_eps must be > 0")

@@ -215,7 +215,8 @@ def resolve_device(name: str) -> str:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "cpu" or name == "auto" and not gpus:
         return "cpu"
-    index = int(name.split(":")[1]) if ":" in name else 0
+    # under torchrun, auto and cuda mean the GPU of this process's local rank
+    index = int(name.split(":")[1]) if ":" in name else int(os.environ.get("LOCAL_RANK", "0"))
     if index >= gpus:
         have = f"cuda:0 .. cuda:{gpus - 1}" if gpus else "no CUDA GPU"
         raise ConfigError(f"device={name} but this machine has {have}; choose from: auto, cpu"

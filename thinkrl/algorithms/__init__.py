@@ -36,6 +36,11 @@ def needs_values(advantage: str) -> bool:
     return "values" in ADVANTAGES.trait(advantage, "needs", ())
 
 
+def uses_batch_statistics(advantage: str) -> bool:
+    """Whether the estimator normalises over the whole batch (whitening), not within each group."""
+    return bool(ADVANTAGES.trait(advantage, "batch_stats", False))
+
+
 def advantage_weighted(loss: str) -> bool:
     """Whether the loss vanishes, value and gradient, wherever the advantage is 0."""
     return bool(POLICY_LOSSES.trait(loss, "advantage_weighted", False))
@@ -43,4 +48,4 @@ def advantage_weighted(loss: str) -> bool:
 
 __all__ = ["ADVANTAGES", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES", "AdvantageInput", "Advantages",
            "LossParams", "MovingAverage", "advantage_weighted", "aggregate", "group_stats", "kl_in_for",
-           "loss_agg_for", "needs_values", "takes_token_rewards", "tis_weights", "value_loss"]
+           "loss_agg_for", "needs_values", "takes_token_rewards", "tis_weights", "uses_batch_statistics", "value_loss"]

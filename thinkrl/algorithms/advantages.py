@@ -30,7 +30,9 @@ ADVANTAGES: Registry = Registry("advantage estimator")
 # (``loss_agg``, when the config does not say), where the KL penalty goes by default
 # (``kl_in``: in the reward for the estimators that build token-level returns, which then
 # also accept it there; in the loss for the group estimators) and what it reads beyond the
-# rewards (``needs=("values",)``: a critic).
+# rewards (``needs=("values",)``: a critic). ``batch_stats=True`` marks an estimator that
+# normalises over the whole batch (whitening), not within a group: with many processes it
+# runs on the gathered batch (thinkrl/distributed/torch_dist.py).
 
 
 @dataclass
@@ -190,7 +192,7 @@ def reinforce(b: AdvantageInput) -> Advantages:
     return Advantages((ret - b.baseline) * b.mask, ret)
 
 
-@ADVANTAGES.register("reinforce_pp", loss_agg="token_mean", kl_in="reward")  # REINFORCE++ (Hu 2025), as in OpenRLHF
+@ADVANTAGES.register("reinforce_pp", loss_agg="token_mean", kl_in="reward", batch_stats=True)  # REINFORCE++ (Hu 2025), as in OpenRLHF
 def reinforce_pp(b: AdvantageInput) -> Advantages:
     """REINFORCE++: token rewards with -beta*KL, return-to-go, whitened over the whole batch.
 
@@ -206,7 +208,7 @@ def reinforce_pp(b: AdvantageInput) -> Advantages:
     return Advantages(masked_whiten(ret, b.mask, b.eps), ret)
 
 
-@ADVANTAGES.register("reinforce_pp_baseline", loss_agg="token_mean", kl_in="reward")
+@ADVANTAGES.register("reinforce_pp_baseline", loss_agg="token_mean", kl_in="reward", batch_stats=True)
 def reinforce_pp_baseline(b: AdvantageInput) -> Advantages:
     """REINFORCE++-baseline: subtract the group's mean reward, then REINFORCE++.
 
@@ -221,7 +223,7 @@ def reinforce_pp_baseline(b: AdvantageInput) -> Advantages:
     return Advantages(masked_whiten(ret, b.mask, b.eps), ret)
 
 
-@ADVANTAGES.register("gae", loss_agg="token_mean", kl_in="reward", needs=("values",))  # PPO for LMs (Ouyang et al. 2022; verl, OpenRLHF)
+@ADVANTAGES.register("gae", loss_agg="token_mean", kl_in="reward", needs=("values",), batch_stats=True)  # PPO for LMs (Ouyang et al. 2022; verl, OpenRLHF)
 def gae(b: AdvantageInput) -> Advantages:
     """PPO's advantage: GAE(gamma, lambda) on KL-shaped token rewards, from a learned critic.
 

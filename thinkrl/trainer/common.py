@@ -189,9 +189,14 @@ def bucketed_steps(lengths: list[int], batch_size: int, seed: int, total: int):
 def optimizer_step(model, opt, sched, loss: torch.Tensor, max_grad_norm: float) -> tuple[float, str | None]:
     """Backward, clip, step the optimizer and the schedule; returns the pre-clip grad norm
     and why the update was skipped (a non-finite loss or norm, thinkrl/trainer/guards.py)
-    or None when it was applied."""
+    or None when it was applied. With many ranks the gradients are summed over them before
+    the clip (each rank's loss is its weighted share, thinkrl/trainer/supervised.py); a
+    non-finite loss on one rank makes the summed norm non-finite, so all ranks skip together."""
+    from thinkrl.distributed import torch_dist as dist
+
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    dist.sum_gradients(model.parameters())  # one process: nothing happens
     gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
     cause = skip_cause(float(loss.detach()), gn)
     if cause is not None:

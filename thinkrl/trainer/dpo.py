@@ -23,6 +23,7 @@ import torch
 from thinkrl import device
 from thinkrl.algorithms.preference import PREFERENCE_LOSSES
 from thinkrl.data import IGNORE, encode_prompt_completion, read_rows
+from thinkrl.distributed import torch_dist as dist
 from thinkrl.models import load_model
 from thinkrl.tasks import DataError
 from thinkrl.trainer.batch import make_micro_batch, token_logps
@@ -102,6 +103,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
+    dist.init()  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
     found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -109,8 +111,10 @@ def train_dpo(cfg: DPOConfig) -> Path:
     device.setup(dev)
     bf16 = device.use_bf16(cfg.dtype, dev)
     rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
-    model, tok = load_model(weights)
+    with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
+        model, tok = load_model(weights)
     model.to(dev)
+    dist.broadcast_parameters(model)
     model.config.use_cache = False
     pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
     loss_fn = PREFERENCE_LOSSES.get(cfg.loss)

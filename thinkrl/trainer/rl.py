@@ -12,6 +12,8 @@ PPO, whose critic lives in :mod:`thinkrl.trainer.critic`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 
 from thinkrl.algorithms import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, AdvantageInput, LossParams, MovingAverage,
-                                advantage_weighted, aggregate, kl_in_for, loss_agg_for, needs_values, tis_weights)
+                                advantage_weighted, aggregate, kl_in_for, loss_agg_for, needs_values, tis_weights,
+                                uses_batch_statistics)
 from thinkrl.config import Config, ConfigError, save_config
 from thinkrl.eval import eval_settings, evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
@@ -29,7 +32,8 @@ from thinkrl.models import load_model
 from thinkrl.rewards import RewardModel
 from thinkrl import device
 from thinkrl.device import use_bf16
-from thinkrl.rollout import SamplingParams, build_engine, build_scorer
+from thinkrl.distributed import torch_dist as dist
+from thinkrl.rollout import Rollout, SamplingParams, build_engine, build_scorer
 from thinkrl.sampling import Groups, build_sampler, collect_groups
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import drop_long_prompts, render_prompt
@@ -122,9 +126,11 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     # 1-2. Sample G completions for each prompt and score them. With DAPO dynamic sampling,
     # groups whose rewards are all equal are dropped and refilled (thinkrl/sampling/dynamic.py).
     timings = {"time_generate": 0.0, "time_score": 0.0}
-    kept, seen, dyn_stats = collect_groups(p.sampler.next_batch, lambda exs: generate_and_score(p, exs, timings),
+    draw, seeds = dist.sharded_draw(p.sampler.next_batch), _group_seeds(cfg, step)
+    kept, seen, dyn_stats = collect_groups(draw, lambda exs: generate_and_score(p, exs, timings, seeds),
                                            cfg.rollout.prompts_per_step, dynamic=cfg.sampling.dynamic,
                                            max_rounds=cfg.sampling.max_rounds)
+    seen = dist.gather_groups(seen, draw.last)  # with many ranks: every rank's groups, for metrics and the sampler
     samples = _samples(cfg, step, seen)
     if not all(math.isfinite(r) for r in seen.totals):  # a NaN reward would make its group's advantages NaN
         return _untrained(p, step, seen, dyn_stats, timings, skip_cause="nan_reward"), samples
@@ -148,22 +154,25 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     token_kl = None
     if "ref_logp" in fixed:
         token_kl = KL_ESTIMATORS.get(a.kl_estimator)(fixed["old_logp"], fixed["ref_logp"]) * mask  # [N, T]
-    est = ADVANTAGES.get(a.advantage)(AdvantageInput(
+    est = dist.advantages(ADVANTAGES.get(a.advantage), AdvantageInput(
         rewards, group_ids, mask, token_kl=token_kl, kl_coef=a.kl_coef, values=fixed.get("values"),
-        baseline=p.baseline.value if p.baseline else 0.0, gamma=a.gamma, lam=a.lam, eps=a.std_eps))
+        baseline=p.baseline.value if p.baseline else 0.0, gamma=a.gamma, lam=a.lam, eps=a.std_eps),
+        whole_batch=uses_batch_statistics(a.advantage))
 
     # 4. Update the policy (and the critic).
     train_metrics = policy_update(p, ro, est.adv, mask, fixed, step=step)
     p.engine.sync_weights(p.model)  # the next rollouts sample from the updated policy
     skipped = "skip_cause" in train_metrics  # the policy was not updated: neither are the critic and baseline
     if token_kl is not None:
-        train_metrics["kl"] = float(token_kl.sum() / mask.sum())
+        kl_sum, n_tok = dist.sum_floats([float(token_kl.sum()), float(mask.sum())])
+        train_metrics["kl"] = kl_sum / n_tok
     if p.critic is not None and not skipped:
         train_metrics.update(p.critic.update(mbs, est.returns, fixed["values"], a.num_iterations))
     if p.baseline is not None:
         train_metrics["baseline"] = p.baseline.value
         if not skipped:
-            p.baseline.update(float(rewards.mean()))
+            r_sum, r_n = dist.sum_floats([float(rewards.sum()), float(N)])
+            p.baseline.update(r_sum / r_n)
     timings["time_train"] = time.perf_counter() - t0
 
     metrics = {
@@ -184,22 +193,42 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     return metrics, samples
 
 
+def _group_seeds(cfg: Config, step: int):
+    """How this step's rollouts are seeded: an iterator of this rank's per-group seeds
+    (``distributed.seed_by_group``: one engine call per group); one seed for the step's
+    batched call, from the step and the rank, when there are several ranks (each rank then
+    samples its own stream, also after a resume, which restores rank 0's RNG); or None in
+    one process: one batched call on the process's RNG, as always."""
+    if cfg.distributed.seed_by_group:
+        start = dist.rank() * (cfg.rollout.prompts_per_step // dist.world_size())
+        return (dist.group_seed(cfg.seed, step, g) for g in itertools.count(start))
+    if dist.world_size() > 1:
+        return dist.group_seed(cfg.seed, step, -1 - dist.rank())
+    return None
+
+
 def _untrained(p: Parts, step: int, seen: Groups, dyn_stats: dict, timings: dict, **extra) -> dict:
     """The metrics of a step that updated nothing."""
     return {"step": step, **_sample_metrics(p.cfg, seen), **dyn_stats, "trained_seqs": 0, **timings,
             "step_time": sum(timings.values()), "lr": p.scheduler.get_last_lr()[0], **extra}
 
 
-def generate_and_score(p: Parts, examples: list, timings: dict) -> Groups:
-    """G completions for each prompt, and their rewards; adds to ``timings``."""
+def generate_and_score(p: Parts, examples: list, timings: dict, seeds=None) -> Groups:
+    """G completions for each prompt, and their rewards; adds to ``timings``. ``seeds``: an
+    iterator of per-group sampling seeds (``distributed.seed_by_group``), one engine call each."""
     cfg, G = p.cfg, p.cfg.rollout.group_size
     if p.env is not None and p.env.multi_turn:  # turns and observations (thinkrl/envs/episodes.py)
         return generate_and_score_episodes(p.engine, p.tok, p.env, p.rewards, cfg, examples, timings)
     t0 = time.perf_counter()
     rendered = [render_prompt(ex.question, p.tok, cfg.task) for ex in examples]
-    ro = p.engine.generate_text([r[0] for r in rendered], G, SamplingParams(
-        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k))
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            seed=seeds if isinstance(seeds, int) else None)
+    if seeds is None or isinstance(seeds, int):
+        ro = p.engine.generate_text([r[0] for r in rendered], G, params)
+    else:  # one call per group, each with its own seed
+        ro = _concat_rollouts([p.engine.generate_text([r[0]], G, dataclasses.replace(params, seed=next(seeds)))
+                               for r in rendered])
     timings["time_generate"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     exs = [ex for ex in examples for _ in range(G)]  # [N]
@@ -209,6 +238,14 @@ def generate_and_score(p: Parts, examples: list, timings: dict) -> Groups:
         "truncated": list(ro.truncated)})
     timings["time_score"] += time.perf_counter() - t0
     return Groups(examples, rendered, ro, texts, totals, parts)
+
+
+def _concat_rollouts(parts: list[Rollout]) -> Rollout:
+    def cat(name: str):
+        got = [getattr(ro, name) for ro in parts]
+        return None if any(v is None for v in got) else [x for v in got for x in v]
+
+    return Rollout(**{f.name: cat(f.name) for f in dataclasses.fields(Rollout)})
 
 
 def _sample_metrics(cfg: Config, g: Groups) -> dict:
@@ -307,14 +344,23 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     def trains(g: int) -> bool:
         return needs_all or not bool((adv[g * G:(g + 1) * G] == 0).all())
 
-    # group ids of each optimizer step (fewer steps if dynamic sampling kept fewer groups)
-    chunks = [c.tolist() for c in torch.arange(N // G).tensor_split(a.mini_batches) if len(c)]
+    # group ids of each optimizer step (fewer steps if dynamic sampling kept fewer groups). With
+    # many ranks the mini-batches split the global batch as one process would, and each rank
+    # takes its own groups of each (possibly none: it then adds zero gradients).
+    n_groups, first = N // G, dist.rank() * (N // G)  # this rank holds global groups first .. first + n_groups - 1
+    chunks = [[g - first for g in c.tolist() if first <= g < first + n_groups]
+              for c in torch.arange(n_groups * dist.world_size()).tensor_split(a.mini_batches) if len(c)]
     steps = []  # (micro-batches, rows, tokens) of each mini-batch; rows and tokens count skipped groups
     for chunk in chunks:
         rows = [r for g in chunk for r in range(g * G, (g + 1) * G)]
         steps.append((split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, [g for g in chunk if trains(g)],
                                                   G, cfg.optim.micro_batch_size, p.tok.pad_token_id),
                       len(rows), float(mask[rows].sum())))
+    # With many ranks each mini-batch's loss is normalised by the global rows and tokens, so the
+    # summed gradients (dist.sum_gradients) are those of the one-process loss on the global batch.
+    counts = dist.sum_floats([x for _, rows, tokens in steps for x in (rows, tokens)] + [N, float(mask.sum())])
+    steps = [(mbs, counts[2 * i], counts[2 * i + 1]) for i, (mbs, _, _) in enumerate(steps)]
+    batch_rows, batch_tokens = counts[-2], counts[-1]
     all_mbs = [mb for mbs, _, _ in steps for mb in mbs]
     policy_loss = POLICY_LOSSES.get(a.loss)
     hp = LossParams(clip_low=a.clip_eps, clip_high=a.clip_eps_high if a.clip_eps_high is not None else a.clip_eps,
@@ -376,7 +422,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
                 weight = n_tok / step_tokens if agg == "token_mean" else m.shape[0] / step_rows
                 (loss * weight).backward()
                 # the loss over the whole batch: each mini-batch's share of it
-                share = step_tokens / float(mask.sum()) if agg == "token_mean" else step_rows / N
+                share = step_tokens / batch_tokens if agg == "token_mean" else step_rows / batch_rows
                 pass_loss += loss.item() * weight * share
                 if last:
                     sums["loss"] += loss.item() * weight * share
@@ -386,6 +432,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
                         loss_metrics[k] = loss_metrics.get(k, 0.0) + v * n_tok
                     if kl is not None:
                         sums["kl"] += float((kl.detach() * m).sum())
+            pass_loss, = dist.sum_gradients(p.model.parameters(), pass_loss)  # one process: nothing happens
             gn = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.max_grad_norm)
             sums["grad_norm"] = float(gn)
             cause = skip_cause(pass_loss, float(gn))
@@ -397,11 +444,13 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
             p.scheduler.step()
         if cause is not None:
             break
+    sums, loss_metrics, mismatch = _reduce_update_metrics(sums, loss_metrics, mismatch)
+    trained = dist.sum_floats([sum(int(mb.mask.shape[0]) for mb in all_mbs)])[0]
     n = max(sums["tokens"], 1.0)
     out = {"loss": sums["loss"], "grad_norm": sums["grad_norm"], "clip_frac": 0.0,
            **{k: v / n for k, v in loss_metrics.items()},
-           "entropy": sums["entropy"] / n if all_mbs else float("nan"),
-           "trained_seqs": sum(int(mb.mask.shape[0]) for mb in all_mbs), "optimizer_steps": a.num_iterations * len(steps)}
+           "entropy": sums["entropy"] / n if trained else float("nan"),
+           "trained_seqs": int(trained), "optimizer_steps": a.num_iterations * len(steps)}
     if kl_in_loss:
         out["kl"] = sums["kl"] / n
     if mismatch["tokens"]:
@@ -412,6 +461,19 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     if cause is not None:
         out.update(skip_cause=cause, loss=pass_loss)
     return out
+
+
+def _reduce_update_metrics(sums: dict, loss_metrics: dict, mismatch: dict) -> tuple[dict, dict, dict]:
+    """The update's sums over every rank (one process: as they are). The loss and the grad norm
+    are already global (summed with the gradients)."""
+    if dist.world_size() == 1:
+        return sums, loss_metrics, mismatch
+    local = {**{f"s/{k}": v for k, v in sums.items() if k != "grad_norm"},
+             **{f"l/{k}": v for k, v in loss_metrics.items()}, **{f"m/{k}": v for k, v in mismatch.items()}}
+    tot = dist.reduce_dict(local, max_keys=("m/max",))
+    sums = {**sums, **{k[2:]: v for k, v in tot.items() if k.startswith("s/")}}
+    return sums, {k[2:]: v for k, v in tot.items() if k.startswith("l/")}, {k[2:]: v for k, v in tot.items()
+                                                                         if k.startswith("m/")}
 
 
 # ---------------------------------------------------------------------------
@@ -433,7 +495,9 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     env = build_env(cfg.env)
     if runs_code(cfg.rewards, task.train + task.eval) or getattr(env, "runs_code", False):
         sandbox.require_isolation()  # refuse now, not at the first reward, where isolation is impossible
-    model, tok = load_policy(cfg, resume_from, dev)
+    with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
+        model, tok = load_policy(cfg, resume_from, dev)
+    dist.broadcast_parameters(model)  # equal replicas from the start, whatever the loading did
     drop_long_prompts(task, tok, cfg.task)
     ref = Reference.for_policy(model, tok, cfg, bf16, dev) if cfg.algo.kl_coef > 0 else None  # beta = 0: none
     engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16, device=dev)
@@ -497,26 +561,34 @@ def train(cfg: Config) -> dict:
     the steps since the last checkpoint, and a resumed run continues exactly. SIGINT and
     SIGTERM stop after the current step and save it (thinkrl/trainer/interrupt.py)."""
     out = Path(cfg.output_dir)
-    found = ckpt.resume_point(out, cfg.resume)
+    dist.init(cfg.distributed.strategy)
+    _check_distributed(cfg)
+    with dist.main_first():  # rank 0 alone tidies the folder after a crash
+        found = ckpt.resume_point(out, cfg.resume)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 
     p = build_parts(cfg, found[0] if found else None)
-    save_config(cfg, out / "config.yaml")  # after build_parts: a resume that cannot start leaves the run as it was
+    main = dist.is_main()  # only rank 0 writes files (config, logs, evals, plots, checkpoints)
+    if main:
+        save_config(cfg, out / "config.yaml")  # after build_parts: a resume that cannot start leaves the run as it was
     guard = BadStepGuard(cfg.optim.max_bad_steps)
     start = _restore(p, guard, out, *found) if found else 0
 
-    logs = {name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=start) for name in ("metrics", "samples")}
+    logs = {name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=start) if main else _NoWriter()
+            for name in ("metrics", "samples")}
     # evals of steps being redone go; a fresh start also drops the "before" eval of a run that died early
-    JsonlWriter(out / "evals.jsonl", truncate_after_step=start if start else -1)
+    if main:
+        JsonlWriter(out / "evals.jsonl", truncate_after_step=start if start else -1)
+    dist.barrier()  # rank 0 has truncated the logs that a resumed run's monitor reads
     results: dict = {}
-    if cfg.eval.before and start == 0:
+    if cfg.eval.before and start == 0 and main:
         results["before"] = _run_eval(p, 0, "before", out)
 
     monitor = Monitor(cfg.monitor.gold, cfg.monitor.proxy, cfg.monitor.window)
     for m in read_jsonl(out / "metrics.jsonl") if monitor.active else []:  # a resumed run's history
         monitor.update(m)
-    trackers = Trackers(cfg.log.backends, out, cfg.log.project, cfg.to_dict(), out.name)
+    trackers = Trackers(cfg.log.backends if main else ["jsonl"], out, cfg.log.project, cfg.to_dict(), out.name)
     t_start = time.monotonic()  # max_minutes counts the training loop of this process
     try:
         with StopRequests() as stop:
@@ -526,8 +598,10 @@ def train(cfg: Config) -> dict:
             _save(p, guard, out, step, out / "final")  # step < max_steps when max_minutes stopped the run
     finally:
         trackers.close()
-    if stop.requested:
+    if _stop(stop):
         raise Interrupted(f"{stop.name} during the last step: final/ saved, held-out eval skipped", stop.signum)
+    if not main:
+        return results
     if cfg.eval.after:
         results["after"] = _run_eval(p, step, "after", out)
     if cfg.plot:
@@ -565,14 +639,14 @@ def _train_loop(p: Parts, guard: BadStepGuard, out: Path, start: int, logs: dict
             saved = bool(cfg.save_every) and step % cfg.save_every == 0
             if saved:
                 _save_step(p, guard, out, step)
-            if cfg.eval.every and step % cfg.eval.every == 0 and not stop.requested:
+            if cfg.eval.every and step % cfg.eval.every == 0 and not _stop(stop) and dist.is_main():
                 _run_eval(p, step, f"step-{step}", out)
-            if stop.requested:  # it may have come during the step, the save or the eval
+            if _stop(stop):  # it may have come during the step, the save or the eval
                 if not saved:
                     _save_step(p, guard, out, step)
                 raise Interrupted(f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
                                   "with resume=true", stop.signum)
-            if cfg.max_minutes and time.monotonic() - t_start >= 60 * cfg.max_minutes:
+            if cfg.max_minutes and dist.any_true(time.monotonic() - t_start >= 60 * cfg.max_minutes):
                 log.info("max_minutes=%g reached after step %d of %d: stopping", cfg.max_minutes, step, cfg.max_steps)
                 break
             if overoptimised:
@@ -607,18 +681,54 @@ def _save(p: Parts, guard: BadStepGuard, out: Path, step: int, path: Path) -> No
     state = {"step": step, "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
              "task": p.task.state_dict(), "sampler": p.sampler.state_dict(), "rng": ckpt.rng_state(),
              "baseline": p.baseline.state_dict() if p.baseline else None, "guard": guard.state_dict()}
+    if not dist.is_main():  # the replicas are equal: rank 0's weights and optimizer are everyone's
+        return dist.barrier()
     if p.critic is not None:  # first, so that every policy checkpoint has its critic
         p.critic.save(critic_path(out, path.name), with_optimizer=path.name != "final")
     ckpt.save_checkpoint(path, p.model, p.tok, state)
+    dist.barrier()
 
 
 def _save_step(p: Parts, guard: BadStepGuard, out: Path, step: int) -> None:
     _save(p, guard, out, step, out / "checkpoints" / f"step-{step}")
-    ckpt.prune_checkpoints(out, p.cfg.keep_checkpoints)
-    prune_critic(out, {c.name for _, c in ckpt.list_checkpoints(out)})
+    if dist.is_main():
+        ckpt.prune_checkpoints(out, p.cfg.keep_checkpoints)
+        prune_critic(out, {c.name for _, c in ckpt.list_checkpoints(out)})
+
+
+def _stop(stop: StopRequests) -> bool:
+    """Whether a signal asked this run to stop: on any rank, so that all ranks stop together."""
+    return dist.any_true(stop.requested)
+
+
+class _NoWriter:
+    """The metrics and samples log of a rank other than 0, which writes no files."""
+
+    def write(self, obj: dict) -> None:
+        pass
+
+    def write_many(self, objs: list) -> None:
+        pass
+
+
+def _check_distributed(cfg: Config) -> None:
+    """What many ranks cannot do yet, as one clear error (nothing to check in one process)."""
+    if dist.world_size() == 1:
+        return
+    dist.check_divisible(cfg.rollout.prompts_per_step, "rollout.prompts_per_step")
+    if cfg.sampling.dynamic:
+        raise ConfigError("sampling.dynamic=true is not data-parallel yet (ranks would refill different numbers "
+                          "of groups): run it in one process")
+    if cfg.env.name != "single_turn":
+        raise ConfigError(f"env.name={cfg.env.name} (multi-turn episodes) is not data-parallel yet (their sampling "
+                          "is not seeded per rank): run it in one process")
+    if needs_values(cfg.algo.advantage):
+        raise ConfigError("algo.advantage=gae is not data-parallel yet (its critic trains in one process): run it "
+                          "in one process")
 
 
 def _progress(cfg: Config, start: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    return tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not cfg.progress or not dist.is_main(),
+                dynamic_ncols=True)

@@ -22,6 +22,7 @@ from torch import Tensor
 from thinkrl import device
 from thinkrl.config import ConfigError, validate_lora
 from thinkrl.data import IGNORE, encode_sft_rows, read_rows
+from thinkrl.distributed import torch_dist as dist
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
 from thinkrl.trainer.batch import _backbone_and_head
@@ -122,6 +123,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
+    dist.init()  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
     found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -129,8 +131,10 @@ def train_sft(cfg: SFTConfig) -> Path:
     device.setup(dev)
     bf16 = device.use_bf16(cfg.dtype, dev)
     rows = read_rows(cfg.data)
-    model, tok = load_model(weights)
+    with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
+        model, tok = load_model(weights)
     model.to(dev)
+    dist.broadcast_parameters(model)
     data = encode_sft_rows(rows, tok, cfg.task, cfg.max_len, source=cfg.data)
     teacher = load_teacher(cfg.kd_teacher, tok).to(dev) if cfg.kd_teacher else None
     model.config.use_cache = False

@@ -10,7 +10,10 @@ that is here, with the same contract as the RL loop (thinkrl/trainer/rl.py):
   schedule, RNG, and the position in the (deterministic) batch order, so the resumed
   run's weights equal an uninterrupted run's;
 - a non-finite loss or gradient norm skips the update; ``max_bad_steps`` in a row stop;
-- a signal stops after the current step, which is saved under its own name.
+- a signal stops after the current step, which is saved under its own name;
+- under torchrun (thinkrl/distributed/torch_dist.py) each rank takes a contiguous share of
+  every batch's rows, the loss is weighted so that the summed gradients are the one-process
+  gradient of the whole batch, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Callable, ClassVar
 import torch
 
 from thinkrl.config import TaskConfig, check_dtype
-
+from thinkrl.distributed import torch_dist as dist
 from thinkrl.trainer import checkpoint as ckpt
 from thinkrl.trainer.common import bucketed_steps, need, optimizer_step
 from thinkrl.trainer.guards import BadStepGuard
@@ -32,7 +35,8 @@ from thinkrl.trainer.logs import JsonlWriter
 
 log = logging.getLogger(__name__)
 
-# batch row indices -> (loss, metrics)
+# batch row indices -> (loss, metrics); the loss is a mean over metrics["targets"] tokens when
+# the metrics give that count, else over the rows
 StepLoss = Callable[[list[int]], tuple[torch.Tensor, dict]]
 
 
@@ -87,44 +91,74 @@ def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_
     out = Path(cfg.output_dir)
     guard = BadStepGuard(cfg.max_bad_steps)
     start = _restore(opt, sched, guard, *found) if found else 0
-    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start)
+    main = dist.is_main()  # only rank 0 writes files
+    metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start) if main else None
+    if dist.world_size() > 1:
+        need(cfg.batch_size >= dist.world_size(),
+             f"batch_size={cfg.batch_size} is smaller than the {dist.world_size()} processes: each needs rows")
 
     def save(step: int, path: Path) -> None:
         state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "rng": ckpt.rng_state(), "guard": guard.state_dict(), **(extra_state or {})}
-        ckpt.save_checkpoint(path, model, tok, state)
+        if main:  # the replicas are equal: rank 0's weights and optimizer are everyone's
+            ckpt.save_checkpoint(path, model, tok, state)
+            ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+        dist.barrier()
 
     model.train()
     step = start
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc=name, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc=name, disable=not cfg.progress or not dist.is_main(),
+               dynamic_ncols=True)
     with bar, StopRequests() as stop:
         for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
             if step <= start:
                 continue  # the batch order is a pure function of the seed: skip what the checkpoint did
-            loss, m = step_loss(idx)
+            loss, m = _sharded_loss(step_loss, idx)
             gn, cause = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
             metrics = {"step": step, "epoch": epoch, "loss": float(loss.detach()), **m, "grad_norm": gn,
                        "lr": sched.get_last_lr()[0], **({"skip_cause": cause} if cause else {})}
             guard.record(step, metrics)
-            metrics_log.write(metrics)
+            if main:
+                metrics_log.write(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if guard.exhausted:
                 raise guard.error(ckpt.latest_checkpoint(out))
             if step == total:
                 break
-            if (cfg.save_every and step % cfg.save_every == 0) or stop.requested:
+            saved = bool(cfg.save_every) and step % cfg.save_every == 0
+            if saved:
                 save(step, out / "checkpoints" / f"step-{step}")
-                ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
-            if stop.requested:
+            if dist.any_true(stop.requested):  # it may have come during the save; all ranks stop together
+                if not saved:
+                    save(step, out / "checkpoints" / f"step-{step}")
                 raise Interrupted(f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
                                   "with resume=true", stop.signum)
         save(step, out / "final")
-    if stop.requested:
+    if dist.any_true(stop.requested):
         raise Interrupted(f"{stop.name} during the last step: final/ saved", stop.signum)
     return out / "final"
+
+
+def _sharded_loss(step_loss: StepLoss, idx: list[int]) -> tuple[torch.Tensor, dict]:
+    """``step_loss`` of this rank's share of the batch ``idx``, weighted by its share of the
+    batch's targets (or rows): the ranks' losses then sum to the loss of the whole batch.
+    The metrics are the whole batch's, with its ``loss`` (which the returned tensor, this
+    rank's share, is not). One process: ``step_loss(idx)`` as it is."""
+    n = dist.world_size()
+    if n == 1:
+        return step_loss(idx)
+    r = dist.rank()
+    loss, m = step_loss(idx[r * len(idx) // n:(r + 1) * len(idx) // n])
+    count = float(m.get("targets", (r + 1) * len(idx) // n - r * len(idx) // n))
+    m = {**m, "loss": float(loss.detach())}
+    tot = dist.reduce_dict({"count": count, **{k: float(v) * count for k, v in m.items() if k != "targets"}})
+    out = {k: v / tot["count"] for k, v in tot.items() if k != "count"}
+    if "targets" in m:
+        out["targets"] = int(tot["count"])
+    return loss * (count / tot["count"]), out
 
 
 def _restore(opt, sched, guard: BadStepGuard, path: Path, state: dict) -> int:
@@ -139,7 +173,8 @@ def _restore(opt, sched, guard: BadStepGuard, path: Path, state: dict) -> int:
 def start_weights(cfg, out: Path) -> tuple[tuple[Path, dict] | None, str]:
     """The checkpoint to resume from (or None) and where the weights to load come from:
     the checkpoint for full fine-tuning, the base model when a LoRA adapter goes on top."""
-    found = ckpt.resume_point(out, cfg.resume)
+    with dist.main_first():  # rank 0 alone tidies the folder after a crash
+        found = ckpt.resume_point(out, cfg.resume)
     lora = getattr(cfg, "lora", None) is not None and cfg.lora.enabled
     if found is not None and lora != ckpt.has_adapter(found[0]):
         raise ckpt.CheckpointError(f"{found[0]} was trained {'without' if lora else 'with'} LoRA: resume it with "
