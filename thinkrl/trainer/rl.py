@@ -137,6 +137,14 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     p.sampler.update(seen.examples, seen.success())  # prioritized sampling tracks every group it saw
     if not len(kept):  # dynamic sampling hit its cap without one group that has a learning signal
         return _untrained(p, step, seen, dyn_stats, timings), samples
+    return learn(p, step, kept, seen, dyn_stats, timings), samples
+
+
+def learn(p: Parts, step: int, kept: Groups, seen: Groups, dyn_stats: dict, timings: dict) -> dict:
+    """Steps 3-4 of a step on scored groups: advantages, the policy (and critic) update, and
+    the step's metrics. Shared with the Ray driver (thinkrl/distributed/ray_driver.py), whose
+    groups come from rollout workers."""
+    cfg, G = p.cfg, p.cfg.rollout.group_size
     examples, ro, totals = kept.examples, kept.ro, kept.totals
 
     # 3. Advantages: per token, from the rewards and whatever the estimator reads.
@@ -185,7 +193,7 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     }
     for k, v in p.rewards.failures.items():
         metrics[f"reward_failures/{k}"] = v
-    return metrics, samples
+    return metrics
 
 
 def _untrained(p: Parts, step: int, seen: Groups, dyn_stats: dict, timings: dict, **extra) -> dict:
@@ -479,6 +487,10 @@ def train(cfg: Config) -> dict:
     Crash safety (docs/checkpoints.md): a ``kill -9`` loses at most
     the steps since the last checkpoint, and a resumed run continues exactly. SIGINT and
     SIGTERM stop after the current step and save it (thinkrl/trainer/interrupt.py)."""
+    if cfg.distributed.backend == "ray":  # rollout workers on Ray, the same steps (docs/distributed-ray.md)
+        from thinkrl.distributed.ray_driver import train_ray
+
+        return train_ray(cfg)
     out = Path(cfg.output_dir)
     found = ckpt.resume_point(out, cfg.resume)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,149 @@
+"""distributed.backend=ray on a local Ray cluster (one per module): rollout workers, weight
+sync that fails loudly, bounded staleness, partial rollouts, a killed worker."""
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from thinkrl.cli import main  # noqa: E402
+from thinkrl.config import build_config  # noqa: E402
+from thinkrl.distributed.ray_driver import Driver, worker_pythonpath  # noqa: E402
+from thinkrl.distributed.ray_engine import Seq  # noqa: E402
+from thinkrl.distributed.ray_pool import RayPool  # noqa: E402
+from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncError, state_checksum  # noqa: E402
+
+# tiny-random's completions are random bytes: accuracy and format are always 0, so the reward
+# is 1-gram repetition, which varies within a group and gives non-zero advantages.
+TINY = ["model=tiny-random", "dtype=fp32", "threads=1", "rollout.prompts_per_step=2", "rollout.group_size=2",
+        "rollout.max_new_tokens=16", "rollout.temperature=1.0", "rewards.accuracy=0", "rewards.format=0",
+        "rewards.repetition=1", "reward_args.repetition.n=1", "eval.before=false", "eval.after=false",
+        "plot=false", "progress=false", "save_every=0", "optim.lr=1e-3", "distributed.backend=ray",
+        "distributed.rollout_workers=2"]
+TIMING = ("time_", "step_time", "tokens_per_s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+    yield
+    ray.shutdown()
+
+
+def cfg_of(tmp_path, *extra):
+    return build_config(None, TINY + [f"output_dir={tmp_path}", *extra])
+
+
+def test_workers_import_this_thinkrl():
+    import thinkrl
+
+    @ray.remote(num_cpus=0)
+    def where():
+        import thinkrl as t
+        return t.__file__
+
+    assert ray.get(where.remote(), timeout=60) == thinkrl.__file__
+
+
+def test_train_cli_async_partial(tmp_path):
+    rc = main(["train", *TINY, f"output_dir={tmp_path}", "max_steps=3", "rollout.max_staleness=1",
+               "rollout.partial_tokens=8"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert 0 <= r["staleness_mean"] <= r["staleness_max"] <= 1 + 4  # max_staleness + partial_max_iters
+        shares = {k: v for k, v in r.items() if k.startswith("token_share/lag")}
+        assert abs(sum(shares.values()) - 1) < 1e-9
+        assert r["seq_iters_max"] == 2  # 16 tokens in segments of 8
+        assert r["dropped_seqs"] == 0
+    # step 1 trains on tokens of version 0 only; later steps on batches sampled one update behind
+    assert rows[0]["staleness_max"] == 0
+    assert rows[1]["token_share/lag1"] > 0
+    assert (tmp_path / "final" / "config.json").is_file()
+
+
+def test_staleness0_async_equals_sync(tmp_path):
+    """The Ray run with max_staleness=0 (2 workers) equals the in-process synchronous run
+    (1 worker, no Ray) step for step: metrics and weights, bit for bit in fp32."""
+    runs = {}
+    for name, local in (("sync", True), ("async", False)):
+        d = Driver(cfg_of(tmp_path / name, "max_steps=2", "rollout.max_staleness=0"), local=local)
+        try:
+            runs[name] = ([d.step(s)[0] for s in (1, 2, 3)], {k: v.clone() for k, v in d.p.model.state_dict().items()})
+        finally:
+            d.close()
+    (ms, ws), (ma, wa) = runs["sync"], runs["async"]
+    for a, b in zip(ms, ma):
+        keep = [k for k in a if not k.startswith(TIMING) and k != "rollout_workers"]
+        assert {k: a[k] for k in keep} == {k: b[k] for k in keep}
+    assert any(m["loss"] != 0 for m in ms)  # the updates were real
+    assert all(torch.equal(ws[k], wa[k]) for k in ws)
+
+
+def test_partial_rollout_equals_one_shot():
+    """With frozen weights, 3 iterations of 4 tokens give the tokens and log-probs of one
+    iteration of 12 (per-sequence seeded sampling, re-prefill between iterations)."""
+    cfg = build_config(None, TINY + ["rollout.max_new_tokens=12", "rollout.partial_max_iters=8"])
+    w = RolloutWorker(cfg, 0)
+    state = w.engine.model.state_dict()
+    w.load_weights(0, state, state_checksum(state))
+    prompts = [w.tok("a b", add_special_tokens=False).input_ids, w.tok("hello there", add_special_tokens=False).input_ids]
+
+    def jobs():
+        return [GroupJob(uid=g, rendered=("", ""), example=None,
+                         seqs=[Seq(uid=2 * g + k, prompt_ids=p) for k in range(2)]) for g, p in enumerate(prompts)]
+
+    w._score = lambda jobs: None  # the rewards are not under test
+    one = w.rollout(jobs(), 0, 12)
+    part = jobs()
+    for _ in range(3):
+        part = w.rollout(part, 0, 4)
+    for a, b in zip([s for j in one for s in j.seqs], [s for j in part for s in j.seqs]):
+        assert a.tokens == b.tokens and len(a.tokens) > 0
+        assert torch.allclose(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-5)
+        assert b.iters == (3 if len(b.tokens) > 8 else b.iters) and a.iters == 1
+    assert [s.tokens for j in one for s in j.seqs][0] != [s.tokens for j in one for s in j.seqs][1]
+
+
+def test_weight_sync_fails_loudly(tmp_path):
+    cfg = cfg_of(tmp_path, "ray.sync_timeout_s=60", "ray.rollout_timeout_s=2")
+    pool = RayPool(cfg)
+    try:
+        w0 = pool.actors[0]
+        state = {"x": torch.ones(3)}
+        with pytest.raises(ray.exceptions.RayTaskError, match="checksum"):
+            ray.get(w0.load_weights.remote(1, state, state_checksum({"x": torch.zeros(3)})), timeout=60)
+        # a worker asked to sample with a version it does not hold
+        job = GroupJob(uid=0, rendered=("", ""), example=None, seqs=[Seq(uid=0, prompt_ids=[1, 2])])
+        with pytest.raises(WeightSyncError, match="holds policy version None but was asked to sample with version 3"):
+            pool.wait(pool.submit([job], 3, 4))
+        # a rollout that does not return in time stops the sync with one message, not a hang
+        ray.get(w0.set_delay.remote(30), timeout=60)
+        pool.submit([job], 3, 4)
+        with pytest.raises(WeightSyncError, match="did not return within ray.rollout_timeout_s=2"):
+            pool.sync(state, 4, state_checksum(state))
+    finally:
+        pool.close()
+
+
+def test_killed_worker_drops_its_groups(tmp_path):
+    d = Driver(cfg_of(tmp_path, "max_steps=3", "ray.max_restarts=1"))
+    try:
+        assert d.step(1)[0]["dropped_seqs"] == 0
+        pid = d.pool.pids()[0]
+        ray.get(d.pool.actors[0].set_delay.remote(5), timeout=60)
+        threading.Timer(2.0, os.kill, (pid, signal.SIGKILL)).start()  # kill -9 mid-rollout
+        m2, _ = d.step(2)
+        assert m2["dropped_seqs"] == 2  # worker 0 held one group of G=2
+        assert m2["trained_seqs"] == 2 and m2["generated_seqs"] == 2
+        m3, _ = d.step(3)  # Ray restarted worker 0; the sync after step 2 reloaded it
+        assert m3["dropped_seqs"] == 0 and m3["rollout_workers"] == 2 and m3["generated_seqs"] == 4
+        assert d.pool.pids()[0] != pid
+    finally:
+        d.close()

@@ -1,0 +1,158 @@
+"""Pools of rollout workers: Ray actors (:class:`RayPool`) or one in-process worker
+(:class:`LocalPool`, the synchronous reference). Both split an iteration's groups over the
+workers in uid order, so the split never changes what is sampled (ray_engine.py)."""
+
+from __future__ import annotations
+
+import logging
+
+from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncError
+
+log = logging.getLogger(__name__)
+
+
+def split(jobs: list[GroupJob], workers: list[int]) -> dict[int, list[GroupJob]]:
+    """Round-robin in the given order: group i goes to ``workers[i % W]``."""
+    out: dict[int, list[GroupJob]] = {w: [] for w in workers}
+    for i, j in enumerate(jobs):
+        out[workers[i % len(workers)]].append(j)
+    return {w: js for w, js in out.items() if js}
+
+
+class LocalPool:
+    """One worker in this process; ``submit`` runs at once."""
+
+    def __init__(self, cfg):
+        self.worker = RolloutWorker(cfg, 0)
+
+    def alive(self) -> int:
+        return 1
+
+    def sync(self, state: dict, version: int, checksum: str) -> None:
+        self.worker.load_weights(version, state, checksum)
+
+    def submit(self, jobs: list[GroupJob], version: int, budget: int):
+        return self.worker.rollout(jobs, version, budget)
+
+    def wait(self, handle) -> tuple[list[GroupJob], int]:
+        return handle, 0
+
+    def close(self) -> None:
+        pass
+
+
+class RayPool:
+    """``distributed.rollout_workers`` actors. Every remote call has a timeout; a worker that
+    dies (``kill -9``) loses only the groups it held, which are counted, and is restarted by
+    Ray up to ``ray.max_restarts`` times, then dropped."""
+
+    def __init__(self, cfg):
+        import ray
+
+        from thinkrl.distributed.ray_driver import worker_pythonpath
+
+        self.cfg, self.owns = cfg, False
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+                     include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+            self.owns = True
+        actor = ray.remote(RolloutWorker).options(max_restarts=cfg.ray.max_restarts, max_task_retries=0,
+                                                  num_cpus=cfg.ray.cpus_per_worker)
+        self.actors = {i: actor.remote(cfg, i) for i in range(cfg.distributed.rollout_workers)}
+        self.pending: dict[int, list] = {i: [] for i in self.actors}  # rollout calls not yet collected
+        self.restarts = {i: 0 for i in self.actors}
+        self._get({i: a.pid.remote() for i, a in self.actors.items()}, self.cfg.ray.sync_timeout_s,
+                  "start (load the model)")
+
+    def alive(self) -> int:
+        return len(self.actors)
+
+    def pids(self) -> dict[int, int]:
+        import ray
+
+        return {i: ray.get(a.pid.remote(), timeout=self.cfg.ray.sync_timeout_s) for i, a in self.actors.items()}
+
+    def _lost(self, wid: int, why: str) -> None:
+        self.restarts[wid] += 1
+        if self.restarts[wid] > self.cfg.ray.max_restarts:
+            log.warning("rollout worker %d is gone (%s) and ray.max_restarts=%d is spent: dropping it", wid, why,
+                        self.cfg.ray.max_restarts)
+            del self.actors[wid]
+            if not self.actors:
+                raise RuntimeError("every rollout worker died; see the Ray logs (/tmp/ray/session_latest/logs)")
+        else:
+            log.warning("rollout worker %d died (%s); Ray restarts it and the next weight sync reloads it", wid, why)
+
+    def _get(self, calls: dict, timeout: float, what: str) -> dict:
+        """``ray.get`` of one call per worker, each within ``timeout`` s. A worker's own error
+        (WeightSyncError) is raised as itself; a dead worker is reported as missing."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        out = {}
+        for wid, ref in calls.items():
+            try:
+                out[wid] = ray.get(ref, timeout=timeout)
+            except GetTimeoutError:
+                raise WeightSyncError(f"rollout worker {wid} did not {what} within {timeout:g} s "
+                                      "(ray.sync_timeout_s / ray.rollout_timeout_s); stopping rather than "
+                                      "waiting forever") from None
+            except RayActorError as e:
+                self._lost(wid, type(e).__name__)
+            except RayTaskError as e:
+                cause = e.as_instanceof_cause()
+                if isinstance(getattr(e, "cause", None), WeightSyncError):
+                    raise WeightSyncError(str(e.cause)) from None
+                raise cause from None
+        return out
+
+    def sync(self, state: dict, version: int, checksum: str) -> None:
+        import ray
+
+        # a worker confirms only after its rollout in flight, which has its own limit
+        busy = [r for refs in self.pending.values() for r in refs]
+        if busy:
+            ready, _ = ray.wait(busy, num_returns=len(busy), timeout=self.cfg.ray.rollout_timeout_s)
+            if len(ready) < len(busy):
+                raise WeightSyncError(f"a rollout iteration did not return within ray.rollout_timeout_s="
+                                      f"{self.cfg.ray.rollout_timeout_s:g} s; stopping rather than waiting forever")
+        ref = ray.put(state)
+        acks = self._get({i: a.load_weights.remote(version, ref, checksum) for i, a in self.actors.items()},
+                         self.cfg.ray.sync_timeout_s, f"confirm the weights of policy version {version}")
+        for wid, ack in acks.items():
+            if ack["version"] != version or ack["checksum"] != checksum:
+                raise WeightSyncError(f"rollout worker {wid} confirmed policy version {ack['version']} "
+                                      f"(checksum {ack['checksum']}) instead of {version} ({checksum})")
+        if not acks:
+            raise RuntimeError("no rollout worker confirmed the weights: every one died")
+
+    def submit(self, jobs: list[GroupJob], version: int, budget: int):
+        parts = split(jobs, sorted(self.actors))
+        handle = []
+        for wid, js in parts.items():
+            ref = self.actors[wid].rollout.remote(js, version, budget)
+            self.pending[wid].append(ref)
+            handle.append((wid, ref, len(js)))
+        return handle
+
+    def wait(self, handle) -> tuple[list[GroupJob], int]:
+        """The groups an iteration returned, and how many groups were lost with dead workers."""
+        jobs, lost = [], 0
+        for wid, ref, n in handle:
+            got = self._get({wid: ref}, self.cfg.ray.rollout_timeout_s, "return its rollout iteration")
+            if wid in self.pending and ref in self.pending[wid]:
+                self.pending[wid].remove(ref)
+            if wid in got:
+                jobs += got[wid]
+            else:
+                lost += n
+        return jobs, lost
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors.values():
+            ray.kill(a, no_restart=True)
+        self.actors = {}
+        if self.owns:
+            ray.shutdown()
