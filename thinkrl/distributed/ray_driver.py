@@ -49,7 +49,6 @@ class Driver:
         self.examples: dict[int, object] = {}  # group uid -> the drawn example (the sampler tracks these objects)
         self.carry: list[GroupJob] = []  # unfinished groups, continued by the next iteration launched
         self.inflight: deque = deque()  # launched iterations, oldest first
-        self.launched_for = 0  # steps whose iteration has been launched
         self.sync()
 
     # -- weights ---------------------------------------------------------------------------
@@ -98,19 +97,22 @@ class Driver:
         return finished, lost * self.G
 
     def batch(self, step: int) -> tuple[list[GroupJob], dict]:
-        k = self.cfg.rollout.max_staleness
+        """The finished groups to train step ``step`` on. Up to k + 1 iterations stay in flight
+        (k = rollout.max_staleness), each launched with the weights current at its launch; the
+        oldest is collected until some group has finished."""
+        ahead = max(1, min(self.cfg.rollout.max_staleness + 1, self.cfg.max_steps - step + 1))  # no launches past the end
         t0 = time.perf_counter()
-        while len(self.inflight) < k + 1 and self.launched_for < self.cfg.max_steps:
-            self.launch()
-            self.launched_for += 1
         done, dropped, iters = [], 0, 0
         while not done:
-            if not self.inflight:  # every group still unfinished (partial rollouts), or all lost: one more
+            while len(self.inflight) < ahead:
                 self.launch()
             got, lost = self.collect()
             done += got
             dropped += lost
             iters += 1
+            if iters > self.cfg.rollout.partial_max_iters + ahead + 1:  # cannot happen unless every group is lost
+                raise RuntimeError(f"step {step}: {iters} rollout iterations returned no finished group "
+                                   f"({dropped} sequences lost with dead workers)")
         stats = {"dropped_seqs": dropped, "rollout_iters": iters, "carried_groups": len(self.carry),
                  "rollout_workers": self.pool.alive(), "time_wait_rollout": time.perf_counter() - t0}
         return sorted(done, key=lambda j: j.uid), stats

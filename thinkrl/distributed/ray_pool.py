@@ -1,10 +1,11 @@
-"""Pools of rollout workers: Ray actors (:class:`RayPool`) or one in-process worker
+"""Pools of rollout workers: Ray actors (:class:`RayPool`) or in-process workers
 (:class:`LocalPool`, the synchronous reference). Both split an iteration's groups over the
 workers in uid order, so the split never changes what is sampled (ray_engine.py)."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncError
 
@@ -20,19 +21,24 @@ def split(jobs: list[GroupJob], workers: list[int]) -> dict[int, list[GroupJob]]
 
 
 class LocalPool:
-    """One worker in this process; ``submit`` runs at once."""
+    """``distributed.rollout_workers`` workers in this process, run one after another at
+    ``submit``: the synchronous reference. It splits work as :class:`RayPool` does, because
+    the batch a sequence shares changes its log-probs in the last float bits (its tokens are
+    the same under any split: ray_engine.py)."""
 
     def __init__(self, cfg):
-        self.worker = RolloutWorker(cfg, 0)
+        self.workers = {i: RolloutWorker(cfg, i) for i in range(cfg.distributed.rollout_workers)}
 
     def alive(self) -> int:
-        return 1
+        return len(self.workers)
 
     def sync(self, state: dict, version: int, checksum: str) -> None:
-        self.worker.load_weights(version, state, checksum)
+        for w in self.workers.values():
+            w.load_weights(version, state, checksum)
 
     def submit(self, jobs: list[GroupJob], version: int, budget: int):
-        return self.worker.rollout(jobs, version, budget)
+        return [j for wid, js in split(jobs, sorted(self.workers)).items()
+                for j in self.workers[wid].rollout(js, version, budget)]
 
     def wait(self, handle) -> tuple[list[GroupJob], int]:
         return handle, 0
@@ -60,7 +66,6 @@ class RayPool:
                                                   num_cpus=cfg.ray.cpus_per_worker)
         self.actors = {i: actor.remote(cfg, i) for i in range(cfg.distributed.rollout_workers)}
         self.pending: dict[int, list] = {i: [] for i in self.actors}  # rollout calls not yet collected
-        self.restarts = {i: 0 for i in self.actors}
         self._get({i: a.pid.remote() for i, a in self.actors.items()}, self.cfg.ray.sync_timeout_s,
                   "start (load the model)")
 
@@ -72,38 +77,51 @@ class RayPool:
 
         return {i: ray.get(a.pid.remote(), timeout=self.cfg.ray.sync_timeout_s) for i, a in self.actors.items()}
 
-    def _lost(self, wid: int, why: str) -> None:
-        self.restarts[wid] += 1
-        if self.restarts[wid] > self.cfg.ray.max_restarts:
-            log.warning("rollout worker %d is gone (%s) and ray.max_restarts=%d is spent: dropping it", wid, why,
-                        self.cfg.ray.max_restarts)
-            del self.actors[wid]
-            if not self.actors:
-                raise RuntimeError("every rollout worker died; see the Ray logs (/tmp/ray/session_latest/logs)")
-        else:
-            log.warning("rollout worker %d died (%s); Ray restarts it and the next weight sync reloads it", wid, why)
+    def _lost(self, wid: int, err: Exception) -> None:
+        """A call to worker ``wid`` failed because its process is gone: dead for good (Ray's
+        ``max_restarts`` spent: the pool drops it) or being restarted by Ray."""
+        from ray.exceptions import ActorUnavailableError
 
-    def _get(self, calls: dict, timeout: float, what: str) -> dict:
+        if isinstance(err, ActorUnavailableError):
+            log.warning("rollout worker %d died; Ray restarts it and the next weight sync reloads it", wid)
+            return
+        log.warning("rollout worker %d is gone and ray.max_restarts=%d is spent: dropping it (%s)", wid,
+                    self.cfg.ray.max_restarts, type(err).__name__)
+        self.actors.pop(wid, None)
+        if not self.actors:
+            raise RuntimeError("every rollout worker died; see the Ray logs (/tmp/ray/session_latest/logs)")
+
+    def _get(self, calls: dict, timeout: float, what: str, retry=None) -> dict:
         """``ray.get`` of one call per worker, each within ``timeout`` s. A worker's own error
-        (WeightSyncError) is raised as itself; a dead worker is reported as missing."""
+        (WeightSyncError) is raised as itself; a dead worker is left out of the result. With
+        ``retry(wid)``, a call to a worker that Ray is restarting is made again until the
+        timeout."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
         out = {}
         for wid, ref in calls.items():
-            try:
-                out[wid] = ray.get(ref, timeout=timeout)
-            except GetTimeoutError:
-                raise WeightSyncError(f"rollout worker {wid} did not {what} within {timeout:g} s "
-                                      "(ray.sync_timeout_s / ray.rollout_timeout_s); stopping rather than "
-                                      "waiting forever") from None
-            except RayActorError as e:
-                self._lost(wid, type(e).__name__)
-            except RayTaskError as e:
-                cause = e.as_instanceof_cause()
-                if isinstance(getattr(e, "cause", None), WeightSyncError):
-                    raise WeightSyncError(str(e.cause)) from None
-                raise cause from None
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    out[wid] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                except GetTimeoutError:
+                    raise WeightSyncError(f"rollout worker {wid} did not {what} within {timeout:g} s "
+                                          "(ray.sync_timeout_s / ray.rollout_timeout_s); stopping rather than "
+                                          "waiting forever") from None
+                except ActorUnavailableError as e:
+                    if retry is not None and time.monotonic() < deadline:
+                        time.sleep(0.5)
+                        ref = retry(wid)
+                        continue
+                    self._lost(wid, e)
+                except RayActorError as e:
+                    self._lost(wid, e)
+                except RayTaskError as e:
+                    if isinstance(getattr(e, "cause", None), WeightSyncError):
+                        raise WeightSyncError(str(e.cause)) from None
+                    raise e.as_instanceof_cause() from None
+                break
         return out
 
     def sync(self, state: dict, version: int, checksum: str) -> None:
@@ -117,8 +135,11 @@ class RayPool:
                 raise WeightSyncError(f"a rollout iteration did not return within ray.rollout_timeout_s="
                                       f"{self.cfg.ray.rollout_timeout_s:g} s; stopping rather than waiting forever")
         ref = ray.put(state)
-        acks = self._get({i: a.load_weights.remote(version, ref, checksum) for i, a in self.actors.items()},
-                         self.cfg.ray.sync_timeout_s, f"confirm the weights of policy version {version}")
+        def call(wid):
+            return self.actors[wid].load_weights.remote(version, ref, checksum)
+
+        acks = self._get({i: call(i) for i in self.actors}, self.cfg.ray.sync_timeout_s,
+                         f"confirm the weights of policy version {version}", retry=call)
         for wid, ack in acks.items():
             if ack["version"] != version or ack["checksum"] != checksum:
                 raise WeightSyncError(f"rollout worker {wid} confirmed policy version {ack['version']} "
