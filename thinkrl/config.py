@@ -220,6 +220,9 @@ class RayConfig:
     address: str | None = None  # None: start a local cluster; "auto" or "ray://host:port": join one
     num_cpus: int | None = None  # CPUs of a local cluster (None: Ray's own count)
     cpus_per_worker: float = 1.0  # Ray CPUs each rollout worker reserves
+    gpus_per_worker: float = 0.0  # Ray GPUs each rollout worker reserves (vllm: 1 in split placement)
+    # split: workers on their own devices | colocated: a vllm engine sleeps while the learner trains
+    placement: str = "split"
     max_restarts: int = 1  # times Ray restarts a dead rollout worker before the run drops it
     sync_timeout_s: float = 120.0  # a worker must confirm new weights within this, or fail loudly
     rollout_timeout_s: float = 1800.0  # one rollout iteration on one worker must return within this
@@ -485,7 +488,8 @@ def _validate_distributed(cfg: Config, need) -> None:
     need(ro.partial_max_iters >= 1, "rollout.partial_max_iters must be >= 1")
     need(r.sync_timeout_s > 0 and r.rollout_timeout_s > 0, "ray.sync_timeout_s and ray.rollout_timeout_s must be > 0")
     need(r.max_restarts >= 0, "ray.max_restarts must be >= 0")
-    need(r.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
+    need(r.cpus_per_worker > 0 and r.gpus_per_worker >= 0, "ray.cpus_per_worker must be > 0, ray.gpus_per_worker >= 0")
+    need(r.placement in ("split", "colocated"), f"ray.placement '{r.placement}' unknown; choose from: split, colocated")
     if d.backend != "ray":
         for key, val, off in (("rollout.max_staleness", ro.max_staleness, 0), ("rollout.partial_tokens", ro.partial_tokens, 0),
                               ("distributed.rollout_workers", d.rollout_workers, 1)):

@@ -93,7 +93,7 @@ class SeededEngine:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = {tokenizer.eos_token_id, *eos} - {None}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, version: int = 0) -> None:
         self.model.load_state_dict(state)
 
     @torch.inference_mode()
@@ -152,11 +152,14 @@ def build_worker_engine(cfg, model, tok, bf16: bool):
     if backend == "openai":
         from thinkrl.distributed.ray_openai import OpenAIEngine
 
-        return OpenAIEngine(cfg.rollout.server_url, tok, model_name=cfg.rollout.server_model)
+        engine = OpenAIEngine(cfg.rollout.server_url, tok, model_name=cfg.rollout.server_model,
+                              timeout_s=cfg.ray.rollout_timeout_s)
+        engine.model = model  # the weights it writes for the server at each sync
+        return engine
     if backend == "vllm":
         from thinkrl.distributed.ray_vllm import VLLMEngine
 
-        return VLLMEngine.create(cfg.model, tok)
+        return VLLMEngine.create(model, tok, colocated=cfg.ray.placement == "colocated")
     from thinkrl.config import ConfigError
 
     raise ConfigError(f"rollout.backend '{backend}' unknown; choose from: fast, hf, vllm, openai")

@@ -63,7 +63,7 @@ class RayPool:
                      include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
             self.owns = True
         actor = ray.remote(RolloutWorker).options(max_restarts=cfg.ray.max_restarts, max_task_retries=0,
-                                                  num_cpus=cfg.ray.cpus_per_worker)
+                                                  num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker)
         self.actors = {i: actor.remote(cfg, i) for i in range(cfg.distributed.rollout_workers)}
         self.pending: dict[int, list] = {i: [] for i in self.actors}  # rollout calls not yet collected
         self._get({i: a.pid.remote() for i, a in self.actors.items()}, self.cfg.ray.sync_timeout_s,

@@ -79,7 +79,7 @@ class RolloutWorker:
             raise WeightSyncError(f"rollout worker {self.worker_id}: the weights of policy version {version} arrived "
                                   f"with checksum {got} but the learner sent {checksum}; they were corrupted on the "
                                   "way, so this worker refuses them")
-        self.engine.load_state_dict(state)
+        self.engine.load_state_dict(state, version)
         self.version = version
         return {"worker": self.worker_id, "version": version, "checksum": got}
 

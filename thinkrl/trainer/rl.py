@@ -122,7 +122,7 @@ def seed_everything(seed: int) -> None:
 
 
 def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
-    cfg, G = p.cfg, p.cfg.rollout.group_size
+    cfg = p.cfg
     failpoint("generate", step)
 
     # 1-2. Sample G completions for each prompt and score them. With DAPO dynamic sampling,
