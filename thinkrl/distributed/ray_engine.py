@@ -25,6 +25,7 @@ adapter is where it plugs in.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -92,6 +93,8 @@ class SeededEngine:
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = {tokenizer.eos_token_id, *eos} - {None}
+        # transformers renamed the KV cache argument (and output field) past_key_values -> cache
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def load_state_dict(self, state: dict, version: int = 0) -> None:
         self.model.load_state_dict(state)
@@ -115,9 +118,9 @@ class SeededEngine:
         cache = None
         for _ in range(max(lim - len(s.tokens) for lim, s in zip(limit, seqs))):
             with autocast(self.bf16):
-                out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                                 use_cache=True)
-            cache = out.past_key_values
+                out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                                 logits_to_keep=1, **{self._cache_kw: cache})
+            cache = getattr(out, self._cache_kw)
             logits = out.logits[:, -1].float()  # [b, V]
             nxt = []
             for r, s in enumerate(seqs):
