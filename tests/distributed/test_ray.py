@@ -3,8 +3,10 @@ sync that fails loudly, bounded staleness, partial rollouts, a killed worker."""
 
 import json
 import os
+import re
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -153,3 +155,17 @@ def test_killed_worker_drops_its_groups(tmp_path):
         assert d.pool.pids()[0] != pid
     finally:
         d.close()
+
+
+def test_unschedulable_workers_fail_with_one_message(tmp_path, capsys):
+    # 3 workers of 1 CPU on a 2-CPU cluster: the third never starts; the run says so and stops
+    rc = main(["train", *TINY, f"output_dir={tmp_path}", "max_steps=1", "distributed.rollout_workers=3",
+               "ray.sync_timeout_s=10"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert re.search(r"^thinkrl: error: rollout worker \d did not start and load the model within 10 s \(does the "
+                     r"cluster have the 3 x ray.cpus_per_worker=1 it needs\?\)", err, re.M), err[-2000:]
+    deadline = time.monotonic() + 30  # every actor of the failed run was killed: its CPUs come back
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2

@@ -28,6 +28,7 @@ from thinkrl.distributed.ray_engine import Seq
 from thinkrl.distributed.ray_pool import LocalPool, RayPool
 from thinkrl.distributed.ray_worker import GroupJob, state_checksum
 from thinkrl.rollout import Rollout
+from thinkrl.trainer.guards import TrainingError
 from thinkrl.sampling import Groups
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,17 @@ class Driver:
         rl.seed_everything(cfg.seed)
         self.p = rl.build_parts(cfg)  # the learner
         save_config(cfg, self.out / "config.yaml")
-        self.pool = LocalPool(cfg) if local else RayPool(cfg)
         self.version = 0  # learner updates so far; the workers sample with the weights of this version
         self.next_seq = self.next_group = 0
         self.examples: dict[int, object] = {}  # group uid -> the drawn example (the sampler tracks these objects)
         self.carry: list[GroupJob] = []  # unfinished groups, continued by the next iteration launched
         self.inflight: deque = deque()  # launched iterations, oldest first
-        self.sync()
+        self.pool = LocalPool(cfg) if local else RayPool(cfg)
+        try:
+            self.sync()
+        except BaseException:
+            self.pool.close()
+            raise
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -111,7 +116,7 @@ class Driver:
             dropped += lost
             iters += 1
             if iters > self.cfg.rollout.partial_max_iters + ahead + 1:  # cannot happen unless every group is lost
-                raise RuntimeError(f"step {step}: {iters} rollout iterations returned no finished group "
+                raise TrainingError(f"step {step}: {iters} rollout iterations returned no finished group "
                                    f"({dropped} sequences lost with dead workers)")
         stats = {"dropped_seqs": dropped, "rollout_iters": iters, "carried_groups": len(self.carry),
                  "rollout_workers": self.pool.alive(), "time_wait_rollout": time.perf_counter() - t0}

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import time
 
+from thinkrl.config import ConfigError
 from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncError
+from thinkrl.trainer.guards import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +55,39 @@ class RayPool:
     Ray up to ``ray.max_restarts`` times, then dropped."""
 
     def __init__(self, cfg):
-        import ray
-
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("distributed.backend=ray needs Ray: pip install 'thinkrl[ray]'") from None
         from thinkrl.distributed.ray_driver import worker_pythonpath
 
-        self.cfg, self.owns = cfg, False
+        self.cfg, self.owns, self.actors = cfg, False, {}
         if not ray.is_initialized():
-            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
-                     include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+            try:
+                ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+                         include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                where = f"join the Ray cluster at ray.address={cfg.ray.address}" if cfg.ray.address else \
+                    "start a local Ray cluster"
+                raise ConfigError(f"could not {where}: {e}") from None
             self.owns = True
+        try:
+            self._start(ray)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, ray) -> None:
+        cfg = self.cfg
         actor = ray.remote(RolloutWorker).options(max_restarts=cfg.ray.max_restarts, max_task_retries=0,
                                                   num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker)
         self.actors = {i: actor.remote(cfg, i) for i in range(cfg.distributed.rollout_workers)}
         self.pending: dict[int, list] = {i: [] for i in self.actors}  # rollout calls not yet collected
+        need = f"{cfg.distributed.rollout_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker:g}"
+        if cfg.ray.gpus_per_worker:
+            need += f" CPUs and ray.gpus_per_worker={cfg.ray.gpus_per_worker:g} GPUs"
         self._get({i: a.pid.remote() for i, a in self.actors.items()}, self.cfg.ray.sync_timeout_s,
-                  "start (load the model)")
+                  "start and load the model", hint=f"does the cluster have the {need} it needs?")
 
     def alive(self) -> int:
         return len(self.actors)
@@ -89,9 +109,10 @@ class RayPool:
                     self.cfg.ray.max_restarts, type(err).__name__)
         self.actors.pop(wid, None)
         if not self.actors:
-            raise RuntimeError("every rollout worker died; see the Ray logs (/tmp/ray/session_latest/logs)")
+            raise TrainingError("every rollout worker died; see the Ray logs (/tmp/ray/session_latest/logs)")
 
-    def _get(self, calls: dict, timeout: float, what: str, retry=None) -> dict:
+    def _get(self, calls: dict, timeout: float, what: str, retry=None,
+             hint: str = "ray.sync_timeout_s / ray.rollout_timeout_s") -> dict:
         """``ray.get`` of one call per worker, each within ``timeout`` s. A worker's own error
         (WeightSyncError) is raised as itself; a dead worker is left out of the result. With
         ``retry(wid)``, a call to a worker that Ray is restarting is made again until the
@@ -106,9 +127,8 @@ class RayPool:
                 try:
                     out[wid] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 except GetTimeoutError:
-                    raise WeightSyncError(f"rollout worker {wid} did not {what} within {timeout:g} s "
-                                          "(ray.sync_timeout_s / ray.rollout_timeout_s); stopping rather than "
-                                          "waiting forever") from None
+                    raise WeightSyncError(f"rollout worker {wid} did not {what} within {timeout:g} s ({hint}); "
+                                          "stopping rather than waiting forever") from None
                 except ActorUnavailableError as e:
                     if retry is not None and time.monotonic() < deadline:
                         time.sleep(0.5)
@@ -145,7 +165,7 @@ class RayPool:
                 raise WeightSyncError(f"rollout worker {wid} confirmed policy version {ack['version']} "
                                       f"(checksum {ack['checksum']}) instead of {version} ({checksum})")
         if not acks:
-            raise RuntimeError("no rollout worker confirmed the weights: every one died")
+            raise TrainingError("no rollout worker confirmed the weights: every one died")
 
     def submit(self, jobs: list[GroupJob], version: int, budget: int):
         parts = split(jobs, sorted(self.actors))

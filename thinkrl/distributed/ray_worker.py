@@ -17,10 +17,12 @@ import torch
 
 from thinkrl.distributed.ray_engine import Seq, build_worker_engine
 from thinkrl.rollout import SamplingParams
+from thinkrl.trainer.guards import TrainingError
 
 
-class WeightSyncError(RuntimeError):
-    """A worker missed a weight sync, got corrupted weights or answered with the wrong version."""
+class WeightSyncError(TrainingError):
+    """A worker missed a weight sync, got corrupted weights, answered with the wrong version or
+    not in time. A TrainingError, so ``thinkrl train`` prints it as one line and exits non-zero."""
 
 
 def state_checksum(state: dict) -> str:
