@@ -130,10 +130,12 @@ class Driver:
         jobs, stats = self.batch(step)
         g = to_groups(jobs)
         self.p.sampler.update(g.examples, g.success())
-        timings = {"time_generate": 0.0, "time_score": 0.0}
+        # generation and scoring ran in the workers; the driver's share of them is its wait
+        timings = {"time_generate": stats["time_wait_rollout"], "time_score": 0.0}
         metrics = rl.learn(self.p, step, g, g, {}, timings)
         self.version += 1
         stats["time_sync"] = self.sync()
+        metrics["step_time"] += stats["time_sync"]
         metrics.update(stats, **version_stats(jobs, learner_version=self.version - 1), policy_version=self.version)
         return metrics, rl._samples(self.cfg, step, g)
 
@@ -188,8 +190,7 @@ def train_ray(cfg: Config) -> dict:
             logs["metrics"].write(metrics)
             logs["samples"].write_many(samples)
             log.info("step %d: reward %.3f, staleness %.2f, dropped %d, %.1f s", step, metrics["reward"],
-                     metrics["staleness_mean"], metrics["dropped_seqs"], metrics["time_wait_rollout"]
-                     + metrics["time_train"] + metrics["time_sync"])
+                     metrics["staleness_mean"], metrics["dropped_seqs"], metrics["step_time"])
             if guard.exhausted:
                 raise guard.error(None)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
