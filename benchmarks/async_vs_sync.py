@@ -6,11 +6,13 @@ reports, per variant: wall-clock per step, generated tokens per second of step t
 held-out accuracy after training, and the time shares that the cost model of
 docs/distributed-ray.md reads (generation g, learner l, weight sync s per step):
 
-    sync, W workers:       T_sync(W)  = g / W + l + s
-    max_staleness >= 1:    T_async(W) = max(g / W, l + s)      (generation hidden behind learning)
+    sync, W workers:       T_sync(W)  = g / W + l + s + o
+    max_staleness >= 1:    T_async(W) = max(g / W + o, l + s)      (generation hidden behind learning)
 
-The fitted g, l, s of the 1-worker synchronous run predict the other Ray variants; the
-table prints prediction and measurement side by side.
+g is the workers' own seconds (``worker_time_generate + worker_time_score``), o the split's
+overhead. The g, l, s and o of the 1-worker synchronous run predict the other Ray variants;
+the table prints prediction and measurement side by side. Step 1 (warm-up) is left out of
+the means.
 
     flock /tmp/thinkrl-cpu.lock python benchmarks/async_vs_sync.py --model smollm2-135m --steps 8
     python benchmarks/async_vs_sync.py --model tiny-random --steps 2 --prompts 2 --group 2 --tokens 8   # smoke
@@ -49,23 +51,26 @@ def run(name: str, extra: list[str], args, out: Path) -> dict:
     wall = time.monotonic() - t0
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     evals = [json.loads(x) for x in (folder / "evals.jsonl").read_text().splitlines()] if (folder / "evals.jsonl").exists() else []
+    rows = rows[1:] if len(rows) > 1 else rows  # step 1 carries the warm-up (first calls, allocations)
     tokens = sum(r["response_len_mean"] * r["generated_seqs"] for r in rows)
-    if "time_wait_rollout" in rows[0]:
-        gen = sum(r["time_wait_rollout"] for r in rows)
-        learn, sync = sum(r["time_train"] for r in rows), sum(r["time_sync"] for r in rows)
+    n = len(rows)
+    if "worker_time_generate" in rows[0]:  # Ray: the workers' own seconds, whether or not the driver waited
+        g = sum(r["worker_time_generate"] + r["worker_time_score"] for r in rows) / n
     else:
-        gen = sum(r["time_generate"] + r["time_score"] for r in rows)
-        learn, sync = sum(r["time_train"] for r in rows), 0.0
-    step = (gen + learn + sync) / len(rows)
-    return {"variant": name, "step_s": step, "tokens_per_s": tokens / max(1e-9, gen + learn + sync),
-            "accuracy": evals[-1]["accuracy"] if evals else float("nan"), "g": gen / len(rows), "l": learn / len(rows),
-            "s": sync / len(rows), "run_wall_s": wall,
-            "staleness": sum(r.get("staleness_mean", 0.0) for r in rows) / len(rows)}
+        g = sum(r["time_generate"] + r["time_score"] for r in rows) / n
+    step = sum(r["step_time"] for r in rows) / n  # Ray: the driver's wait + learner + weight sync
+    return {"variant": name, "step_s": step, "tokens_per_s": tokens / max(1e-9, step * n),
+            "accuracy": evals[-1]["accuracy"] if evals else float("nan"), "g": g,
+            "l": sum(r["time_train"] for r in rows) / n, "s": sum(r.get("time_sync", 0.0) for r in rows) / n,
+            "run_wall_s": wall, "staleness": sum(r.get("staleness_mean", 0.0) for r in rows) / n}
 
 
 def predict(ref: dict, workers: int, staleness: int) -> float:
+    """The cost model, fitted on the 1-worker synchronous run: its g, l, s, and the overhead o
+    (dispatch, transfers, waits) as what its step time has beyond g + l + s."""
     g, l, s = ref["g"], ref["l"], ref["s"]
-    return max(g / workers, l + s) if staleness >= 1 else g / workers + l + s
+    o = max(0.0, ref["step_s"] - (g + l + s))
+    return max(g / workers + o, l + s) if staleness >= 1 else g / workers + l + s + o
 
 
 def main() -> None:

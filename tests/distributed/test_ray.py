@@ -27,7 +27,7 @@ TINY = ["model=tiny-random", "dtype=fp32", "threads=1", "rollout.prompts_per_ste
         "eval.before=false", "eval.after=false",
         "plot=false", "progress=false", "save_every=0", "optim.lr=1e-3", "distributed.backend=ray",
         "distributed.rollout_workers=2"]
-TIMING = ("time_", "step_time", "tokens_per_s")
+TIMING = ("time_", "worker_time_", "step_time", "tokens_per_s")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +63,7 @@ def test_train_cli_async_partial(tmp_path):
         shares = {k: v for k, v in r.items() if k.startswith("token_share/lag")}
         assert abs(sum(shares.values()) - 1) < 1e-9
         assert r["seq_iters_max"] == 2  # 16 tokens in segments of 8
-        assert r["dropped_seqs"] == 0
+        assert r["dropped_seqs"] == 0 and r["worker_time_generate"] > 0 and 0 < r["worker_share"] < 1
     # step 1 trains on tokens of version 0 only; later steps on batches sampled one update behind
     assert rows[0]["staleness_max"] == 0
     assert rows[1]["token_share/lag1"] > 0
@@ -83,7 +83,7 @@ def test_staleness0_async_equals_sync(tmp_path):
             d.close()
     (ms, ws), (ma, wa) = runs["sync"], runs["async"]
     for a, b in zip(ms, ma):
-        keep = [k for k in a if not k.startswith(TIMING) and k != "rollout_workers"]
+        keep = [k for k in a if not k.startswith(TIMING) and k not in ("rollout_workers", "worker_share")]
         assert json.dumps({k: a[k] for k in keep}) == json.dumps({k: b[k] for k in keep})  # NaN == NaN
     assert any(m["trained_seqs"] > 0 and m["loss"] != 0 for m in ms)  # the updates were real
     assert all(torch.equal(ws[k], wa[k]) for k in ws)
@@ -103,10 +103,10 @@ def test_partial_rollout_equals_one_shot():
                          seqs=[Seq(uid=2 * g + k, prompt_ids=p) for k in range(2)]) for g, p in enumerate(prompts)]
 
     w._score = lambda jobs: None  # the rewards are not under test
-    one = w.rollout(jobs(), 0, 12)
+    one = w.rollout(jobs(), 0, 12)[0]
     part = jobs()
     for _ in range(3):
-        part = w.rollout(part, 0, 4)
+        part = w.rollout(part, 0, 4)[0]
     for a, b in zip([s for j in one for s in j.seqs], [s for j in part for s in j.seqs]):
         assert a.tokens == b.tokens and len(a.tokens) > 0
         assert torch.allclose(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-5)

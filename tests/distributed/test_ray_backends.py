@@ -48,7 +48,7 @@ def test_openai_backend_against_a_server(server):
     ids = w.tok("a b", add_special_tokens=False).input_ids
     jobs = [GroupJob(uid=0, rendered=("", ""), example=None, seqs=[Seq(uid=k, prompt_ids=ids) for k in range(2)])]
     for _ in range(2):  # two partial iterations of 5 tokens
-        jobs = w.rollout(jobs, 0, 5)
+        jobs = w.rollout(jobs, 0, 5)[0]
     for s in jobs[0].seqs:
         assert len(s.tokens) == len(s.logps) == len(s.versions) and 0 < len(s.tokens) <= 10
         assert all(lp <= 0 for lp in s.logps) and s.done

@@ -89,17 +89,17 @@ class Driver:
         budget = r.partial_tokens or r.max_new_tokens
         self.inflight.append(self.pool.submit(jobs, self.version, budget))
 
-    def collect(self) -> tuple[list[GroupJob], int]:
-        """Wait for the oldest iteration; returns its finished groups and how many sequences
-        were lost with a dead worker. Unfinished groups carry over."""
-        returned, lost = self.pool.wait(self.inflight.popleft())
+    def collect(self) -> tuple[list[GroupJob], int, dict]:
+        """Wait for the oldest iteration; returns its finished groups, how many sequences were
+        lost with a dead worker, and the workers' seconds. Unfinished groups carry over."""
+        returned, lost, times = self.pool.wait(self.inflight.popleft())
         finished = []
         for j in returned:
             j.example = self.examples[j.uid]  # the driver's own object, not the worker's copy
             (finished if j.done else self.carry).append(j)
         for j in finished:
             del self.examples[j.uid]
-        return finished, lost * self.G
+        return finished, lost * self.G, times
 
     def batch(self, step: int) -> tuple[list[GroupJob], dict]:
         """The finished groups to train step ``step`` on. Up to k + 1 iterations stay in flight
@@ -107,19 +107,22 @@ class Driver:
         oldest is collected until some group has finished."""
         ahead = max(1, min(self.cfg.rollout.max_staleness + 1, self.cfg.max_steps - step + 1))  # no launches past the end
         t0 = time.perf_counter()
-        done, dropped, iters = [], 0, 0
+        done, dropped, iters, busy = [], 0, 0, {"generate_s": 0.0, "score_s": 0.0}
         while not done:
             while len(self.inflight) < ahead:
                 self.launch()
-            got, lost = self.collect()
+            got, lost, times = self.collect()
             done += got
             dropped += lost
             iters += 1
+            busy = {k: busy[k] + times[k] for k in busy}
             if iters > self.cfg.rollout.partial_max_iters + ahead + 1:  # cannot happen unless every group is lost
                 raise TrainingError(f"step {step}: {iters} rollout iterations returned no finished group "
                                    f"({dropped} sequences lost with dead workers)")
         stats = {"dropped_seqs": dropped, "rollout_iters": iters, "carried_groups": len(self.carry),
-                 "rollout_workers": self.pool.alive(), "time_wait_rollout": time.perf_counter() - t0}
+                 "rollout_workers": self.pool.alive(), "time_wait_rollout": time.perf_counter() - t0,
+                 # worker-seconds of the iterations collected for this step (the cost model's g)
+                 "worker_time_generate": busy["generate_s"], "worker_time_score": busy["score_s"]}
         return sorted(done, key=lambda j: j.uid), stats
 
     # -- one step --------------------------------------------------------------------------
@@ -136,6 +139,8 @@ class Driver:
         self.version += 1
         stats["time_sync"] = self.sync()
         metrics["step_time"] += stats["time_sync"]
+        g_s = stats["worker_time_generate"] + stats["worker_time_score"]
+        stats["worker_share"] = g_s / max(1e-9, g_s + metrics["time_train"] + stats["time_sync"])
         metrics.update(stats, **version_stats(jobs, learner_version=self.version - 1), policy_version=self.version)
         return metrics, rl._samples(self.cfg, step, g)
 

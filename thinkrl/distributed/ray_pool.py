@@ -22,6 +22,10 @@ def split(jobs: list[GroupJob], workers: list[int]) -> dict[int, list[GroupJob]]
     return {w: js for w, js in out.items() if js}
 
 
+def add_times(times: list[dict]) -> dict:
+    return {"generate_s": sum(t["generate_s"] for t in times), "score_s": sum(t["score_s"] for t in times)}
+
+
 class LocalPool:
     """``distributed.rollout_workers`` workers in this process, run one after another at
     ``submit``: the synchronous reference. It splits work as :class:`RayPool` does, because
@@ -39,11 +43,10 @@ class LocalPool:
             w.load_weights(version, state, checksum)
 
     def submit(self, jobs: list[GroupJob], version: int, budget: int):
-        return [j for wid, js in split(jobs, sorted(self.workers)).items()
-                for j in self.workers[wid].rollout(js, version, budget)]
+        return [self.workers[wid].rollout(js, version, budget) for wid, js in split(jobs, sorted(self.workers)).items()]
 
-    def wait(self, handle) -> tuple[list[GroupJob], int]:
-        return handle, 0
+    def wait(self, handle) -> tuple[list[GroupJob], int, dict]:
+        return [j for js, _ in handle for j in js], 0, add_times([t for _, t in handle])
 
     def close(self) -> None:
         pass
@@ -176,18 +179,20 @@ class RayPool:
             handle.append((wid, ref, len(js)))
         return handle
 
-    def wait(self, handle) -> tuple[list[GroupJob], int]:
-        """The groups an iteration returned, and how many groups were lost with dead workers."""
-        jobs, lost = [], 0
+    def wait(self, handle) -> tuple[list[GroupJob], int, dict]:
+        """The groups an iteration returned, how many groups were lost with dead workers, and the
+        workers' seconds (summed over workers)."""
+        jobs, lost, times = [], 0, []
         for wid, ref, n in handle:
             got = self._get({wid: ref}, self.cfg.ray.rollout_timeout_s, "return its rollout iteration")
             if wid in self.pending and ref in self.pending[wid]:
                 self.pending[wid].remove(ref)
             if wid in got:
-                jobs += got[wid]
+                jobs += got[wid][0]
+                times.append(got[wid][1])
             else:
                 lost += n
-        return jobs, lost
+        return jobs, lost, add_times(times)
 
     def close(self) -> None:
         import ray

@@ -85,9 +85,10 @@ class RolloutWorker:
         self.version = version
         return {"worker": self.worker_id, "version": version, "checksum": got}
 
-    def rollout(self, jobs: list[GroupJob], version: int, budget: int) -> list[GroupJob]:
+    def rollout(self, jobs: list[GroupJob], version: int, budget: int) -> tuple[list[GroupJob], dict]:
         """Continue every unfinished sequence of ``jobs`` by at most ``budget`` tokens with the
-        weights of ``version``, and score the groups that are now complete."""
+        weights of ``version``, and score the groups that are now complete. Returns the jobs and
+        this worker's seconds spent generating and scoring (the cost model's g)."""
         if self.version != version:
             raise WeightSyncError(f"rollout worker {self.worker_id} holds policy version {self.version} but was asked "
                                   f"to sample with version {version}: it missed a weight sync")
@@ -96,14 +97,16 @@ class RolloutWorker:
         r = self.cfg.rollout
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                 top_k=r.top_k)
+        t0 = time.perf_counter()
         seqs = [s for j in jobs for s in j.seqs]
         for s in seqs:
             if not s.done and s.iters + 1 >= r.partial_max_iters:
                 budget_s = r.max_new_tokens  # a sequence's last allowed iteration runs it to the end
                 self.engine.continue_([s], budget_s, params, self.cfg.seed, version)
         self.engine.continue_(seqs, budget, params, self.cfg.seed, version)
+        t1 = time.perf_counter()
         self._score([j for j in jobs if j.done and not j.totals])
-        return jobs
+        return jobs, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
 
     def _score(self, jobs: list[GroupJob]) -> None:
         if not jobs:
