@@ -94,6 +94,16 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 64  # sequences generated at once
+    # distributed.backend=ray only (docs/distributed-ray.md):
+    # How many learner updates the rollout workers may run ahead: batches t+1..t+k are
+    # generated while the learner trains on batch t. 0: on-policy (equals a synchronous run).
+    max_staleness: int = 0
+    # Kimi k1.5 partial rollouts: at most this many new tokens per unfinished sequence per
+    # iteration; unfinished ones carry over and continue under newer weights. 0: off.
+    partial_tokens: int = 0
+    partial_max_iters: int = 4  # iterations a sequence may span; in its last one it runs to the end
+    server_url: str | None = None  # backend=openai: base URL of an OpenAI-compatible server (…/v1)
+    server_model: str | None = None  # backend=openai: the model name to ask for; None: the server's first
 
 
 @dataclass
@@ -223,13 +233,29 @@ class SandboxConfig:
 
 @dataclass
 class DistributedConfig:
-    """Data parallelism under torchrun (thinkrl/distributed/torch_dist.py, docs/distributed.md)."""
+    """Data parallelism under torchrun (thinkrl/distributed/torch_dist.py, docs/distributed.md)
+    and the trainer/rollout split on Ray (thinkrl/distributed/ray_*.py, docs/distributed-ray.md)."""
 
     strategy: str = "ddp"  # ddp: replicated weights, summed gradients | fsdp: not supported by the trainers yet
     # Seed each group's sampling by (seed, step, group index in the global batch), one engine
     # call per group: rollouts then do not depend on the world size (slower: smaller batches).
     # False: one batched call per step, seeded per step and rank when there are several ranks.
     seed_by_group: bool = False
+    backend: str | None = None  # None: one process, as always | ray: rollout workers + a learner on Ray
+    rollout_workers: int = 1  # Ray actors, each holding an engine and the rewards
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local cluster; "auto" or "ray://host:port": join one
+    num_cpus: int | None = None  # CPUs of a local cluster (None: Ray's own count)
+    cpus_per_worker: float = 1.0  # Ray CPUs each rollout worker reserves
+    gpus_per_worker: float = 0.0  # Ray GPUs each rollout worker reserves (vllm: 1 in split placement)
+    # split: workers on their own devices | colocated: a vllm engine sleeps while the learner trains
+    placement: str = "split"
+    max_restarts: int = 1  # times Ray restarts a dead rollout worker before the run drops it
+    sync_timeout_s: float = 120.0  # a worker must confirm new weights within this, or fail loudly
+    rollout_timeout_s: float = 1800.0  # one rollout iteration on one worker must return within this
 
 
 @dataclass
@@ -265,6 +291,7 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     # The user's own components: .py files or module names imported before the config is
     # checked, so what they register can be named here (thinkrl/plugins.py, docs/extending.md).
     plugins: list = field(default_factory=list)
@@ -466,9 +493,12 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
     from thinkrl.rollout import ENGINES  # the registered backends
 
-    ENGINES.check(cfg.rollout.backend)
+    worker_only = ("vllm", "openai")  # engines of Ray rollout workers (thinkrl/distributed/ray_*.py)
+    need(cfg.rollout.backend in ENGINES or cfg.rollout.backend in worker_only,
+         f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: {', '.join(ENGINES.names() + list(worker_only))}")
     need(cfg.distributed.strategy in ("ddp", "fsdp"),
          f"distributed.strategy '{cfg.distributed.strategy}' unknown; choose from: ddp, fsdp")
+    _validate_distributed(cfg, need)
     need(cfg.algo.num_iterations >= 1, "algo.num_iterations must be >= 1")
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
     need(cfg.algo.clip_eps > 0, "algo.clip_eps must be > 0")
@@ -507,6 +537,37 @@ def validate(cfg: Config) -> None:
         need(name in cfg.rewards, f"reward_args.{name}: '{name}' is not in rewards ({', '.join(cfg.rewards)})")
         need(isinstance(opts, dict), f"reward_args.{name}: expected a mapping of options, got {opts!r}")
         check_options(name, resolve(name), opts)
+
+
+def _validate_distributed(cfg: Config, need) -> None:
+    d, r, ro = cfg.distributed, cfg.ray, cfg.rollout
+    need(d.backend in (None, "ray"), f"distributed.backend '{d.backend}' unknown; choose from: ray (or leave it unset)")
+    need(d.rollout_workers >= 1, "distributed.rollout_workers must be >= 1")
+    need(ro.max_staleness >= 0, "rollout.max_staleness must be >= 0 (0: on-policy)")
+    need(ro.partial_tokens >= 0, "rollout.partial_tokens must be >= 0 (0: no partial rollouts)")
+    need(ro.partial_max_iters >= 1, "rollout.partial_max_iters must be >= 1")
+    need(r.sync_timeout_s > 0 and r.rollout_timeout_s > 0, "ray.sync_timeout_s and ray.rollout_timeout_s must be > 0")
+    need(r.max_restarts >= 0, "ray.max_restarts must be >= 0")
+    need(r.cpus_per_worker > 0 and r.gpus_per_worker >= 0, "ray.cpus_per_worker must be > 0, ray.gpus_per_worker >= 0")
+    need(r.placement in ("split", "colocated"), f"ray.placement '{r.placement}' unknown; choose from: split, colocated")
+    if d.backend == "ray":
+        import os
+
+        need(int(os.environ.get("WORLD_SIZE", "1")) == 1,
+             "distributed.backend=ray runs its own workers: start it with thinkrl train, not under torchrun")
+    if d.backend != "ray":
+        for key, val, off in (("rollout.max_staleness", ro.max_staleness, 0), ("rollout.partial_tokens", ro.partial_tokens, 0),
+                              ("distributed.rollout_workers", d.rollout_workers, 1)):
+            need(val == off, f"{key}={val} needs distributed.backend=ray")
+        need(ro.backend in ("fast", "hf"),
+             f"rollout.backend={ro.backend} runs in rollout workers: add distributed.backend=ray")
+        return
+    need(not cfg.sampling.dynamic, "sampling.dynamic is not supported with distributed.backend=ray yet")
+    need(not cfg.lora.enabled, "lora.enabled is not supported with distributed.backend=ray yet (workers load full weights)")
+    need(not cfg.resume, "resume is not supported with distributed.backend=ray yet")
+    need(cfg.algo.advantage != "gae", "algo.advantage=gae (a critic) is not supported with distributed.backend=ray yet")
+    need(ro.backend != "openai" or bool(ro.server_url),
+         "rollout.backend=openai needs rollout.server_url (e.g. http://127.0.0.1:8000/v1)")
 
 
 def _validate_data(cfg: Config, need) -> None:

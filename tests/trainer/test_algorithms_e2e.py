@@ -50,7 +50,9 @@ def read_jsonl(path):
 def test_every_registered_name_has_a_case():
     named = {c.split("-", 1)[1] for c in CASES}
     for reg in (ADVANTAGES, POLICY_LOSSES, KL_ESTIMATORS, LOSS_AGGREGATIONS):
-        assert set(reg.names()) <= named, reg.kind
+        # thinkrl's own components (a plugin test may have registered one of its own meanwhile)
+        builtin = {n for n in reg.names() if reg.get(n).__module__.startswith("thinkrl.")}
+        assert builtin <= named, reg.kind
 
 
 @pytest.mark.parametrize("case", list(CASES))

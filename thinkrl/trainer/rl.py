@@ -120,7 +120,7 @@ def lr_lambda(cfg: Config, total: int):
 
 
 def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
-    cfg, G = p.cfg, p.cfg.rollout.group_size
+    cfg = p.cfg
     failpoint("generate", step)
 
     # 1-2. Sample G completions for each prompt and score them. With DAPO dynamic sampling,
@@ -137,6 +137,14 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     p.sampler.update(seen.examples, seen.success())  # prioritized sampling tracks every group it saw
     if not len(kept):  # dynamic sampling hit its cap without one group that has a learning signal
         return _untrained(p, step, seen, dyn_stats, timings), samples
+    return learn(p, step, kept, seen, dyn_stats, timings), samples
+
+
+def learn(p: Parts, step: int, kept: Groups, seen: Groups, dyn_stats: dict, timings: dict) -> dict:
+    """Steps 3-4 of a step on scored groups: advantages, the policy (and critic) update, and
+    the step's metrics. Shared with the Ray driver (thinkrl/distributed/ray_driver.py), whose
+    groups come from rollout workers."""
+    cfg, G = p.cfg, p.cfg.rollout.group_size
     examples, ro, totals = kept.examples, kept.ro, kept.totals
 
     # 3. Advantages: per token, from the rewards and whatever the estimator reads.
@@ -190,7 +198,7 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     }
     for k, v in p.rewards.failures.items():
         metrics[f"reward_failures/{k}"] = v
-    return metrics, samples
+    return metrics
 
 
 def _group_seeds(cfg: Config, step: int):
@@ -560,6 +568,10 @@ def train(cfg: Config) -> dict:
     Crash safety (docs/checkpoints.md): a ``kill -9`` loses at most
     the steps since the last checkpoint, and a resumed run continues exactly. SIGINT and
     SIGTERM stop after the current step and save it (thinkrl/trainer/interrupt.py)."""
+    if cfg.distributed.backend == "ray":  # rollout workers on Ray, the same steps (docs/distributed-ray.md)
+        from thinkrl.distributed.ray_driver import train_ray
+
+        return train_ray(cfg)
     out = Path(cfg.output_dir)
     dist.init(cfg.distributed.strategy)
     _check_distributed(cfg)

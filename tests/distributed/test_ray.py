@@ -1,0 +1,175 @@
+"""distributed.backend=ray on a local Ray cluster (one per module): rollout workers, weight
+sync that fails loudly, bounded staleness, partial rollouts, a killed worker."""
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from thinkrl.cli import main  # noqa: E402
+from thinkrl.config import build_config  # noqa: E402
+from thinkrl.distributed.ray_driver import Driver, worker_pythonpath  # noqa: E402
+from thinkrl.distributed.ray_engine import Seq  # noqa: E402
+from thinkrl.distributed.ray_pool import RayPool  # noqa: E402
+from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncError, state_checksum  # noqa: E402
+
+# tiny-random's completions are random bytes, whose rewards are all 0: the entropy bonus makes
+# every update move the weights, through the sampled tokens and the behaviour log-probs.
+TINY = ["model=tiny-random", "dtype=fp32", "threads=1", "rollout.prompts_per_step=2", "rollout.group_size=2",
+        "rollout.max_new_tokens=16", "rollout.temperature=1.0", "algo.entropy_coef=0.01", "algo.tis_cap=2.0",
+        "eval.before=false", "eval.after=false",
+        "plot=false", "progress=false", "save_every=0", "optim.lr=1e-3", "distributed.backend=ray",
+        "distributed.rollout_workers=2"]
+TIMING = ("time_", "worker_time_", "step_time", "tokens_per_s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+    yield
+    ray.shutdown()
+
+
+def cfg_of(tmp_path, *extra):
+    return build_config(None, TINY + [f"output_dir={tmp_path}", *extra])
+
+
+def test_workers_import_this_thinkrl():
+    import thinkrl
+
+    @ray.remote(num_cpus=0)
+    def where():
+        import thinkrl as t
+        return t.__file__
+
+    assert ray.get(where.remote(), timeout=60) == thinkrl.__file__
+
+
+def test_train_cli_async_partial(tmp_path):
+    rc = main(["train", *TINY, f"output_dir={tmp_path}", "max_steps=3", "rollout.max_staleness=1",
+               "rollout.partial_tokens=8"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert 0 <= r["staleness_mean"] <= r["staleness_max"] <= 1 + 4  # max_staleness + partial_max_iters
+        shares = {k: v for k, v in r.items() if k.startswith("token_share/lag")}
+        assert abs(sum(shares.values()) - 1) < 1e-9
+        assert r["seq_iters_max"] == 2  # 16 tokens in segments of 8
+        assert r["dropped_seqs"] == 0 and r["worker_time_generate"] > 0 and 0 < r["worker_share"] < 1
+    # step 1 trains on tokens of version 0 only; later steps on batches sampled one update behind
+    assert rows[0]["staleness_max"] == 0
+    assert rows[1]["token_share/lag1"] > 0
+    assert (tmp_path / "final" / "config.json").is_file()
+
+
+def test_staleness0_async_equals_sync(tmp_path):
+    """The Ray run with max_staleness=0 (2 worker actors, rollouts in flight while the
+    driver waits) equals the synchronous in-process run (the same 2 workers called one after
+    another, no Ray) step for step: metrics and weights, bit for bit in fp32."""
+    runs = {}
+    for name, local in (("sync", True), ("async", False)):
+        d = Driver(cfg_of(tmp_path / name, "max_steps=3", "rollout.max_staleness=0"), local=local)
+        try:
+            runs[name] = ([d.step(s)[0] for s in (1, 2, 3)], {k: v.clone() for k, v in d.p.model.state_dict().items()})
+        finally:
+            d.close()
+    (ms, ws), (ma, wa) = runs["sync"], runs["async"]
+    for a, b in zip(ms, ma):
+        keep = [k for k in a if not k.startswith(TIMING) and k not in ("rollout_workers", "worker_share")]
+        assert json.dumps({k: a[k] for k in keep}) == json.dumps({k: b[k] for k in keep})  # NaN == NaN
+    assert any(m["trained_seqs"] > 0 and m["loss"] != 0 for m in ms)  # the updates were real
+    assert all(torch.equal(ws[k], wa[k]) for k in ws)
+
+
+def test_partial_rollout_equals_one_shot():
+    """With frozen weights, 3 iterations of 4 tokens give the tokens and log-probs of one
+    iteration of 12 (per-sequence seeded sampling, re-prefill between iterations)."""
+    cfg = build_config(None, TINY + ["rollout.max_new_tokens=12", "rollout.partial_max_iters=8"])
+    w = RolloutWorker(cfg, 0)
+    state = w.engine.model.state_dict()
+    w.load_weights(0, state, state_checksum(state))
+    prompts = [w.tok("a b", add_special_tokens=False).input_ids, w.tok("hello there", add_special_tokens=False).input_ids]
+
+    def jobs():
+        return [GroupJob(uid=g, rendered=("", ""), example=None,
+                         seqs=[Seq(uid=2 * g + k, prompt_ids=p) for k in range(2)]) for g, p in enumerate(prompts)]
+
+    w._score = lambda jobs: None  # the rewards are not under test
+    one = w.rollout(jobs(), 0, 12)[0]
+    part = jobs()
+    for _ in range(3):
+        part = w.rollout(part, 0, 4)[0]
+    for a, b in zip([s for j in one for s in j.seqs], [s for j in part for s in j.seqs]):
+        assert a.tokens == b.tokens and len(a.tokens) > 0
+        assert torch.allclose(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-5)
+        assert b.iters == (3 if len(b.tokens) > 8 else b.iters) and a.iters == 1
+    assert [s.tokens for j in one for s in j.seqs][0] != [s.tokens for j in one for s in j.seqs][1]
+
+
+def test_weight_sync_fails_loudly(tmp_path):
+    from thinkrl.models import load_model
+
+    cfg = cfg_of(tmp_path, "ray.sync_timeout_s=60", "ray.rollout_timeout_s=2")
+    pool = RayPool(cfg)
+    try:
+        w0 = pool.actors[0]
+        state = load_model("tiny-random")[0].state_dict()
+        good = state_checksum(state)
+        # weights corrupted on the way: the worker's own digest disagrees with the learner's
+        with pytest.raises(WeightSyncError, match="arrived with checksum .* but the learner sent 0+; they were corrupted"):
+            pool._get({0: w0.load_weights.remote(1, state, "0" * 32)}, 60, "load")
+        # a worker asked to sample with a version it does not hold
+        job = GroupJob(uid=0, rendered=("", ""), example=None, seqs=[Seq(uid=0, prompt_ids=[1, 2])])
+        with pytest.raises(WeightSyncError, match="holds policy version None but was asked to sample with version 3"):
+            pool.wait(pool.submit([job], 3, 4))
+        # a rollout that does not return in time stops the next sync with one message, not a hang
+        pool.sync(state, 3, good)
+        ray.get(w0.set_delay.remote(30), timeout=60)
+        pool.submit([job], 3, 4)
+        with pytest.raises(WeightSyncError, match="did not return within ray.rollout_timeout_s=2 s"):
+            pool.sync(state, 4, good)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("restarts", [1, 0])
+def test_killed_worker_drops_its_groups(tmp_path, restarts):
+    d = Driver(cfg_of(tmp_path, "max_steps=3", f"ray.max_restarts={restarts}"))
+    try:
+        assert d.step(1)[0]["dropped_seqs"] == 0
+        pid = d.pool.pids()[0]
+        ray.get(d.pool.actors[0].set_delay.remote(5), timeout=60)
+        threading.Timer(2.0, os.kill, (pid, signal.SIGKILL)).start()  # kill -9 mid-rollout
+        m2, _ = d.step(2)
+        assert m2["dropped_seqs"] == 2  # worker 0 held one group of G=2
+        assert m2["trained_seqs"] == 2 and m2["generated_seqs"] == 2
+        # restarted by Ray and reloaded by the sync after step 2, or dropped: the survivor runs both groups
+        m3, _ = d.step(3)
+        assert m3["dropped_seqs"] == 0 and m3["generated_seqs"] == 4
+        assert m3["rollout_workers"] == 1 + restarts
+        if restarts:
+            assert d.pool.pids()[0] != pid
+    finally:
+        d.close()
+
+
+def test_unschedulable_workers_fail_with_one_message(tmp_path, capsys):
+    # 3 workers of 1 CPU on a 2-CPU cluster: the third never starts; the run says so and stops
+    rc = main(["train", *TINY, f"output_dir={tmp_path}", "max_steps=1", "distributed.rollout_workers=3",
+               "ray.sync_timeout_s=10"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert re.search(r"^thinkrl: error: rollout worker \d did not start and load the model within 10 s \(does the "
+                     r"cluster have the 3 x ray.cpus_per_worker=1 it needs\?\)", err, re.M), err[-2000:]
+    deadline = time.monotonic() + 30  # every actor of the failed run was killed: its CPUs come back
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2

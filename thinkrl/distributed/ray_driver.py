@@ -1,0 +1,222 @@
+"""The driver of ``distributed.backend=ray``: rollout workers on Ray, the learner in this process.
+
+Kimi k1.5's split (section 2.6): rollout workers sample and score, a learner trains, and a
+central loop moves prompts, samples and weights between them. One step, top to bottom:
+
+    launch rollout iterations so that k = rollout.max_staleness of them run ahead
+    collect the oldest iteration: finished groups join the batch, unfinished ones carry over
+    learn on the batch (thinkrl.trainer.rl.learn: the single-process step's own code)
+    push the new weights to every worker: version + checksum + timeout (WeightSyncError)
+
+The learner is ``thinkrl.trainer.rl.Parts`` in the driver process, so advantages, losses,
+the truncated-IS correction (``algo.tis_cap``), checkpoints and evals are the single-process
+ones. The synchronous reference run is this same driver with an in-process pool
+(:class:`LocalPool`): with ``max_staleness=0`` the Ray run equals it step for step
+(tests/distributed/test_ray.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+from thinkrl.config import Config, save_config
+from thinkrl.distributed.ray_engine import Seq
+from thinkrl.distributed.ray_pool import LocalPool, RayPool
+from thinkrl.distributed.ray_worker import GroupJob, state_checksum
+from thinkrl.rollout import Rollout
+from thinkrl.trainer.guards import TrainingError
+from thinkrl.sampling import Groups
+
+log = logging.getLogger(__name__)
+
+
+class Driver:
+    def __init__(self, cfg: Config, local: bool = False):
+        from thinkrl.trainer import rl
+
+        self.cfg, self.G = cfg, cfg.rollout.group_size
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        rl.seed_everything(cfg.seed)
+        self.p = rl.build_parts(cfg)  # the learner
+        save_config(cfg, self.out / "config.yaml")
+        self.version = 0  # learner updates so far; the workers sample with the weights of this version
+        self.next_seq = self.next_group = 0
+        self.examples: dict[int, object] = {}  # group uid -> the drawn example (the sampler tracks these objects)
+        self.carry: list[GroupJob] = []  # unfinished groups, continued by the next iteration launched
+        self.inflight: deque = deque()  # launched iterations, oldest first
+        self.pool = LocalPool(cfg) if local else RayPool(cfg)
+        try:
+            self.sync()
+        except BaseException:
+            self.pool.close()
+            raise
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def sync(self) -> float:
+        t0 = time.perf_counter()
+        state = {k: v.detach().cpu().clone() for k, v in self.p.model.state_dict().items()}
+        self.pool.sync(state, self.version, state_checksum(state))
+        return time.perf_counter() - t0
+
+    # -- rollouts --------------------------------------------------------------------------
+
+    def _fresh(self, n: int) -> list[GroupJob]:
+        from thinkrl.tasks.templates import render_prompt
+
+        jobs = []
+        for ex in self.p.sampler.next_batch(n):
+            rendered = render_prompt(ex.question, self.p.tok, self.cfg.task)
+            ids = self.p.tok(rendered[0], add_special_tokens=False).input_ids
+            seqs = [Seq(uid=self.next_seq + k, prompt_ids=ids) for k in range(self.G)]
+            self.next_seq += self.G
+            jobs.append(GroupJob(uid=self.next_group, rendered=rendered, example=ex, seqs=seqs))
+            self.examples[self.next_group] = ex
+            self.next_group += 1
+        return jobs
+
+    def launch(self) -> None:
+        """Start one rollout iteration with the current weights: the carried-over groups plus
+        fresh prompts up to ``rollout.prompts_per_step`` groups."""
+        r = self.cfg.rollout
+        jobs = self.carry + self._fresh(max(0, r.prompts_per_step - len(self.carry)))
+        self.carry = []
+        budget = r.partial_tokens or r.max_new_tokens
+        self.inflight.append(self.pool.submit(jobs, self.version, budget))
+
+    def collect(self) -> tuple[list[GroupJob], int, dict]:
+        """Wait for the oldest iteration; returns its finished groups, how many sequences were
+        lost with a dead worker, and the workers' seconds. Unfinished groups carry over."""
+        returned, lost, times = self.pool.wait(self.inflight.popleft())
+        finished = []
+        for j in returned:
+            j.example = self.examples[j.uid]  # the driver's own object, not the worker's copy
+            (finished if j.done else self.carry).append(j)
+        for j in finished:
+            del self.examples[j.uid]
+        return finished, lost * self.G, times
+
+    def batch(self, step: int) -> tuple[list[GroupJob], dict]:
+        """The finished groups to train step ``step`` on. Up to k + 1 iterations stay in flight
+        (k = rollout.max_staleness), each launched with the weights current at its launch; the
+        oldest is collected until some group has finished."""
+        ahead = max(1, min(self.cfg.rollout.max_staleness + 1, self.cfg.max_steps - step + 1))  # no launches past the end
+        t0 = time.perf_counter()
+        done, dropped, iters, busy = [], 0, 0, {"generate_s": 0.0, "score_s": 0.0}
+        while not done:
+            while len(self.inflight) < ahead:
+                self.launch()
+            got, lost, times = self.collect()
+            done += got
+            dropped += lost
+            iters += 1
+            busy = {k: busy[k] + times[k] for k in busy}
+            if iters > self.cfg.rollout.partial_max_iters + ahead + 1:  # cannot happen unless every group is lost
+                raise TrainingError(f"step {step}: {iters} rollout iterations returned no finished group "
+                                   f"({dropped} sequences lost with dead workers)")
+        stats = {"dropped_seqs": dropped, "rollout_iters": iters, "carried_groups": len(self.carry),
+                 "rollout_workers": self.pool.alive(), "time_wait_rollout": time.perf_counter() - t0,
+                 # worker-seconds of the iterations collected for this step (the cost model's g)
+                 "worker_time_generate": busy["generate_s"], "worker_time_score": busy["score_s"]}
+        return sorted(done, key=lambda j: j.uid), stats
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self, step: int) -> tuple[dict, list[dict]]:
+        from thinkrl.trainer import rl
+
+        jobs, stats = self.batch(step)
+        g = to_groups(jobs)
+        self.p.sampler.update(g.examples, g.success())
+        # generation and scoring ran in the workers; the driver's share of them is its wait
+        timings = {"time_generate": stats["time_wait_rollout"], "time_score": 0.0}
+        metrics = rl.learn(self.p, step, g, g, {}, timings)
+        self.version += 1
+        stats["time_sync"] = self.sync()
+        metrics["step_time"] += stats["time_sync"]
+        g_s = stats["worker_time_generate"] + stats["worker_time_score"]
+        stats["worker_share"] = g_s / max(1e-9, g_s + metrics["time_train"] + stats["time_sync"])
+        metrics.update(stats, **version_stats(jobs, learner_version=self.version - 1), policy_version=self.version)
+        return metrics, rl._samples(self.cfg, step, g)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def to_groups(jobs: list[GroupJob]) -> Groups:
+    """Scored groups in the single-process loop's layout (rows g*G .. g*G+G-1 for group g)."""
+    seqs = [s for j in jobs for s in j.seqs]
+    ro = Rollout(prompt_ids=[s.prompt_ids for s in seqs], completion_ids=[s.tokens for s in seqs],
+                 texts=[t[len(j.rendered[1]):] for j in jobs for t in j.texts],
+                 truncated=[s.truncated for s in seqs], logps=[s.logps for s in seqs])
+    parts = {k: [v for j in jobs for v in j.parts[k]] for k in jobs[0].parts}
+    return Groups([j.example for j in jobs], [j.rendered for j in jobs], ro, [t for j in jobs for t in j.texts],
+                  [t for j in jobs for t in j.totals], parts)
+
+
+def version_stats(jobs: list[GroupJob], learner_version: int) -> dict:
+    """Staleness (learner version minus the version that sampled a token) over the batch's
+    tokens, the share of tokens by staleness, and how many iterations sequences spanned."""
+    lags = [learner_version - v for j in jobs for s in j.seqs for v in s.versions]
+    iters = [s.iters for j in jobs for s in j.seqs]
+    n = max(1, len(lags))
+    out = {"staleness_mean": sum(lags) / n, "staleness_max": max(lags, default=0),
+           "seq_iters_mean": sum(iters) / max(1, len(iters)), "seq_iters_max": max(iters, default=0)}
+    for d in sorted(set(lags)):
+        out[f"token_share/lag{d}"] = lags.count(d) / n
+    return out
+
+
+def train_ray(cfg: Config) -> dict:
+    """``thinkrl train ... distributed.backend=ray``: the single-process ``train`` with the rollout
+    split out to Ray actors. Returns the held-out results."""
+    from thinkrl.trainer import rl
+    from thinkrl.trainer.guards import BadStepGuard
+    from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
+
+    drv = Driver(cfg)
+    out, p = drv.out, drv.p
+    guard = BadStepGuard(cfg.optim.max_bad_steps)
+    logs = {name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=0) for name in ("metrics", "samples")}
+    JsonlWriter(out / "evals.jsonl", truncate_after_step=-1)
+    results: dict = {}
+    try:
+        if cfg.eval.before:
+            results["before"] = rl._run_eval(p, 0, "before", out)
+        t0 = time.monotonic()
+        for step in range(1, cfg.max_steps + 1):
+            metrics, samples = drv.step(step)
+            guard.record(step, metrics)
+            logs["metrics"].write(metrics)
+            logs["samples"].write_many(samples)
+            log.info("step %d: reward %.3f, staleness %.2f, dropped %d, %.1f s", step, metrics["reward"],
+                     metrics["staleness_mean"], metrics["dropped_seqs"], metrics["step_time"])
+            if guard.exhausted:
+                raise guard.error(None)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                rl._save_step(p, guard, out, step)
+        results["train_minutes"] = (time.monotonic() - t0) / 60
+        rl._save(p, guard, out, cfg.max_steps, out / "final")
+    finally:
+        drv.close()
+    if cfg.eval.after:
+        results["after"] = rl._run_eval(p, cfg.max_steps, "after", out)
+    if cfg.plot:
+        plot_metrics(read_jsonl(out / "metrics.jsonl"), out / "curves.png",
+                     title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} on Ray",
+                     evals=list(read_jsonl(out / "evals.jsonl")))
+    return results
+
+
+def worker_pythonpath() -> str:
+    """PYTHONPATH for Ray workers: this thinkrl's folder first, so that they import the same code."""
+    import thinkrl
+
+    root = str(Path(thinkrl.__file__).resolve().parent.parent)
+    rest = os.environ.get("PYTHONPATH", "")
+    return root + (os.pathsep + rest if rest else "")

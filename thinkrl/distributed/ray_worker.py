@@ -1,0 +1,125 @@
+"""A rollout worker: an engine plus the rewards, beside each other (Kimi k1.5's rollout workers).
+
+A plain class: the Ray pool (ray_driver.py) makes it an actor, and the in-process pool of
+the synchronous reference run calls it directly. It holds the weights of one policy version
+and refuses work for any other, so a missed weight sync is an error, never a silent run on
+old weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from thinkrl.distributed.ray_engine import Seq, build_worker_engine
+from thinkrl.rollout import SamplingParams
+from thinkrl.trainer.guards import TrainingError
+
+
+class WeightSyncError(TrainingError):
+    """A worker missed a weight sync, got corrupted weights, answered with the wrong version or
+    not in time. A TrainingError, so ``thinkrl train`` prints it as one line and exits non-zero."""
+
+
+def state_checksum(state: dict) -> str:
+    """A digest of a state dict: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+@dataclass
+class GroupJob:
+    """The G samples of one prompt, moving between the driver and the workers until done."""
+
+    uid: int  # group id in draw order: batches are sorted by it, whatever finished first
+    rendered: tuple  # (prompt text, prefill)
+    example: object
+    seqs: list[Seq]
+    texts: list[str] = field(default_factory=list)  # prefill + completion, once scored
+    totals: list[float] = field(default_factory=list)
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return all(s.done for s in self.seqs)
+
+
+class RolloutWorker:
+    def __init__(self, cfg, worker_id: int):
+        from thinkrl.device import use_bf16
+        from thinkrl.models import load_model
+        from thinkrl.rewards import RewardModel
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.worker_id = cfg, worker_id
+        model, self.tok = load_model(cfg.model)
+        model.requires_grad_(False)
+        self.engine = build_worker_engine(cfg, model, self.tok, use_bf16(cfg.dtype))
+        self.rewards = RewardModel(cfg.rewards, cfg.reward_args)
+        self.version: int | None = None  # no policy until the first sync
+        self.delay_s = 0.0  # tests only: sleep this long inside each rollout (to kill a worker mid-step)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def set_delay(self, seconds: float) -> None:
+        self.delay_s = seconds
+
+    def load_weights(self, version: int, state: dict, checksum: str) -> dict:
+        """Take the learner's weights of ``version``; refuse them if their digest is not ``checksum``."""
+        got = state_checksum(state)
+        if got != checksum:
+            raise WeightSyncError(f"rollout worker {self.worker_id}: the weights of policy version {version} arrived "
+                                  f"with checksum {got} but the learner sent {checksum}; they were corrupted on the "
+                                  "way, so this worker refuses them")
+        self.engine.load_state_dict(state, version)
+        self.version = version
+        return {"worker": self.worker_id, "version": version, "checksum": got}
+
+    def rollout(self, jobs: list[GroupJob], version: int, budget: int) -> tuple[list[GroupJob], dict]:
+        """Continue every unfinished sequence of ``jobs`` by at most ``budget`` tokens with the
+        weights of ``version``, and score the groups that are now complete. Returns the jobs and
+        this worker's seconds spent generating and scoring (the cost model's g)."""
+        if self.version != version:
+            raise WeightSyncError(f"rollout worker {self.worker_id} holds policy version {self.version} but was asked "
+                                  f"to sample with version {version}: it missed a weight sync")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        r = self.cfg.rollout
+        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                top_k=r.top_k)
+        t0 = time.perf_counter()
+        seqs = [s for j in jobs for s in j.seqs]
+        for s in seqs:
+            if not s.done and s.iters + 1 >= r.partial_max_iters:
+                budget_s = r.max_new_tokens  # a sequence's last allowed iteration runs it to the end
+                self.engine.continue_([s], budget_s, params, self.cfg.seed, version)
+        self.engine.continue_(seqs, budget, params, self.cfg.seed, version)
+        t1 = time.perf_counter()
+        self._score([j for j in jobs if j.done and not j.totals])
+        return jobs, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
+
+    def _score(self, jobs: list[GroupJob]) -> None:
+        if not jobs:
+            return
+        G = len(jobs[0].seqs)
+        comps = [self.tok.decode(s.tokens, skip_special_tokens=True) for j in jobs for s in j.seqs]
+        texts = [j.rendered[1] + comps[i * G + k] for i, j in enumerate(jobs) for k in range(G)]
+        exs = [j.example for j in jobs for _ in range(G)]
+        seqs = [s for j in jobs for s in j.seqs]
+        totals, parts = self.rewards.score(texts, exs, group_size=G, context={
+            "num_tokens": [len(s.tokens) for s in seqs], "max_tokens": self.cfg.rollout.max_new_tokens,
+            "truncated": [s.truncated for s in seqs]})
+        for i, j in enumerate(jobs):
+            rows = slice(i * G, (i + 1) * G)
+            j.texts, j.totals = texts[rows], list(totals[rows])
+            j.parts = {k: list(v[rows]) for k, v in parts.items()}
