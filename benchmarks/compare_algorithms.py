@@ -40,7 +40,9 @@ RECIPES = {
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
 
 
 def run(name: str, overrides: list[str], args, first: bool) -> Path:
@@ -49,10 +51,23 @@ def run(name: str, overrides: list[str], args, first: bool) -> Path:
         print(f"[{name}] reusing {out}")
         return out
     lock = [] if args.no_lock else ["flock", LOCK]
-    cmd = [*lock, sys.executable, "-m", "thinkrl.cli", "train", str(ROOT / "configs/chain_sum_grpo.yaml"),
-           f"output_dir={out}", f"max_steps={args.steps}", f"rollout.prompts_per_step={args.prompts}",
-           f"eval.n={args.eval_n}", f"eval.before={'true' if first else 'false'}", "save_every=0", "plot=false",
-           "progress=false", *overrides]
+    cmd = [
+        *lock,
+        sys.executable,
+        "-m",
+        "thinkrl.cli",
+        "train",
+        str(ROOT / "configs/chain_sum_grpo.yaml"),
+        f"output_dir={out}",
+        f"max_steps={args.steps}",
+        f"rollout.prompts_per_step={args.prompts}",
+        f"eval.n={args.eval_n}",
+        f"eval.before={'true' if first else 'false'}",
+        "save_every=0",
+        "plot=false",
+        "progress=false",
+        *overrides,
+    ]
     print("$", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return out
@@ -63,11 +78,18 @@ def summarise(name: str, out: Path) -> dict:
     evals = {e["label"]: e for e in read_jsonl(out / "evals.jsonl")}
     train_s = sum(m["step_time"] for m in metrics)
     times = sorted(m["step_time"] for m in metrics)
-    return {"name": name, "steps": len(metrics), "rewards": [m["reward"] for m in metrics],
-            "acc": evals["after"]["accuracy"], "before": evals.get("before", {}).get("accuracy"),
-            "len": evals["after"]["response_len_mean"], "train_len": sum(m["response_len_mean"] for m in metrics)
-            / max(1, len(metrics)), "wall": train_s, "median_step": times[len(times) // 2] if times else float("nan"),
-            "n": evals["after"]["n"]}
+    return {
+        "name": name,
+        "steps": len(metrics),
+        "rewards": [m["reward"] for m in metrics],
+        "acc": evals["after"]["accuracy"],
+        "before": evals.get("before", {}).get("accuracy"),
+        "len": evals["after"]["response_len_mean"],
+        "train_len": sum(m["response_len_mean"] for m in metrics) / max(1, len(metrics)),
+        "wall": train_s,
+        "median_step": times[len(times) // 2] if times else float("nan"),
+        "n": evals["after"]["n"],
+    }
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -92,16 +114,26 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def table(rows: list[dict], args, command: str) -> str:
     before = next((r["before"] for r in rows if r["before"] is not None), None)
-    lines = [f"Measured {datetime.date.today().isoformat()} on a 2-core CPU (bf16 autocast), with",
-             "", "```", command, "```", "",
-             f"Base recipe `configs/chain_sum_grpo.yaml` (smollm2-135m, chain_sum), {args.steps} steps of "
-             f"{args.prompts} prompts x 8 samples, 64 new tokens, seed 0; held-out accuracy on {rows[0]['n']} "
-             "questions (greedy)" + (f"; the initial model scores {before:.3f}." if before is not None else "."),
-             "", "| algorithm | held-out accuracy | mean response length (eval) | mean response length (train) "
-             "| train wall time (s) | median s / step |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured {datetime.date.today().isoformat()} on a 2-core CPU (bf16 autocast), with",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Base recipe `configs/chain_sum_grpo.yaml` (smollm2-135m, chain_sum), {args.steps} steps of "
+        f"{args.prompts} prompts x 8 samples, 64 new tokens, seed 0; held-out accuracy on {rows[0]['n']} "
+        "questions (greedy)" + (f"; the initial model scores {before:.3f}." if before is not None else "."),
+        "",
+        "| algorithm | held-out accuracy | mean response length (eval) | mean response length (train) "
+        "| train wall time (s) | median s / step |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['acc']:.3f} | {r['len']:.1f} | {r['train_len']:.1f} | {r['wall']:.0f} "
-                     f"| {r['median_step']:.1f} |")
+        lines.append(
+            f"| {r['name']} | {r['acc']:.3f} | {r['len']:.1f} | {r['train_len']:.1f} | {r['wall']:.0f} "
+            f"| {r['median_step']:.1f} |"
+        )
     lines += ["", "![reward curves](algorithms_rewards.png)"]
     return "\n".join(lines)
 
@@ -124,13 +156,30 @@ def main() -> None:
         if args.report or (args.only and name.split()[0] not in args.only):
             continue
         run(name, RECIPES[name], args, first=i == 0)
-    rows = [summarise(n, Path(args.out) / n.split()[0]) for n in names
-            if (Path(args.out) / n.split()[0] / "final").is_dir()]
-    plot(rows, Path(args.doc).parent / "algorithms_rewards.png",
-         f"smollm2-135m on chain_sum, {args.steps} steps x {args.prompts * 8} samples")
-    command = shlex.join([*(["flock", LOCK] if args.no_lock else []), "python", "benchmarks/compare_algorithms.py",
-                          *(["--no-lock"] if args.no_lock else []), "--steps", str(args.steps), "--prompts",
-                          str(args.prompts), "--eval-n", str(args.eval_n)])
+    rows = [
+        summarise(n, Path(args.out) / n.split()[0])
+        for n in names
+        if (Path(args.out) / n.split()[0] / "final").is_dir()
+    ]
+    plot(
+        rows,
+        Path(args.doc).parent / "algorithms_rewards.png",
+        f"smollm2-135m on chain_sum, {args.steps} steps x {args.prompts * 8} samples",
+    )
+    command = shlex.join(
+        [
+            *(["flock", LOCK] if args.no_lock else []),
+            "python",
+            "benchmarks/compare_algorithms.py",
+            *(["--no-lock"] if args.no_lock else []),
+            "--steps",
+            str(args.steps),
+            "--prompts",
+            str(args.prompts),
+            "--eval-n",
+            str(args.eval_n),
+        ]
+    )
     doc = Path(args.doc)
     text = doc.read_text() if doc.is_file() else f"# Algorithms\n\n{START}\n{END}\n"
     head, rest = text.split(START, 1)

@@ -43,16 +43,33 @@ def main() -> None:
     def r(*shape):
         return torch.randn(*shape, generator=gen).to(dt)
 
-    st = _DecodeState(groups=g, n=n, rep=rep, caches=[], bias=torch.zeros(1, b, 1, P + T),
-                      pstart=torch.zeros(g, dtype=torch.long), alive=torch.arange(b),
-                      group=torch.arange(g).repeat_interleave(n), t=t)
+    st = _DecodeState(
+        groups=g,
+        n=n,
+        rep=rep,
+        caches=[],
+        bias=torch.zeros(1, b, 1, P + T),
+        pstart=torch.zeros(g, dtype=torch.long),
+        alive=torch.arange(b),
+        group=torch.arange(g).repeat_interleave(n),
+        t=t,
+    )
     cache = [r(nkv, g, hd, P), r(nkv, g, P, hd), r(nkv, b, hd, T), r(nkv, b, T, hd)]
     qkv = r(b, (nkv * rep + 2 * nkv) * hd)
-    q, k, v = qkv[:, : nkv * rep * hd], qkv[:, nkv * rep * hd: (nkv * rep + nkv) * hd], qkv[:, (nkv * rep + nkv) * hd:]
-    torch_ms = median_ms(lambda: _cascade_attention(q.reshape(b, -1, hd), k.reshape(b, nkv, hd),
-                                                    v.reshape(b, nkv, hd), cache, st))
-    print(f"threads={torch.get_num_threads()} rows={b} prompt={P} t={t} torch path on {args.dtype} caches, "
-          f"C kernel (bf16 caches) built for -march={_march()}")
+    q, k, v = (
+        qkv[:, : nkv * rep * hd],
+        qkv[:, nkv * rep * hd : (nkv * rep + nkv) * hd],
+        qkv[:, (nkv * rep + nkv) * hd :],
+    )
+    torch_ms = median_ms(
+        lambda: _cascade_attention(
+            q.reshape(b, -1, hd), k.reshape(b, nkv, hd), v.reshape(b, nkv, hd), cache, st
+        )
+    )
+    print(
+        f"threads={torch.get_num_threads()} rows={b} prompt={P} t={t} torch path on {args.dtype} caches, "
+        f"C kernel (bf16 caches) built for -march={_march()}"
+    )
     print(f"torch ops (cascade): {torch_ms:.3f} ms")
     fn = decode_attention_kernel()
     if fn is None:

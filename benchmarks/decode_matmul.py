@@ -46,7 +46,9 @@ def main() -> None:
             print(f"{name}: this CPU cannot prepack {name} weights; skipped")
             continue
         print(f"rows={M} threads={torch.get_num_threads()} {name} ({packer.name} prepack); GFLOP/s")
-        print(f"{'in x out':>12} {'F.linear':>9} {'mm(W^T)':>8} {'prepacked':>10} {'ratio':>6} {'max diff':>9}")
+        print(
+            f"{'in x out':>12} {'F.linear':>9} {'mm(W^T)':>8} {'prepacked':>10} {'ratio':>6} {'max diff':>9}"
+        )
         for k, n in SHAPES:
             x, w = torch.randn(M, k, dtype=dt), torch.randn(n, k, dtype=dt)
             wt, pw = w.t().contiguous(), packer.pack(w)
@@ -55,8 +57,10 @@ def main() -> None:
             t_mm = seconds(lambda: torch.mm(x, wt))
             t_pk = seconds(lambda: packer.linear(x, w, pw))
             diff = F.linear(x, w).float() - packer.linear(x, w, pw).float()
-            print(f"{k:>5} x {n:<5} {flop / t_lin / 1e9:>9.0f} {flop / t_mm / 1e9:>8.0f} {flop / t_pk / 1e9:>10.0f} "
-                  f"{t_lin / t_pk:>5.2f}x {diff.abs().max().item():>9.3g}")
+            print(
+                f"{k:>5} x {n:<5} {flop / t_lin / 1e9:>9.0f} {flop / t_mm / 1e9:>8.0f} {flop / t_pk / 1e9:>10.0f} "
+                f"{t_lin / t_pk:>5.2f}x {diff.abs().max().item():>9.3g}"
+            )
 
 
 if __name__ == "__main__":

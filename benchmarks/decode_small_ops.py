@@ -27,12 +27,16 @@ def main() -> None:
         x = torch.randn(64, 49152, generator=g) * scale
         y = x - x.amax(-1, keepdim=True)
         y2 = y * 1.4426950408889634
-        print(f"{label:>18}: exp {ms(lambda: torch.exp(y)):6.2f} ms, exp clamped {ms(lambda: y.clamp(min=-80.0).exp_()):6.2f}"
-              f" | exp2 {ms(lambda: torch.exp2(y2)):6.2f} ms, exp2 clamped {ms(lambda: y2.clamp(min=-115.0).exp2_()):6.2f}"
-              f" (arguments below -80 nats: {(y < -80).float().mean().item():.2f})")
+        print(
+            f"{label:>18}: exp {ms(lambda: torch.exp(y)):6.2f} ms, exp clamped {ms(lambda: y.clamp(min=-80.0).exp_()):6.2f}"
+            f" | exp2 {ms(lambda: torch.exp2(y2)):6.2f} ms, exp2 clamped {ms(lambda: y2.clamp(min=-115.0).exp2_()):6.2f}"
+            f" (arguments below -80 nats: {(y < -80).float().mean().item():.2f})"
+        )
     p = torch.rand(64, 49152, generator=g)
-    print(f"cumulative sum over the vocabulary {ms(lambda: p.cumsum(-1)):.2f} ms, "
-          f"sums of 256-token blocks {ms(lambda: p.view(64, 192, 256).sum(-1)):.2f} ms")
+    print(
+        f"cumulative sum over the vocabulary {ms(lambda: p.cumsum(-1)):.2f} ms, "
+        f"sums of 256-token blocks {ms(lambda: p.view(64, 192, 256).sum(-1)):.2f} ms"
+    )
 
 
 if __name__ == "__main__":

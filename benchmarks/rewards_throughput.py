@@ -73,16 +73,20 @@ def main() -> None:
     texts, exs, expected = code_batch(args.code)
     totals, dt = timed(RewardModel({"code": 1.0}), texts, exs)
     wrong = sum(t != e for t, e in zip(totals, expected))
-    print(f"code   : {len(texts)} completions in {dt:.1f} s = {len(texts) / dt:.1f} completions/s "
-          f"({wrong} verdicts differ from expected)")
+    print(
+        f"code   : {len(texts)} completions in {dt:.1f} s = {len(texts) / dt:.1f} completions/s "
+        f"({wrong} verdicts differ from expected)"
+    )
 
     texts, exs, expected = math_batch(args.math)
     rm = RewardModel({"math": 1.0})
     rm.score(texts[:4], exs[:4])  # start the workers (importing sympy takes seconds) outside the timing
     totals, dt = timed(rm, texts, exs)
     wrong = sum(t != e for t, e in zip(totals, expected))
-    print(f"math   : {len(texts)} answers in {dt:.1f} s = {len(texts) / dt:.0f} answers/s "
-          f"({wrong} verdicts differ from expected; failures {dict(rm.failures)})")
+    print(
+        f"math   : {len(texts)} answers in {dt:.1f} s = {len(texts) / dt:.0f} answers/s "
+        f"({wrong} verdicts differ from expected; failures {dict(rm.failures)})"
+    )
     totals, dt = timed(RewardModel({"exact": 1.0}), texts, exs)
     print(f"exact  : {len(texts)} answers in {dt:.2f} s = {len(texts) / dt:.0f} answers/s")
 

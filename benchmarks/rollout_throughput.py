@@ -37,10 +37,10 @@ import time
 
 import torch
 
+from thinkrl import device
 from thinkrl.config import Config
 from thinkrl.models import load_model
 from thinkrl.perf import matmul_rate
-from thinkrl import device
 from thinkrl.rollout import HFEngine, SamplingParams
 from thinkrl.rollout.fast import FastEngine
 from thinkrl.tasks import build_task
@@ -96,7 +96,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--workloads", default="fixed,natural")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per engine and workload; medians are compared")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="runs per engine and workload; medians are compared"
+    )
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     args = ap.parse_args()
 
@@ -108,21 +110,30 @@ def main() -> None:
     prompts = [render_prompt(ex.question, tok, cfg.task)[0] for ex in examples]
     B = args.prompts * args.n
     hf = "hf_generate_autocast" if bf16 else "hf_generate_fp32"  # thinkrl's hf backend in this dtype
-    engines = {hf: HFEngine(model, tok, batch_size=B, bf16=bf16),
-               "thinkrl_fast": FastEngine(model, tok, batch_size=B, bf16=bf16),
-               # the same engine with plain F.linear instead of prepacked weights
-               "thinkrl_fast_unpacked": FastEngine(model, tok, batch_size=B, bf16=bf16, prepack=False),
-               # the same engine with its decode attention on torch ops instead of the C kernel
-               "thinkrl_fast_torch_attention": FastEngine(model, tok, batch_size=B, bf16=bf16, kernel=False)}
+    engines = {
+        hf: HFEngine(model, tok, batch_size=B, bf16=bf16),
+        "thinkrl_fast": FastEngine(model, tok, batch_size=B, bf16=bf16),
+        # the same engine with plain F.linear instead of prepacked weights
+        "thinkrl_fast_unpacked": FastEngine(model, tok, batch_size=B, bf16=bf16, prepack=False),
+        # the same engine with its decode attention on torch ops instead of the C kernel
+        "thinkrl_fast_torch_attention": FastEngine(model, tok, batch_size=B, bf16=bf16, kernel=False),
+    }
     if bf16:
-        engines["hf_generate_bf16_model"] = HFEngine(copy.deepcopy(model).to(torch.bfloat16), tok, batch_size=B)
+        engines["hf_generate_bf16_model"] = HFEngine(
+            copy.deepcopy(model).to(torch.bfloat16), tok, batch_size=B
+        )
     print(f"CPU: {device.plan().describe()}")
-    print(f"model={args.model} dtype={'bf16' if bf16 else 'fp32'} sequences={B} max_new_tokens={args.max_new} "
-          f"threads={torch.get_num_threads()} prompt tokens={[len(tok(p).input_ids) for p in prompts]}")
+    print(
+        f"model={args.model} dtype={'bf16' if bf16 else 'fp32'} sequences={B} max_new_tokens={args.max_new} "
+        f"threads={torch.get_num_threads()} prompt tokens={[len(tok(p).input_ids) for p in prompts]}"
+    )
     natural = None
     for work in args.workloads.split(","):
-        params = SamplingParams(max_new_tokens=args.max_new, temperature=1.0,
-                                min_new_tokens=args.max_new if work == "fixed" else 0)
+        params = SamplingParams(
+            max_new_tokens=args.max_new,
+            temperature=1.0,
+            min_new_tokens=args.max_new if work == "fixed" else 0,
+        )
         rates: dict[str, list[float]] = {name: [] for name in engines}
         for r in range(args.repeats):  # engines interleaved, so a slow spell of the machine hits all alike
             for name, eng in engines.items():
@@ -131,33 +142,46 @@ def main() -> None:
                 rates[name].append(toks / secs)
                 if name == "thinkrl_fast" and work == "natural" and r == 0:
                     natural = ro
-                print(f"[{work}] repeat {r + 1}: {name:>28}: {toks} new tokens in {secs:.1f} s = "
-                      f"{toks / secs:.0f} tokens/s", flush=True)
+                print(
+                    f"[{work}] repeat {r + 1}: {name:>28}: {toks} new tokens in {secs:.1f} s = "
+                    f"{toks / secs:.0f} tokens/s",
+                    flush=True,
+                )
         for name, rs in rates.items():
-            print(f"[{work}] {name:>28}: median {statistics.median(rs):.0f} tokens/s "
-                  f"(runs {', '.join(f'{x:.0f}' for x in rs)})")
+            print(
+                f"[{work}] {name:>28}: median {statistics.median(rs):.0f} tokens/s "
+                f"(runs {', '.join(f'{x:.0f}' for x in rs)})"
+            )
         rates = {name: statistics.median(rs) for name, rs in rates.items()}
         best_hf = max(v for k, v in rates.items() if k.startswith("hf"))
-        print(f"[{work}] ratio thinkrl_fast / best hf_generate = {rates['thinkrl_fast'] / best_hf:.1f}x "
-              f"(vs {hf}: {rates['thinkrl_fast'] / rates[hf]:.1f}x)")
+        print(
+            f"[{work}] ratio thinkrl_fast / best hf_generate = {rates['thinkrl_fast'] / best_hf:.1f}x "
+            f"(vs {hf}: {rates['thinkrl_fast'] / rates[hf]:.1f}x)"
+        )
         if work == "fixed":
             fast = engines["thinkrl_fast"]
             sec, rate = linear_floor(fast, B)
             dt = "bf16" if bf16 else "fp32"
-            print(f"[{work}] floor: the linears of one {B}-row decode step alone take {sec * 1e3:.1f} ms "
-                  f"({rate:.0f} GFLOP/s): at that matmul rate no {dt} engine exceeds {B / sec:.0f} tokens/s = "
-                  f"{B / sec / best_hf:.1f}x the best HF; thinkrl reaches {rates['thinkrl_fast'] * sec / B:.0%} of it")
+            print(
+                f"[{work}] floor: the linears of one {B}-row decode step alone take {sec * 1e3:.1f} ms "
+                f"({rate:.0f} GFLOP/s): at that matmul rate no {dt} engine exceeds {B / sec:.0f} tokens/s = "
+                f"{B / sec / best_hf:.1f}x the best HF; thinkrl reaches {rates['thinkrl_fast'] * sec / B:.0%} of it"
+            )
             ceiling = matmul_rate(fast.dtype, 2048, 2048, 2048)
             step_flops = rate * 1e9 * sec  # the decode step's matmul FLOPs
-            print(f"[{work}] ceiling: {dt} matmul at 2048^3 runs at {ceiling:.0f} GFLOP/s; the decode step's "
-                  f"matmuls at that rate would allow {B / (step_flops / (ceiling * 1e9)):.0f} tokens/s; thinkrl "
-                  f"reaches {rates['thinkrl_fast'] * step_flops / (ceiling * 1e9) / B:.0%} of that ceiling "
-                  f"(its linears alone: {rate / ceiling:.0%})")
+            print(
+                f"[{work}] ceiling: {dt} matmul at 2048^3 runs at {ceiling:.0f} GFLOP/s; the decode step's "
+                f"matmuls at that rate would allow {B / (step_flops / (ceiling * 1e9)):.0f} tokens/s; thinkrl "
+                f"reaches {rates['thinkrl_fast'] * step_flops / (ceiling * 1e9) / B:.0%} of that ceiling "
+                f"(its linears alone: {rate / ceiling:.0%})"
+            )
     if natural is not None:
         for label, use_bf16 in ((("bf16 autocast (training)", True),) if bf16 else ()) + (("fp32", False),):
             mx, mean = logp_gap(model, tok, natural, use_bf16)
-            print(f"log-prob gap engine vs training forward [{label}]: max {mx:.4f}, mean {mean:.4f} "
-                  f"over {sum(len(c) for c in natural.completion_ids)} tokens")
+            print(
+                f"log-prob gap engine vs training forward [{label}]: max {mx:.4f}, mean {mean:.4f} "
+                f"over {sum(len(c) for c in natural.completion_ids)} tokens"
+            )
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 
 

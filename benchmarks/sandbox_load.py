@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from rewards_throughput import code_batch  # noqa: E402
+
 from thinkrl import device  # noqa: E402
 from thinkrl.rewards import REWARDS  # noqa: E402
 from thinkrl.sandbox import capabilities, run_python  # noqa: E402
@@ -52,8 +52,10 @@ def report(label: str, out: list, expected: list, seconds: float) -> float:
     lost = sum(1 for v in out if not isinstance(v, float))
     wrong = sum(1 for v, e in zip(out, expected) if isinstance(v, float) and v != e)
     rate = len(out) / seconds
-    print(f"{label:<38} {len(out)} submissions in {seconds:6.1f} s = {rate:5.1f}/s; "
-          f"{wrong} wrong verdicts, {lost} without a verdict")
+    print(
+        f"{label:<38} {len(out)} submissions in {seconds:6.1f} s = {rate:5.1f}/s; "
+        f"{wrong} wrong verdicts, {lost} without a verdict"
+    )
     return rate
 
 
@@ -63,9 +65,11 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=200)
     args = ap.parse_args()
     caps = capabilities()
-    print(f"CPU: {device.plan().cpu} ({torch.backends.cpu.get_cpu_capability()}), "
-          f"{os.cpu_count()} cores; sandbox method {caps.get('method')}, uid {caps.get('uid')}, "
-          f"seccomp rules {caps.get('seccomp_rules')}, running as uid {os.getuid()}")
+    print(
+        f"CPU: {device.plan().cpu} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"{os.cpu_count()} cores; sandbox method {caps.get('method')}, uid {caps.get('uid')}, "
+        f"seccomp rules {caps.get('seccomp_rules')}, running as uid {os.getuid()}"
+    )
     texts, exs, expected = code_batch(args.n + args.burst + 2 * args.n)
     rates = {}
     for k, workers in enumerate((1, 2)):
@@ -83,8 +87,10 @@ def main() -> None:
         res = list(ex.map(run_python, progs))
     io_rate = len(progs) / (time.perf_counter() - t0)
     bad = sum(r.status != "ok" for r in res)
-    print(f"io mode (program only, no tests), 2 workers: {io_rate:5.1f}/s ({bad} not ok); "
-          f"HumanEval mode costs {io_rate / rates[2]:.2f}x the time of a bare run")
+    print(
+        f"io mode (program only, no tests), 2 workers: {io_rate:5.1f}/s ({bad} not ok); "
+        f"HumanEval mode costs {io_rate / rates[2]:.2f}x the time of a bare run"
+    )
 
 
 if __name__ == "__main__":

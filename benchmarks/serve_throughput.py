@@ -33,14 +33,24 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOPICS = ["prime numbers", "the moon", "photosynthesis", "sorting algorithms", "the French revolution", "volcanoes",
-          "bees", "compound interest"]
+TOPICS = [
+    "prime numbers",
+    "the moon",
+    "photosynthesis",
+    "sorting algorithms",
+    "the French revolution",
+    "volcanoes",
+    "bees",
+    "compound interest",
+]
 
 
 def prompts(tok, n: int) -> list[str]:
     qs = [f"Question {i}: explain {TOPICS[i % len(TOPICS)]} in {3 + i % 5} sentences." for i in range(n)]
-    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in qs]
+    return [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in qs
+    ]
 
 
 def cpu_name() -> str:
@@ -59,14 +69,31 @@ def hf_sequential(model, tok, texts: list[str], m: int, bf16: bool) -> tuple[flo
         model = model.to(torch.bfloat16)
     ids = tok(texts[0], add_special_tokens=False, return_tensors="pt").input_ids
     with torch.inference_mode():  # warm-up, as the server gets one
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                       temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+        )
     total, t0 = 0, time.perf_counter()
     for text in texts:
         ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=m, min_new_tokens=m,
-                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=m,
+                min_new_tokens=m,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tok.pad_token_id,
+            )
         total += out.shape[1] - ids.shape[1]
     return time.perf_counter() - t0, total
 
@@ -80,8 +107,20 @@ def free_port() -> int:
 def start_server(model: str, dtype: str, slots: int, max_len: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "thinkrl", "serve", f"model={model}", f"port={port}", f"dtype={dtype}",
-                             f"max_slots={slots}", f"max_len={max_len}"], env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "thinkrl",
+            "serve",
+            f"model={model}",
+            f"port={port}",
+            f"dtype={dtype}",
+            f"max_slots={slots}",
+            f"max_len={max_len}",
+        ],
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -97,8 +136,12 @@ def start_server(model: str, dtype: str, slots: int, max_len: int) -> tuple[subp
 
 
 def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(req, timeout=3600) as r:
         return json.loads(r.read())
 
@@ -116,7 +159,9 @@ def serve_run(url: str, model: str, texts: list[str], m: int, concurrency: int) 
                     return
                 _, text = todo.pop()
             t0 = time.perf_counter()
-            r = post(url, {"model": model, "prompt": text, "max_tokens": m, "min_tokens": m, "temperature": 0})
+            r = post(
+                url, {"model": model, "prompt": text, "max_tokens": m, "min_tokens": m, "temperature": 0}
+            )
             with lock:
                 lat.append(time.perf_counter() - t0)
                 tokens.append(r["usage"]["completion_tokens"])
@@ -129,8 +174,13 @@ def serve_run(url: str, model: str, texts: list[str], m: int, concurrency: int) 
         t.join()
     wall = time.perf_counter() - t0
     lat.sort()
-    return {"wall": wall, "tokens": sum(tokens), "requests": len(lat), "p50": statistics.median(lat),
-            "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
+    return {
+        "wall": wall,
+        "tokens": sum(tokens),
+        "requests": len(lat),
+        "p50": statistics.median(lat),
+        "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+    }
 
 
 def main() -> None:
@@ -140,7 +190,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    ap.add_argument("--quick", action="store_true", help="tiny-random, 8 prompts x 8 tokens, concurrency 1,4,8")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny-random, 8 prompts x 8 tokens, concurrency 1,4,8"
+    )
     a = ap.parse_args()
     if a.quick:
         a.model, a.prompts, a.max_tokens, a.concurrency = "tiny-random", 8, 8, "1,4,8"
@@ -150,14 +202,18 @@ def main() -> None:
     from thinkrl.models import load_model
 
     bf16 = use_bf16(a.dtype)
-    print(f"cpu: {cpu_name()}; torch.backends.cpu.get_cpu_capability(): {torch.backends.cpu.get_cpu_capability()}; "
-          f"torch threads: {torch.get_num_threads()}; dtype: {'bf16' if bf16 else 'fp32'}")
+    print(
+        f"cpu: {cpu_name()}; torch.backends.cpu.get_cpu_capability(): {torch.backends.cpu.get_cpu_capability()}; "
+        f"torch threads: {torch.get_num_threads()}; dtype: {'bf16' if bf16 else 'fp32'}"
+    )
     print(f"model {a.model}, {a.prompts} prompts x {a.max_tokens} new tokens each (greedy, fixed length)")
     model, tok = load_model(a.model)
     model.eval()
     texts = prompts(tok, a.prompts)
     longest = max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
-    hf_s, hf_tok = hf_sequential(model, tok, texts, a.max_tokens, bf16)  # before the server exists: no rival process
+    hf_s, hf_tok = hf_sequential(
+        model, tok, texts, a.max_tokens, bf16
+    )  # before the server exists: no rival process
     hf_rate = hf_tok / hf_s
     rows = [("HF generate, sequential", hf_s, hf_tok, hf_rate, None, None)]
     del model
@@ -167,8 +223,16 @@ def main() -> None:
         for c in levels:
             r = serve_run(url, a.model, texts, a.max_tokens, c)
             assert r["requests"] == len(texts), "a request was lost"
-            rows.append((f"thinkrl serve, concurrency {c}", r["wall"], r["tokens"], r["tokens"] / r["wall"],
-                         r["p50"], r["p99"]))
+            rows.append(
+                (
+                    f"thinkrl serve, concurrency {c}",
+                    r["wall"],
+                    r["tokens"],
+                    r["tokens"] / r["wall"],
+                    r["p50"],
+                    r["p99"],
+                )
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -39,8 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "thinkrl-gpu-check")
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N (or cpu, for a slow smoke run)")
-    ap.add_argument("--archs", default=",".join(arch_names()),
-                    help=f"comma-separated, from: {', '.join(arch_names())}")
+    ap.add_argument(
+        "--archs", default=",".join(arch_names()), help=f"comma-separated, from: {', '.join(arch_names())}"
+    )
     ap.add_argument("--only", default=",".join(STAGES), help=f"stages to run, from: {', '.join(STAGES)}")
     ap.add_argument("--steps", type=int, default=3, help="GRPO steps of the grpo stage")
     ap.add_argument("--bench-steps", type=int, default=3, help="timed steps per architecture")
@@ -54,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.only = [s for s in args.only.split(",") if s]
     bad = [a for a in args.archs if a not in arch_names()] + [s for s in args.only if s not in STAGES]
     if bad:
-        ap.error(f"unknown {', '.join(bad)}; architectures: {', '.join(arch_names())}; stages: {', '.join(STAGES)}")
+        ap.error(
+            f"unknown {', '.join(bad)}; architectures: {', '.join(arch_names())}; stages: {', '.join(STAGES)}"
+        )
     for k in ("steps", "bench_steps", "prompts", "group", "prompt_tokens", "new_tokens"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
@@ -66,15 +69,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def test_command() -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(REPO / "tests" / "gpu")]
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "cuda",
+        "-p",
+        "no:cacheprovider",
+        str(REPO / "tests" / "gpu"),
+    ]
 
 
 def grpo_command(args: argparse.Namespace, model_dir: Path, task: Path) -> list[str]:
-    return [sys.executable, "-m", "thinkrl", "train", f"model={model_dir}", f"task.name={task}",
-            f"device={args.device}", f"max_steps={args.steps}", f"output_dir={args.out / 'grpo'}",
-            "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=32",
-            "rollout.backend=hf", "eval.before=false", "eval.after=false", "plot=false", "progress=false",
-            "save_every=0"]
+    return [
+        sys.executable,
+        "-m",
+        "thinkrl",
+        "train",
+        f"model={model_dir}",
+        f"task.name={task}",
+        f"device={args.device}",
+        f"max_steps={args.steps}",
+        f"output_dir={args.out / 'grpo'}",
+        "rollout.prompts_per_step=4",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=32",
+        "rollout.backend=hf",
+        "eval.before=false",
+        "eval.after=false",
+        "plot=false",
+        "progress=false",
+        "save_every=0",
+    ]
 
 
 def write_task(path: Path, n: int = 64) -> Path:
@@ -108,9 +136,12 @@ def run_grpo(args: argparse.Namespace) -> bool:
         return False
     rows = [json.loads(line) for line in (args.out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     ok = [r["step"] for r in rows] == list(range(1, args.steps + 1)) and all(
-        math.isfinite(r.get("loss", float("nan"))) for r in rows)
+        math.isfinite(r.get("loss", float("nan"))) for r in rows
+    )
     for r in rows:
-        print(f"  step {r['step']}: loss {r.get('loss')}, reward {r['reward']:.3f}, step_time {r['step_time']:.2f} s")
+        print(
+            f"  step {r['step']}: loss {r.get('loss')}, reward {r['reward']:.3f}, step_time {r['step_time']:.2f} s"
+        )
     return ok
 
 
@@ -147,8 +178,9 @@ def bench(args: argparse.Namespace, arch: str) -> dict:
         t0 = time.perf_counter()
         ro = engine.generate(prompts, G, params)
         t1 = time.perf_counter()
-        mbs = split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, list(range(args.prompts)), G, 16,
-                                          tok.pad_token_id)
+        mbs = split_grouped_micro_batches(
+            ro.prompt_ids, ro.completion_ids, list(range(args.prompts)), G, 16, tok.pad_token_id
+        )
         adv = torch.randn(len(ro.completion_ids), generator=g)  # [N] stand-in advantages
         n_tok = sum(map(len, ro.completion_ids))
         opt.zero_grad(set_to_none=True)
@@ -164,14 +196,27 @@ def bench(args: argparse.Namespace, arch: str) -> dict:
             times.append(time.perf_counter() - t0)
             gen_times.append(t1 - t0)
             tokens.append(n_tok)
-    out = {"arch": arch, "params": n_params(model), "device": device.describe(dev), "bf16": bf16,
-           "prompts": args.prompts, "group": G, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-           "s_per_step": sum(times) / len(times), "generate_s_per_step": sum(gen_times) / len(gen_times),
-           "tokens_per_s": sum(tokens) / sum(times), "generate_tokens_per_s": sum(tokens) / sum(gen_times),
-           "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None}
-    print(f"  {arch}: {out['s_per_step']:.2f} s/step ({out['generate_s_per_step']:.2f} s generating), "
-          f"{out['tokens_per_s']:.0f} tokens/s per step ({out['generate_tokens_per_s']:.0f} while generating), "
-          f"peak GPU memory {out['peak_gpu_mem_gib'] or 0:.2f} GiB", flush=True)
+    out = {
+        "arch": arch,
+        "params": n_params(model),
+        "device": device.describe(dev),
+        "bf16": bf16,
+        "prompts": args.prompts,
+        "group": G,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "s_per_step": sum(times) / len(times),
+        "generate_s_per_step": sum(gen_times) / len(gen_times),
+        "tokens_per_s": sum(tokens) / sum(times),
+        "generate_tokens_per_s": sum(tokens) / sum(gen_times),
+        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
+    }
+    print(
+        f"  {arch}: {out['s_per_step']:.2f} s/step ({out['generate_s_per_step']:.2f} s generating), "
+        f"{out['tokens_per_s']:.0f} tokens/s per step ({out['generate_tokens_per_s']:.0f} while generating), "
+        f"peak GPU memory {out['peak_gpu_mem_gib'] or 0:.2f} GiB",
+        flush=True,
+    )
     del engine, model, opt
     if cuda:
         torch.cuda.empty_cache()
@@ -188,14 +233,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[models] {a}: {n:,} parameters (random init from thinkrl/models/configs/{a}.json)")
     if args.dry_run:
         print("[dry-run] tests:", " ".join(test_command()))
-        print("[dry-run] grpo: ", " ".join(grpo_command(args, args.out / "smollm2-135m-random", args.out / "sums.jsonl")))
-        print(f"[dry-run] bench: {', '.join(args.archs)} on {args.device}: {args.bench_steps} steps of "
-              f"{args.prompts} x {args.group} samples, {args.prompt_tokens} + {args.new_tokens} tokens")
+        print(
+            "[dry-run] grpo: ",
+            " ".join(grpo_command(args, args.out / "smollm2-135m-random", args.out / "sums.jsonl")),
+        )
+        print(
+            f"[dry-run] bench: {', '.join(args.archs)} on {args.device}: {args.bench_steps} steps of "
+            f"{args.prompts} x {args.group} samples, {args.prompt_tokens} + {args.new_tokens} tokens"
+        )
         return 0
     import torch
 
-    print(f"[env] torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}", flush=True)
+    print(
+        f"[env] torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+        flush=True,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     if "tests" in args.only:
@@ -216,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {arch}: FAILED: {type(e).__name__}: {e}", flush=True)
                 failed.append(f"bench {arch}")
         (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"[done] {'FAILED: ' + ', '.join(failed) if failed else 'all stages passed'}; results in {args.out}")
+    print(
+        f"[done] {'FAILED: ' + ', '.join(failed) if failed else 'all stages passed'}; results in {args.out}"
+    )
     return 1 if failed else 0
 
 

@@ -6,7 +6,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ruff check thinkrl tests benchmarks
+ruff format --check thinkrl tests benchmarks scripts
+ruff check thinkrl tests benchmarks scripts
 python -m pytest -q "$@"
 if [ $# -eq 0 ] && [ "$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo; then
   echo "[test] again as on an AVX2-only CPU (MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 THINKRL_KERNEL_MARCH=haswell)"

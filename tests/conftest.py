@@ -55,4 +55,3 @@ def byte_sum_reward():
         return (sum(map(ord, completion)) % 7) / 6
 
     return name
-

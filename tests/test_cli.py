@@ -13,8 +13,16 @@ from safetensors.torch import load_file
 
 from thinkrl.cli import main
 
-TINY_RUN = ["model=tiny-random", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "rollout.group_size=4",
-            "eval.n=4", "progress=false", "task.train_size=50", "task.eval_size=8"]
+TINY_RUN = [
+    "model=tiny-random",
+    "rollout.max_new_tokens=8",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "eval.n=4",
+    "progress=false",
+    "task.train_size=50",
+    "task.eval_size=8",
+]
 
 
 def read_jsonl(path):
@@ -31,8 +39,13 @@ def runs(tmp_path_factory, byte_sum_reward):
     U: the same 3 steps uninterrupted. The byte-sum reward gives non-zero advantages, so weights move."""
     root = tmp_path_factory.mktemp("runs")
     # fp32 and the short plain template only make generation faster; the subprocess run keeps the defaults
-    common = ["plot=false", "dtype=fp32", "task.template=plain", "optim.lr=0.001",
-              f"rewards.{byte_sum_reward}=1.0"]
+    common = [
+        "plot=false",
+        "dtype=fp32",
+        "task.template=plain",
+        "optim.lr=0.001",
+        f"rewards.{byte_sum_reward}=1.0",
+    ]
     r, u = root / "R", root / "U"
     assert train(f"output_dir={r}", "max_steps=2", "save_every=1", *common) == 0
     first_steps = [m["step"] for m in read_jsonl(r / "metrics.jsonl")]
@@ -45,7 +58,20 @@ def runs(tmp_path_factory, byte_sum_reward):
 def test_resume_logs_each_step_once(runs):
     assert runs["first_steps"] == [1, 2]
     assert [m["step"] for m in read_jsonl(runs["R"] / "metrics.jsonl")] == [1, 2, 3]
-    assert [s["step"] for s in read_jsonl(runs["R"] / "samples.jsonl")] == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert [s["step"] for s in read_jsonl(runs["R"] / "samples.jsonl")] == [
+        1,
+        1,
+        1,
+        1,
+        2,
+        2,
+        2,
+        2,
+        3,
+        3,
+        3,
+        3,
+    ]
     # checkpoints after steps 1 and 2 (the last step is written to final/ instead)
     assert sorted(p.name for p in (runs["R"] / "checkpoints").iterdir()) == ["latest", "step-1", "step-2"]
 
@@ -66,7 +92,10 @@ def test_resume_matches_an_uninterrupted_run(runs, tiny_pair):
 
 
 def test_resume_drops_stale_evals(runs):
-    assert [(e["step"], e["label"]) for e in read_jsonl(runs["R"] / "evals.jsonl")] == [(0, "before"), (3, "after")]
+    assert [(e["step"], e["label"]) for e in read_jsonl(runs["R"] / "evals.jsonl")] == [
+        (0, "before"),
+        (3, "after"),
+    ]
 
 
 def test_rerun_into_a_folder_with_checkpoints_needs_resume(runs, capsys):
@@ -83,8 +112,13 @@ def subprocess_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sub") / "run"
     exe = Path(sys.executable).parent / "thinkrl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([str(exe), "train", *TINY_RUN, "max_steps=2", f"output_dir={out}"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [str(exe), "train", *TINY_RUN, "max_steps=2", f"output_dir={out}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     return out, proc
 
 
@@ -136,15 +170,20 @@ def write_bad_jsonl(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("args,message", [
-    (lambda d: ["model=" + str(d / "no-such-model")], "model path {d}/no-such-model does not exist"),
-    (lambda d: ["task.name=nope_task"], "unknown task 'nope_task'"),
-    (lambda d: [f"task.name={write_bad_jsonl(d)}"], "{d}/bad.jsonl:2: not valid JSON"),
-    (lambda d: ["mdoel=tiny-random"], "unknown config key 'mdoel'. Valid keys here: model, output_dir"),
-    (lambda d: ["rollout.group_size=1"], "rollout.group_size must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (lambda d: ["model=" + str(d / "no-such-model")], "model path {d}/no-such-model does not exist"),
+        (lambda d: ["task.name=nope_task"], "unknown task 'nope_task'"),
+        (lambda d: [f"task.name={write_bad_jsonl(d)}"], "{d}/bad.jsonl:2: not valid JSON"),
+        (lambda d: ["mdoel=tiny-random"], "unknown config key 'mdoel'. Valid keys here: model, output_dir"),
+        (lambda d: ["rollout.group_size=1"], "rollout.group_size must be >= 2"),
+    ],
+)
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys, args, message):
-    rc = main(["train", f"output_dir={tmp_path / 'run'}", "task.train_size=20", "task.eval_size=4", *args(tmp_path)])
+    rc = main(
+        ["train", f"output_dir={tmp_path / 'run'}", "task.train_size=20", "task.eval_size=4", *args(tmp_path)]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     lines = err.strip().splitlines()
@@ -165,7 +204,9 @@ def test_no_command_prints_usage(capsys):
 
 def test_small_jsonl_file_does_not_crash(tmp_path, capsys):
     path = tmp_path / "small.jsonl"
-    path.write_text("".join(json.dumps({"question": f"{i} + {i}", "answer": str(2 * i)}) + "\n" for i in range(4)))
+    path.write_text(
+        "".join(json.dumps({"question": f"{i} + {i}", "answer": str(2 * i)}) + "\n" for i in range(4))
+    )
     rc = train(f"output_dir={tmp_path / 'run'}", f"task.name={path}", "max_steps=1", "plot=false")
     if rc != 0:
         assert rc == 2 and capsys.readouterr().err.startswith("thinkrl: error:")

@@ -70,8 +70,9 @@ def test_the_device_key_resolves_and_a_missing_gpu_is_one_clear_error(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert device.resolve_device("auto") == "cpu" and device.resolve_device("cpu") == "cpu"
     for name in ("cuda", "cuda:1"):
-        with pytest.raises(ConfigError, match=f"device={name} but this machine has no CUDA GPU; "
-                                              "choose from: auto, cpu$"):
+        with pytest.raises(
+            ConfigError, match=f"device={name} but this machine has no CUDA GPU; choose from: auto, cpu$"
+        ):
             device.resolve_device(name)
     with pytest.raises(ConfigError, match="device 'tpu' unknown; choose from: auto, cpu, cuda, cuda:N"):
         device.resolve_device("tpu")
@@ -84,8 +85,11 @@ def test_with_two_gpus_auto_is_the_first_and_a_third_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert device.resolve_device("auto") == "cuda:0" and device.resolve_device("cuda") == "cuda:0"
     assert device.resolve_device("cuda:1") == "cuda:1" and device.resolve_device("cpu") == "cpu"
-    with pytest.raises(ConfigError, match=r"device=cuda:2 but this machine has cuda:0 .. cuda:1; "
-                                          r"choose from: auto, cpu, cuda, cuda:0, cuda:1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"device=cuda:2 but this machine has cuda:0 .. cuda:1; "
+        r"choose from: auto, cpu, cuda, cuda:0, cuda:1",
+    ):
         device.resolve_device("cuda:2")
 
 

@@ -48,17 +48,29 @@ def test_the_configs_keep_the_architecture_numbers_and_the_fast_engine_runs_both
     s, q = arch_config("smollm2-135m"), arch_config("qwen2.5-1.5b")
     assert (s.model_type, s.num_attention_heads, s.num_key_value_heads) == ("llama", 9, 3)
     assert s.rope_parameters["rope_theta"] == 100000 and q.rope_parameters["rope_theta"] == 1e6
-    assert (q.model_type, q.num_attention_heads, q.num_key_value_heads, q.intermediate_size) == ("qwen2", 12, 2, 8960)
+    assert (q.model_type, q.num_attention_heads, q.num_key_value_heads, q.intermediate_size) == (
+        "qwen2",
+        12,
+        2,
+        8960,
+    )
     assert s.tie_word_embeddings and q.tie_word_embeddings and not q.use_sliding_window
     assert unsupported(s) is None and unsupported(q) is None
-    with pytest.raises(ModelError, match="architecture 'gpt9' unknown; choose from: qwen2.5-1.5b, smollm2-135m"):
+    with pytest.raises(
+        ModelError, match="architecture 'gpt9' unknown; choose from: qwen2.5-1.5b, smollm2-135m"
+    ):
         arch_config("gpt9")
 
 
 def test_options_are_checked(capsys):
     mod = gpu_check_module()
     args = mod.parse_args(["--archs", "smollm2-135m", "--only", "bench", "--steps", "2"])
-    assert args.archs == ["smollm2-135m"] and args.only == ["bench"] and args.steps == 2 and args.device == "cuda"
+    assert (
+        args.archs == ["smollm2-135m"]
+        and args.only == ["bench"]
+        and args.steps == 2
+        and args.device == "cuda"
+    )
     with pytest.raises(SystemExit):
         mod.parse_args(["--archs", "gpt9"])
     assert "unknown gpt9" in capsys.readouterr().err
@@ -68,7 +80,10 @@ def test_options_are_checked(capsys):
 
 
 def test_the_task_it_writes_has_right_answers(tmp_path):
-    rows = [json.loads(line) for line in gpu_check_module().write_task(tmp_path / "t.jsonl", 12).read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in gpu_check_module().write_task(tmp_path / "t.jsonl", 12).read_text().splitlines()
+    ]
     assert rows[3] == {"question": "What is 3 + 0?", "answer": "3"}  # a = 3, b = (3*3 + 1) % 10 = 0
     assert all(int(r["answer"]) == sum(int(x) for x in r["question"][8:-1].split(" + ")) for r in rows)
 
@@ -84,7 +99,10 @@ def test_the_dry_run_builds_the_models_and_prints_the_plan(tmp_path):
     (wheels / "x-1.0-py3-none-any.whl").write_bytes(b"")
     r = run_script("--dry-run", "--wheels", str(wheels), "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
-    assert "smollm2-135m: 134,515,008 parameters" in r.stdout and "qwen2.5-1.5b: 1,543,714,304 parameters" in r.stdout
+    assert (
+        "smollm2-135m: 134,515,008 parameters" in r.stdout
+        and "qwen2.5-1.5b: 1,543,714,304 parameters" in r.stdout
+    )
     assert f"pip install --no-index --find-links {wheels} --no-deps" in r.stdout
     assert "-m pytest -q -m cuda" in r.stdout and "device=cuda max_steps=3" in r.stdout
     assert not (tmp_path / "o").exists()  # a dry run writes nothing

@@ -1,19 +1,19 @@
 """The ``thinkrl`` command: parse, build, run.
 
-    thinkrl train [CONFIG.yaml] [key=value ...]
-    thinkrl eval  [CONFIG.yaml] model=PATH[,PATH...] [task=NAME] [n=N] [k=SAMPLES] [output=FILE]
-                  [thinking_budget=B1,B2,...] [key=value ...]
-    thinkrl sft    [CONFIG.yaml] model=NAME data=FILE.jsonl output_dir=DIR [key=value ...]
-    thinkrl sample [CONFIG.yaml] model=NAME output=FILE.jsonl [mode=all|shortest|pairs] [n=N] [key=value ...]
-    thinkrl dpo    [CONFIG.yaml] model=NAME data=FILE.jsonl [loss=dpo|ln_dpo|simpo] [key=value ...]
-    thinkrl rm     [CONFIG.yaml] model=NAME data=FILE.jsonl [margin=M] [key=value ...]
-    thinkrl merge  models=A,B[,...] [weights=WA,WB,...] output_dir=DIR
-    thinkrl pipeline PIPELINE.yaml [key=value ...]
-    thinkrl difficulty [CONFIG.yaml] model=PATH task=NAME [k=8] [n=N] output=FILE.jsonl [key=value ...]
-    thinkrl report RUN_DIR [output=DIR]
-    thinkrl sandbox check
-    thinkrl serve  model=PATH [host=127.0.0.1] [port=8000] [max_slots=32] [key=value ...]
-    thinkrl chat   model=PATH [thinking=on|off] [budget=N] [max_tokens=N] [key=value ...]
+thinkrl train [CONFIG.yaml] [key=value ...]
+thinkrl eval  [CONFIG.yaml] model=PATH[,PATH...] [task=NAME] [n=N] [k=SAMPLES] [output=FILE]
+              [thinking_budget=B1,B2,...] [key=value ...]
+thinkrl sft    [CONFIG.yaml] model=NAME data=FILE.jsonl output_dir=DIR [key=value ...]
+thinkrl sample [CONFIG.yaml] model=NAME output=FILE.jsonl [mode=all|shortest|pairs] [n=N] [key=value ...]
+thinkrl dpo    [CONFIG.yaml] model=NAME data=FILE.jsonl [loss=dpo|ln_dpo|simpo] [key=value ...]
+thinkrl rm     [CONFIG.yaml] model=NAME data=FILE.jsonl [margin=M] [key=value ...]
+thinkrl merge  models=A,B[,...] [weights=WA,WB,...] output_dir=DIR
+thinkrl pipeline PIPELINE.yaml [key=value ...]
+thinkrl difficulty [CONFIG.yaml] model=PATH task=NAME [k=8] [n=N] output=FILE.jsonl [key=value ...]
+thinkrl report RUN_DIR [output=DIR]
+thinkrl sandbox check
+thinkrl serve  model=PATH [host=127.0.0.1] [port=8000] [max_slots=32] [key=value ...]
+thinkrl chat   model=PATH [thinking=on|off] [budget=N] [max_tokens=N] [key=value ...]
 """
 
 from __future__ import annotations
@@ -52,13 +52,17 @@ def cmd_train(args: list[str]) -> int:
     if before or after:
         from thinkrl.eval import format_table
 
-        rows = [(f"{label} (step {r['step']})", r) for label, r in (("before", before), ("after", after)) if r]
+        rows = [
+            (f"{label} (step {r['step']})", r) for label, r in (("before", before), ("after", after)) if r
+        ]
         print("held-out results (greedy):")
         print(format_table(rows))
         if before and after:
             delta = 100 * (after["accuracy"] - before["accuracy"])
-            print(f"held-out accuracy: {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}% "
-                  f"({delta:+.1f} points)")
+            print(
+                f"held-out accuracy: {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}% "
+                f"({delta:+.1f} points)"
+            )
     return 0
 
 
@@ -89,16 +93,16 @@ def _model_args(items: list[str], short: dict) -> tuple[list[str], str | None, l
 
 
 def cmd_eval(args: list[str]) -> int:
+    from thinkrl import sandbox
     from thinkrl.config import build_config
+    from thinkrl.envs import build_env
+    from thinkrl.envs.episodes import evaluate_episodes
     from thinkrl.eval import eval_settings, evaluate, format_mode_table, format_table, write_json
     from thinkrl.eval.budget import parse_budgets
     from thinkrl.models import load_model
     from thinkrl.rollout import engine_on
     from thinkrl.tasks import build_task
     from thinkrl.tasks.templates import drop_long_prompts
-    from thinkrl import sandbox
-    from thinkrl.envs import build_env
-    from thinkrl.envs.episodes import evaluate_episodes
 
     config, items = _split(args)
     budgets = None  # thinking_budget=32,64,...: one evaluation per budget
@@ -116,7 +120,9 @@ def cmd_eval(args: list[str]) -> int:
     if not env.multi_turn:
         env = None
     elif budgets:
-        raise ConfigError(f"thinking_budget=... is not supported with env.name={cfg.env.name}; evaluate without it")
+        raise ConfigError(
+            f"thinking_budget=... is not supported with env.name={cfg.env.name}; evaluate without it"
+        )
     elif getattr(env, "runs_code", False):
         sandbox.require_isolation()
     settings = eval_settings(cfg)
@@ -125,13 +131,21 @@ def cmd_eval(args: list[str]) -> int:
     for name in models:
         model, tok = load_model(name)
         drop_long_prompts(task, tok, cfg.task)
-        engine = engine_on(cfg.rollout.backend, model, tok, batch_size=cfg.eval.batch_size, dtype=cfg.dtype,
-                           device_name=cfg.device)
+        engine = engine_on(
+            cfg.rollout.backend,
+            model,
+            tok,
+            batch_size=cfg.eval.batch_size,
+            dtype=cfg.dtype,
+            device_name=cfg.device,
+        )
 
         def run(budget: int | None) -> dict:
             if env is not None:  # episodes in the environment, e.g. with the python tool
                 return evaluate_episodes(engine, tok, env, task.eval[: cfg.eval.n], cfg, **settings)
-            return evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings, thinking_budget=budget)
+            return evaluate(
+                engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings, thinking_budget=budget
+            )
 
         runs.append((name, {b: run(b) for b in budgets} if budgets else run(None)))
     how = "greedy" if temperature == 0 else f"{k} samples at temperature {temperature:g}"
@@ -150,7 +164,9 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
-def _report_budgets(runs: list[tuple[str, dict[int, dict]]], budgets: list[int], output: Path, head: dict) -> None:
+def _report_budgets(
+    runs: list[tuple[str, dict[int, dict]]], budgets: list[int], output: Path, head: dict
+) -> None:
     """Print and save an eval over thinking budgets: the accuracy / length table, the JSON
     (results per model, then per budget) and ``budget_curve.png`` beside it."""
     from thinkrl.eval import write_json
@@ -158,8 +174,14 @@ def _report_budgets(runs: list[tuple[str, dict[int, dict]]], budgets: list[int],
 
     curves = [(name, {b: res["summary"] for b, res in by_budget.items()}) for name, by_budget in runs]
     print(format_budget_table(curves))
-    write_json(output, {**head, "thinking_budgets": budgets,
-                        "results": {name: {str(b): res for b, res in by_budget.items()} for name, by_budget in runs}})
+    write_json(
+        output,
+        {
+            **head,
+            "thinking_budgets": budgets,
+            "results": {name: {str(b): res for b, res in by_budget.items()} for name, by_budget in runs},
+        },
+    )
     print(f"wrote {plot_budget_curve(curves, output.parent / 'budget_curve.png')}")
 
 
@@ -190,8 +212,8 @@ def cmd_rm(args: list[str]) -> int:
 def cmd_sample(args: list[str]) -> int:
     import json
 
-    from thinkrl.pipeline.sample import SampleConfig, run_sample
     from thinkrl.config import build_config
+    from thinkrl.pipeline.sample import SampleConfig, run_sample
 
     cfg = build_config(*_split(args), cls=SampleConfig)
     print(json.dumps(run_sample(cfg), indent=2))
@@ -200,19 +222,21 @@ def cmd_sample(args: list[str]) -> int:
 
 
 def cmd_merge(args: list[str]) -> int:
-    from thinkrl.pipeline.merge import MergeConfig, run_merge
     from thinkrl.config import build_config
+    from thinkrl.pipeline.merge import MergeConfig, run_merge
 
     config, items = _split(args)  # models=A,B and weights=1,0 are comma lists
-    items = [f"{k}=[{v}]" if k in ("models", "weights") and not v.startswith("[") else f"{k}={v}"
-             for k, v in (i.split("=", 1) for i in items)]
+    items = [
+        f"{k}=[{v}]" if k in ("models", "weights") and not v.startswith("[") else f"{k}={v}"
+        for k, v in (i.split("=", 1) for i in items)
+    ]
     print(f"wrote {run_merge(build_config(config, items, cls=MergeConfig))}")
     return 0
 
 
 def cmd_pipeline(args: list[str]) -> int:
-    from thinkrl.pipeline.run import PipelineConfig, format_report, run_pipeline
     from thinkrl.config import build_config
+    from thinkrl.pipeline.run import PipelineConfig, format_report, run_pipeline
 
     config, overrides = _split(args)
     if config is None:
@@ -247,11 +271,25 @@ def cmd_difficulty(args: list[str]) -> int:
     cfg = build_config(config, overrides)
     task = build_task(cfg.task)
     model, tok = load_model(models[0])
-    engine = engine_on(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, dtype=cfg.dtype,
-                       device_name=cfg.device)
+    engine = engine_on(
+        cfg.rollout.backend,
+        model,
+        tok,
+        batch_size=cfg.rollout.batch_size,
+        dtype=cfg.dtype,
+        device_name=cfg.device,
+    )
     examples = task.train[:n] if n else task.train
-    rows = estimate_pass_rates(engine, tok, examples, cfg.task, k=k, max_new_tokens=cfg.rollout.max_new_tokens,
-                               temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    rows = estimate_pass_rates(
+        engine,
+        tok,
+        examples,
+        cfg.task,
+        k=k,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+    )
     write_rows(rows, Path(output))
     mean = sum(r["pass_rate"] for r in rows) / len(rows)
     print(f"wrote {output}: {len(rows)} questions, mean pass rate {mean:.3f} over k={k} samples")
@@ -279,19 +317,35 @@ def cmd_sandbox(args: list[str]) -> int:
         raise ConfigError("usage: thinkrl sandbox check")
     caps = sandbox.capabilities()
     yes = lambda b: "yes" if b else "NO"  # noqa: E731
-    method = {"root": "namespaces as root, program under a fresh unprivileged uid",
-              "userns": "namespaces inside an unprivileged user namespace"}.get(caps.get("method"), "none")
-    rows = [("isolation", method),
-            ("mount namespace, host read-only", yes(caps.get("mountns")) + f" ({caps.get('readonly_mounts', 0)} mounts)"),
-            ("network namespace (no network)", yes(caps.get("netns"))),
-            ("PID namespace, own /proc", yes(caps.get("pidns")) + ("" if caps.get("own_proc", True) else
-                                                                    " (host /proc hidden)")),
-            ("IPC and UTS namespaces", yes(caps.get("ipcns"))),
-            ("program uid", str(caps.get("uid", "?"))),
-            ("capabilities left", {0: "none", None: "?"}.get(caps.get("capabilities"), hex(caps.get("capabilities") or 0))),
-            ("no_new_privs", yes(caps.get("no_new_privs"))),
-            ("seccomp filter", f"{caps.get('seccomp_rules', 0)} rules" if caps.get("seccomp_mode") == 2 else
-             "NO (" + caps.get("seccomp_error", "not loaded") + ")")]
+    method = {
+        "root": "namespaces as root, program under a fresh unprivileged uid",
+        "userns": "namespaces inside an unprivileged user namespace",
+    }.get(caps.get("method"), "none")
+    rows = [
+        ("isolation", method),
+        (
+            "mount namespace, host read-only",
+            yes(caps.get("mountns")) + f" ({caps.get('readonly_mounts', 0)} mounts)",
+        ),
+        ("network namespace (no network)", yes(caps.get("netns"))),
+        (
+            "PID namespace, own /proc",
+            yes(caps.get("pidns")) + ("" if caps.get("own_proc", True) else " (host /proc hidden)"),
+        ),
+        ("IPC and UTS namespaces", yes(caps.get("ipcns"))),
+        ("program uid", str(caps.get("uid", "?"))),
+        (
+            "capabilities left",
+            {0: "none", None: "?"}.get(caps.get("capabilities"), hex(caps.get("capabilities") or 0)),
+        ),
+        ("no_new_privs", yes(caps.get("no_new_privs"))),
+        (
+            "seccomp filter",
+            f"{caps.get('seccomp_rules', 0)} rules"
+            if caps.get("seccomp_mode") == 2
+            else "NO (" + caps.get("seccomp_error", "not loaded") + ")",
+        ),
+    ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -300,8 +354,10 @@ def cmd_sandbox(args: list[str]) -> int:
     if caps["isolated"]:
         print("verdict: model-written code runs isolated")
         return 0
-    print("verdict: NOT isolated; the code reward refuses to run unless sandbox.allow_unconfined=true.\n"
-          + sandbox.HOW_TO_ISOLATE)
+    print(
+        "verdict: NOT isolated; the code reward refuses to run unless sandbox.allow_unconfined=true.\n"
+        + sandbox.HOW_TO_ISOLATE
+    )
     return 1
 
 
@@ -320,9 +376,21 @@ def cmd_chat(args: list[str]) -> int:
     return run_chat(build_config(*_split(args), cls=ChatConfig))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "dpo": cmd_dpo, "rm": cmd_rm, "sample": cmd_sample,
-            "merge": cmd_merge, "pipeline": cmd_pipeline, "difficulty": cmd_difficulty, "report": cmd_report,
-            "sandbox": cmd_sandbox, "serve": cmd_serve, "chat": cmd_chat}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "sft": cmd_sft,
+    "dpo": cmd_dpo,
+    "rm": cmd_rm,
+    "sample": cmd_sample,
+    "merge": cmd_merge,
+    "pipeline": cmd_pipeline,
+    "difficulty": cmd_difficulty,
+    "report": cmd_report,
+    "sandbox": cmd_sandbox,
+    "serve": cmd_serve,
+    "chat": cmd_chat,
+}
 
 
 DATA_PARALLEL = frozenset({"train", "sft", "dpo"})  # the commands that torchrun can launch on many ranks
@@ -330,8 +398,9 @@ DATA_PARALLEL = frozenset({"train", "sft", "dpo"})  # the commands that torchrun
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="thinkrl", description=USAGE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="thinkrl", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("-v", "--verbose", action="store_true")
     if not argv or argv[0] in ("-h", "--help"):
@@ -343,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone prints results and progress
     if not rank0:
         sys.stdout = open(os.devnull, "w")
-    logging.basicConfig(level=logging.WARNING if not rank0 else logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING if not rank0 else logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -354,8 +426,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ns.command not in DATA_PARALLEL:
-            raise ConfigError(f"thinkrl {ns.command} runs in one process; under torchrun only "
-                              f"{', '.join(sorted(DATA_PARALLEL))} are data-parallel (launch it without torchrun)")
+            raise ConfigError(
+                f"thinkrl {ns.command} runs in one process; under torchrun only "
+                f"{', '.join(sorted(DATA_PARALLEL))} are data-parallel (launch it without torchrun)"
+            )
         return COMMANDS[ns.command](argv[1:])
     except (ConfigError, ModelError, SandboxUnavailable) as e:
         print(f"thinkrl: error: {e}", file=sys.stderr)

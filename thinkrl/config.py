@@ -36,7 +36,9 @@ class TaskConfig:
     name: str = "chain_sum"  # a reasoning-gym dataset name, or a path to a .jsonl file
     # The reasoning-gym dataset's own config. The default recipe: sums and differences of
     # two numbers of 1-2 digits, where SmolLM2-135M starts near 16% (greedy).
-    params: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2})
+    params: dict = field(
+        default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+    )
     train_size: int = 2000
     eval_size: int = 200
     seed: int = 0
@@ -48,8 +50,14 @@ class TaskConfig:
     # Demonstration turns shown before the question (chat template only), each a mapping
     # {question: ..., response: ...}. Small chat models copy a format far more reliably
     # from one worked exchange than from an instruction alone.
-    fewshot: list = field(default_factory=lambda: [
-        {"question": "What is 7 + 8?", "response": "<think> 7 plus 8 is 15. </think> <answer> 15 </answer>"}])
+    fewshot: list = field(
+        default_factory=lambda: [
+            {
+                "question": "What is 7 + 8?",
+                "response": "<think> 7 plus 8 is 15. </think> <answer> 15 </answer>",
+            }
+        ]
+    )
     # name=mix: a weighted mixture of reasoning-gym datasets, each {name, params, weight}.
     mixture: list = field(default_factory=list)
     # reasoning-gym curriculum levels to draw from in equal shares, e.g. [0, 1, 2]; each
@@ -212,7 +220,9 @@ class MonitorConfig:
 class EnvConfig:
     """The environment episodes run in (thinkrl/envs, docs/tools.md)."""
 
-    name: str = "single_turn"  # single_turn (one turn, the plain rollout) | python (a Python tool in the sandbox)
+    name: str = (
+        "single_turn"  # single_turn (one turn, the plain rollout) | python (a Python tool in the sandbox)
+    )
     max_tool_calls: int = 4  # per episode; a call past it ends the episode (reason tool_budget_exceeded)
     max_turns: int = 8  # policy turns per episode, at most
     call_timeout_s: float = 5.0  # wall clock (and CPU seconds, rounded up) per tool call
@@ -236,7 +246,9 @@ class DistributedConfig:
     """Data parallelism under torchrun (thinkrl/distributed/torch_dist.py, docs/distributed.md)
     and the trainer/rollout split on Ray (thinkrl/distributed/ray_*.py, docs/distributed-ray.md)."""
 
-    strategy: str = "ddp"  # ddp: replicated weights, summed gradients | fsdp: not supported by the trainers yet
+    strategy: str = (
+        "ddp"  # ddp: replicated weights, summed gradients | fsdp: not supported by the trainers yet
+    )
     # Seed each group's sampling by (seed, step, group index in the global batch), one engine
     # call per group: rollouts then do not depend on the world size (slower: smaller batches).
     # False: one batched call per step, seeded per step and rank when there are several ranks.
@@ -263,9 +275,13 @@ class Config:
     model: str = "smollm2-135m"
     output_dir: str = "runs/default"
     max_steps: int = 40
-    max_minutes: float = 0.0  # stop training after this much wall time (0: no limit); final/ and eval still run
+    max_minutes: float = (
+        0.0  # stop training after this much wall time (0: no limit); final/ and eval still run
+    )
     seed: int = 0
-    dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU (natively) or the GPU runs it)
+    dtype: str = (
+        "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU (natively) or the GPU runs it)
+    )
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: the first CUDA GPU if any (thinkrl/device.py)
     threads: int = 0  # torch threads; 0 = all cores
     resume: bool = False
@@ -442,8 +458,12 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def build_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                 base: dict | None = None, cls: type = None):
+def build_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+    cls: type = None,
+):
     """Defaults <- ``base`` <- YAML file <- overrides, then validation.
 
     ``cls`` is the schema (default :class:`Config`); other commands pass their own
@@ -494,10 +514,14 @@ def validate(cfg: Config) -> None:
     from thinkrl.rollout import ENGINES  # the registered backends
 
     worker_only = ("vllm", "openai")  # engines of Ray rollout workers (thinkrl/distributed/ray_*.py)
-    need(cfg.rollout.backend in ENGINES or cfg.rollout.backend in worker_only,
-         f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: {', '.join(ENGINES.names() + list(worker_only))}")
-    need(cfg.distributed.strategy in ("ddp", "fsdp"),
-         f"distributed.strategy '{cfg.distributed.strategy}' unknown; choose from: ddp, fsdp")
+    need(
+        cfg.rollout.backend in ENGINES or cfg.rollout.backend in worker_only,
+        f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: {', '.join(ENGINES.names() + list(worker_only))}",
+    )
+    need(
+        cfg.distributed.strategy in ("ddp", "fsdp"),
+        f"distributed.strategy '{cfg.distributed.strategy}' unknown; choose from: ddp, fsdp",
+    )
     _validate_distributed(cfg, need)
     need(cfg.algo.num_iterations >= 1, "algo.num_iterations must be >= 1")
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
@@ -505,16 +529,28 @@ def validate(cfg: Config) -> None:
     _validate_algo(cfg, need)
     need(cfg.optim.lr > 0, "optim.lr must be > 0")
     need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
-    need(cfg.optim.max_bad_steps >= 1, "optim.max_bad_steps must be >= 1 (skipped updates in a row that stop a run)")
-    need(cfg.save_every >= 0 and cfg.keep_checkpoints >= 0,
-         "save_every and keep_checkpoints must be >= 0 (0: no step checkpoints, keep all of them)")
-    need(cfg.optim.schedule in SCHEDULES, f"optim.schedule '{cfg.optim.schedule}' unknown; "
-         f"choose from: {', '.join(SCHEDULES.names())}")
+    need(
+        cfg.optim.max_bad_steps >= 1,
+        "optim.max_bad_steps must be >= 1 (skipped updates in a row that stop a run)",
+    )
+    need(
+        cfg.save_every >= 0 and cfg.keep_checkpoints >= 0,
+        "save_every and keep_checkpoints must be >= 0 (0: no step checkpoints, keep all of them)",
+    )
+    need(
+        cfg.optim.schedule in SCHEDULES,
+        f"optim.schedule '{cfg.optim.schedule}' unknown; choose from: {', '.join(SCHEDULES.names())}",
+    )
     check_dtype(cfg.dtype)
-    need(cfg.task.template in TEMPLATES, f"task.template '{cfg.task.template}' unknown; "
-         f"choose from: {', '.join(TEMPLATES.names())}")
-    for reg, key in ((ADVANTAGES, cfg.algo.advantage), (POLICY_LOSSES, cfg.algo.loss),
-                     (KL_ESTIMATORS, cfg.algo.kl_estimator)):
+    need(
+        cfg.task.template in TEMPLATES,
+        f"task.template '{cfg.task.template}' unknown; choose from: {', '.join(TEMPLATES.names())}",
+    )
+    for reg, key in (
+        (ADVANTAGES, cfg.algo.advantage),
+        (POLICY_LOSSES, cfg.algo.loss),
+        (KL_ESTIMATORS, cfg.algo.kl_estimator),
+    ):
         reg.check(key)
     if cfg.algo.loss_agg is not None:
         LOSS_AGGREGATIONS.check(cfg.algo.loss_agg)
@@ -522,87 +558,147 @@ def validate(cfg: Config) -> None:
     from thinkrl.envs import validate_env
 
     validate_env(cfg.env)
-    need(cfg.env.name == "single_turn" or cfg.algo.advantage != "gae",
-         "env.name=%s with algo.advantage=gae: the critic would be trained on tool-output tokens; "
-         "multi-turn episodes support the critic-free estimators (grpo, dr_grpo, rloo, reinforce*)" % cfg.env.name)
+    need(
+        cfg.env.name == "single_turn" or cfg.algo.advantage != "gae",
+        f"env.name={cfg.env.name} with algo.advantage=gae: the critic would be trained on tool-output "
+        "tokens; multi-turn episodes support the critic-free estimators (grpo, dr_grpo, rloo, reinforce*)",
+    )
     validate_lora(cfg.lora)
     for i, shot in enumerate(cfg.task.fewshot):
-        need(isinstance(shot, dict) and set(shot) == {"question", "response"},
-             f"task.fewshot[{i}] must be a mapping with exactly the keys 'question' and 'response'")
+        need(
+            isinstance(shot, dict) and set(shot) == {"question", "response"},
+            f"task.fewshot[{i}] must be a mapping with exactly the keys 'question' and 'response'",
+        )
     need(len(cfg.rewards) > 0, "rewards: at least one reward is needed")
     for name, w in cfg.rewards.items():
         resolve(name)
-        need(isinstance(w, (int, float)) and not isinstance(w, bool), f"rewards.{name}: weight must be a number")
+        need(
+            isinstance(w, (int, float)) and not isinstance(w, bool),
+            f"rewards.{name}: weight must be a number",
+        )
     for name, opts in cfg.reward_args.items():
-        need(name in cfg.rewards, f"reward_args.{name}: '{name}' is not in rewards ({', '.join(cfg.rewards)})")
+        need(
+            name in cfg.rewards, f"reward_args.{name}: '{name}' is not in rewards ({', '.join(cfg.rewards)})"
+        )
         need(isinstance(opts, dict), f"reward_args.{name}: expected a mapping of options, got {opts!r}")
         check_options(name, resolve(name), opts)
 
 
 def _validate_distributed(cfg: Config, need) -> None:
     d, r, ro = cfg.distributed, cfg.ray, cfg.rollout
-    need(d.backend in (None, "ray"), f"distributed.backend '{d.backend}' unknown; choose from: ray (or leave it unset)")
+    need(
+        d.backend in (None, "ray"),
+        f"distributed.backend '{d.backend}' unknown; choose from: ray (or leave it unset)",
+    )
     need(d.rollout_workers >= 1, "distributed.rollout_workers must be >= 1")
     need(ro.max_staleness >= 0, "rollout.max_staleness must be >= 0 (0: on-policy)")
     need(ro.partial_tokens >= 0, "rollout.partial_tokens must be >= 0 (0: no partial rollouts)")
     need(ro.partial_max_iters >= 1, "rollout.partial_max_iters must be >= 1")
-    need(r.sync_timeout_s > 0 and r.rollout_timeout_s > 0, "ray.sync_timeout_s and ray.rollout_timeout_s must be > 0")
+    need(
+        r.sync_timeout_s > 0 and r.rollout_timeout_s > 0,
+        "ray.sync_timeout_s and ray.rollout_timeout_s must be > 0",
+    )
     need(r.max_restarts >= 0, "ray.max_restarts must be >= 0")
-    need(r.cpus_per_worker > 0 and r.gpus_per_worker >= 0, "ray.cpus_per_worker must be > 0, ray.gpus_per_worker >= 0")
-    need(r.placement in ("split", "colocated"), f"ray.placement '{r.placement}' unknown; choose from: split, colocated")
+    need(
+        r.cpus_per_worker > 0 and r.gpus_per_worker >= 0,
+        "ray.cpus_per_worker must be > 0, ray.gpus_per_worker >= 0",
+    )
+    need(
+        r.placement in ("split", "colocated"),
+        f"ray.placement '{r.placement}' unknown; choose from: split, colocated",
+    )
     if d.backend == "ray":
         import os
 
-        need(int(os.environ.get("WORLD_SIZE", "1")) == 1,
-             "distributed.backend=ray runs its own workers: start it with thinkrl train, not under torchrun")
+        need(
+            int(os.environ.get("WORLD_SIZE", "1")) == 1,
+            "distributed.backend=ray runs its own workers: start it with thinkrl train, not under torchrun",
+        )
     if d.backend != "ray":
-        for key, val, off in (("rollout.max_staleness", ro.max_staleness, 0), ("rollout.partial_tokens", ro.partial_tokens, 0),
-                              ("distributed.rollout_workers", d.rollout_workers, 1)):
+        for key, val, off in (
+            ("rollout.max_staleness", ro.max_staleness, 0),
+            ("rollout.partial_tokens", ro.partial_tokens, 0),
+            ("distributed.rollout_workers", d.rollout_workers, 1),
+        ):
             need(val == off, f"{key}={val} needs distributed.backend=ray")
-        need(ro.backend in ("fast", "hf"),
-             f"rollout.backend={ro.backend} runs in rollout workers: add distributed.backend=ray")
+        need(
+            ro.backend in ("fast", "hf"),
+            f"rollout.backend={ro.backend} runs in rollout workers: add distributed.backend=ray",
+        )
         return
     need(not cfg.sampling.dynamic, "sampling.dynamic is not supported with distributed.backend=ray yet")
-    need(not cfg.lora.enabled, "lora.enabled is not supported with distributed.backend=ray yet (workers load full weights)")
+    need(
+        not cfg.lora.enabled,
+        "lora.enabled is not supported with distributed.backend=ray yet (workers load full weights)",
+    )
     need(not cfg.resume, "resume is not supported with distributed.backend=ray yet")
-    need(cfg.algo.advantage != "gae", "algo.advantage=gae (a critic) is not supported with distributed.backend=ray yet")
-    need(ro.backend != "openai" or bool(ro.server_url),
-         "rollout.backend=openai needs rollout.server_url (e.g. http://127.0.0.1:8000/v1)")
+    need(
+        cfg.algo.advantage != "gae",
+        "algo.advantage=gae (a critic) is not supported with distributed.backend=ray yet",
+    )
+    need(
+        ro.backend != "openai" or bool(ro.server_url),
+        "rollout.backend=openai needs rollout.server_url (e.g. http://127.0.0.1:8000/v1)",
+    )
 
 
 def _validate_data(cfg: Config, need) -> None:
     t, s = cfg.task, cfg.sampling
-    need(t.thinking is None or isinstance(t.thinking, bool) or t.thinking in ("on", "off", "switch", "think", "no_think"),
-         f"task.thinking '{t.thinking}' unknown; choose from: on, off, switch")
+    need(
+        t.thinking is None
+        or isinstance(t.thinking, bool)
+        or t.thinking in ("on", "off", "switch", "think", "no_think"),
+        f"task.thinking '{t.thinking}' unknown; choose from: on, off, switch",
+    )
     need(0.0 <= t.think_share <= 1.0, "task.think_share must be between 0 and 1")
     need(t.max_prompt_tokens >= 0, "task.max_prompt_tokens must be >= 0 (0: no limit)")
-    need(0.0 <= t.min_pass_rate <= t.max_pass_rate <= 1.0,
-         "task.min_pass_rate and task.max_pass_rate must satisfy 0 <= min <= max <= 1")
-    need(set(t.fields) <= {"question", "answer", "pass_rate"},
-         f"task.fields: unknown key(s) {sorted(set(t.fields) - {'question', 'answer', 'pass_rate'})}; "
-         "valid keys: question, answer, pass_rate")
-    need(t.name != "mix" or len(t.mixture) > 0, "task.name=mix needs task.mixture: a list of {name, params, weight}")
+    need(
+        0.0 <= t.min_pass_rate <= t.max_pass_rate <= 1.0,
+        "task.min_pass_rate and task.max_pass_rate must satisfy 0 <= min <= max <= 1",
+    )
+    need(
+        set(t.fields) <= {"question", "answer", "pass_rate"},
+        f"task.fields: unknown key(s) {sorted(set(t.fields) - {'question', 'answer', 'pass_rate'})}; "
+        "valid keys: question, answer, pass_rate",
+    )
+    need(
+        t.name != "mix" or len(t.mixture) > 0,
+        "task.name=mix needs task.mixture: a list of {name, params, weight}",
+    )
     need(not (t.mixture and t.levels), "task.levels and task.mixture cannot be combined")
     for i, item in enumerate(t.mixture):
-        need(isinstance(item, dict) and "name" in item and set(item) <= {"name", "params", "weight"},
-             f"task.mixture[{i}] must be a mapping with 'name' and optionally 'params' and 'weight'")
+        need(
+            isinstance(item, dict) and "name" in item and set(item) <= {"name", "params", "weight"},
+            f"task.mixture[{i}] must be a mapping with 'name' and optionally 'params' and 'weight'",
+        )
         w = item.get("weight", 1.0)
-        need(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0, f"task.mixture[{i}].weight must be > 0")
-    need(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in t.levels),
-         "task.levels must be a list of integers >= 0")
+        need(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0,
+            f"task.mixture[{i}].weight must be > 0",
+        )
+    need(
+        all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in t.levels),
+        "task.levels must be a list of integers >= 0",
+    )
     from thinkrl.sampling.samplers import SAMPLERS
 
-    need(s.order in SAMPLERS, f"sampling.order '{s.order}' unknown; choose from: {', '.join(SAMPLERS.names())}")
+    need(
+        s.order in SAMPLERS, f"sampling.order '{s.order}' unknown; choose from: {', '.join(SAMPLERS.names())}"
+    )
     need(0.0 < s.priority_floor <= 1.0, "sampling.priority_floor must be in (0, 1]")
     need(0.0 < s.priority_ema <= 1.0, "sampling.priority_ema must be in (0, 1]")
     need(0.0 <= s.priority_prior <= 1.0, "sampling.priority_prior must be in [0, 1]")
     need(s.max_rounds >= 0, "sampling.max_rounds must be >= 0")
     need(cfg.max_minutes >= 0, "max_minutes must be >= 0 (0: no limit)")
     need(cfg.eval.samples >= 1, "eval.samples must be >= 1")
-    need(isinstance(cfg.eval.min_thinking, int) and cfg.eval.min_thinking >= 0,
-         "eval.min_thinking must be a whole number of tokens >= 0 (0: no minimum)")
-    need(cfg.eval.samples == 1 or cfg.eval.temperature is None or cfg.eval.temperature > 0,
-         "eval.samples > 1 needs eval.temperature > 0 (greedy samples would all be the same)")
+    need(
+        isinstance(cfg.eval.min_thinking, int) and cfg.eval.min_thinking >= 0,
+        "eval.min_thinking must be a whole number of tokens >= 0 (0: no minimum)",
+    )
+    need(
+        cfg.eval.samples == 1 or cfg.eval.temperature is None or cfg.eval.temperature > 0,
+        "eval.samples > 1 needs eval.temperature > 0 (greedy samples would all be the same)",
+    )
 
 
 def validate_lora(lora: LoraConfig) -> None:
@@ -614,7 +710,9 @@ def validate_lora(lora: LoraConfig) -> None:
     if not 0.0 <= lora.dropout < 1.0:
         raise ConfigError("lora.dropout must be in [0, 1)")
     if not lora.target_modules or not all(isinstance(t, str) for t in lora.target_modules):
-        raise ConfigError("lora.target_modules must be a non-empty list of module names, e.g. [q_proj, v_proj]")
+        raise ConfigError(
+            "lora.target_modules must be a non-empty list of module names, e.g. [q_proj, v_proj]"
+        )
 
 
 def _validate_algo(cfg: Config, need) -> None:
@@ -623,9 +721,11 @@ def _validate_algo(cfg: Config, need) -> None:
     a = cfg.algo
     need(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high must be > 0")
     need(a.mini_batches >= 1, "algo.mini_batches must be >= 1")
-    need(a.mini_batches <= cfg.rollout.prompts_per_step,
-         f"algo.mini_batches={a.mini_batches} is more than the {cfg.rollout.prompts_per_step} groups of a step "
-         "(rollout.prompts_per_step): a mini-batch holds whole groups")
+    need(
+        a.mini_batches <= cfg.rollout.prompts_per_step,
+        f"algo.mini_batches={a.mini_batches} is more than the {cfg.rollout.prompts_per_step} groups of a step "
+        "(rollout.prompts_per_step): a mini-batch holds whole groups",
+    )
     need(a.tis_cap is None or a.tis_cap > 0, "algo.tis_cap must be > 0 (or null for no correction)")
     from thinkrl.trainer.tracking import check_backends
 
@@ -635,9 +735,11 @@ def _validate_algo(cfg: Config, need) -> None:
         need(mon.window >= 2, "monitor.window must be >= 2 (or 0 for no monitor)")
         for role in ("gold", "proxy"):
             name = getattr(mon, role)
-            need(bool(name) and name in cfg.rewards,
-                 f"monitor.{role}={name!r} must name one of the rewards in use ({', '.join(cfg.rewards)}); "
-                 "a gold reward only logged takes weight 0, e.g. rewards.accuracy=0")
+            need(
+                bool(name) and name in cfg.rewards,
+                f"monitor.{role}={name!r} must name one of the rewards in use ({', '.join(cfg.rewards)}); "
+                "a gold reward only logged takes weight 0, e.g. rewards.accuracy=0",
+            )
     need(a.clip_c > 1, "algo.clip_c must be > 1 (dual clip bounds the loss at -clip_c * A)")
     need(a.tau > 0, "algo.tau must be > 0")
     need(a.entropy_coef >= 0, "algo.entropy_coef must be >= 0")
@@ -647,9 +749,11 @@ def _validate_algo(cfg: Config, need) -> None:
     need(a.vf_clip is None or a.vf_clip > 0, "algo.vf_clip must be > 0 (or null for no clipping)")
     need(a.kl_in in (None, "loss", "reward"), f"algo.kl_in '{a.kl_in}' unknown; choose from: loss, reward")
     if a.kl_coef > 0 and kl_in_for(a.advantage, a.kl_in) == "reward":
-        need(takes_token_rewards(a.advantage),
-             f"algo.kl_in=reward needs an estimator with token rewards ({', '.join(ADVANTAGES.names(kl_in='reward'))}); "
-             f"'{a.advantage}' uses one reward per completion: set algo.kl_in=loss")
+        need(
+            takes_token_rewards(a.advantage),
+            f"algo.kl_in=reward needs an estimator with token rewards ({', '.join(ADVANTAGES.names(kl_in='reward'))}); "
+            f"'{a.advantage}' uses one reward per completion: set algo.kl_in=loss",
+        )
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

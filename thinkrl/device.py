@@ -46,6 +46,7 @@ from thinkrl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class CpuPlan:
     cpu: str  # the processor's model name
@@ -63,11 +64,20 @@ class CpuPlan:
         return self.native_bf16 and "THINKRL_BF16" not in self.forced_off
 
     def describe(self) -> str:
-        fp = [name for name, on in (("oneDNN bf16 prepack", self.onednn_prepack),
-                                    ("MKL fp32 prepack", self.mkl_prepack), ("C kernel", self.kernel)) if on]
+        fp = [
+            name
+            for name, on in (
+                ("oneDNN bf16 prepack", self.onednn_prepack),
+                ("MKL fp32 prepack", self.mkl_prepack),
+                ("C kernel", self.kernel),
+            )
+            if on
+        ]
         off = f"; forced off: {', '.join(self.forced_off)}" if self.forced_off else ""
-        return (f"{self.cpu} ({self.capability}, bf16 {'native' if self.native_bf16 else 'emulated' if self.bf16_runs else 'none'}): "
-                f"dtype=auto is {'bf16' if self.auto_bf16 else 'fp32'}; fast paths: {', '.join(fp) or 'none'}{off}")
+        return (
+            f"{self.cpu} ({self.capability}, bf16 {'native' if self.native_bf16 else 'emulated' if self.bf16_runs else 'none'}): "
+            f"dtype=auto is {'bf16' if self.auto_bf16 else 'fp32'}; fast paths: {', '.join(fp) or 'none'}{off}"
+        )
 
 
 def _off(name: str) -> bool:
@@ -91,8 +101,10 @@ def _native_bf16() -> bool:
         return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
     if platform.machine().lower() in ("aarch64", "arm64"):
         try:  # Linux names the Armv8.6 BF16 extension "bf16" among the Features
-            return any(line.startswith("Features") and " bf16" in f" {line.split(':', 1)[1]}"
-                       for line in Path("/proc/cpuinfo").read_text().splitlines())
+            return any(
+                line.startswith("Features") and " bf16" in f" {line.split(':', 1)[1]}"
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+            )
         except OSError:
             return False  # macOS: Apple's M2 and later have it, but oneDNN's bf16 path there is untested
     return False
@@ -158,13 +170,20 @@ def plan() -> CpuPlan:
     prepack_ok = "THINKRL_PREPACK" not in forced
     return CpuPlan(
         # instructions oneDNN may not use (ONEDNN_MAX_CPU_ISA below them) are not native bf16 for us
-        cpu=_cpu_name(), capability=torch.backends.cpu.get_cpu_capability(), native_bf16=_native_bf16() and bf16_runs,
+        cpu=_cpu_name(),
+        capability=torch.backends.cpu.get_cpu_capability(),
+        native_bf16=_native_bf16() and bf16_runs,
         bf16_runs=bf16_runs,
-        onednn_prepack=prepack_ok and bf16_runs and torch.backends.mkldnn.is_available()
+        onednn_prepack=prepack_ok
+        and bf16_runs
+        and torch.backends.mkldnn.is_available()
         and _probe("oneDNN bf16 prepack", lambda: _packs(torch.bfloat16)),
-        mkl_prepack=prepack_ok and torch.backends.mkl.is_available()
+        mkl_prepack=prepack_ok
+        and torch.backends.mkl.is_available()
         and _probe("MKL fp32 prepack", lambda: _packs(torch.float32)),
-        kernel="THINKRL_KERNELS" not in forced, forced_off=forced)
+        kernel="THINKRL_KERNELS" not in forced,
+        forced_off=forced,
+    )
 
 
 def reset() -> None:
@@ -184,17 +203,23 @@ def use_bf16(dtype: str, dev: str = "cpu") -> bool:
     if is_cuda(dev):
         ok = torch.cuda.is_bf16_supported()
         if dtype == "bf16" and not ok:
-            raise ConfigError(f"dtype=bf16 but this GPU ({torch.cuda.get_device_name(dev)}) cannot run bf16; "
-                              "use dtype=fp32 or dtype=auto")
+            raise ConfigError(
+                f"dtype=bf16 but this GPU ({torch.cuda.get_device_name(dev)}) cannot run bf16; "
+                "use dtype=fp32 or dtype=auto"
+            )
         return ok
     p = plan()
     if dtype == "bf16":
         if not p.bf16_runs:
-            raise ConfigError(f"dtype=bf16 but this CPU ({p.cpu}, {p.capability}) cannot run bf16; "
-                             "use dtype=fp32 or dtype=auto")
+            raise ConfigError(
+                f"dtype=bf16 but this CPU ({p.cpu}, {p.capability}) cannot run bf16; "
+                "use dtype=fp32 or dtype=auto"
+            )
         if not p.native_bf16:
-            log.warning("dtype=bf16 on a CPU without bf16 instructions: oneDNN emulates it, "
-                        "typically slower than fp32 (dtype=auto would pick fp32)")
+            log.warning(
+                "dtype=bf16 on a CPU without bf16 instructions: oneDNN emulates it, "
+                "typically slower than fp32 (dtype=auto would pick fp32)"
+            )
         return True
     return p.auto_bf16
 
@@ -219,8 +244,10 @@ def resolve_device(name: str) -> str:
     index = int(name.split(":")[1]) if ":" in name else int(os.environ.get("LOCAL_RANK", "0"))
     if index >= gpus:
         have = f"cuda:0 .. cuda:{gpus - 1}" if gpus else "no CUDA GPU"
-        raise ConfigError(f"device={name} but this machine has {have}; choose from: auto, cpu"
-                          + (", cuda, " + ", ".join(f"cuda:{i}" for i in range(gpus)) if gpus else ""))
+        raise ConfigError(
+            f"device={name} but this machine has {have}; choose from: auto, cpu"
+            + (", cuda, " + ", ".join(f"cuda:{i}" for i in range(gpus)) if gpus else "")
+        )
     return f"cuda:{index}"
 
 

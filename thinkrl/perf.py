@@ -31,8 +31,14 @@ def tune_allocator() -> bool:
         return True
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = all(libc.mallopt(opt, val) == 1 for opt, val in (
-            (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 256 << 20), (_M_TOP_PAD, 64 << 20)))
+        ok = all(
+            libc.mallopt(opt, val) == 1
+            for opt, val in (
+                (_M_MMAP_THRESHOLD, 32 << 20),
+                (_M_TRIM_THRESHOLD, 256 << 20),
+                (_M_TOP_PAD, 64 << 20),
+            )
+        )
     except (OSError, AttributeError):
         ok = False
     _done = ok

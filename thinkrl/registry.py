@@ -12,7 +12,8 @@ component is one registered function and its test.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from thinkrl.errors import ConfigError
 

@@ -3,15 +3,16 @@ import math
 import pytest
 import torch
 
-from thinkrl.algorithms import (ADVANTAGES, LOSS_AGGREGATIONS, AdvantageInput, MovingAverage,
-                                group_stats)
+from thinkrl.algorithms import ADVANTAGES, LOSS_AGGREGATIONS, AdvantageInput, MovingAverage, group_stats
 from thinkrl.algorithms.advantages import discounted_returns, gae_advantages, masked_whiten, token_rewards
 
 # Two groups of four: [1, 0, 0, 1] and [1, 1, 1, 0]. Rows have different lengths, T = 3.
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
 GROUPS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1],
-                     [1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.float32)
+MASK = torch.tensor(
+    [[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]],
+    dtype=torch.float32,
+)
 EPS = 1e-4
 
 
@@ -55,8 +56,9 @@ def test_grpo_hand_worked():
     assert adv.shape == (8, 3) and adv.dtype == torch.float32
     s0 = math.sqrt(1 / 3) + EPS  # group 0: (r - 0.5) / (sqrt(1/3) + 1e-4) = +-0.86588...
     s1 = 0.5 + EPS  # group 1: (r - 0.75) / 0.5001 = 0.49990 or -1.49970
-    expected = torch.tensor([0.5 / s0, -0.5 / s0, -0.5 / s0, 0.5 / s0,
-                             0.25 / s1, 0.25 / s1, 0.25 / s1, -0.75 / s1])
+    expected = torch.tensor(
+        [0.5 / s0, -0.5 / s0, -0.5 / s0, 0.5 / s0, 0.25 / s1, 0.25 / s1, 0.25 / s1, -0.75 / s1]
+    )
     torch.testing.assert_close(per_seq(adv), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(adv, expected[:, None] * MASK, atol=1e-6, rtol=0)
 
@@ -142,8 +144,9 @@ V2 = torch.tensor([[0.5, 0.4, 0.2], [0.3, -1.0, 9.9]])  # 9.9 sits on padding an
 def test_token_rewards_hand_worked():
     torch.testing.assert_close(token_rewards(OUTCOME, M2, KL2, 0.5), R_TOK, atol=1e-6, rtol=0)
     # without KL only the last real token carries the outcome
-    torch.testing.assert_close(token_rewards(OUTCOME, M2), torch.tensor([[0.0, 0.0, 1.0], [0.0, -2.0, 0.0]]),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        token_rewards(OUTCOME, M2), torch.tensor([[0.0, 0.0, 1.0], [0.0, -2.0, 0.0]]), atol=0, rtol=0
+    )
 
 
 def test_discounted_returns_hand_worked():
@@ -165,10 +168,12 @@ def test_gae_hand_worked():
     # row 0: A_2 = 0.65; A_1 = -0.4 + 0.1625 = -0.2375; A_0 = -0.35 - 0.059375 = -0.409375
     # row 1: A_1 = -1.25; A_0 = -1.0 - 0.3125 = -1.3125; returns = A + V on real tokens
     adv, ret = gae_advantages(R_TOK, V2, M2, gamma=0.5, lam=0.5)
-    torch.testing.assert_close(adv, torch.tensor([[-0.409375, -0.2375, 0.65], [-1.3125, -1.25, 0.0]]),
-                               atol=1e-6, rtol=0)
-    torch.testing.assert_close(ret, torch.tensor([[0.090625, 0.1625, 0.85], [-1.0125, -2.25, 0.0]]),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        adv, torch.tensor([[-0.409375, -0.2375, 0.65], [-1.3125, -1.25, 0.0]]), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        ret, torch.tensor([[0.090625, 0.1625, 0.85], [-1.0125, -2.25, 0.0]]), atol=1e-6, rtol=0
+    )
 
 
 def test_gae_lambda_zero_is_the_td_error_and_lambda_one_is_return_minus_value():
@@ -203,23 +208,31 @@ def test_reinforce_hand_worked_with_baseline():
     out = ADVANTAGES.get("reinforce")(AdvantageInput(rewards, ids, mask, gamma=0.5, baseline=0.25))
     # return-to-go of the outcome on the last token, gamma = 0.5: row 0 [0.25, 0.5, 1], row 1 [0, 0, pad]
     # minus the baseline 0.25 on real tokens
-    torch.testing.assert_close(out.returns, torch.tensor([[0.25, 0.5, 1.0], [0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(out.adv, torch.tensor([[0.0, 0.25, 0.75], [-0.25, -0.25, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out.returns, torch.tensor([[0.25, 0.5, 1.0], [0.0, 0.0, 0.0]]), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        out.adv, torch.tensor([[0.0, 0.25, 0.75], [-0.25, -0.25, 0.0]]), atol=1e-6, rtol=0
+    )
 
 
 def test_reinforce_pp_hand_worked():
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    out = ADVANTAGES.get("reinforce_pp")(AdvantageInput(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), mask,
-                                                        eps=EPS))
+    out = ADVANTAGES.get("reinforce_pp")(
+        AdvantageInput(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), mask, eps=EPS)
+    )
     # returns (gamma 1): [1, 1] and [0, pad]; real values 1, 1, 0: mean 2/3,
     # unbiased var ((1/3)^2 * 2 + (2/3)^2) / 2 = 1/3, std 0.5773503
     s = math.sqrt(1 / 3) + EPS
-    torch.testing.assert_close(out.adv, torch.tensor([[1 / 3 / s, 1 / 3 / s], [-2 / 3 / s, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out.adv, torch.tensor([[1 / 3 / s, 1 / 3 / s], [-2 / 3 / s, 0.0]]), atol=1e-6, rtol=0
+    )
 
 
 def test_reinforce_pp_puts_kl_in_the_token_rewards():
-    out = ADVANTAGES.get("reinforce_pp")(AdvantageInput(OUTCOME, torch.tensor([0, 0]), M2, token_kl=KL2,
-                                                        kl_coef=0.5, gamma=0.5, eps=EPS))
+    out = ADVANTAGES.get("reinforce_pp")(
+        AdvantageInput(OUTCOME, torch.tensor([0, 0]), M2, token_kl=KL2, kl_coef=0.5, gamma=0.5, eps=EPS)
+    )
     rtg = torch.tensor([[0.1125, 0.325, 0.85], [-1.325, -2.25, 0.0]])  # test_discounted_returns_hand_worked
     torch.testing.assert_close(out.returns, rtg, atol=1e-6, rtol=0)
     torch.testing.assert_close(out.adv, masked_whiten(rtg, M2, EPS), atol=1e-6, rtol=0)
@@ -237,14 +250,16 @@ def test_reinforce_pp_baseline_hand_worked():
 
 @pytest.mark.parametrize("name", ["reinforce_pp_baseline"])
 def test_equal_rewards_give_zero_advantage_with_group_baseline(name):
-    out = ADVANTAGES.get(name)(AdvantageInput(torch.tensor([0.7, 0.7, 1.0, 1.0]), torch.tensor([0, 0, 1, 1]),
-                                              torch.ones(4, 3)))
+    out = ADVANTAGES.get(name)(
+        AdvantageInput(torch.tensor([0.7, 0.7, 1.0, 1.0]), torch.tensor([0, 0, 1, 1]), torch.ones(4, 3))
+    )
     assert torch.equal(out.adv, torch.zeros(4, 3))
 
 
 def test_gae_estimator_whitens_the_gae_advantages():
-    b = AdvantageInput(OUTCOME, torch.tensor([0, 0]), M2, token_kl=KL2, kl_coef=0.5, values=V2, gamma=0.5, lam=0.5,
-                       eps=EPS)
+    b = AdvantageInput(
+        OUTCOME, torch.tensor([0, 0]), M2, token_kl=KL2, kl_coef=0.5, values=V2, gamma=0.5, lam=0.5, eps=EPS
+    )
     out = ADVANTAGES.get("gae")(b)
     raw, ret = gae_advantages(R_TOK, V2, M2, 0.5, 0.5)  # hand-worked in test_gae_hand_worked
     torch.testing.assert_close(out.adv, masked_whiten(raw, M2, EPS), atol=1e-6, rtol=0)
@@ -269,8 +284,16 @@ def test_moving_average_baseline_is_bias_corrected():
 def test_every_estimator_returns_zero_on_padding():
     g = torch.Generator().manual_seed(5)
     rewards, ids = torch.rand(8, generator=g), GROUPS
-    b = AdvantageInput(rewards, ids, MASK, token_kl=torch.rand(8, 3, generator=g), kl_coef=0.1,
-                       values=torch.randn(8, 3, generator=g), gamma=0.9, lam=0.8)
+    b = AdvantageInput(
+        rewards,
+        ids,
+        MASK,
+        token_kl=torch.rand(8, 3, generator=g),
+        kl_coef=0.1,
+        values=torch.randn(8, 3, generator=g),
+        gamma=0.9,
+        lam=0.8,
+    )
     for name in ADVANTAGES.names():
         out = ADVANTAGES.get(name)(b)
         assert out.adv.shape == (8, 3) and torch.all(out.adv[MASK == 0] == 0), name

@@ -15,7 +15,7 @@ def test_kl_estimators_hand_worked():
     # token 0: logp - ref = ln 2;  token 1: -ln 2;  token 2: 0
     torch.testing.assert_close(k1(logp, ref), torch.tensor([LN2, -LN2, 0.0]), atol=1e-6, rtol=0)
     # k2 = (ln 2)^2 / 2 = 0.2402265 for both signs
-    torch.testing.assert_close(k2(logp, ref), torch.tensor([LN2 ** 2 / 2, LN2 ** 2 / 2, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(k2(logp, ref), torch.tensor([LN2**2 / 2, LN2**2 / 2, 0.0]), atol=1e-6, rtol=0)
     # k3 = exp(d) - d - 1 with d = ref - logp:
     # token 0: d = -ln 2 -> 0.5 + ln 2 - 1 = 0.1931472;  token 1: d = ln 2 -> 2 - ln 2 - 1 = 0.3068528
     torch.testing.assert_close(k3(logp, ref), torch.tensor([LN2 - 0.5, 1 - LN2, 0.0]), atol=1e-6, rtol=0)

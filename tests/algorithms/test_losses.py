@@ -29,10 +29,10 @@ def test_ppo_clip_values_and_gradients_hand_worked():
     expected_loss = [
         -1.2,  # r=1.5, A=+1: min(1.5, 1.2) = 1.2   (clipped in the direction of A)
         -0.5,  # r=0.5, A=+1: min(0.5, 0.8) = 0.5   (unclipped)
-        0.8,   # r=0.5, A=-1: min(-0.5, -0.8) = -0.8 (clipped in the direction of A)
-        1.5,   # r=1.5, A=-1: min(-1.5, -1.2) = -1.5 (unclipped)
+        0.8,  # r=0.5, A=-1: min(-0.5, -0.8) = -0.8 (clipped in the direction of A)
+        1.5,  # r=1.5, A=-1: min(-1.5, -1.2) = -1.5 (unclipped)
         -2.2,  # r=1.1, A=2: inside the range, 2.2
-        0.5,   # r=1.0, A=-0.5: inside the range, -0.5
+        0.5,  # r=1.0, A=-0.5: inside the range, -0.5
     ]
     expected_grad = [0.0, -0.5, 0.0, 1.5, -2.2, 0.5]  # -r A where unclipped
     torch.testing.assert_close(loss, torch.tensor(expected_loss), atol=1e-6, rtol=0)
@@ -85,12 +85,15 @@ X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 M = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
-@pytest.mark.parametrize("mode,norm,expected", [
-    ("token_mean", 1.0, 7 / 3),  # (1 + 2 + 4) / 3 tokens
-    ("seq_mean_token_mean", 1.0, 2.75),  # ((1 + 2) / 2 + 4 / 1) / 2 = (1.5 + 4) / 2
-    ("seq_mean_token_sum", 1.0, 3.5),  # ((1 + 2) + 4) / 2
-    ("seq_mean_token_sum_norm", 3.0, 3.5 / 3),  # ((1 + 2) + 4) / 2 / 3
-])
+@pytest.mark.parametrize(
+    "mode,norm,expected",
+    [
+        ("token_mean", 1.0, 7 / 3),  # (1 + 2 + 4) / 3 tokens
+        ("seq_mean_token_mean", 1.0, 2.75),  # ((1 + 2) / 2 + 4 / 1) / 2 = (1.5 + 4) / 2
+        ("seq_mean_token_sum", 1.0, 3.5),  # ((1 + 2) + 4) / 2
+        ("seq_mean_token_sum_norm", 3.0, 3.5 / 3),  # ((1 + 2) + 4) / 2 / 3
+    ],
+)
 def test_aggregate_hand_worked(mode, norm, expected):
     assert float(aggregate(X, M, mode, norm=norm)) == pytest.approx(expected, abs=1e-6)
     # values on padding never count
@@ -99,8 +102,12 @@ def test_aggregate_hand_worked(mode, norm, expected):
 
 
 def test_all_aggregations_are_covered():
-    assert set(LOSS_AGGREGATIONS.names()) == {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
-                                              "seq_mean_token_sum_norm"}
+    assert set(LOSS_AGGREGATIONS.names()) == {
+        "token_mean",
+        "seq_mean_token_mean",
+        "seq_mean_token_sum",
+        "seq_mean_token_sum_norm",
+    }
 
 
 def test_aggregate_unknown_mode_lists_choices():
@@ -123,13 +130,15 @@ def test_dual_clip_hand_worked():
     ratios = [[5.0, 2.0, 0.5, 1.5, 5.0]]
     advs = [[-1.0, -1.0, -1.0, 1.0, 2.0]]
     loss, grad, m = run_loss("dual_clip", ratios, advs, LossParams(clip_c=3.0))
-    expected_loss = [[
-        3.0,   # r=5, A=-1: PPO min(-5, -1.2) = -5, dual max(-5, -3) = -3 -> loss 3 (the dual bound)
-        2.0,   # r=2, A=-1: min(-2, -1.2) = -2 > -3 -> unchanged, loss 2
-        0.8,   # r=0.5, A=-1: min(-0.5, -0.8) = -0.8 (PPO clip) -> loss 0.8
-        -1.2,  # r=1.5, A=+1: PPO clip at 1.2; the dual clip never touches A > 0
-        -2.4,  # r=5, A=+2: min(10, 2.4) = 2.4
-    ]]
+    expected_loss = [
+        [
+            3.0,  # r=5, A=-1: PPO min(-5, -1.2) = -5, dual max(-5, -3) = -3 -> loss 3 (the dual bound)
+            2.0,  # r=2, A=-1: min(-2, -1.2) = -2 > -3 -> unchanged, loss 2
+            0.8,  # r=0.5, A=-1: min(-0.5, -0.8) = -0.8 (PPO clip) -> loss 0.8
+            -1.2,  # r=1.5, A=+1: PPO clip at 1.2; the dual clip never touches A > 0
+            -2.4,  # r=5, A=+2: min(10, 2.4) = 2.4
+        ]
+    ]
     expected_grad = [[0.0, 2.0, 0.0, 0.0, 0.0]]  # -rA on the only unclipped token
     torch.testing.assert_close(loss, torch.tensor(expected_loss), atol=1e-6, rtol=0)
     torch.testing.assert_close(grad, torch.tensor(expected_grad), atol=1e-6, rtol=0)
@@ -173,8 +182,9 @@ def test_gspo_hand_worked():
     # row 1: one real token, s = e^-0.1 = 0.904837 inside [0.8, 1.2]: loss -sA = 0.904837, grad -A s = 0.904837
     # row 2: s = exp(0) = 1: loss -2 per token, d/d logp_t of -s_t A = -A s = -2 per token
     s1 = e(-0.1)
-    torch.testing.assert_close(loss * torch.tensor(mask), torch.tensor([[-1.2, -1.2], [s1, 0.0], [-2.0, -2.0]]),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        loss * torch.tensor(mask), torch.tensor([[-1.2, -1.2], [s1, 0.0], [-2.0, -2.0]]), atol=1e-6, rtol=0
+    )
     torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0], [s1, 0.0], [-2.0, -2.0]]), atol=1e-6, rtol=0)
     assert m["clip_frac"] == pytest.approx(2 / 5, abs=1e-6)  # the two tokens of row 0 of 5 real tokens
     assert m["ratio_mean"] == pytest.approx((e(0.2) + s1 + 1.0) / 3, abs=1e-6)
@@ -201,8 +211,13 @@ def test_gspo_with_seq_mean_token_mean_is_the_sequence_objective():
 def test_kimi_hand_worked():
     # tau = 0.5, L_i = (a_i - tau * sum_t log ratio)^2 / (2 tau)
     e = math.exp
-    loss, grad, _ = run_loss("kimi", [[e(0.2), e(0.4)], [1.0, 1.0]], [[0.5, 0.5], [-0.5, -0.5]],
-                             LossParams(tau=0.5), mask=[[1, 1], [1, 0]])
+    loss, grad, _ = run_loss(
+        "kimi",
+        [[e(0.2), e(0.4)], [1.0, 1.0]],
+        [[0.5, 0.5], [-0.5, -0.5]],
+        LossParams(tau=0.5),
+        mask=[[1, 1], [1, 0]],
+    )
     # row 0: log ratio 0.6, L = (0.5 - 0.3)^2 / 1 = 0.04 on each token; dL/dlogp_t = -(a - tau rho) = -0.2
     # row 1: log ratio 0, L = 0.25; dL/dlogp_0 = 0.5. run_loss sums token losses, so row 0's gradient
     # counts twice (two tokens carry L_0): -0.4 per token
@@ -249,7 +264,12 @@ def test_advantage_weighted_losses_vanish_with_zero_advantage(name):
     from thinkrl.algorithms import POLICY_LOSSES, advantage_weighted
 
     assert advantage_weighted(name)
-    assert POLICY_LOSSES.names(advantage_weighted=True) == ["dual_clip", "gspo", "pg", "ppo_clip"]  # kimi is not
+    assert POLICY_LOSSES.names(advantage_weighted=True) == [
+        "dual_clip",
+        "gspo",
+        "pg",
+        "ppo_clip",
+    ]  # kimi is not
     loss, grad, _ = run_loss(name, [[1.3, 0.7, 1.0]], [[0.0, 0.0, 0.0]])
     assert torch.equal(loss.abs(), torch.zeros(1, 3)) and torch.equal(grad.abs(), torch.zeros(1, 3))
 
@@ -264,5 +284,10 @@ def test_default_aggregation_and_kl_placement():
     assert loss_agg_for("dr_grpo", "ppo_clip") == "seq_mean_token_sum_norm"  # the estimator's paper
     assert loss_agg_for("dr_grpo", "kimi") == "seq_mean_token_mean"  # a sequence-level loss wins
     assert loss_agg_for("grpo", "gspo", "token_mean") == "token_mean"  # the config wins over both
-    assert [kl_in_for(a) for a in ("grpo", "rloo", "gae", "reinforce_pp")] == ["loss", "loss", "reward", "reward"]
+    assert [kl_in_for(a) for a in ("grpo", "rloo", "gae", "reinforce_pp")] == [
+        "loss",
+        "loss",
+        "reward",
+        "reward",
+    ]
     assert kl_in_for("gae", "loss") == "loss"

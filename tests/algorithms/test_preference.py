@@ -16,15 +16,29 @@ def test_dpo_at_policy_equal_reference_is_log2():
 def test_dpo_hand_value():
     # (logp_c - ref_c) - (logp_r - ref_r) = (-1 - -2) - (-3 - -2) = 1 - (-1) = 2; beta 0.5 -> z = 1
     # -log sigma(1) = log(1 + e^-1) = 0.3132617
-    loss, _ = dpo(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
-                  torch.tensor([4.0]), torch.tensor([8.0]), beta=0.5)
+    loss, _ = dpo(
+        torch.tensor([-1.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([4.0]),
+        torch.tensor([8.0]),
+        beta=0.5,
+    )
     assert loss.item() == pytest.approx(math.log1p(math.exp(-1)), abs=1e-6)
 
 
 def test_ln_dpo_divides_log_ratios_by_length():
     # chosen: (-4 - -8)/4 = 1; rejected: (-8 - -4)/8 = -0.5; margin 1.5, beta 2 -> z = 3
-    loss, m = ln_dpo(torch.tensor([-4.0]), torch.tensor([-8.0]), torch.tensor([-8.0]), torch.tensor([-4.0]),
-                     torch.tensor([4.0]), torch.tensor([8.0]), beta=2.0)
+    loss, m = ln_dpo(
+        torch.tensor([-4.0]),
+        torch.tensor([-8.0]),
+        torch.tensor([-8.0]),
+        torch.tensor([-4.0]),
+        torch.tensor([4.0]),
+        torch.tensor([8.0]),
+        beta=2.0,
+    )
     assert m["reward_margin"] == pytest.approx(1.5, abs=1e-6)
     assert loss.item() == pytest.approx(math.log1p(math.exp(-3)), abs=1e-6)
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from transformers import AutoModelForCausalLM
 
-from thinkrl.distributed.ray_engine import Seq, SeededEngine
+from thinkrl.distributed.ray_engine import SeededEngine, Seq
 from thinkrl.models import load_model
 from thinkrl.rollout import SamplingParams
 
@@ -43,11 +43,30 @@ class Handler(BaseHTTPRequestHandler):
             return self._reply(404, {"error": "not found"})
         state["requests"].append({k: v for k, v in body.items() if k != "prompt"})
         s = Seq(uid=body["seed"], prompt_ids=body["prompt"])
-        engine.continue_([s], body["max_tokens"], SamplingParams(max_new_tokens=body["max_tokens"],
-                         temperature=body["temperature"], top_p=body["top_p"]), 0, 0)
-        self._reply(200, {"choices": [{"text": tok.decode(s.tokens), "finish_reason": "length" if s.truncated or not s.done else "stop",
-                                       "logprobs": {"tokens": [f"token_id:{t}" for t in s.tokens],
-                                                    "token_logprobs": s.logps}}]})
+        engine.continue_(
+            [s],
+            body["max_tokens"],
+            SamplingParams(
+                max_new_tokens=body["max_tokens"], temperature=body["temperature"], top_p=body["top_p"]
+            ),
+            0,
+            0,
+        )
+        self._reply(
+            200,
+            {
+                "choices": [
+                    {
+                        "text": tok.decode(s.tokens),
+                        "finish_reason": "length" if s.truncated or not s.done else "stop",
+                        "logprobs": {
+                            "tokens": [f"token_id:{t}" for t in s.tokens],
+                            "token_logprobs": s.logps,
+                        },
+                    }
+                ]
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -22,17 +22,33 @@ from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncEr
 
 # tiny-random's completions are random bytes, whose rewards are all 0: the entropy bonus makes
 # every update move the weights, through the sampled tokens and the behaviour log-probs.
-TINY = ["model=tiny-random", "dtype=fp32", "threads=1", "rollout.prompts_per_step=2", "rollout.group_size=2",
-        "rollout.max_new_tokens=16", "rollout.temperature=1.0", "algo.entropy_coef=0.01", "algo.tis_cap=2.0",
-        "eval.before=false", "eval.after=false",
-        "plot=false", "progress=false", "save_every=0", "optim.lr=1e-3", "distributed.backend=ray",
-        "distributed.rollout_workers=2"]
+TINY = [
+    "model=tiny-random",
+    "dtype=fp32",
+    "threads=1",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=2",
+    "rollout.max_new_tokens=16",
+    "rollout.temperature=1.0",
+    "algo.entropy_coef=0.01",
+    "algo.tis_cap=2.0",
+    "eval.before=false",
+    "eval.after=false",
+    "plot=false",
+    "progress=false",
+    "save_every=0",
+    "optim.lr=1e-3",
+    "distributed.backend=ray",
+    "distributed.rollout_workers=2",
+]
 TIMING = ("time_", "worker_time_", "step_time", "tokens_per_s")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+    ray.init(
+        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}}
+    )
     yield
     ray.shutdown()
 
@@ -47,14 +63,23 @@ def test_workers_import_this_thinkrl():
     @ray.remote(num_cpus=0)
     def where():
         import thinkrl as t
+
         return t.__file__
 
     assert ray.get(where.remote(), timeout=60) == thinkrl.__file__
 
 
 def test_train_cli_async_partial(tmp_path):
-    rc = main(["train", *TINY, f"output_dir={tmp_path}", "max_steps=3", "rollout.max_staleness=1",
-               "rollout.partial_tokens=8"])
+    rc = main(
+        [
+            "train",
+            *TINY,
+            f"output_dir={tmp_path}",
+            "max_steps=3",
+            "rollout.max_staleness=1",
+            "rollout.partial_tokens=8",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -78,7 +103,10 @@ def test_staleness0_async_equals_sync(tmp_path):
     for name, local in (("sync", True), ("async", False)):
         d = Driver(cfg_of(tmp_path / name, "max_steps=3", "rollout.max_staleness=0"), local=local)
         try:
-            runs[name] = ([d.step(s)[0] for s in (1, 2, 3)], {k: v.clone() for k, v in d.p.model.state_dict().items()})
+            runs[name] = (
+                [d.step(s)[0] for s in (1, 2, 3)],
+                {k: v.clone() for k, v in d.p.model.state_dict().items()},
+            )
         finally:
             d.close()
     (ms, ws), (ma, wa) = runs["sync"], runs["async"]
@@ -96,11 +124,21 @@ def test_partial_rollout_equals_one_shot():
     w = RolloutWorker(cfg, 0)
     state = w.engine.model.state_dict()
     w.load_weights(0, state, state_checksum(state))
-    prompts = [w.tok("a b", add_special_tokens=False).input_ids, w.tok("hello there", add_special_tokens=False).input_ids]
+    prompts = [
+        w.tok("a b", add_special_tokens=False).input_ids,
+        w.tok("hello there", add_special_tokens=False).input_ids,
+    ]
 
     def jobs():
-        return [GroupJob(uid=g, rendered=("", ""), example=None,
-                         seqs=[Seq(uid=2 * g + k, prompt_ids=p) for k in range(2)]) for g, p in enumerate(prompts)]
+        return [
+            GroupJob(
+                uid=g,
+                rendered=("", ""),
+                example=None,
+                seqs=[Seq(uid=2 * g + k, prompt_ids=p) for k in range(2)],
+            )
+            for g, p in enumerate(prompts)
+        ]
 
     w._score = lambda jobs: None  # the rewards are not under test
     one = w.rollout(jobs(), 0, 12)[0]
@@ -124,11 +162,15 @@ def test_weight_sync_fails_loudly(tmp_path):
         state = load_model("tiny-random")[0].state_dict()
         good = state_checksum(state)
         # weights corrupted on the way: the worker's own digest disagrees with the learner's
-        with pytest.raises(WeightSyncError, match="arrived with checksum .* but the learner sent 0+; they were corrupted"):
+        with pytest.raises(
+            WeightSyncError, match="arrived with checksum .* but the learner sent 0+; they were corrupted"
+        ):
             pool._get({0: w0.load_weights.remote(1, state, "0" * 32)}, 60, "load")
         # a worker asked to sample with a version it does not hold
         job = GroupJob(uid=0, rendered=("", ""), example=None, seqs=[Seq(uid=0, prompt_ids=[1, 2])])
-        with pytest.raises(WeightSyncError, match="holds policy version None but was asked to sample with version 3"):
+        with pytest.raises(
+            WeightSyncError, match="holds policy version None but was asked to sample with version 3"
+        ):
             pool.wait(pool.submit([job], 3, 4))
         # a rollout that does not return in time stops the next sync with one message, not a hang
         pool.sync(state, 3, good)
@@ -163,12 +205,24 @@ def test_killed_worker_drops_its_groups(tmp_path, restarts):
 
 def test_unschedulable_workers_fail_with_one_message(tmp_path, capsys):
     # 3 workers of 1 CPU on a 2-CPU cluster: the third never starts; the run says so and stops
-    rc = main(["train", *TINY, f"output_dir={tmp_path}", "max_steps=1", "distributed.rollout_workers=3",
-               "ray.sync_timeout_s=10"])
+    rc = main(
+        [
+            "train",
+            *TINY,
+            f"output_dir={tmp_path}",
+            "max_steps=1",
+            "distributed.rollout_workers=3",
+            "ray.sync_timeout_s=10",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
-    assert re.search(r"^thinkrl: error: rollout worker \d did not start and load the model within 10 s \(does the "
-                     r"cluster have the 3 x ray.cpus_per_worker=1 it needs\?\)", err, re.M), err[-2000:]
+    assert re.search(
+        r"^thinkrl: error: rollout worker \d did not start and load the model within 10 s \(does the "
+        r"cluster have the 3 x ray.cpus_per_worker=1 it needs\?\)",
+        err,
+        re.M,
+    ), err[-2000:]
     deadline = time.monotonic() + 30  # every actor of the failed run was killed: its CPUs come back
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)

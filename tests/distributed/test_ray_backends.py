@@ -1,12 +1,12 @@
 """The openai backend against a real local server process, and the vLLM glue against vLLM's
 documented interfaces (vLLM itself is not installed: docs/distributed-ray.md)."""
 
+import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +25,9 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     portfile = tmp_path_factory.mktemp("stub") / "port"
-    proc = subprocess.Popen([sys.executable, str(HERE / "openai_stub.py"), str(portfile)], env=dict(os.environ))
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "openai_stub.py"), str(portfile)], env=dict(os.environ)
+    )
     try:
         deadline = time.monotonic() + 120
         while not (portfile.exists() and portfile.read_text()):
@@ -38,15 +40,27 @@ def server(tmp_path_factory):
 
 
 def test_openai_backend_against_a_server(server):
-    cfg = build_config(None, ["model=tiny-random", "dtype=fp32", "distributed.backend=ray", "rollout.backend=openai",
-                              f"rollout.server_url={server}", "rollout.max_new_tokens=10", "rollout.group_size=2",
-                              "rollout.temperature=1.0"])
+    cfg = build_config(
+        None,
+        [
+            "model=tiny-random",
+            "dtype=fp32",
+            "distributed.backend=ray",
+            "rollout.backend=openai",
+            f"rollout.server_url={server}",
+            "rollout.max_new_tokens=10",
+            "rollout.group_size=2",
+            "rollout.temperature=1.0",
+        ],
+    )
     w = RolloutWorker(cfg, 0)
     state = w.engine.model.state_dict()
     w.load_weights(0, state, state_checksum(state))
     w._score = lambda jobs: None
     ids = w.tok("a b", add_special_tokens=False).input_ids
-    jobs = [GroupJob(uid=0, rendered=("", ""), example=None, seqs=[Seq(uid=k, prompt_ids=ids) for k in range(2)])]
+    jobs = [
+        GroupJob(uid=0, rendered=("", ""), example=None, seqs=[Seq(uid=k, prompt_ids=ids) for k in range(2)])
+    ]
     for _ in range(2):  # two partial iterations of 5 tokens
         jobs = w.rollout(jobs, 0, 5)[0]
     for s in jobs[0].seqs:
@@ -59,12 +73,23 @@ def test_openai_backend_against_a_server(server):
     # a weight sync writes the weights and the server confirms the new version
     new = {k: v + 0.01 for k, v in state.items()}
     assert w.load_weights(1, new, state_checksum(new))["version"] == 1
-    assert json.loads(urllib.request.urlopen(server.rsplit("/v1", 1)[0] + "/", timeout=30).read())["version"] == 1
+    assert (
+        json.loads(urllib.request.urlopen(server.rsplit("/v1", 1)[0] + "/", timeout=30).read())["version"]
+        == 1
+    )
 
 
 def test_openai_backend_without_reload_fails_loudly():
-    cfg = build_config(None, ["model=tiny-random", "distributed.backend=ray", "rollout.backend=openai",
-                              "rollout.server_url=http://127.0.0.1:9/v1", "ray.rollout_timeout_s=5"])
+    cfg = build_config(
+        None,
+        [
+            "model=tiny-random",
+            "distributed.backend=ray",
+            "rollout.backend=openai",
+            "rollout.server_url=http://127.0.0.1:9/v1",
+            "ray.rollout_timeout_s=5",
+        ],
+    )
     w = RolloutWorker(cfg, 0)
     state = w.engine.model.state_dict()
     with pytest.raises(WeightSyncError, match="could not take the weights of policy version 1"):
@@ -85,26 +110,44 @@ def test_config_errors():
 def test_vllm_weight_names():
     # what vLLM's Llama load_weights takes: HF names (it stacks q/k/v itself); no tied lm_head
     t = torch.zeros(1)
-    state = {"base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": t,
-             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": t,
-             "model.layers.0.self_attn.rotary_emb.inv_freq": t, "model.embed_tokens.weight": t,
-             "lm_head.weight": t}
+    state = {
+        "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": t,
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": t,
+        "model.layers.0.self_attn.rotary_emb.inv_freq": t,
+        "model.embed_tokens.weight": t,
+        "lm_head.weight": t,
+    }
     assert [n for n, _ in vllm_weights(state, tie_word_embeddings=True)] == [
-        "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.embed_tokens.weight",
+    ]
     assert "lm_head.weight" in dict(vllm_weights(state, tie_word_embeddings=False))
 
 
 def test_vllm_sampling_params():
     kw = vllm_sampling_kwargs(SamplingParams(max_new_tokens=64, temperature=0.8, top_p=0.9, top_k=0), 8, 123)
-    assert kw == {"n": 1, "max_tokens": 8, "temperature": 0.8, "top_p": 0.9, "top_k": 0, "min_tokens": 0,
-                  "seed": 123, "logprobs": 0}
+    assert kw == {
+        "n": 1,
+        "max_tokens": 8,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "top_k": 0,
+        "min_tokens": 0,
+        "seed": 123,
+        "logprobs": 0,
+    }
 
 
 def test_vllm_logprob_extraction():
     # CompletionOutput.logprobs: per generated token, {token_id: Logprob(logprob, rank, decoded_token)}
     Logprob = SimpleNamespace
-    out = SimpleNamespace(token_ids=[5, 9], logprobs=[{5: Logprob(logprob=-0.5, rank=1), 7: Logprob(logprob=-1.0, rank=2)},
-                                                      {9: Logprob(logprob=-2.25, rank=3)}])
+    out = SimpleNamespace(
+        token_ids=[5, 9],
+        logprobs=[
+            {5: Logprob(logprob=-0.5, rank=1), 7: Logprob(logprob=-1.0, rank=2)},
+            {9: Logprob(logprob=-2.25, rank=3)},
+        ],
+    )
     assert sampled_logprobs(out) == ([5, 9], [-0.5, -2.25])
     with pytest.raises(ValueError, match="no log-prob per sampled token"):
         sampled_logprobs(SimpleNamespace(token_ids=[5], logprobs=None))

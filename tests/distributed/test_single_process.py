@@ -33,13 +33,26 @@ def test_advantages_in_one_process_are_the_estimators_own():
         got = dist.advantages(ADVANTAGES.get(name), inp, whole_batch=uses_batch_statistics(name)).adv
         assert torch.equal(got, want)
     # the whitening estimators declare it where they register
-    assert [n for n in ADVANTAGES.names() if uses_batch_statistics(n)] == ["gae", "reinforce_pp", "reinforce_pp_baseline"]
+    assert [n for n in ADVANTAGES.names() if uses_batch_statistics(n)] == [
+        "gae",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+    ]
 
 
 def test_group_seed_depends_on_seed_step_and_group_only():
     assert dist.group_seed(0, 1, 2) == dist.group_seed(0, 1, 2)
-    assert len({dist.group_seed(0, 1, 2), dist.group_seed(0, 1, 3), dist.group_seed(0, 2, 2),
-                dist.group_seed(1, 1, 2)}) == 4
+    assert (
+        len(
+            {
+                dist.group_seed(0, 1, 2),
+                dist.group_seed(0, 1, 3),
+                dist.group_seed(0, 2, 2),
+                dist.group_seed(1, 1, 2),
+            }
+        )
+        == 4
+    )
 
 
 def test_unknown_strategy_is_one_config_error():

@@ -51,11 +51,22 @@ distributed: {{seed_by_group: true}}
 
 
 def thinkrl(nproc: int, *args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "THINKRL_BF16": "0", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "THINKRL_BF16": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    res = subprocess.run([sys.executable, *launch, "-m", "thinkrl", *args], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, *launch, "-m", "thinkrl", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert (res.returncode == 0) == ok, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -106,8 +117,10 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(rl_runs):
     assert (one / "samples.jsonl").read_text() == (two / "samples.jsonl").read_text()
     assert_same_weights(weights(one / "checkpoints" / "step-1"), weights(two / "checkpoints" / "step-1"))
     assert_same_weights(weights(one / "final"), weights(two / "final"))
-    moved = max(float((a - b).abs().max()) for a, b in zip(weights(two / "checkpoints" / "step-1").values(),
-                                                           weights(two / "final").values()))
+    moved = max(
+        float((a - b).abs().max())
+        for a, b in zip(weights(two / "checkpoints" / "step-1").values(), weights(two / "final").values())
+    )
     assert moved > 1e-4  # a step moves the weights far more than the tolerance
     # full HF folders, written once
     assert (two / "final" / "config.json").is_file() and (two / "config.yaml").is_file()
@@ -129,11 +142,25 @@ def test_resume_on_another_world_size_continues_exactly(rl_runs):
 
 
 def test_sft_two_ranks_equal_one_process(tmp_path):
-    rows = [{"prompt": f"What is {a} + {b}?", "completion": f"<think> {a} plus {b} </think> <answer> {a + b} "
-             "</answer>" + " x" * a} for a, b in ((1, 2), (30, 4), (5, 66), (7, 8), (9, 10))]
+    rows = [
+        {
+            "prompt": f"What is {a} + {b}?",
+            "completion": f"<think> {a} plus {b} </think> <answer> {a + b} </answer>" + " x" * a,
+        }
+        for a, b in ((1, 2), (30, 4), (5, 66), (7, 8), (9, 10))
+    ]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["model=tiny-random", "data=sft.jsonl", "batch_size=5", "max_steps=1", "lr=1e-3", "dtype=fp32",
-            "progress=false", "save_every=0", "task.template=plain"]
+    args = [
+        "model=tiny-random",
+        "data=sft.jsonl",
+        "batch_size=5",
+        "max_steps=1",
+        "lr=1e-3",
+        "dtype=fp32",
+        "progress=false",
+        "save_every=0",
+        "task.template=plain",
+    ]
     thinkrl(1, "sft", *args, "output_dir=one", cwd=tmp_path)
     thinkrl(2, "sft", *args, "output_dir=two", cwd=tmp_path)  # rows 0-1 on rank 0, 2-4 on rank 1
     (m1,), (m2,) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -145,7 +172,9 @@ def test_sft_two_ranks_equal_one_process(tmp_path):
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_one_config_error(rl_runs):
-    res = thinkrl(2, "train", "rl.yaml", "output_dir=odd", "rollout.prompts_per_step=3", cwd=rl_runs, ok=False)
+    res = thinkrl(
+        2, "train", "rl.yaml", "output_dir=odd", "rollout.prompts_per_step=3", cwd=rl_runs, ok=False
+    )
     assert "thinkrl: error: rollout.prompts_per_step=3 does not split over 2 processes" in res.stderr
     # one line per rank and no traceback through thinkrl (torchrun then prints its own report)
     assert res.stderr.count("thinkrl: error:") == 2 and "thinkrl/trainer" not in res.stderr

@@ -92,8 +92,16 @@ class Gate:
 def test_an_episode_goes_on_while_another_waits_for_its_tool(tiny):
     model, tok = tiny
     eng = FastEngine(model, tok, batch_size=8, bf16=False)
-    eps, _ = run_episodes(Gate(), CacheAppend(eng, tok), tok, [Example("slow", "1"), Example("fast", "2")],
-                          TaskConfig(template="plain", prefill="b"), 1, SamplingParams(max_new_tokens=80, temperature=0.0), 8)
+    eps, _ = run_episodes(
+        Gate(),
+        CacheAppend(eng, tok),
+        tok,
+        [Example("slow", "1"), Example("fast", "2")],
+        TaskConfig(template="plain", prefill="b"),
+        1,
+        SamplingParams(max_new_tokens=80, temperature=0.0),
+        8,
+    )
     slow, fast = eps
     assert slow.turns[1]["waited_for_fast"] is True  # fast's third observation came while slow's call ran
     assert fast.tool_calls() == 3 and slow.tool_calls() == 1
@@ -109,8 +117,11 @@ def test_hf_engine_reprefill_gives_the_same_episodes(tiny):
     exs = [Example("abc", "1"), Example("hello", "2")]
     cfg = TaskConfig(template="plain", prefill="b")
     params = SamplingParams(max_new_tokens=60, temperature=0.0)
-    fast, _ = run_episodes(Echo(("bbb", "zzzz")), RePrefill(FastEngine(model, tok, bf16=False), tok), tok, exs, cfg,
-                           1, params, 8)
-    hf, _ = run_episodes(Echo(("bbb", "zzzz")), RePrefill(HFEngine(model, tok), tok), tok, exs, cfg, 1, params, 8)
+    fast, _ = run_episodes(
+        Echo(("bbb", "zzzz")), RePrefill(FastEngine(model, tok, bf16=False), tok), tok, exs, cfg, 1, params, 8
+    )
+    hf, _ = run_episodes(
+        Echo(("bbb", "zzzz")), RePrefill(HFEngine(model, tok), tok), tok, exs, cfg, 1, params, 8
+    )
     assert [e.ids for e in hf] == [e.ids for e in fast] and [e.mask for e in hf] == [e.mask for e in fast]
     assert [e.tool_calls() for e in hf] == [1, 3]

@@ -33,8 +33,12 @@ def test_registry_lists_both():
 def test_bad_env_settings_are_one_config_error():
     with pytest.raises(ConfigError, match="unknown environment 'pyton'; choose from: python, single_turn"):
         build_config(overrides=["env.name=pyton"])
-    for key, msg in [("max_tool_calls=-1", "max_tool_calls"), ("call_timeout_s=0", "call_timeout_s"),
-                     ("call_memory_mb=1", "call_memory_mb"), ("max_output_chars=0", "max_output_chars")]:
+    for key, msg in [
+        ("max_tool_calls=-1", "max_tool_calls"),
+        ("call_timeout_s=0", "call_timeout_s"),
+        ("call_memory_mb=1", "call_memory_mb"),
+        ("max_output_chars=0", "max_output_chars"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             build_config(overrides=["env.name=python", f"env.{key}"])
     with pytest.raises(ConfigError, match="critic"):
@@ -52,12 +56,17 @@ def test_tool_call_parsing():
 
 def test_output_is_cut_and_killed_calls_are_said():
     cfg = EnvConfig(name="python", max_output_chars=5, call_timeout_s=2, call_memory_mb=64)
-    assert format_output("ok", "1234567890\n", "", cfg) == "\n<output>\n12345\n[... 5 more characters cut]\n</output>\n"
+    assert (
+        format_output("ok", "1234567890\n", "", cfg)
+        == "\n<output>\n12345\n[... 5 more characters cut]\n</output>\n"
+    )
     cfg = EnvConfig(name="python", call_timeout_s=2, call_memory_mb=64)
     assert format_output("timeout", "", "", cfg) == "\n<output>\n[killed: it ran past 2 s]\n</output>\n"
     runner = 'Traceback:\n  File "runner.py", line 9\n  File "solution.py", line 1\nZeroDivisionError: x\n'
-    assert format_output("error", "a\n", runner, cfg) == \
-        '\n<output>\na\nFile "solution.py", line 1\nZeroDivisionError: x\n</output>\n'
+    assert (
+        format_output("error", "a\n", runner, cfg)
+        == '\n<output>\na\nFile "solution.py", line 1\nZeroDivisionError: x\n</output>\n'
+    )
 
 
 def python_env(**kw):
@@ -85,8 +94,10 @@ def test_per_call_limits_kill_the_call_and_the_episode_goes_on():
 
 def test_a_call_past_the_budget_ends_the_episode_with_its_reason():
     env = python_env(max_tool_calls=1)
-    msgs = env.reset(example()) + [{"role": "assistant", "content": "<python>print(1)</python>"},
-                                   {"role": "tool", "content": "\n<output>\n1\n</output>\n"}]
+    msgs = env.reset(example()) + [
+        {"role": "assistant", "content": "<python>print(1)</python>"},
+        {"role": "tool", "content": "\n<output>\n1\n</output>\n"},
+    ]
     obs, reward, done, info = env.step(msgs, "<python>print(2)</python>")
     assert (obs, reward, done, info["reason"]) == (None, None, True, "tool_budget_exceeded")
     assert info["detail"] == "tool call 2 past env.max_tool_calls=1"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from tests.trainer.test_rl import make_parts, weights
 from thinkrl.cli import main
 from thinkrl.envs import decoders
 from thinkrl.envs.decoders import RePrefill, Turn, cut_turn
@@ -13,8 +14,6 @@ from thinkrl.rollout.fast import FastEngine
 from thinkrl.trainer.batch import policy_token_mask
 from thinkrl.trainer.rl import policy_update
 
-from tests.trainer.test_rl import make_parts, weights
-
 # Two groups of two episodes; completion = turn (2 tokens) | observation (2) | turn (1), T = 5
 PROMPTS = [[72, 105, 33]] * 2 + [[49, 43, 49, 61]] * 2
 COMPLETIONS = [[50, 51, 60, 61, 258], [52, 53, 60, 61, 258], [50, 32, 62, 63, 258], [55, 56, 62, 63, 258]]
@@ -22,8 +21,13 @@ LOSS_MASK = [[1, 1, 0, 0, 1]] * 4
 
 
 def rollout():
-    return Rollout(prompt_ids=PROMPTS, completion_ids=COMPLETIONS, texts=[""] * 4, truncated=[False] * 4,
-                   loss_mask=LOSS_MASK)
+    return Rollout(
+        prompt_ids=PROMPTS,
+        completion_ids=COMPLETIONS,
+        texts=[""] * 4,
+        truncated=[False] * 4,
+        loss_mask=LOSS_MASK,
+    )
 
 
 def test_observation_tokens_get_no_gradient(tiny):
@@ -37,11 +41,23 @@ def test_observation_tokens_get_no_gradient(tiny):
     mask = length_mask * policy_token_mask(ro, 5)
     assert mask[0].tolist() == [1, 1, 0, 0, 1]
     before = weights(model)
-    m = policy_update(make_parts(model, tok, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), loss="pg",
-                                 max_grad_norm=1e9), ro, adv, mask)
+    m = policy_update(
+        make_parts(
+            model, tok, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), loss="pg", max_grad_norm=1e9
+        ),
+        ro,
+        adv,
+        mask,
+    )
     assert m["grad_norm"] == 0.0 and all(torch.equal(before[k], v) for k, v in weights(model).items())
-    m = policy_update(make_parts(model, tok, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), loss="pg",
-                                 max_grad_norm=1e9), ro, adv, length_mask)
+    m = policy_update(
+        make_parts(
+            model, tok, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), loss="pg", max_grad_norm=1e9
+        ),
+        ro,
+        adv,
+        length_mask,
+    )
     assert m["grad_norm"] > 0
 
 
@@ -59,15 +75,30 @@ def test_reprefill_first_turn_is_the_engines_own_generation(tiny):
     obs = [60, 61, 62]
     dec.extend(1, obs)
     [again] = dec.turn([1], [4], params, ())
-    fresh = eng.generate([ro.prompt_ids[1] + ro.completion_ids[1] + obs], 1,
-                         SamplingParams(max_new_tokens=4, temperature=0.0))
+    fresh = eng.generate(
+        [ro.prompt_ids[1] + ro.completion_ids[1] + obs], 1, SamplingParams(max_new_tokens=4, temperature=0.0)
+    )
     assert again.ids == fresh.completion_ids[0] and again.logps == fresh.logps[0]
 
 
-BASE = ["train", "model=tiny-random", "rollout.max_new_tokens=64", "rollout.prompts_per_step=2",
-        "rollout.group_size=2", "eval.n=2", "eval.before=false", "progress=false", "plot=false",
-        "task.template=plain", "dtype=fp32", "task.train_size=20", "task.eval_size=4", "max_steps=2",
-        "env.name=python", "log_samples=4"]
+BASE = [
+    "train",
+    "model=tiny-random",
+    "rollout.max_new_tokens=64",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=2",
+    "eval.n=2",
+    "eval.before=false",
+    "progress=false",
+    "plot=false",
+    "task.template=plain",
+    "dtype=fp32",
+    "task.train_size=20",
+    "task.eval_size=4",
+    "max_steps=2",
+    "env.name=python",
+    "log_samples=4",
+]
 
 
 def read_jsonl(path):
@@ -107,8 +138,19 @@ class ScriptedPolicy(RePrefill):
 def test_two_step_run_with_tool_calls(tmp_path, monkeypatch, byte_sum_reward):
     monkeypatch.setattr(decoders, "RePrefill", ScriptedPolicy)
     out = tmp_path / "run"
-    assert main([*BASE, f"output_dir={out}", f"rewards.{byte_sum_reward}=1.0", "env.max_tool_calls=1", "env.decoder=reprefill",
-                 "rollout.max_new_tokens=96"]) == 0
+    assert (
+        main(
+            [
+                *BASE,
+                f"output_dir={out}",
+                f"rewards.{byte_sum_reward}=1.0",
+                "env.max_tool_calls=1",
+                "env.decoder=reprefill",
+                "rollout.max_new_tokens=96",
+            ]
+        )
+        == 0
+    )
     metrics = read_jsonl(out / "metrics.jsonl")
     assert all(m["tool/calls_per_episode"] == 1.0 and m["tool/episodes_with_call"] == 1.0 for m in metrics)
     assert all(m["tool/over_budget"] == 0 for m in metrics)
@@ -127,8 +169,20 @@ def test_two_step_run_with_tool_calls(tmp_path, monkeypatch, byte_sum_reward):
 def test_over_budget_episodes_say_so_in_samples(tmp_path, monkeypatch, byte_sum_reward):
     monkeypatch.setattr(decoders, "RePrefill", ScriptedPolicy)
     out = tmp_path / "run"
-    assert main([*BASE, f"output_dir={out}", f"rewards.{byte_sum_reward}=1.0", "env.max_tool_calls=0",
-                 "env.decoder=reprefill", "eval.after=false", "max_steps=1"]) == 0
+    assert (
+        main(
+            [
+                *BASE,
+                f"output_dir={out}",
+                f"rewards.{byte_sum_reward}=1.0",
+                "env.max_tool_calls=0",
+                "env.decoder=reprefill",
+                "eval.after=false",
+                "max_steps=1",
+            ]
+        )
+        == 0
+    )
     [m] = read_jsonl(out / "metrics.jsonl")
     assert m["tool/over_budget"] == 4 and m["tool/calls_per_episode"] == 0.0  # 2 prompts x 2 episodes
     for s in read_jsonl(out / "samples.jsonl"):
@@ -140,9 +194,23 @@ def test_over_budget_episodes_say_so_in_samples(tmp_path, monkeypatch, byte_sum_
 def test_thinkrl_eval_runs_in_the_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(decoders, "RePrefill", ScriptedPolicy)
     out = tmp_path / "eval.json"
-    assert main(["eval", "model=tiny-random", "env.name=python", "env.decoder=reprefill", "n=2",
-                 "task.template=plain", "task.eval_size=4", "task.train_size=4", "eval.max_new_tokens=96",
-                 f"output={out}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "model=tiny-random",
+                "env.name=python",
+                "env.decoder=reprefill",
+                "n=2",
+                "task.template=plain",
+                "task.eval_size=4",
+                "task.train_size=4",
+                "eval.max_new_tokens=96",
+                f"output={out}",
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())["results"]["tiny-random"]
     assert res["summary"]["tool/calls_per_episode"] == 1.0 and res["summary"]["n"] == 2
     assert [t["role"] for t in res["records"][0]["episode"]["turns"]] == ["assistant", "tool", "assistant"]

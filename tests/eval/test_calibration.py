@@ -16,8 +16,9 @@ def test_ece_hand_worked():
 
 
 def test_reliability_diagram_writes_a_png(tmp_path):
-    png = reliability_diagram({"before": ([0.2, 0.8], [False, True]), "after": ([0.9, 0.95], [False, True])},
-                              tmp_path / "rel.png")
+    png = reliability_diagram(
+        {"before": ([0.2, 0.8], [False, True]), "after": ([0.9, 0.95], [False, True])}, tmp_path / "rel.png"
+    )
     assert png.is_file() and png.stat().st_size > 1000
 
 

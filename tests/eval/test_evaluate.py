@@ -14,7 +14,10 @@ from thinkrl.tasks import Example, Task, answers_match
 T = "<think> {} </think> <answer> {} </answer>"
 SCRIPT = {  # question -> (gold answer, 4 completions)
     "q1": ("5", [T.format("a", 5), T.format("wait", 6), T.format("b", 6), "no format 5"]),
-    "q2": ("7", [T.format("x", 8), T.format("y", 7), T.format("z", "7.0"), T.format("Wait, let me verify", 8)]),
+    "q2": (
+        "7",
+        [T.format("x", 8), T.format("y", 7), T.format("z", "7.0"), T.format("Wait, let me verify", 8)],
+    ),
     "q3": ("1", ["<answer> 1 </answer>", T.format("t", 1), T.format("t", 3), T.format("t", 1)]),
     "q4": ("9", [T.format("t", 2)] * 4),
 }
@@ -23,8 +26,12 @@ SCRIPT = {  # question -> (gold answer, 4 completions)
 class ScriptedEngine:
     def generate_text(self, prompts, n, params):
         texts = [SCRIPT[p.strip()][1][j] for p in prompts for j in range(n)]
-        return Rollout(prompt_ids=[[1]] * len(texts), completion_ids=[[0] * len(t.split()) for t in texts],
-                       texts=texts, truncated=[t == "no format 5" for t in texts])
+        return Rollout(
+            prompt_ids=[[1]] * len(texts),
+            completion_ids=[[0] * len(t.split()) for t in texts],
+            texts=texts,
+            truncated=[t == "no format 5" for t in texts],
+        )
 
 
 class ListTask(Task):
@@ -44,8 +51,16 @@ def task():
 
 
 def test_evaluate_with_k_samples(task):
-    res = evaluate(ScriptedEngine(), None, task.eval, TaskConfig(template="plain", prefill=""), max_new_tokens=8,
-                   temperature=1.0, samples=4, reflection_words=["wait", "let me verify"])
+    res = evaluate(
+        ScriptedEngine(),
+        None,
+        task.eval,
+        TaskConfig(template="plain", prefill=""),
+        max_new_tokens=8,
+        temperature=1.0,
+        samples=4,
+        reflection_words=["wait", "let me verify"],
+    )
     s = res["summary"]
     # right samples: q1 1 (s0), q2 2 (s1, s2: "7.0" == 7), q3 3 (s0 has no <think> but the answer counts), q4 0
     assert s["accuracy"] == pytest.approx(6 / 16, abs=1e-12)  # pass@1 averaged over the 4 samples
@@ -60,17 +75,24 @@ def test_evaluate_with_k_samples(task):
     assert s["reflection_rate"] == pytest.approx(2 / 16, abs=1e-12)
     assert s["reflection_per_response"] == pytest.approx(3 / 16, abs=1e-12)
     assert s["truncation_rate"] == pytest.approx(1 / 16, abs=1e-12)
-    assert s["response_len_max"] == 9  # the longest, "<think> Wait, let me verify </think> <answer> 8 </answer>": 9 words
+    assert (
+        s["response_len_max"] == 9
+    )  # the longest, "<think> Wait, let me verify </think> <answer> 8 </answer>": 9 words
     table = format_table([("a", s), ("b", s)])
     assert "pass@4" in table.splitlines()[0] and "maj@4" in table.splitlines()[0]
     assert len(table.splitlines()) == 4
 
 
 def test_difficulty_labels_round_trip_and_filter(task, tmp_path):
-    rows = estimate_pass_rates(ScriptedEngine(), None, task.train, TaskConfig(template="plain", prefill=""), k=4,
-                               max_new_tokens=8)
+    rows = estimate_pass_rates(
+        ScriptedEngine(), None, task.train, TaskConfig(template="plain", prefill=""), k=4, max_new_tokens=8
+    )
     assert [(r["question"], r["correct"], r["pass_rate"]) for r in rows] == [
-        ("q1", 1, 0.25), ("q2", 2, 0.5), ("q3", 3, 0.75), ("q4", 0, 0.0)]
+        ("q1", 1, 0.25),
+        ("q2", 2, 0.5),
+        ("q3", 3, 0.75),
+        ("q4", 0, 0.0),
+    ]
     path = tmp_path / "labels.jsonl"
     write_rows(rows, path)
     assert json.loads(path.read_text().splitlines()[1])["pass_rate"] == 0.5
@@ -84,9 +106,20 @@ def test_eval_command_with_k_samples_side_by_side(tmp_path, capsys):
     from thinkrl.cli import main
 
     dest = tmp_path / "eval.json"
-    args = ["eval", "model=tiny-random,tiny-random", "k=3", "n=2", "task.train_size=10", "task.eval_size=4",
-            "rollout.max_new_tokens=4", "task.template=plain", "task.prefill=", "dtype=fp32", "eval.temperature=1.0",
-            f"output={dest}"]
+    args = [
+        "eval",
+        "model=tiny-random,tiny-random",
+        "k=3",
+        "n=2",
+        "task.train_size=10",
+        "task.eval_size=4",
+        "rollout.max_new_tokens=4",
+        "task.template=plain",
+        "task.prefill=",
+        "dtype=fp32",
+        "eval.temperature=1.0",
+        f"output={dest}",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "task: chain_sum  (held-out, 3 samples at temperature 1)"

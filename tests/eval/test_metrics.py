@@ -2,19 +2,28 @@ import math
 
 import pytest
 
-from thinkrl.eval.metrics import (majority_vote, pass_at_k, reflection_pattern, reflection_stats, thinking_text,
-                                  vote_key)
+from thinkrl.eval.metrics import (
+    majority_vote,
+    pass_at_k,
+    reflection_pattern,
+    reflection_stats,
+    thinking_text,
+    vote_key,
+)
 
 
-@pytest.mark.parametrize("n,c,k,expected", [
-    (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    (4, 1, 1, 0.25),  # pass@1 is c/n: 1 - C(3,1)/C(4,1) = 1 - 3/4
-    (10, 3, 5, 11 / 12),  # 1 - C(7,5)/C(10,5) = 1 - 21/252 = 1 - 1/12
-    (3, 2, 2, 1.0),  # n - c = 1 < k: every pair holds a right sample
-    (8, 0, 4, 0.0),  # nothing right
-    (8, 8, 1, 1.0),
-    (200, 1, 100, 0.5),  # 1 - C(199,100)/C(200,100) = 1 - 100/200
-])
+@pytest.mark.parametrize(
+    "n,c,k,expected",
+    [
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (4, 1, 1, 0.25),  # pass@1 is c/n: 1 - C(3,1)/C(4,1) = 1 - 3/4
+        (10, 3, 5, 11 / 12),  # 1 - C(7,5)/C(10,5) = 1 - 21/252 = 1 - 1/12
+        (3, 2, 2, 1.0),  # n - c = 1 < k: every pair holds a right sample
+        (8, 0, 4, 0.0),  # nothing right
+        (8, 8, 1, 1.0),
+        (200, 1, 100, 0.5),  # 1 - C(199,100)/C(200,100) = 1 - 100/200
+    ],
+)
 def test_pass_at_k_hand_worked(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -61,6 +70,8 @@ def test_reflection_words_in_the_thinking_only():
     text = "<think> 3+4=7. Wait, let me  verify: re-check. awaiting </think> <answer> wait </answer>"
     # "Wait" (any case), "let me  verify" (any whitespace), "re-check"; not "awaiting"; not inside <answer>
     assert pat.findall(thinking_text(text)) == ["Wait", "let me  verify", "re-check"]
-    stats = reflection_stats([text, "<think> 3 </think> <answer> 3 </answer>"], ["wait", "let me verify", "re-check"])
+    stats = reflection_stats(
+        [text, "<think> 3 </think> <answer> 3 </answer>"], ["wait", "let me verify", "re-check"]
+    )
     assert stats == {"reflection_rate": 0.5, "reflection_per_response": 1.5}  # counts 3 and 0
     assert reflection_stats(["wait"], []) == {"reflection_rate": 0.0, "reflection_per_response": 0.0}

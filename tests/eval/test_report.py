@@ -8,11 +8,37 @@ from thinkrl.eval.report import ReportError, build_report
 
 def make_run(path, steps=20):
     path.mkdir()
-    rows = [{"step": s, "reward": s / 20, "accuracy": s / 40, "kl": 0.01 * s, "response_len_mean": 20 + s,
-             "response_len_max": 30 + s, "reflection_rate": 0.0 if s < 10 else 0.5} for s in range(1, steps + 1)]
+    rows = [
+        {
+            "step": s,
+            "reward": s / 20,
+            "accuracy": s / 40,
+            "kl": 0.01 * s,
+            "response_len_mean": 20 + s,
+            "response_len_max": 30 + s,
+            "reflection_rate": 0.0 if s < 10 else 0.5,
+        }
+        for s in range(1, steps + 1)
+    ]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    evals = [{"step": 0, "label": "before", "accuracy": 0.1, "format_rate": 0.9, "response_len_mean": 20.0, "n": 8},
-             {"step": 20, "label": "after", "accuracy": 0.6, "format_rate": 1.0, "response_len_mean": 40.0, "n": 8}]
+    evals = [
+        {
+            "step": 0,
+            "label": "before",
+            "accuracy": 0.1,
+            "format_rate": 0.9,
+            "response_len_mean": 20.0,
+            "n": 8,
+        },
+        {
+            "step": 20,
+            "label": "after",
+            "accuracy": 0.6,
+            "format_rate": 1.0,
+            "response_len_mean": 40.0,
+            "n": 8,
+        },
+    ]
     (path / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     return path
 
@@ -43,11 +69,17 @@ def test_report_says_what_is_missing(tmp_path):
     assert not (tmp_path / "out" / "kl.png").exists()
 
 
-@pytest.mark.parametrize("setup,message", [
-    (lambda d: d / "nope", "run folder not found: {d}/nope"),
-    (lambda d: d, "{d} has no metrics.jsonl with steps yet"),
-    (lambda d: (d / "metrics.jsonl").write_text('{"step": 1}\n{"step"') and d, "{d}/metrics.jsonl:2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda d: d / "nope", "run folder not found: {d}/nope"),
+        (lambda d: d, "{d} has no metrics.jsonl with steps yet"),
+        (
+            lambda d: (d / "metrics.jsonl").write_text('{"step": 1}\n{"step"') and d,
+            "{d}/metrics.jsonl:2: not valid JSON",
+        ),
+    ],
+)
 def test_report_errors_are_one_line(tmp_path, capsys, setup, message):
     run = setup(tmp_path)
     assert main(["report", str(run)]) == 2
@@ -73,9 +105,19 @@ def test_a_monitored_run_gets_the_gold_and_proxy_curve_against_kl(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"monitor": {"gold": "accuracy", "proxy": "rm", "window": 3}}))
-    rows = [{"step": i, "reward": 0.1 * i, "reward/accuracy": [0.1, 0.3, 0.4, 0.3, 0.2][i - 1],
-             "reward/rm": 0.2 * i, "kl": 0.01 * i} for i in range(1, 6)]
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"monitor": {"gold": "accuracy", "proxy": "rm", "window": 3}})
+    )
+    rows = [
+        {
+            "step": i,
+            "reward": 0.1 * i,
+            "reward/accuracy": [0.1, 0.3, 0.4, 0.3, 0.2][i - 1],
+            "reward/rm": 0.2 * i,
+            "kl": 0.01 * i,
+        }
+        for i in range(1, 6)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     md = build_report(run)
     assert (md.parent / "gold_proxy.png").stat().st_size > 1000

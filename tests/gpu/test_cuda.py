@@ -9,8 +9,10 @@ import json
 import pytest
 import torch
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch"),
+]
 
 PROMPTS = ["What is 2 + 3?", "Name a colour.", "Tell me a story about a cat"]
 
@@ -27,9 +29,15 @@ def lively(tiny_pair):
 
 
 def ids_of(tok):
-    return [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                        add_generation_prompt=True), add_special_tokens=False).input_ids
-            for q in PROMPTS]
+    return [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        ).input_ids
+        for q in PROMPTS
+    ]
 
 
 def test_auto_is_the_gpu_and_bf16_follows_it():
@@ -81,21 +89,45 @@ def test_token_logps_and_gradients_on_cuda_equal_the_cpu(lively, grouped):
     torch.testing.assert_close(g_gpu, g_cpu, atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("extra", [[], ["algo.kl_coef=0.05", "algo.kl_in=loss"],
-                                   ["algo.advantage=gae", "algo.kl_coef=0.05", "algo.num_iterations=2"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["algo.kl_coef=0.05", "algo.kl_in=loss"],
+        ["algo.advantage=gae", "algo.kl_coef=0.05", "algo.num_iterations=2"],
+    ],
+)
 def test_training_runs_on_cuda_and_saves_a_cpu_loadable_model(tmp_path, extra):
     from transformers import AutoModelForCausalLM
 
     from thinkrl.cli import main
 
     data = tmp_path / "sums.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
-                            for i in range(20)))
+    data.write_text(
+        "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(20))
+    )
     out = tmp_path / "run"
-    assert main(["train", "model=tiny-random", f"task.name={data}", "device=cuda", "max_steps=2",
-                 f"output_dir={out}", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2",
-                 "rollout.group_size=2", "eval.n=2", "progress=false", "plot=false", "task.template=plain",
-                 *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "model=tiny-random",
+                f"task.name={data}",
+                "device=cuda",
+                "max_steps=2",
+                f"output_dir={out}",
+                "rollout.max_new_tokens=8",
+                "rollout.prompts_per_step=2",
+                "rollout.group_size=2",
+                "eval.n=2",
+                "progress=false",
+                "plot=false",
+                "task.template=plain",
+                *extra,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
@@ -111,18 +143,38 @@ def test_supervised_trainers_on_cuda_match_the_cpu_in_fp32(tmp_path, command):
     """Two steps on each device from the same start: the same losses, to fp32 tolerance."""
     from thinkrl.cli import main
 
-    rows = ([{"prompt": q, "completion": SHORT} for q in QUESTIONS] if command == "sft"
-            else [{"prompt": q, "chosen": SHORT, "rejected": LONG} for q in QUESTIONS])
+    rows = (
+        [{"prompt": q, "completion": SHORT} for q in QUESTIONS]
+        if command == "sft"
+        else [{"prompt": q, "chosen": SHORT, "rejected": LONG} for q in QUESTIONS]
+    )
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     losses = {}
     for dev in ("cpu", "cuda"):
         out = tmp_path / dev
-        assert main([command, "model=tiny-random", f"data={data}", f"device={dev}", "dtype=fp32", "max_steps=2",
-                     "batch_size=2", "lr=0.001", "progress=false", "task.template=plain",
-                     f"output_dir={out}"]) == 0
+        assert (
+            main(
+                [
+                    command,
+                    "model=tiny-random",
+                    f"data={data}",
+                    f"device={dev}",
+                    "dtype=fp32",
+                    "max_steps=2",
+                    "batch_size=2",
+                    "lr=0.001",
+                    "progress=false",
+                    "task.template=plain",
+                    f"output_dir={out}",
+                ]
+            )
+            == 0
+        )
         losses[dev] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["cpu"]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(losses["cuda"]), torch.tensor(losses["cpu"]), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_a_cuda_run_resumes_on_the_cpu(tmp_path):
@@ -130,13 +182,27 @@ def test_a_cuda_run_resumes_on_the_cpu(tmp_path):
     from thinkrl.cli import main
 
     data = tmp_path / "sums.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
-                            for i in range(20)))
+    data.write_text(
+        "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(20))
+    )
     out = tmp_path / "run"
-    common = ["train", "model=tiny-random", f"task.name={data}", f"output_dir={out}", "rollout.max_new_tokens=8",
-              "rollout.prompts_per_step=2", "rollout.group_size=2", "eval.before=false", "eval.after=false",
-              "progress=false", "plot=false", "task.template=plain", "save_every=1", "keep_checkpoints=0",
-              "dtype=fp32"]
+    common = [
+        "train",
+        "model=tiny-random",
+        f"task.name={data}",
+        f"output_dir={out}",
+        "rollout.max_new_tokens=8",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+        "eval.before=false",
+        "eval.after=false",
+        "progress=false",
+        "plot=false",
+        "task.template=plain",
+        "save_every=1",
+        "keep_checkpoints=0",
+        "dtype=fp32",
+    ]
     assert main([*common, "device=cuda", "max_steps=2"]) == 0
     assert main([*common, "device=cpu", "max_steps=3", "resume=true"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

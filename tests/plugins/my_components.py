@@ -30,14 +30,16 @@ def short_answer(completion: str, example, *, max_chars: int = 3) -> float | Non
 
 
 class ParityTask(Task):
-    """"Is N even or odd?" for N in 0..999, answered with the word."""
+    """ "Is N even or odd?" for N in 0..999, answered with the word."""
 
     name = "parity"
 
     def __init__(self, cfg):
-        rows = [Example(f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd", task=self.name)
-                for n in range(1000)]
-        super().__init__(rows[cfg.eval_size:][: cfg.train_size], rows[: cfg.eval_size], cfg.seed)
+        rows = [
+            Example(f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd", task=self.name)
+            for n in range(1000)
+        ]
+        super().__init__(rows[cfg.eval_size :][: cfg.train_size], rows[: cfg.eval_size], cfg.seed)
 
     def check(self, pred: str, ex: Example) -> bool:
         return pred.strip().lower() == ex.answer

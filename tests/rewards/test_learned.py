@@ -29,9 +29,14 @@ class _Judge(BaseHTTPRequestHandler):
             self.send_response(500)
             self.end_headers()
             return
-        content = {"right": "Looks equal.\nVERDICT: CORRECT", "wrong": "VERDICT: INCORRECT",
-                   "garbage": "I think it is CORRECT probably", "flaky": "VERDICT: CORRECT",
-                   "slow": "VERDICT: CORRECT", "graded": "GRADE: 7/10"}.get(pred, "VERDICT: INCORRECT")
+        content = {
+            "right": "Looks equal.\nVERDICT: CORRECT",
+            "wrong": "VERDICT: INCORRECT",
+            "garbage": "I think it is CORRECT probably",
+            "flaky": "VERDICT: CORRECT",
+            "slow": "VERDICT: CORRECT",
+            "graded": "GRADE: 7/10",
+        }.get(pred, "VERDICT: INCORRECT")
         out = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -89,9 +94,9 @@ def test_the_judge_grades_and_caches(server):
 
 
 def test_normalisations_hand_worked():
-    assert normalized([1.0, 3.0], "group", "k") == pytest.approx([-1 / 2 ** 0.5, 1 / 2 ** 0.5], rel=1e-5)
+    assert normalized([1.0, 3.0], "group", "k") == pytest.approx([-1 / 2**0.5, 1 / 2**0.5], rel=1e-5)
     s = RunningStats()
     s.update([1.0, 2.0, 3.0, 4.0])
     assert s.mean == 2.5 and s.std == pytest.approx((5 / 3) ** 0.5)
     out = normalized([2.0, 4.0], "running", "fresh-key")  # stats of [2, 4]: mean 3, std sqrt 2
-    assert out == pytest.approx([-1 / 2 ** 0.5, 1 / 2 ** 0.5], rel=1e-5)
+    assert out == pytest.approx([-1 / 2**0.5, 1 / 2**0.5], rel=1e-5)

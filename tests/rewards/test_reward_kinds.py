@@ -20,25 +20,31 @@ def r(name, completion, example, **kw):
     return REWARDS.get(name)(completion, example, **kw)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("<answer>\\boxed{12}</answer>", "12"),
-    ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
-    ("\\boxed{a} then \\boxed{b}", "b"),
-    ("<answer>7</answer> and \\boxed{8}", "7"),  # the answer tag wins
-    ("\\boxed{unclosed", None),
-    ("nothing", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("<answer>\\boxed{12}</answer>", "12"),
+        ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+        ("\\boxed{a} then \\boxed{b}", "b"),
+        ("<answer>7</answer> and \\boxed{8}", "7"),  # the answer tag wins
+        ("\\boxed{unclosed", None),
+        ("nothing", None),
+    ],
+)
 def test_extract_final(text, expected):
     assert extract_final(text) == expected
 
 
-@pytest.mark.parametrize("completion,gold,expected", [
-    ("<think>x</think><answer>\\frac{1}{2}</answer>", "0.5", 1.0),  # right, symbolically
-    ("the result is \\boxed{x^2+2x+1}", "(x+1)^2", 1.0),
-    ("<answer>0.4</answer>", "0.5", 0.0),  # wrong
-    ("I believe it's one half", "0.5", 0.0),  # malformed: no answer tag, no box
-    ("<answer>965/5</answer>", "193", 1.0),  # the loophole that `exact` closes (see below)
-])
+@pytest.mark.parametrize(
+    "completion,gold,expected",
+    [
+        ("<think>x</think><answer>\\frac{1}{2}</answer>", "0.5", 1.0),  # right, symbolically
+        ("the result is \\boxed{x^2+2x+1}", "(x+1)^2", 1.0),
+        ("<answer>0.4</answer>", "0.5", 0.0),  # wrong
+        ("I believe it's one half", "0.5", 0.0),  # malformed: no answer tag, no box
+        ("<answer>965/5</answer>", "193", 1.0),  # the loophole that `exact` closes (see below)
+    ],
+)
 def test_math(completion, gold, expected):
     assert r("math", completion, ex(gold)) == expected
 
@@ -60,25 +66,31 @@ def test_math_timeout_is_counted_and_the_pool_recovers():
     assert dict(rm.failures) == {"math/timeout": 1}
 
 
-@pytest.mark.parametrize("completion,gold,expected", [
-    ("<answer>193</answer>", "193", 1.0),
-    ("<answer>1,000.0</answer>", "1000", 1.0),
-    ("<answer>965/5</answer>", "193", 0.0),  # not evaluated
-    ("<answer>192</answer>", "193", 0.0),
-    ("193", "193", 0.0),  # malformed: no tag
-])
+@pytest.mark.parametrize(
+    "completion,gold,expected",
+    [
+        ("<answer>193</answer>", "193", 1.0),
+        ("<answer>1,000.0</answer>", "1000", 1.0),
+        ("<answer>965/5</answer>", "193", 0.0),  # not evaluated
+        ("<answer>192</answer>", "193", 0.0),
+        ("193", "193", 0.0),  # malformed: no tag
+    ],
+)
 def test_exact(completion, gold, expected):
     assert r("exact", completion, ex(gold)) == expected
 
 
-@pytest.mark.parametrize("completion,gold,expected", [
-    ("<answer>B</answer>", "B", 1.0),
-    ("<answer>(B) Paris</answer>", "B", 1.0),
-    ("<answer>I think the answer is B</answer>", "(B)", 1.0),
-    ("<answer>C</answer>", "B", 0.0),
-    ("<answer>A or B</answer>", "B", 0.0),  # hedging across options is not lucky
-    ("B", "B", 0.0),  # malformed
-])
+@pytest.mark.parametrize(
+    "completion,gold,expected",
+    [
+        ("<answer>B</answer>", "B", 1.0),
+        ("<answer>(B) Paris</answer>", "B", 1.0),
+        ("<answer>I think the answer is B</answer>", "(B)", 1.0),
+        ("<answer>C</answer>", "B", 0.0),
+        ("<answer>A or B</answer>", "B", 0.0),  # hedging across options is not lucky
+        ("B", "B", 0.0),  # malformed
+    ],
+)
 def test_choice(completion, gold, expected):
     assert r("choice", completion, ex(gold)) == expected
 
@@ -87,13 +99,20 @@ def test_choice_cannot_judge_a_non_letter_reference():
     assert r("choice", "<answer>B</answer>", ex("Paris")) is None
 
 
-@pytest.mark.parametrize("completion,target,expected", [
-    ("<think>two plus two is four</think><answer>4</answer>", "en", 1.0),
-    ("<think>二加二 is four</think><answer>4</answer>", "en", 2 / 5),  # 3 CJK words of 5: 二 加 二 is four
-    ("<think>二加二等于四</think><answer>4</answer>", "zh", 1.0),
-    ("<think>二加二等于四</think><answer>4</answer>", "en", 0.0),
-    ("<think>2 + 2 = 4</think><answer>4</answer>", "en", None),  # malformed: no words to judge
-])
+@pytest.mark.parametrize(
+    "completion,target,expected",
+    [
+        ("<think>two plus two is four</think><answer>4</answer>", "en", 1.0),
+        (
+            "<think>二加二 is four</think><answer>4</answer>",
+            "en",
+            2 / 5,
+        ),  # 3 CJK words of 5: 二 加 二 is four
+        ("<think>二加二等于四</think><answer>4</answer>", "zh", 1.0),
+        ("<think>二加二等于四</think><answer>4</answer>", "en", 0.0),
+        ("<think>2 + 2 = 4</think><answer>4</answer>", "en", None),  # malformed: no words to judge
+    ],
+)
 def test_language(completion, target, expected):
     assert r("language", completion, ex("4"), target=target) == expected
 
@@ -139,13 +158,16 @@ def test_kimi_length_wrong_answers_never_gain():
 # DAPO overlong, repetition, hedging
 
 
-@pytest.mark.parametrize("n,expected", [
-    (50, 0.0),  # L_max = 100, L_cache = 20: safe up to 80
-    (80, 0.0),
-    (90, -0.5),  # (80 - 90) / 20
-    (100, -1.0),
-    (120, -1.0),
-])
+@pytest.mark.parametrize(
+    "n,expected",
+    [
+        (50, 0.0),  # L_max = 100, L_cache = 20: safe up to 80
+        (80, 0.0),
+        (90, -0.5),  # (80 - 90) / 20
+        (100, -1.0),
+        (120, -1.0),
+    ],
+)
 def test_overlong(n, expected):
     assert r("overlong", "text", ex("4"), num_tokens=n, max_tokens=100, buffer=20) == pytest.approx(expected)
 
@@ -160,23 +182,29 @@ def test_overlong_through_the_model_gets_context():
     assert totals == pytest.approx([0.0, -1.0])  # default buffer 32: safe up to 96
 
 
-@pytest.mark.parametrize("completion,expected", [
-    ("one two three four five", 0.0),  # no repeated trigram
-    ("a b c a b c", -1 / 4),  # trigrams: abc bca cab abc -> 1 repeat of 4
-    ("go go go go go go", -3 / 4),  # 4 trigrams, all the same -> 3 repeats
-    ("hi", 0.0),  # malformed/short: nothing to repeat
-])
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        ("one two three four five", 0.0),  # no repeated trigram
+        ("a b c a b c", -1 / 4),  # trigrams: abc bca cab abc -> 1 repeat of 4
+        ("go go go go go go", -3 / 4),  # 4 trigrams, all the same -> 3 repeats
+        ("hi", 0.0),  # malformed/short: nothing to repeat
+    ],
+)
 def test_repetition(completion, expected):
     assert r("repetition", completion, ex("4")) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("completion,expected", [
-    ("<think>maybe 4?</think><answer>4</answer>", 1.0),  # right, confident (doubt in the CoT is fine)
-    ("<think>x</think> I'm not sure, but <answer>4</answer>", 0.75),  # right, hedged
-    ("<think>x</think> Probably <answer>5</answer>", 0.0),  # wrong, hedged
-    ("<think>x</think><answer>5</answer>", -1.0),  # wrong, confident
-    ("I don't know", 0.0),  # malformed (no answer), hedged
-])
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        ("<think>maybe 4?</think><answer>4</answer>", 1.0),  # right, confident (doubt in the CoT is fine)
+        ("<think>x</think> I'm not sure, but <answer>4</answer>", 0.75),  # right, hedged
+        ("<think>x</think> Probably <answer>5</answer>", 0.0),  # wrong, hedged
+        ("<think>x</think><answer>5</answer>", -1.0),  # wrong, confident
+        ("I don't know", 0.0),  # malformed (no answer), hedged
+    ],
+)
 def test_hedging(completion, expected):
     assert r("hedging", completion, ex("4")) == expected
 
@@ -189,31 +217,44 @@ def test_confident_wrong_scores_below_hedged_wrong():
 # ---------------------------------------------------------------------------
 # Code (stdin/stdout and assertion tests; the adversarial set is in tests/sandbox)
 
-IO = {"io_cases": [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4\n", "output": "6"},
-                   {"input": "0 0\n", "output": "0\n"}]}
-ADD_TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(0, 0) == 0\n" \
-            "    assert candidate(-1, 1) == 0\n    assert candidate(2, 2) == 4\n"
+IO = {
+    "io_cases": [
+        {"input": "2 3\n", "output": "5\n"},
+        {"input": "10 -4\n", "output": "6"},
+        {"input": "0 0\n", "output": "0\n"},
+    ]
+}
+ADD_TESTS = (
+    "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(0, 0) == 0\n"
+    "    assert candidate(-1, 1) == 0\n    assert candidate(2, 2) == 4\n"
+)
 
 
-@pytest.mark.parametrize("completion,mode,expected", [
-    ("```python\na, b = map(int, input().split())\nprint(a + b)\n```", "pass", 1.0),
-    ("```python\na, b = map(int, input().split())\nprint(abs(a) + abs(b))\n```", "pass", 0.0),
-    ("```python\na, b = map(int, input().split())\nprint(abs(a) + abs(b))\n```", "fraction", 2 / 3),
-    ("I would add the numbers.", "pass", 0.0),  # malformed: no code
-])
+@pytest.mark.parametrize(
+    "completion,mode,expected",
+    [
+        ("```python\na, b = map(int, input().split())\nprint(a + b)\n```", "pass", 1.0),
+        ("```python\na, b = map(int, input().split())\nprint(abs(a) + abs(b))\n```", "pass", 0.0),
+        ("```python\na, b = map(int, input().split())\nprint(abs(a) + abs(b))\n```", "fraction", 2 / 3),
+        ("I would add the numbers.", "pass", 0.0),  # malformed: no code
+    ],
+)
 def test_code_stdin_stdout(completion, mode, expected):
     assert r("code", completion, ex("", **IO), mode=mode) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("completion,mode,expected", [
-    ("```python\ndef add(a, b):\n    return a + b\n```", "pass", 1.0),
-    # a * b: 1*2 != 3, 0*0 == 0, -1*1 != 0, 2*2 == 4 -> 2 of 4
-    ("```python\ndef add(a, b):\n    return a * b\n```", "fraction", 2 / 4),
-    ("```python\ndef add(a, b):\n    return a * b\n```", "pass", 0.0),
-    ("<answer>    return a + b</answer>", "pass", 1.0),  # a bare body gets the prompt's signature
-    ("<answer>return a + b</answer>", "pass", 1.0),  # ... and is indented under it
-    ("```python\ndef add(a, b) return\n```", "pass", 0.0),  # malformed: syntax error
-])
+@pytest.mark.parametrize(
+    "completion,mode,expected",
+    [
+        ("```python\ndef add(a, b):\n    return a + b\n```", "pass", 1.0),
+        # a * b: 1*2 != 3, 0*0 == 0, -1*1 != 0, 2*2 == 4 -> 2 of 4
+        ("```python\ndef add(a, b):\n    return a * b\n```", "fraction", 2 / 4),
+        ("```python\ndef add(a, b):\n    return a * b\n```", "pass", 0.0),
+        ("<answer>    return a + b</answer>", "pass", 1.0),  # a bare body gets the prompt's signature
+        ("<answer>return a + b</answer>", "pass", 1.0),  # ... and is indented under it
+        ("```python\ndef add(a, b) return\n```", "pass", 0.0),  # malformed: syntax error
+    ],
+)
 def test_code_assertion_tests(completion, mode, expected):
     e = ex("", tests=ADD_TESTS, entry_point="add", prompt="def add(a, b):\n")
     assert r("code", completion, e, mode=mode) == pytest.approx(expected)
@@ -228,8 +269,9 @@ def test_code_on_a_non_code_example_cannot_judge():
 
 
 def test_reward_args_are_checked_against_the_reward():
-    with pytest.raises(ConfigError, match="reward_args.code.modee: unknown option; 'code' takes: memory_mb, mode, "
-                                          "timeout"):
+    with pytest.raises(
+        ConfigError, match="reward_args.code.modee: unknown option; 'code' takes: memory_mb, mode, timeout"
+    ):
         build_config(overrides=["rewards.code=1", "reward_args.code.modee=fraction"])
     with pytest.raises(ConfigError, match="reward_args.math: 'math' is not in rewards"):
         build_config(overrides=["reward_args.math.timeout=3"])
@@ -239,8 +281,10 @@ def test_reward_args_are_checked_against_the_reward():
 
 def test_user_reward_from_a_file(tmp_path):
     f = tmp_path / "my_rewards.py"
-    f.write_text("CALLS = []\n\ndef short(completion, example):\n    CALLS.append(1)\n"
-                 "    return 1.0 if len(completion) < 5 else 0.0\n")
+    f.write_text(
+        "CALLS = []\n\ndef short(completion, example):\n    CALLS.append(1)\n"
+        "    return 1.0 if len(completion) < 5 else 0.0\n"
+    )
     ref = f"{f}:short"
     cfg = build_config(overrides=[f"rewards={{{ref}: 0.5}}"])
     assert cfg.rewards[ref] == 0.5 and cfg.rewards["accuracy"] == 1.0  # merged with the defaults

@@ -18,44 +18,55 @@ WRONG = "<think>2 + 2 = 5</think> <answer>5</answer>"
 MALFORMED = "I think the answer is 4"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("<answer> 42 </answer>", "42"),  # stripped
-    ("<think>x</think><answer>1</answer> then <answer>2</answer>", "2"),  # the last one
-    ("<answer>line 1\nline 2</answer>", "line 1\nline 2"),  # spans lines
-    ("<answer></answer>", ""),
-    ("no tags at all", None),
-    ("<answer>unclosed", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("<answer> 42 </answer>", "42"),  # stripped
+        ("<think>x</think><answer>1</answer> then <answer>2</answer>", "2"),  # the last one
+        ("<answer>line 1\nline 2</answer>", "line 1\nline 2"),  # spans lines
+        ("<answer></answer>", ""),
+        ("no tags at all", None),
+        ("<answer>unclosed", None),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.mark.parametrize("text,acc,fmt", [
-    (RIGHT, 1.0, 1.0),
-    (WRONG, 0.0, 1.0),
-    (MALFORMED, 0.0, 0.0),  # no tags: wrong and unformatted
-    ("<think>\nsteps\n</think>\n<answer>\n4\n</answer>\n", 1.0, 1.0),  # newlines around tags are fine
-    ("<answer>4</answer>", 1.0, 0.0),  # missing think
-    ("<think>2 + 2 = 4</think> 4", 0.0, 0.0),  # missing answer tags
-    ("<answer>4</answer> <think>2 + 2 = 4</think>", 1.0, 0.0),  # answer before think
-    (RIGHT + " so 4.", 1.0, 0.0),  # trailing text
-    ("Sure! " + RIGHT, 1.0, 0.0),  # leading text
-    ("<think>a</think> <answer>5</answer><answer>4</answer>", 1.0, 0.0),  # duplicated answer: last counts
-    ("<think><think>a</think></think> <answer>4</answer>", 1.0, 0.0),  # nested think
-    ("<think>a</think> <answer><answer>4</answer>", 0.0, 0.0),  # nested opening tag: answer "<answer>4"
-    ("<think></think> <answer>4</answer>", 1.0, 0.0),  # empty think
-    ("<think>a</think> <answer></answer>", 0.0, 0.0),  # empty answer
-])
+@pytest.mark.parametrize(
+    "text,acc,fmt",
+    [
+        (RIGHT, 1.0, 1.0),
+        (WRONG, 0.0, 1.0),
+        (MALFORMED, 0.0, 0.0),  # no tags: wrong and unformatted
+        ("<think>\nsteps\n</think>\n<answer>\n4\n</answer>\n", 1.0, 1.0),  # newlines around tags are fine
+        ("<answer>4</answer>", 1.0, 0.0),  # missing think
+        ("<think>2 + 2 = 4</think> 4", 0.0, 0.0),  # missing answer tags
+        ("<answer>4</answer> <think>2 + 2 = 4</think>", 1.0, 0.0),  # answer before think
+        (RIGHT + " so 4.", 1.0, 0.0),  # trailing text
+        ("Sure! " + RIGHT, 1.0, 0.0),  # leading text
+        ("<think>a</think> <answer>5</answer><answer>4</answer>", 1.0, 0.0),  # duplicated answer: last counts
+        ("<think><think>a</think></think> <answer>4</answer>", 1.0, 0.0),  # nested think
+        ("<think>a</think> <answer><answer>4</answer>", 0.0, 0.0),  # nested opening tag: answer "<answer>4"
+        ("<think></think> <answer>4</answer>", 1.0, 0.0),  # empty think
+        ("<think>a</think> <answer></answer>", 0.0, 0.0),  # empty answer
+    ],
+)
 def test_accuracy_and_format(text, acc, fmt):
     assert accuracy(text, EX) == acc
     assert format_reward(text, EX) == fmt
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param("<think>a</think> <answer>4</answer></answer>", id="stray-closing-answer"),
-    pytest.param("<think>a <answer>5</answer></think> <answer>4</answer>", id="answer-block-inside-think"),
-    pytest.param("<think>a</think> <answer>4</think></answer>", id="stray-closing-think-in-answer"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("<think>a</think> <answer>4</answer></answer>", id="stray-closing-answer"),
+        pytest.param(
+            "<think>a <answer>5</answer></think> <answer>4</answer>", id="answer-block-inside-think"
+        ),
+        pytest.param("<think>a</think> <answer>4</think></answer>", id="stray-closing-think-in-answer"),
+    ],
+)
 def test_format_rejects_duplicated_tags(text):
     assert format_reward(text, EX) == 0.0
 

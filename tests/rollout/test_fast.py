@@ -26,7 +26,9 @@ def lively(tiny_pair):
 
 
 def chat(tok, q):
-    return tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(
+        [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+    )
 
 
 @pytest.mark.parametrize("paths", ["plan", "forced_off"])
@@ -49,7 +51,9 @@ def test_sampled_logps_match_the_training_forward(lively):
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=False).generate_text(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7))
+    ro = FastEngine(model, tok, bf16=False).generate_text(
+        prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7)
+    )
     assert [len(x) for x in ro.logps] == [len(c) for c in ro.completion_ids]
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
     with torch.no_grad():
@@ -65,7 +69,9 @@ def test_bf16_logps_stay_close_to_fp32(tiny_pair, kernel):
     model, tok = tiny_pair  # unshaken weights: logits of ordinary size
     prompts = [chat(tok, q) for q in PROMPTS]
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=True, kernel=kernel).generate_text(prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0))
+    ro = FastEngine(model, tok, bf16=True, kernel=kernel).generate_text(
+        prompts, 2, SamplingParams(max_new_tokens=12, temperature=1.0)
+    )
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
     with torch.no_grad():
         logp, _ = token_logps(model, mb)
@@ -82,7 +88,11 @@ def test_prepacked_weights_give_the_same_tokens_and_logps(lively, bf16, atol):
     library cannot pack (oneDNN's bf16 prepack needs AVX-512 or AVX-NE-CONVERT)."""
     plan = device.plan()
     if not (plan.onednn_prepack if bf16 else plan.mkl_prepack):
-        why = "switched off (THINKRL_PREPACK=0)" if "THINKRL_PREPACK" in plan.forced_off else "does not run on this CPU"
+        why = (
+            "switched off (THINKRL_PREPACK=0)"
+            if "THINKRL_PREPACK" in plan.forced_off
+            else "does not run on this CPU"
+        )
         pytest.skip(f"{'oneDNN bf16' if bf16 else 'MKL fp32'} prepack {why} ({plan.cpu}, {plan.capability})")
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
@@ -119,7 +129,8 @@ def test_samples_follow_the_softmax(lively):
     probs = torch.softmax(logits / 1.5, -1)
     torch.manual_seed(0)
     ro = FastEngine(model, tok, bf16=False, batch_size=6000).generate_text(
-        [prompt], 6000, SamplingParams(max_new_tokens=1, temperature=1.5))
+        [prompt], 6000, SamplingParams(max_new_tokens=1, temperature=1.5)
+    )
     counts = torch.bincount(torch.tensor([c[0] for c in ro.completion_ids]), minlength=probs.numel()).float()
     freq = counts / 6000
     top = probs.topk(5).indices
@@ -168,7 +179,9 @@ def test_min_new_tokens_bans_eos_until_reached(lively):
     assert all(ro.truncated)
     greedy = SamplingParams(max_new_tokens=12, temperature=0, min_new_tokens=12)
     ref = HFEngine(model, tok, bf16=False).generate_text(prompts, 1, greedy)
-    assert eng.generate_text(prompts, 1, greedy).completion_ids == ref.completion_ids  # HF's min_new_tokens too
+    assert (
+        eng.generate_text(prompts, 1, greedy).completion_ids == ref.completion_ids
+    )  # HF's min_new_tokens too
 
 
 def test_banned_tokens_are_never_drawn_and_logps_renormalise():
@@ -194,8 +207,13 @@ def test_lora_policy_greedy_fp32_tokens_equal_hf_generate(lively):
     prompts = [chat(tok, q) for q in PROMPTS]
     params = SamplingParams(max_new_tokens=24, temperature=0)
     base_ids = FastEngine(base, tok, bf16=False).generate_text(prompts, 1, params).completion_ids
-    policy = apply_lora(copy.deepcopy(base), LoraConfig(enabled=True, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    policy = apply_lora(
+        copy.deepcopy(base),
+        LoraConfig(
+            enabled=True,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -240,7 +258,9 @@ def test_sampling_logps_on_a_wide_logit_range_equal_log_softmax():
         tok, lp = FastEngine._sample(logits.clone(), SamplingParams(temperature=temp))
         assert (tok != 7).all()
         assert torch.allclose(lp, ref.gather(-1, tok[:, None]).squeeze(-1), atol=1e-4)
-    assert torch.equal(FastEngine._sample(logits.clone(), SamplingParams(temperature=0.0))[0], logits.argmax(-1))
+    assert torch.equal(
+        FastEngine._sample(logits.clone(), SamplingParams(temperature=0.0))[0], logits.argmax(-1)
+    )
 
 
 @pytest.mark.parametrize("paths", ["plan", "forced_off"])
@@ -290,21 +310,31 @@ def _attention_case(seed: int, dropped: bool, rep: int = 3, hd: int = 16):
     bias = torch.zeros(1, b, 1, P + T)
     for i, row in enumerate(alive.tolist()):
         bias[0, i, 0, : pstart[row // n]] = float("-inf")
-    st = _DecodeState(groups=g, n=n, rep=rep, caches=[], bias=bias, pstart=pstart, alive=alive,
-                      group=alive // n, t=t)
+    st = _DecodeState(
+        groups=g, n=n, rep=rep, caches=[], bias=bias, pstart=pstart, alive=alive, group=alive // n, t=t
+    )
     if dropped:
-        st.q_buf, st.p_buf = torch.zeros(nkv, g * n, rep, hd).bfloat16(), torch.zeros(nkv, g * n, rep, P).bfloat16()
+        st.q_buf, st.p_buf = (
+            torch.zeros(nkv, g * n, rep, hd).bfloat16(),
+            torch.zeros(nkv, g * n, rep, P).bfloat16(),
+        )
     cache = [r(nkv, g, hd, P), r(nkv, g, P, hd), r(nkv, b, hd, T), r(nkv, b, T, hd)]
     qkv = r(b, (nkv * rep + 2 * nkv) * hd)  # the fused projection's output: query, key and value heads
-    q, k, v = qkv[:, : nkv * rep * hd], qkv[:, nkv * rep * hd: (nkv * rep + nkv) * hd], qkv[:, (nkv * rep + nkv) * hd:]
+    q, k, v = (
+        qkv[:, : nkv * rep * hd],
+        qkv[:, nkv * rep * hd : (nkv * rep + nkv) * hd],
+        qkv[:, (nkv * rep + nkv) * hd :],
+    )
     want = torch.zeros(b, nkv * rep, hd)  # fp32 reference, one (row, key head) at a time
     for i, row in enumerate(alive.tolist()):
         grp, ps = row // n, pstart[row // n]
         for h in range(nkv):
-            keys = torch.cat([cache[0][h, grp, :, ps:].T, cache[2][h, i, :, :t].T, k[i, h * hd:(h + 1) * hd][None]])
-            vals = torch.cat([cache[1][h, grp, ps:], cache[3][h, i, :t], v[i, h * hd:(h + 1) * hd][None]])
-            qh = q[i].view(nkv * rep, hd)[h * rep:(h + 1) * rep]
-            want[i, h * rep:(h + 1) * rep] = torch.softmax(qh.float() @ keys.float().T, -1) @ vals.float()
+            keys = torch.cat(
+                [cache[0][h, grp, :, ps:].T, cache[2][h, i, :, :t].T, k[i, h * hd : (h + 1) * hd][None]]
+            )
+            vals = torch.cat([cache[1][h, grp, ps:], cache[3][h, i, :t], v[i, h * hd : (h + 1) * hd][None]])
+            qh = q[i].view(nkv * rep, hd)[h * rep : (h + 1) * rep]
+            want[i, h * rep : (h + 1) * rep] = torch.softmax(qh.float() @ keys.float().T, -1) @ vals.float()
     return st, cache, q, k, v, want.view(b, -1)
 
 
@@ -329,7 +359,9 @@ def test_decode_attention_paths_equal_an_fp32_reference(dropped, rep, hd):
     if fn is None:
         pytest.skip("no C kernel here (no compiler, or THINKRL_KERNELS=0)")
     c2 = [x.clone() for x in cache]
-    out = decode_attention(fn, q, k, v, *c2, st.group, st.pstart, st.t, torch.empty(b, q.shape[1], dtype=q.dtype))
+    out = decode_attention(
+        fn, q, k, v, *c2, st.group, st.pstart, st.t, torch.empty(b, q.shape[1], dtype=q.dtype)
+    )
     torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)  # fp32 inside: only the output rounds
     assert torch.equal(c2[2], c1[2]) and torch.equal(c2[3], c1[3])
 
@@ -410,15 +442,24 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatc
     import thinkrl.rollout.base as rollout  # where shared_prefix_len reads MIN_SHARED_PREFIX
 
     model, tok = lively
-    shot = [{"role": "system", "content": "You add numbers. Think step by step, then answer."},
-            {"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "It is 2."}]
-    prompts = [tok.apply_chat_template(shot + [{"role": "user", "content": q}], tokenize=False,
-                                       add_generation_prompt=True) for q in PROMPTS]
+    shot = [
+        {"role": "system", "content": "You add numbers. Think step by step, then answer."},
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "It is 2."},
+    ]
+    prompts = [
+        tok.apply_chat_template(
+            shot + [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in PROMPTS
+    ]
     ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     import os
 
     L = len(os.path.commonprefix(ids))
-    assert L >= rollout.MIN_SHARED_PREFIX and len({len(x) for x in ids}) > 1  # a real shared prefix, ragged tails
+    assert (
+        L >= rollout.MIN_SHARED_PREFIX and len({len(x) for x in ids}) > 1
+    )  # a real shared prefix, ragged tails
     params = SamplingParams(max_new_tokens=10, temperature=1.0)
     rows = []
     eng = FastEngine(model, tok, bf16=False)

@@ -38,17 +38,27 @@ def backend(request):
 
 
 def prompt_ids(tok) -> list[list[int]]:
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in QUESTIONS]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
     return [tok(t, add_special_tokens=False).input_ids for t in texts]
 
 
 def hf_greedy(model, ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
     """HF generate on one prompt (no padding), cut after the first EOS."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=eos, eos_token_id=eos)[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=eos,
+            eos_token_id=eos,
+        )[0, len(ids) :].tolist()
     return out[: out.index(eos) + 1] if eos in out else out
 
 
@@ -72,12 +82,14 @@ def test_sampled_logps_equal_a_teacher_forced_forward(backend, lively):
     model, tok = lively
     ids = prompt_ids(tok)
     T = 0.7
-    ro = engine_for(backend, model, tok).generate(ids, 2, SamplingParams(max_new_tokens=12, temperature=T, seed=5))
+    ro = engine_for(backend, model, tok).generate(
+        ids, 2, SamplingParams(max_new_tokens=12, temperature=T, seed=5)
+    )
     assert ro.logps is not None
     for p, c, lp in zip(ro.prompt_ids, ro.completion_ids, ro.logps):
         assert len(lp) == len(c) >= 1
         with torch.no_grad():
-            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1: -1]  # [len(c), V] predicting c
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1]  # [len(c), V] predicting c
         want = torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(lp), want, atol=1e-4, rtol=0)
 
@@ -104,7 +116,7 @@ def test_the_n_samples_of_a_prompt_are_adjacent(backend, lively):
     assert ro.prompt_ids == [p for p in ids for _ in range(3)]
     for i, p in enumerate(ids):  # greedy: the three samples of prompt i are its one greedy completion
         want = hf_greedy(model, p, 8, tok.eos_token_id)
-        assert ro.completion_ids[3 * i: 3 * i + 3] == [want] * 3
+        assert ro.completion_ids[3 * i : 3 * i + 3] == [want] * 3
 
 
 def test_a_stop_id_cuts_the_completion_after_it(backend, lively):
@@ -113,7 +125,9 @@ def test_a_stop_id_cuts_the_completion_after_it(backend, lively):
     free = hf_greedy(model, p, 20, tok.eos_token_id)
     stop = free[4]
     k = free.index(stop)  # its first occurrence: <= 4
-    ro = engine_for(backend, model, tok).generate([p], 1, SamplingParams(max_new_tokens=20, temperature=0, stop=(stop,)))
+    ro = engine_for(backend, model, tok).generate(
+        [p], 1, SamplingParams(max_new_tokens=20, temperature=0, stop=(stop,))
+    )
     assert ro.completion_ids == [free[: k + 1]]
     assert ro.truncated == [False] and len(ro.logps[0]) == k + 1
 
@@ -126,7 +140,9 @@ def test_a_stop_string_cuts_at_the_token_that_completes_it(backend, lively):
     free = hf_greedy(model, p, 20, tok.eos_token_id)
     s = tok.decode(free[5:7])
     k = next(i for i in range(len(free)) if s in tok.decode(free[: i + 1]))  # found by brute force
-    ro = engine_for(backend, model, tok).generate([p], 1, SamplingParams(max_new_tokens=20, temperature=0, stop=(s,)))
+    ro = engine_for(backend, model, tok).generate(
+        [p], 1, SamplingParams(max_new_tokens=20, temperature=0, stop=(s,))
+    )
     assert ro.completion_ids == [free[: k + 1]] and ro.truncated == [False]
     assert s in ro.texts[0]
     # without the stop, hitting max_new_tokens is truncation
@@ -152,7 +168,10 @@ def test_text_prompts_go_through_the_same_path(backend, lively):
     eng = engine_for(backend, model, tok)
     text = tok.decode(prompt_ids(tok)[0])
     params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)
-    assert eng.generate_text([text], 2, params).completion_ids == eng.generate(prompt_ids(tok)[:1], 2, params).completion_ids
+    assert (
+        eng.generate_text([text], 2, params).completion_ids
+        == eng.generate(prompt_ids(tok)[:1], 2, params).completion_ids
+    )
 
 
 def test_an_unknown_backend_or_stop_entry_is_one_clear_error(lively):

@@ -47,7 +47,11 @@ def test_the_tiny_models_have_each_familys_layout(qwen):
         assert at.q_proj.bias is not None and at.k_proj.bias is not None and at.o_proj.bias is None
         assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     else:
-        assert at.q_proj.bias is None and at.q_norm.weight.shape == (32,) and at.q_proj.weight.shape == (4 * 32, 64)
+        assert (
+            at.q_proj.bias is None
+            and at.q_norm.weight.shape == (32,)
+            and at.q_proj.weight.shape == (4 * 32, 64)
+        )
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert unsupported(model.config) is None
 
@@ -90,7 +94,9 @@ def test_sampled_logps_match_the_training_forward(qwen):
     _, model, tok = qwen
     prompts = [chat(tok, q) for q in QUESTIONS]
     torch.manual_seed(0)
-    ro = FastEngine(model, tok, bf16=False).generate_text(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7))
+    ro = FastEngine(model, tok, bf16=False).generate_text(
+        prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.7)
+    )
     assert [len(x) for x in ro.logps] == [len(c) for c in ro.completion_ids]
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
     with torch.no_grad():
@@ -164,8 +170,15 @@ def _gpt2():
 
     tok = build_tiny_tokenizer()
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=256,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = GPT2LMHeadModel(config).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
@@ -177,10 +190,17 @@ def test_an_unsupported_model_type_falls_back_to_hf_with_one_log_line(caplog):
         engine = build_engine("fast", model, tok, batch_size=4, bf16=False)
     assert type(engine) is HFEngine
     lines = [r for r in caplog.records if r.name.startswith("thinkrl")]
-    assert len(lines) == 1 and "model type 'gpt2'" in lines[0].getMessage() and "hf backend" in lines[0].getMessage()
+    assert (
+        len(lines) == 1
+        and "model type 'gpt2'" in lines[0].getMessage()
+        and "hf backend" in lines[0].getMessage()
+    )
     prompts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
     params = SamplingParams(max_new_tokens=6, temperature=0)
-    assert engine.generate_text(prompts, 2, params).completion_ids == HFEngine(model, tok).generate_text(prompts, 2, params).completion_ids
+    assert (
+        engine.generate_text(prompts, 2, params).completion_ids
+        == HFEngine(model, tok).generate_text(prompts, 2, params).completion_ids
+    )
     with pytest.raises(ConfigError, match="model type 'gpt2'.*rollout.backend=hf"):
         FastEngine(model, tok, bf16=False)  # built directly, it still refuses
 
@@ -195,26 +215,39 @@ def test_a_qwen2_with_a_sliding_window_falls_back(tmp_path, caplog):
         engine = build_engine("fast", model, tok, batch_size=4, bf16=False)
     assert type(engine) is HFEngine
     assert [r.getMessage() for r in caplog.records if r.name.startswith("thinkrl")] == [
-        "rollout.backend=fast cannot run this model (sliding-window attention (8 tokens)); using the hf backend"]
+        "rollout.backend=fast cannot run this model (sliding-window attention (8 tokens)); using the hf backend"
+    ]
 
 
 def test_unsupported_names_each_feature_the_engine_lacks():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
+    small = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     assert unsupported(LlamaConfig(**small)) is None
     assert unsupported(Qwen2Config(**small)) is None  # its q/k/v biases are implemented
-    assert unsupported(Qwen3Config(**small, use_sliding_window=True, max_window_layers=2)) is None  # no layer slides
+    assert (
+        unsupported(Qwen3Config(**small, use_sliding_window=True, max_window_layers=2)) is None
+    )  # no layer slides
     assert unsupported(MistralConfig(**small, sliding_window=None)) is None
     cases = [
         (LlamaConfig(**small, hidden_act="gelu"), "activation 'gelu' (supported: silu)"),
-        (LlamaConfig(**small, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
-         "RoPE scaling 'linear'"),
+        (
+            LlamaConfig(**small, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+            "RoPE scaling 'linear'",
+        ),
         (LlamaConfig(**small, attention_bias=True), "a bias on the attention output projection"),
         (Qwen3Config(**small, attention_bias=True), "a bias on the attention output projection"),
         (LlamaConfig(**small, mlp_bias=True), "biases in the MLP"),
-        (MistralConfig(**small, sliding_window=512, max_position_embeddings=4096), "sliding-window attention (512 tokens)"),
+        (
+            MistralConfig(**small, sliding_window=512, max_position_embeddings=4096),
+            "sliding-window attention (512 tokens)",
+        ),
     ]
     for config, why in cases:
         assert unsupported(config) == why

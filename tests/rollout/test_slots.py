@@ -27,7 +27,9 @@ def lively():
 
 
 def chat(tok, q):
-    return tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(
+        [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def ids(tok, text):
@@ -149,15 +151,18 @@ def test_thinking_budget_forces_the_closing_phrase(lively):
     phrase = ids(tok, CLOSING_PHRASE)
     prompt = chat(tok, PROMPTS[0]) + "<think>\n"
     dec = SlotDecoder(model, tok, max_slots=1, max_len=256)
-    s = dec.add(ids(tok, prompt), SamplingParams(max_new_tokens=3 + len(phrase) + 2, temperature=0,
-                                                 thinking_budget=3), prompt_text=prompt)
+    s = dec.add(
+        ids(tok, prompt),
+        SamplingParams(max_new_tokens=3 + len(phrase) + 2, temperature=0, thinking_budget=3),
+        prompt_text=prompt,
+    )
     em = []
     while not dec.finished(s):
         em += dec.step()
     toks = [e.token for e in em]
     if any(t in dec.eos_ids for t in toks[:3]):
         pytest.skip("the model ended before its budget")
-    assert toks[3: 3 + len(phrase)] == phrase
+    assert toks[3 : 3 + len(phrase)] == phrase
     assert [e.forced for e in em[: 3 + len(phrase)]] == [False] * 3 + [True] * len(phrase)
     assert dec.forced(s) == [e.forced for e in em] and dec.generated(s) == toks
 
@@ -204,7 +209,10 @@ def test_a_finished_slot_between_live_ones_keeps_the_others_exact(lively):
     """The middle slot finishes first and is kept (not freed): the step then gathers rows 0
     and 2; their tokens still equal decoding each prompt alone."""
     model, tok = lively
-    long, short = SamplingParams(max_new_tokens=10, temperature=0), SamplingParams(max_new_tokens=2, temperature=0)
+    long, short = (
+        SamplingParams(max_new_tokens=10, temperature=0),
+        SamplingParams(max_new_tokens=2, temperature=0),
+    )
     want = []
     for q in (PROMPTS[0], PROMPTS[2]):
         alone = SlotDecoder(model, tok, max_slots=1, max_len=96)
@@ -219,8 +227,14 @@ def test_a_finished_slot_between_live_ones_keeps_the_others_exact(lively):
     assert [got[a], got[c]] == want
 
 
-@pytest.mark.parametrize("extra", [dict(thinking_budget=6), dict(thinking_budget=40, min_thinking=30),
-                                   dict(min_new_tokens=12, stop=(ord("a"),))])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(thinking_budget=6),
+        dict(thinking_budget=40, min_thinking=30),
+        dict(min_new_tokens=12, stop=(ord("a"),)),
+    ],
+)
 def test_slot_equals_the_fast_engine_on_budgets_minimums_and_stops(lively, extra):
     """The same greedy tokens as the batch engine (FastEngine.generate) under a thinking
     budget, s1's minimum thinking, and min_new_tokens with a stop token."""

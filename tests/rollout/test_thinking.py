@@ -8,8 +8,17 @@ import torch
 from thinkrl.config import ConfigError
 from thinkrl.rollout import HFEngine, SamplingParams
 from thinkrl.rollout.fast import FastEngine
-from thinkrl.rollout.thinking import (CLOSING_PHRASE, FORCING, THINKING, WAIT_PHRASE, BudgetTracker, close_start_ids,
-                                      closing_ids, thinking_open, wait_ids)
+from thinkrl.rollout.thinking import (
+    CLOSING_PHRASE,
+    FORCING,
+    THINKING,
+    WAIT_PHRASE,
+    BudgetTracker,
+    close_start_ids,
+    closing_ids,
+    thinking_open,
+    wait_ids,
+)
 from thinkrl.trainer.batch import make_micro_batch, token_logps
 
 QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Tell me a story about a cat"]
@@ -29,8 +38,10 @@ def shaken(tiny_pair):
 
 def thinking_prompt(tok, q):
     """A chat prompt whose assistant turn starts with <think> (as the default task's prefill)."""
-    return tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                   add_generation_prompt=True) + "<think>"
+    return (
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        + "<think>"
+    )
 
 
 # -- the bookkeeping -----------------------------------------------------------------------
@@ -49,7 +60,9 @@ def test_tracker_counts_tokens_after_a_generated_opening_then_forces_the_phrase(
     and then the phrase's tokens are due one by one, then nothing."""
     tok = tiny_pair[1]
     phrase = closing_ids(tok)
-    assert tok.decode(phrase) == CLOSING_PHRASE and len(phrase) == len(CLOSING_PHRASE.encode())  # one id per byte
+    assert tok.decode(phrase) == CLOSING_PHRASE and len(phrase) == len(
+        CLOSING_PHRASE.encode()
+    )  # one id per byte
     tr = BudgetTracker(tok, 3, ["<|im_start|>assistant\n"], phrase)
     toks = []
     for ch in "ok <think>abc":
@@ -101,12 +114,14 @@ def test_fast_engine_caps_thinking_at_the_budget(shaken):
     phrase, B = closing_ids(tok), 8
     eng = FastEngine(model, tok, bf16=False)
     free = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0))
-    capped = eng.generate_text(prompts, 1, SamplingParams(max_new_tokens=140, temperature=0, thinking_budget=B))
+    capped = eng.generate_text(
+        prompts, 1, SamplingParams(max_new_tokens=140, temperature=0, thinking_budget=B)
+    )
     assert free.forced is None
     for f, c, mask, text in zip(free.completion_ids, capped.completion_ids, capped.forced, capped.texts):
         assert len(f) > B and "</think>" not in tok.decode(f[:B])  # the free run thinks past the budget
         assert c[:B] == f[:B]
-        assert c[B: B + len(phrase)] == phrase
+        assert c[B : B + len(phrase)] == phrase
         assert mask == [False] * B + [True] * len(phrase) + [False] * (len(c) - B - len(phrase))
         assert text.count(CLOSING_PHRASE) == 1
     assert any(len(c) > B + len(phrase) for c in capped.completion_ids)  # the model answered after it
@@ -133,7 +148,8 @@ def test_forced_tokens_logps_are_the_models(shaken):
     prompts = [thinking_prompt(tok, q) for q in QUESTIONS]
     torch.manual_seed(0)
     ro = FastEngine(model, tok, bf16=False).generate_text(
-        prompts, 2, SamplingParams(max_new_tokens=120, temperature=0.7, thinking_budget=5))
+        prompts, 2, SamplingParams(max_new_tokens=120, temperature=0.7, thinking_budget=5)
+    )
     assert sum(map(sum, ro.forced)) >= len(closing_ids(tok))  # at least one row was forced
     mb = make_micro_batch(ro.prompt_ids, ro.completion_ids, list(range(len(ro.prompt_ids))), tok.pad_token_id)
     with torch.no_grad():
@@ -155,7 +171,9 @@ def test_a_budget_that_never_binds_changes_nothing(shaken, engine):
 
     def sample(prompts, budget):
         torch.manual_seed(4)
-        return eng.generate_text(prompts, 3, SamplingParams(max_new_tokens=30, temperature=1.0, thinking_budget=budget))
+        return eng.generate_text(
+            prompts, 3, SamplingParams(max_new_tokens=30, temperature=1.0, thinking_budget=budget)
+        )
 
     thinking = [thinking_prompt(tok, QUESTIONS[0])]
     plain = [thinking_prompt(tok, QUESTIONS[1]).removesuffix("<think>")]
@@ -178,17 +196,24 @@ def test_qwen3_single_token_tags_and_its_no_thinking_prompt(tmp_path):
     phrase = closing_ids(tok)
     assert tok.convert_tokens_to_ids("</think>") in phrase
     msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    think = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + "<think>\n" for m in msgs]
-    nothink = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-               for m in msgs]
+    think = [
+        tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + "<think>\n" for m in msgs
+    ]
+    nothink = [
+        tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        for m in msgs
+    ]
     params = SamplingParams(max_new_tokens=len(phrase) + 12, temperature=0, thinking_budget=4)
     got = FastEngine(model, tok, bf16=False).generate_text(think + nothink, 1, params)
     ref = HFEngine(model, tok, bf16=False).generate_text(think + nothink, 1, params)
     assert got.completion_ids == ref.completion_ids and got.forced == ref.forced
     for c, mask in zip(got.completion_ids[:3], got.forced[:3]):
-        assert c[4: 4 + len(phrase)] == phrase and mask[:4 + len(phrase)] == [False] * 4 + [True] * len(phrase)
-    free = FastEngine(model, tok, bf16=False).generate_text(nothink, 1, SamplingParams(max_new_tokens=len(phrase) + 12,
-                                                                                  temperature=0))
+        assert c[4 : 4 + len(phrase)] == phrase and mask[: 4 + len(phrase)] == [False] * 4 + [True] * len(
+            phrase
+        )
+    free = FastEngine(model, tok, bf16=False).generate_text(
+        nothink, 1, SamplingParams(max_new_tokens=len(phrase) + 12, temperature=0)
+    )
     assert got.completion_ids[3:] == free.completion_ids and not any(map(any, got.forced[3:]))
 
 
@@ -243,8 +268,10 @@ def test_both_engines_keep_thinking_until_the_minimum(shaken, monkeypatch):
     monkeypatch.setattr(thinking, "close_start_ids", lambda t: [i for i in range(len(t)) if i not in wait])
     prompts = [thinking_prompt(tok, q) for q in QUESTIONS]
     params = SamplingParams(max_new_tokens=16, temperature=0, min_thinking=12)
-    ro = {name: cls(model, tok, bf16=False).generate_text(prompts, 1, params)
-          for name, cls in (("fast", FastEngine), ("hf", HFEngine))}
+    ro = {
+        name: cls(model, tok, bf16=False).generate_text(prompts, 1, params)
+        for name, cls in (("fast", FastEngine), ("hf", HFEngine))
+    }
     for c, f in zip(ro["fast"].completion_ids, ro["fast"].forced):
         assert c[:6] == wait and f[:6] == [True] * 6
         assert set(c[:12]) <= set(wait)

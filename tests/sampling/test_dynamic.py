@@ -24,8 +24,12 @@ class Script:
         totals = [float(r) for i in ids for r in self.table[i]]
         rows = [i for i in ids for _ in range(G)]
         texts = [f"p{i}-s{j}" for i in ids for j in range(G)]
-        ro = Rollout(prompt_ids=[[i] for i in rows], completion_ids=[[i, j] for i in ids for j in range(G)],
-                     texts=texts, truncated=[False] * len(rows))
+        ro = Rollout(
+            prompt_ids=[[i] for i in rows],
+            completion_ids=[[i, j] for i in ids for j in range(G)],
+            texts=texts,
+            truncated=[False] * len(rows),
+        )
         return Groups(list(ids), [(f"p{i}", "") for i in ids], ro, texts, totals, {"accuracy": totals})
 
 
@@ -78,5 +82,11 @@ def test_forced_token_masks_follow_their_rows():
 
     kept, _, _ = collect_groups(s.draw, run_with_masks, 3, dynamic=True, max_rounds=3)
     assert kept.examples == [1, 3, 6]
-    assert kept.ro.forced == [[False, False], [False, True], [True, False], [True, True],
-                              [False, False], [False, True]]
+    assert kept.ro.forced == [
+        [False, False],
+        [False, True],
+        [True, False],
+        [True, True],
+        [False, False],
+        [False, True],
+    ]

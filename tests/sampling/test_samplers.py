@@ -13,7 +13,9 @@ class ListTask(Task):
 
 
 def make_task(n=10, **meta):
-    rows = [Example(question=f"q{i}", answer=str(i), meta={k: v[i] for k, v in meta.items()}) for i in range(n)]
+    rows = [
+        Example(question=f"q{i}", answer=str(i), meta={k: v[i] for k, v in meta.items()}) for i in range(n)
+    ]
     return ListTask(rows, rows[:1], seed=0)
 
 

@@ -80,8 +80,9 @@ def test_capabilities_on_this_machine():
 
 
 def test_runs_a_program_with_stdin_in_a_fresh_folder():
-    res = run_python("import os\nprint(input()[::-1]); print(os.getcwd()); print(sorted(os.listdir('.')))",
-                     stdin="abc\n")
+    res = run_python(
+        "import os\nprint(input()[::-1]); print(os.getcwd()); print(sorted(os.listdir('.')))", stdin="abc\n"
+    )
     assert res.status == "ok" and res.returncode == 0
     lines = res.stdout.splitlines()
     assert lines[0] == "cba"
@@ -95,16 +96,22 @@ def test_an_isolated_run_leaves_no_folder_on_the_host():
     assert set(Path("/tmp").glob("thinkrl-sbx-*")) == before
 
 
-@pytest.mark.parametrize("code,status", [
-    ("raise ValueError('x')", "error"),
-    ("import sys; sys.exit(3)", "error"),
-    ("while True: pass", "timeout"),
-    ("print('y' * 5_000_000)", "output_limit"),
-    ("x = bytearray(3 * 2**30)", "memory"),
-])
+@pytest.mark.parametrize(
+    "code,status",
+    [
+        ("raise ValueError('x')", "error"),
+        ("import sys; sys.exit(3)", "error"),
+        ("while True: pass", "timeout"),
+        ("print('y' * 5_000_000)", "output_limit"),
+        ("x = bytearray(3 * 2**30)", "memory"),
+    ],
+)
 def test_status_of_abnormal_programs(code, status):
     res = run_python(code, limits=Limits(wall_s=1.5, cpu_s=1, memory_mb=512, output_bytes=1 << 20))
-    assert res.status in ((status, "cpu_time") if status == "timeout" else (status,)), (res.status, res.stderr)
+    assert res.status in ((status, "cpu_time") if status == "timeout" else (status,)), (
+        res.status,
+        res.stderr,
+    )
     assert res.seconds < 4.5
     assert len(res.stdout) <= 1 << 20
 
@@ -143,28 +150,31 @@ def attacks(d: Path, port: int, abstract: str, host_pid: int) -> dict[str, str]:
     return {
         # resource exhaustion
         "infinite_loop": "while True:\n    pass\n" + win,
-        "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n" + win,
+        "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+        + win,
         "thread_bomb": "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(60,)).start()\n"
-                       + win,
+        + win,
         "memory_bomb": "x = [bytearray(2**28) for _ in range(64)]\n" + win,
-        "deep_recursion": "import sys\nsys.setrecursionlimit(10**9)\ndef r(n):\n    return r(n + 1)\nr(0)\n" + win,
-        "fill_the_disk": "with open('big', 'wb') as fh:\n    for _ in range(10**4):\n        fh.write(b'x' * 2**20)\n" + win,
+        "deep_recursion": "import sys\nsys.setrecursionlimit(10**9)\ndef r(n):\n    return r(n + 1)\nr(0)\n"
+        + win,
+        "fill_the_disk": "with open('big', 'wb') as fh:\n    for _ in range(10**4):\n        fh.write(b'x' * 2**20)\n"
+        + win,
         "exhaust_file_descriptors": "fs = [open('/dev/null') for _ in range(10**5)]\n" + win,
         "huge_output": "import sys\nwhile True:\n    sys.stdout.write('A' * 65536)\n" + win,
         # escapes: processes, files, network, kernel
         "os_system": f"import os\nok = os.system('echo pwned > {d}/pwned.txt') == 0 and "
-                     f"os.path.exists('{d}/pwned.txt')\n" + only_if_ok,
+        f"os.path.exists('{d}/pwned.txt')\n" + only_if_ok,
         "subprocess": "import subprocess\nr = subprocess.run(['cat', '/etc/shadow'], capture_output=True)\n"
-                      "def f(x):\n    return 2 * x if r.returncode == 0 and r.stdout else None\n",
+        "def f(x):\n    return 2 * x if r.returncode == 0 and r.stdout else None\n",
         "socket_localhost": f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-                            "s.sendall(b'hello')\n" + win,
+        "s.sendall(b'hello')\n" + win,
         "socket_type": "import socket\ns = socket.SocketType(socket.AF_INET, socket.SOCK_STREAM)\ns.settimeout(1)\n"
-                       f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'hello')\n" + win,
+        f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'hello')\n" + win,
         "raw_socket_syscall": libc + "import struct\nfd = libc.socket(2, 1, 0)\n"
-                              f"addr = struct.pack('=H', 2) + struct.pack('>H', {port}) + bytes([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])\n"
-                              "ok = fd >= 0 and libc.connect(fd, addr, 16) == 0\n" + only_if_ok,
+        f"addr = struct.pack('=H', 2) + struct.pack('>H', {port}) + bytes([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])\n"
+        "ok = fd >= 0 and libc.connect(fd, addr, 16) == 0\n" + only_if_ok,
         "abstract_unix_socket": f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({abstract!r})\n"
-                                "s.sendall(b'hello')\n" + win,
+        "s.sendall(b'hello')\n" + win,
         "write_outside": f"open('{d}/new.txt', 'w').write('x')\n" + win,
         "overwrite_sentinel": f"open('{d}/sentinel.txt', 'w').write('gone')\n" + win,
         "delete_sentinel": f"import os\nos.remove('{d}/sentinel.txt')\n" + win,
@@ -175,31 +185,35 @@ def attacks(d: Path, port: int, abstract: str, host_pid: int) -> dict[str, str]:
         "read_shadow": "s = open('/etc/shadow').read()\n" + win,
         "signal_the_trainer": f"import os, signal\nos.kill({host_pid}, signal.SIGUSR1)\n" + win,
         "kill_everything": "import os, signal\nfor pid in range(2, 40000):\n    try:\n"
-                           "        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\n"
-                           "def f(x):\n    return None\n",
+        "        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\n"
+        "def f(x):\n    return None\n",
         "ptrace_attach": libc + "ok = libc.ptrace(16, 1, 0, 0) == 0\n" + only_if_ok,
         "new_user_namespace": libc + "ok = libc.unshare(0x10000000) == 0\n" + only_if_ok,
-        "mount_tmpfs": libc + "ok = libc.mount(b'tmpfs', b'/tmp/work', b'tmpfs', 0, None) == 0\n" + only_if_ok,
-        "remount_root_writable": libc + "ok = libc.mount(None, b'/', None, 32 | 4096, None) == 0\n" + only_if_ok,
+        "mount_tmpfs": libc
+        + "ok = libc.mount(b'tmpfs', b'/tmp/work', b'tmpfs', 0, None) == 0\n"
+        + only_if_ok,
+        "remount_root_writable": libc
+        + "ok = libc.mount(None, b'/', None, 32 | 4096, None) == 0\n"
+        + only_if_ok,
         "ignore_sigterm_and_setsid": "import os, signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                     "os.setsid()\nwhile True:\n    pass\n" + win,
+        "os.setsid()\nwhile True:\n    pass\n" + win,
         "orphan_daemon": f"import os, time, sys\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(3)\n"
-                         f"    open('{d}/late.txt', 'w').write('x')\n    os._exit(0)\nsys.exit(0)\n" + win,
+        f"    open('{d}/late.txt', 'w').write('x')\n    os._exit(0)\nsys.exit(0)\n" + win,
         # reward hacks: games with the verdict itself
         "sys_exit_zero": "import sys\nsys.exit(0)\n" + win.replace("2 * x", "None"),
         "os_exit_zero": "import os\nos._exit(0)\n" + win.replace("2 * x", "None"),
         "fake_verdict": "print('0 1 1')\nimport os\nos._exit(0)\n",
         "equal_to_everything": "class Yes:\n    def __eq__(self, other):\n        return True\n"
-                               "    __hash__ = object.__hash__\ndef f(x):\n    return Yes()\n",
+        "    __hash__ = object.__hash__\ndef f(x):\n    return Yes()\n",
         "int_subclass_equal_to_everything": "class Four(int):\n    def __eq__(self, other):\n        return True\n"
-                                            "    __hash__ = int.__hash__\ndef f(x):\n    return Four(0)\n",
+        "    __hash__ = int.__hash__\ndef f(x):\n    return Four(0)\n",
         "walk_frames_to_the_nonce": "import os, sys\nfr = sys._getframe()\nwhile fr is not None:\n"
-                                    "    n = fr.f_locals.get('nonce')\n    if n:\n"
-                                    "        os.write(1, ('\\n%s 1 1\\n' % n).encode())\n        os._exit(0)\n"
-                                    "    fr = fr.f_back\ndef f(x):\n    return None\n",
+        "    n = fr.f_locals.get('nonce')\n    if n:\n"
+        "        os.write(1, ('\\n%s 1 1\\n' % n).encode())\n        os._exit(0)\n"
+        "    fr = fr.f_back\ndef f(x):\n    return None\n",
         "read_the_tests": "s = open('tests.py').read()\ndef f(x):\n    return 4 if 'candidate(2) == 4' in s else None\n",
         "write_the_harness_stdout": "import os\nfd = os.open('/proc/%d/fd/1' % os.getppid(), os.O_WRONLY)\n"
-                                    "os.write(fd, b'x')\n" + win,
+        "os.write(fd, b'x')\n" + win,
         "read_the_harness_memory": "import os\nopen('/proc/%d/mem' % os.getppid(), 'rb')\n" + win,
         "stop_the_harness": "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n" + win,
     }
@@ -259,7 +273,12 @@ def test_adversarial_programs_fail_within_their_limit_and_leave_the_host_alone(h
     # each failure was counted under its reason or scored a plain 0 (the test did not pass)
     counted = sum(rm.failures.values())
     assert counted >= 5 and set(k.split("/")[1] for k in rm.failures) <= {
-        "timeout", "cpu_time", "memory", "output_limit", "signal"}, dict(rm.failures)
+        "timeout",
+        "cpu_time",
+        "memory",
+        "output_limit",
+        "signal",
+    }, dict(rm.failures)
     assert time.monotonic() - t0 < len(items) * (TIMEOUT + 3.0)
 
 
@@ -274,30 +293,35 @@ def test_a_correct_program_still_passes_next_to_the_attacks():
 
 
 def test_every_plain_return_type_crosses_back_intact():
-    tests = ("def check(candidate):\n"
-             "    assert candidate(0) == [1, -2**70, 2.5, 'é', b'\\x00', (1, (2,)), {'k': {3}}, frozenset({4}), None, "
-             "True, 1j]\n"
-             "    assert type(candidate(0)[5]) is tuple and type(candidate(0)[1]) is int\n"
-             "    assert candidate(1) != candidate(0)\n")
-    code = ("def f(x):\n    if x:\n        return []\n"
-            "    return [1, -2**70, 2.5, 'é', b'\\x00', (1, (2,)), {'k': {3}}, frozenset({4}), None, True, 1j]\n")
+    tests = (
+        "def check(candidate):\n"
+        "    assert candidate(0) == [1, -2**70, 2.5, 'é', b'\\x00', (1, (2,)), {'k': {3}}, frozenset({4}), None, "
+        "True, 1j]\n"
+        "    assert type(candidate(0)[5]) is tuple and type(candidate(0)[1]) is int\n"
+        "    assert candidate(1) != candidate(0)\n"
+    )
+    code = (
+        "def f(x):\n    if x:\n        return []\n"
+        "    return [1, -2**70, 2.5, 'é', b'\\x00', (1, (2,)), {'k': {3}}, frozenset({4}), None, True, 1j]\n"
+    )
     passed, total, res = run_check(code, tests, "f")
     assert (passed, total) == (3, 3), res.stderr
 
 
 def test_exceptions_keep_their_builtin_type_and_the_prompt_gives_its_helpers():
-    prompt = "def shift(s):\n    return ''.join(chr(ord(c) + 1) for c in s)\n\ndef unshift(s):\n    \"\"\"inverse\"\"\"\n"
+    prompt = 'def shift(s):\n    return \'\'.join(chr(ord(c) + 1) for c in s)\n\ndef unshift(s):\n    """inverse"""\n'
     code = "def unshift(s):\n    if not s:\n        raise ValueError('empty')\n    return ''.join(chr(ord(c) - 1) for c in s)\n"
-    tests = ("def check(candidate):\n    assert candidate(shift('abc')) == 'abc'\n"
-             "    try:\n        candidate('')\n        assert False\n    except ValueError:\n        pass\n"
-             "    assert candidate('b') == 'b'\n")
+    tests = (
+        "def check(candidate):\n    assert candidate(shift('abc')) == 'abc'\n"
+        "    try:\n        candidate('')\n        assert False\n    except ValueError:\n        pass\n"
+        "    assert candidate('b') == 'b'\n"
+    )
     passed, total, res = run_check(code, tests, "unshift", prompt=prompt)
     assert (passed, total) == (2, 3), res.stderr  # the third is wrong on purpose: unshift('b') == 'a'
 
 
 def test_the_solution_cannot_see_the_tests_the_nonce_or_the_harness():
-    probe = ("import os\nseen = sorted(os.listdir('.'))\n"
-             "def f(x):\n    return seen\n")
+    probe = "import os\nseen = sorted(os.listdir('.'))\ndef f(x):\n    return seen\n"
     tests = "def check(candidate):\n    assert candidate(0) == ['runner.py', 'solution.py']\n"
     passed, total, res = run_check(probe, tests, "f")
     assert (passed, total) == (1, 1), res.stderr
@@ -376,11 +400,14 @@ def test_root_without_cap_sys_admin_isolates_in_a_user_namespace():
     def drop_sys_admin():
         ctypes.CDLL(None).prctl(24, 21, 0, 0, 0)  # PR_CAPBSET_DROP, CAP_SYS_ADMIN: gone at exec
 
-    code = ("import json\nfrom thinkrl.sandbox import capabilities, run_python\n"
-            "r = run_python('import os\\nprint(os.getuid())')\n"
-            "print(json.dumps([capabilities(), r.status, r.stdout]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         preexec_fn=drop_sys_admin)
+    code = (
+        "import json\nfrom thinkrl.sandbox import capabilities, run_python\n"
+        "r = run_python('import os\\nprint(os.getuid())')\n"
+        "print(json.dumps([capabilities(), r.status, r.stdout]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, preexec_fn=drop_sys_admin
+    )
     caps, status, stdout = json.loads(out.stdout.strip().splitlines()[-1])
     assert caps["method"] == "userns" and caps["isolated"], caps
     assert any("as root" in e for e in caps["errors"])  # the root method was tried and refused
@@ -394,9 +421,21 @@ def test_the_suite_holds_for_an_unprivileged_user():
 
     if not userns_allowed():
         pytest.skip("this kernel does not let unprivileged users create user namespaces")
-    out = run_as_user([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-                       "-k", "not unprivileged_user"],
-                      env={"PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}, cwd=REPO)
+    out = run_as_user(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(Path(__file__)),
+            "-k",
+            "not unprivileged_user",
+        ],
+        env={"PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"},
+        cwd=REPO,
+    )
     tail = out.stdout[-3000:]
     assert out.returncode == 0, tail
     summary = tail.strip().splitlines()[-1]
@@ -408,7 +447,9 @@ def test_the_suite_holds_for_an_unprivileged_user():
 def test_a_solution_cannot_redefine_the_helpers_that_judge_it():
     """HumanEval-style tests call the prompt's own helpers (``decode_cyclic(encode_cyclic(s))``):
     a solution that also redefines ``encode`` as the identity must not make them trivially pass."""
-    prompt = "def encode(s):\n    return s[::-1] + 'x'\n\n\ndef decode(s):\n    \"\"\"the inverse of encode\"\"\"\n"
+    prompt = (
+        'def encode(s):\n    return s[::-1] + \'x\'\n\n\ndef decode(s):\n    """the inverse of encode"""\n'
+    )
     tests = "def check(candidate):\n    assert candidate(encode('abc')) == 'abc'\n"
     hack = "def encode(s):\n    return s\n\n\ndef decode(s):\n    return s\n"
     honest = "def decode(s):\n    return s[:-1][::-1]\n"
@@ -428,6 +469,8 @@ def test_a_queued_run_gets_its_whole_deadline(monkeypatch):
     monkeypatch.setattr(sandbox, "_running", threading.BoundedSemaphore(1))
     lim = Limits(wall_s=1.5, cpu_s=2)
     with ThreadPoolExecutor(3) as ex:
-        res = list(ex.map(lambda i: run_python(f"import time\ntime.sleep(0.5)\nprint({i})", limits=lim), range(3)))
+        res = list(
+            ex.map(lambda i: run_python(f"import time\ntime.sleep(0.5)\nprint({i})", limits=lim), range(3))
+        )
     assert [r.status for r in res] == ["ok"] * 3
     assert [r.stdout.strip() for r in res] == ["0", "1", "2"]

@@ -41,20 +41,38 @@ os.execve(spec["argv"][0], spec["argv"], spec["env"])
 
 
 def _paths() -> list[str]:
-    paths = {sys.base_prefix, sys.prefix, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-             os.path.dirname(os.path.realpath(sys.executable)), str(REPO)}
+    paths = {
+        sys.base_prefix,
+        sys.prefix,
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+        os.path.dirname(os.path.realpath(sys.executable)),
+        str(REPO),
+    }
     return sorted({os.path.realpath(p) for p in paths})
 
 
-def run_as_user(argv: list[str], env: dict | None = None, timeout: float = 600, uid: int = NOBODY,
-                cwd: str | Path = REPO) -> subprocess.CompletedProcess:
+def run_as_user(
+    argv: list[str], env: dict | None = None, timeout: float = 600, uid: int = NOBODY, cwd: str | Path = REPO
+) -> subprocess.CompletedProcess:
     """``argv`` as ``uid`` (must be called as root); stdout and stderr together, as text."""
     assert os.geteuid() == 0, "run_as_user starts from root"
     base = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
-    spec = {"uid": uid, "paths": _paths(), "argv": argv, "env": {**base, **(env or {})},
-            "launch_dir": str(LAUNCH_DIR), "cwd": str(cwd)}
-    return subprocess.run([sys.executable, "-I", "-S", "-c", _BECOME, json.dumps(spec)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    spec = {
+        "uid": uid,
+        "paths": _paths(),
+        "argv": argv,
+        "env": {**base, **(env or {})},
+        "launch_dir": str(LAUNCH_DIR),
+        "cwd": str(cwd),
+    }
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _BECOME, json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def userns_allowed() -> bool:

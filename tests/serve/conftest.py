@@ -30,8 +30,13 @@ def running_server(*args: str, timeout: float = 120.0):
     resolve("tiny-random")  # build the model before the server starts, so its start is quick
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "thinkrl", "serve", "model=tiny-random", f"port={port}",
-                             "dtype=fp32", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thinkrl", "serve", "model=tiny-random", f"port={port}", "dtype=fp32", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -87,8 +92,12 @@ def post(url: str, body: bytes | dict) -> tuple[int, dict]:
 
 
 class Helpers:
-    health, wait_idle, post, running_server = staticmethod(health), staticmethod(wait_idle), staticmethod(post), \
-        staticmethod(running_server)
+    health, wait_idle, post, running_server = (
+        staticmethod(health),
+        staticmethod(wait_idle),
+        staticmethod(post),
+        staticmethod(running_server),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,11 @@ def lively_dir(tmp_path_factory):
 
 
 def env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "COLUMNS": "400"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "COLUMNS": "400",
+    }
 
 
 def greedy(model_dir, prompt: str, n: int) -> str:
@@ -39,8 +42,15 @@ def greedy(model_dir, prompt: str, n: int) -> str:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
-                         temperature=None, top_p=None, top_k=None)[0, ids.shape[1]:]
+    out = model.generate(
+        ids,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )[0, ids.shape[1] :]
     return tok, tok.decode(out, skip_special_tokens=True)
 
 
@@ -49,19 +59,37 @@ def test_piped_conversation_commands_and_thinking(lively_dir):
     answer is HF generate's greedy text; the second turn's prompt carries the first turn; the
     budgeted thinking ends with the closing phrase, printed apart from the answer."""
     lines = ["Hello", "What now?", "/budget 4", "/think", "Why?", "/budget x", "/bogus", "/reset", "/exit"]
-    r = subprocess.run([sys.executable, "-m", "thinkrl", "chat", f"model={lively_dir}", "max_tokens=120",
-                        "temperature=0", "dtype=fp32", "color=never"], input="\n".join(lines) + "\n",
-                       capture_output=True, text=True, env=env(), timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "thinkrl",
+            "chat",
+            f"model={lively_dir}",
+            "max_tokens=120",
+            "temperature=0",
+            "dtype=fp32",
+            "color=never",
+        ],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = clean(r.stdout)  # rich drops some control characters that random text holds; compare the rest
     tok, first = greedy(lively_dir, _prompt(lively_dir, [{"role": "user", "content": "Hello"}]), 120)
     assert clean(first.strip()) and f"assistant: {clean(first.strip())}" in out
-    hist = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first.strip()},
-            {"role": "user", "content": "What now?"}]
+    hist = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": first.strip()},
+        {"role": "user", "content": "What now?"},
+    ]
     _, second = greedy(lively_dir, _prompt(lively_dir, hist), 120)
     assert f"assistant: {clean(second.strip())}" in out  # multi-turn: the second prompt holds the first turn
     assert "[thinking budget: 4 tokens]" in out and "[thinking on]" in out
-    think = out[out.index("[thinking on]"):]
+    think = out[out.index("[thinking on]") :]
     assert "thinking: " in think and "Considering the limited time" in think  # budget 4 forced the close
     assert "usage: /budget N" in out and "unknown command /bogus" in out and "[conversation cleared]" in out
 
@@ -79,9 +107,22 @@ def _prompt(model_dir, msgs):
 
 def test_ctrl_c_stops_the_reply_not_the_program(lively_dir):
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "thinkrl", "chat", f"model={lively_dir}", "max_tokens=2000",
-                                           "min_tokens=2000", "dtype=fp32", "color=never"],
-                          env=env(), encoding="utf-8", timeout=120)
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "thinkrl",
+            "chat",
+            f"model={lively_dir}",
+            "max_tokens=2000",
+            "min_tokens=2000",
+            "dtype=fp32",
+            "color=never",
+        ],
+        env=env(),
+        encoding="utf-8",
+        timeout=120,
+    )
     try:
         child.expect("you> ")
         child.sendline("Tell me everything")

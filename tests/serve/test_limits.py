@@ -23,10 +23,26 @@ def test_the_hf_fallback_serves_one_request_at_a_time(small, srv):
     model, tok = load_model("tiny-random")
     prompt = "The cat"
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    want = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
-                          temperature=None, top_p=None, top_k=None)[0, ids.shape[1]:].tolist()
-    parts = [c.choices[0].text for c in client.completions.create(model="tiny-random", prompt=prompt, max_tokens=6,
-                                                                   temperature=0, stream=True, extra_body={"min_tokens": 6})]
+    want = model.generate(
+        ids,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )[0, ids.shape[1] :].tolist()
+    parts = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny-random",
+            prompt=prompt,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            extra_body={"min_tokens": 6},
+        )
+    ]
     assert "".join(parts) == tok.decode(want, skip_special_tokens=True)
 
 
@@ -50,8 +66,9 @@ def test_a_full_queue_answers_429(small, srv):
     assert reply["error"]["type"] == "rate_limit_error" and "capacity" in reply["error"]["message"]
     client = openai.OpenAI(base_url=small + "/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.RateLimitError):
-        client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "x"}],
-                                       stream=True)  # refused before the stream starts: a status, not an event
+        client.chat.completions.create(
+            model="tiny-random", messages=[{"role": "user", "content": "x"}], stream=True
+        )  # refused before the stream starts: a status, not an event
     for t in threads:
         t.join()
     assert [s for s, _ in results] == [200, 200]
@@ -59,13 +76,16 @@ def test_a_full_queue_answers_429(small, srv):
     assert srv.wait_idle(small)["active"] == 0
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["serve"], "thinkrl serve needs model=PATH"),
-    (["serve", "model=tiny-random", "slots=4"], "slots"),
-    (["serve", "model=tiny-random", "backend=vllm"], "backend 'vllm' unknown"),
-    (["chat"], "thinkrl chat needs model=PATH"),
-    (["chat", "model=tiny-random", "thinking=maybe"], "thinking must be auto, on or off"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["serve"], "thinkrl serve needs model=PATH"),
+        (["serve", "model=tiny-random", "slots=4"], "slots"),
+        (["serve", "model=tiny-random", "backend=vllm"], "backend 'vllm' unknown"),
+        (["chat"], "thinkrl chat needs model=PATH"),
+        (["chat", "model=tiny-random", "thinking=maybe"], "thinking must be auto, on or off"),
+    ],
+)
 def test_bad_options_are_one_line(argv, says, capsys):
     from thinkrl.cli import main
 

@@ -16,14 +16,17 @@ def feed_all(pieces, opened):
     return r, c
 
 
-@pytest.mark.parametrize("text, opened, want", [
-    ("<think>\nplan</think>\n\nanswer", False, ("plan", "answer")),  # the reply opens the block itself
-    ("plan\n</think>\n\n42", True, ("plan\n", "42")),  # the prompt opened it
-    ("no thinking here", False, ("", "no thinking here")),
-    ("  <think>x", False, ("x", "")),  # cut off while thinking: all reasoning
-    ("<thin", False, ("", "<thin")),  # not a tag after all
-    ("a < b </think> c", True, ("a < b ", "c")),
-])
+@pytest.mark.parametrize(
+    "text, opened, want",
+    [
+        ("<think>\nplan</think>\n\nanswer", False, ("plan", "answer")),  # the reply opens the block itself
+        ("plan\n</think>\n\n42", True, ("plan\n", "42")),  # the prompt opened it
+        ("no thinking here", False, ("", "no thinking here")),
+        ("  <think>x", False, ("x", "")),  # cut off while thinking: all reasoning
+        ("<thin", False, ("", "<thin")),  # not a tag after all
+        ("a < b </think> c", True, ("a < b ", "c")),
+    ],
+)
 def test_split_by_hand(text, opened, want):
     assert split(text, opened) == want
     # fed one character at a time, the pieces add up to the same split, and no piece holds half a tag
@@ -51,8 +54,10 @@ def test_incremental_decoding_equals_decoding_everything(tiny_pair):
     sched.tok = tok
     for _ in range(20):
         seq = Sequence(ids=[1], params=None)
-        toks = [rng.choice([rng.randrange(256), rng.randrange(256), 0xc3 % 256, tok.eos_token_id])
-                for _ in range(rng.randrange(1, 40))]
+        toks = [
+            rng.choice([rng.randrange(256), rng.randrange(256), 0xC3 % 256, tok.eos_token_id])
+            for _ in range(rng.randrange(1, 40))
+        ]
         for i, t in enumerate(toks):
             seq.tokens.append(t)
             sched._decode(seq, flush=i == len(toks) - 1)

@@ -46,8 +46,9 @@ def test_every_format_with_a_field_mapping(tmp_path, suffix):
 def test_saved_dataset_folder_uses_its_test_split(tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:7]),
-                               "test": datasets.Dataset.from_list(ROWS[7:])})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:7]), "test": datasets.Dataset.from_list(ROWS[7:])}
+    )
     dd.save_to_disk(str(tmp_path / "addsaved"))
     task = build_task(TaskConfig(name=str(tmp_path / "addsaved"), fields=FIELDS))
     assert task.name == "addsaved"
@@ -59,9 +60,11 @@ def test_saved_dataset_folder_uses_its_test_split(tmp_path):
 
 
 def test_unusable_rows_are_skipped_and_counted_once(tmp_path, caplog):
-    rows = ROWS + [{"problem": "no answer", "solution": None, "source": "x"},
-                   {"problem": "blank answer", "solution": "  ", "source": "x"},
-                   {"problem": "", "solution": "3", "source": "x"}]
+    rows = ROWS + [
+        {"problem": "no answer", "solution": None, "source": "x"},
+        {"problem": "blank answer", "solution": "  ", "source": "x"},
+        {"problem": "", "solution": "3", "source": "x"},
+    ]
     path = write(tmp_path / "mixed.parquet", rows)
     with caplog.at_level(logging.WARNING):
         task = build_task(TaskConfig(name=str(path), fields=FIELDS))
@@ -71,16 +74,19 @@ def test_unusable_rows_are_skipped_and_counted_once(tmp_path, caplog):
     assert sum("skipped 1 rows with an empty question" in m for m in msgs) == 1
 
 
-@pytest.mark.parametrize("suffix,content,match", [
-    (".csv", "problem,solution\n", "holds no usable rows"),  # header only
-    (".csv", "", "holds no usable rows"),  # empty file
-    (".csv", "q,a\n1+1,2\n", r":2: no 'problem' field \(the row has: q, a\).*task.fields"),
-    (".json", "{\"problem\": 1}", "must hold a list of objects"),
-    (".json", "[{\"problem\": ", "not valid JSON"),
-    (".parquet", "not parquet at all", "not a readable Parquet file"),
-    (".jsonl", "", "holds no usable rows"),
-    (".jsonl", '{"problem": "1+1", "solution": "2"}\n{"problem": ', r":2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "suffix,content,match",
+    [
+        (".csv", "problem,solution\n", "holds no usable rows"),  # header only
+        (".csv", "", "holds no usable rows"),  # empty file
+        (".csv", "q,a\n1+1,2\n", r":2: no 'problem' field \(the row has: q, a\).*task.fields"),
+        (".json", '{"problem": 1}', "must hold a list of objects"),
+        (".json", '[{"problem": ', "not valid JSON"),
+        (".parquet", "not parquet at all", "not a readable Parquet file"),
+        (".jsonl", "", "holds no usable rows"),
+        (".jsonl", '{"problem": "1+1", "solution": "2"}\n{"problem": ', r":2: not valid JSON"),
+    ],
+)
 def test_bad_files_are_one_clear_error(tmp_path, suffix, content, match):
     path = tmp_path / f"bad{suffix}"
     path.write_text(content)
@@ -98,8 +104,9 @@ def test_a_folder_that_is_not_a_saved_dataset(tmp_path):
 def test_pass_rate_column_and_filter(tmp_path):
     rows = [{"question": f"q{i}", "answer": str(i), "pass_rate": i / 10} for i in range(11)]
     path = write(tmp_path / "rated.jsonl", rows)
-    task = build_task(TaskConfig(name=str(path), eval_path=str(path), eval_size=2, min_pass_rate=0.2,
-                                 max_pass_rate=0.7))
+    task = build_task(
+        TaskConfig(name=str(path), eval_path=str(path), eval_size=2, min_pass_rate=0.2, max_pass_rate=0.7)
+    )
     assert sorted(e.meta["pass_rate"] for e in task.train) == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     assert len(task.eval) == 2  # the held-out set is never filtered
     with pytest.raises(DataError, match="no training rows left"):

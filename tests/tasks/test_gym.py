@@ -7,27 +7,38 @@ from thinkrl.tasks import build_task
 from thinkrl.tasks.gym import split_counts
 
 
-@pytest.mark.parametrize("total,weights,expected", [
-    (10, [1, 1, 1], [4, 3, 3]),  # 3.33 each: one left over goes to the first part
-    (10, [3, 1], [8, 2]),  # 7.5 and 2.5: equal remainders, the earlier part wins
-    (7, [0.5, 0.25, 0.25], [3, 2, 2]),  # 3.5, 1.75, 1.75 -> floors 3 1 1; remainders .5 .75 .75 -> parts 1, 2
-    (5, [2], [5]),
-])
+@pytest.mark.parametrize(
+    "total,weights,expected",
+    [
+        (10, [1, 1, 1], [4, 3, 3]),  # 3.33 each: one left over goes to the first part
+        (10, [3, 1], [8, 2]),  # 7.5 and 2.5: equal remainders, the earlier part wins
+        (
+            7,
+            [0.5, 0.25, 0.25],
+            [3, 2, 2],
+        ),  # 3.5, 1.75, 1.75 -> floors 3 1 1; remainders .5 .75 .75 -> parts 1, 2
+        (5, [2], [5]),
+    ],
+)
 def test_split_counts(total, weights, expected):
     assert split_counts(total, weights) == expected
     assert sum(split_counts(total, weights)) == total
 
 
 def test_weighted_mixture_has_exact_shares_and_checks_each_part():
-    mix = [{"name": "chain_sum", "params": {"min_terms": 2, "max_terms": 2}, "weight": 3},
-           {"name": "basic_arithmetic", "weight": 1}]
+    mix = [
+        {"name": "chain_sum", "params": {"min_terms": 2, "max_terms": 2}, "weight": 3},
+        {"name": "basic_arithmetic", "weight": 1},
+    ]
     task = build_task(TaskConfig(name="mix", mixture=mix, train_size=40, eval_size=8))
     assert Counter(ex.task for ex in task.train) == {"chain_sum": 30, "basic_arithmetic": 10}
     assert Counter(ex.task for ex in task.eval) == {"chain_sum": 6, "basic_arithmetic": 2}
     assert not {e.question for e in task.eval} & {e.question for e in task.train}
     for ex in task.train[:3] + task.train[-3:] + task.eval:  # each part is scored by its own dataset
         assert task.check(ex.answer, ex), ex
-    assert all(ex.question.count("+") + ex.question.count("-") >= 1 for ex in task.train if ex.task == "chain_sum")
+    assert all(
+        ex.question.count("+") + ex.question.count("-") >= 1 for ex in task.train if ex.task == "chain_sum"
+    )
 
 
 def test_curriculum_levels_label_examples():

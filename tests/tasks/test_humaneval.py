@@ -36,10 +36,27 @@ def test_humaneval_rejects_params():
 
 def test_train_two_steps_on_humaneval_with_the_code_reward(tmp_path):
     out = tmp_path / "run"
-    rc = main(["train", "model=tiny-random", "max_steps=2", "task.name=humaneval", "rewards.code=1.0",
-               "rewards.accuracy=0", "rewards.kimi_length=0.1", "rewards.overlong=0.1",
-               "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "rollout.group_size=4", "eval.n=4",
-               "progress=false", "plot=false", "dtype=fp32", "task.eval_size=8", f"output_dir={out}"])
+    rc = main(
+        [
+            "train",
+            "model=tiny-random",
+            "max_steps=2",
+            "task.name=humaneval",
+            "rewards.code=1.0",
+            "rewards.accuracy=0",
+            "rewards.kimi_length=0.1",
+            "rewards.overlong=0.1",
+            "rollout.max_new_tokens=8",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=4",
+            "eval.n=4",
+            "progress=false",
+            "plot=false",
+            "dtype=fp32",
+            "task.eval_size=8",
+            f"output_dir={out}",
+        ]
+    )
     assert rc == 0
     import json
 

@@ -44,7 +44,9 @@ def test_reasoning_gym_check_full_credit_only(chain_sum):
 
 def test_reasoning_gym_bad_params_are_config_errors():
     with pytest.raises(ConfigError, match="chain_sum"):
-        build_task(TaskConfig(name="chain_sum", train_size=5, eval_size=2, params={"min_terms": 5, "max_terms": 2}))
+        build_task(
+            TaskConfig(name="chain_sum", train_size=5, eval_size=2, params={"min_terms": 5, "max_terms": 2})
+        )
 
 
 def test_unknown_task_lists_datasets():
@@ -103,14 +105,23 @@ def test_jsonl_task_with_eval_path(tmp_path):
     assert all(e.source is task for e in task.eval)
 
 
-@pytest.mark.parametrize("lines,match", [
-    (['{"question": "a", "answer": "1"}', '{"question": "b", "answer": "2"}', '{"question": "c", "answer": '],
-     r":3: not valid JSON"),
-    (['{"question": "a", "answer": "1"}', '{"question": "no answer"}'], r":2: .*'question' and 'answer'"),
-    (['["question", "answer"]'], r":1: .*JSON object"),
-    ([], r"holds no usable rows"),
-    (['{"question": "a", "answer": ""}'], r"holds no usable rows"),
-])
+@pytest.mark.parametrize(
+    "lines,match",
+    [
+        (
+            [
+                '{"question": "a", "answer": "1"}',
+                '{"question": "b", "answer": "2"}',
+                '{"question": "c", "answer": ',
+            ],
+            r":3: not valid JSON",
+        ),
+        (['{"question": "a", "answer": "1"}', '{"question": "no answer"}'], r":2: .*'question' and 'answer'"),
+        (['["question", "answer"]'], r":1: .*JSON object"),
+        ([], r"holds no usable rows"),
+        (['{"question": "a", "answer": ""}'], r"holds no usable rows"),
+    ],
+)
 def test_jsonl_errors_name_the_file_and_line(tmp_path, lines, match):
     path = write_jsonl(tmp_path / "bad.jsonl", lines) if lines else tmp_path / "bad.jsonl"
     if not lines:
@@ -128,18 +139,21 @@ def test_jsonl_missing_file(tmp_path):
     assert issubclass(DataError, ConfigError)
 
 
-@pytest.mark.parametrize("pred,gold,same", [
-    ("965/5", "193", False),  # no symbolic evaluation
-    ("1,000", "1000", True),
-    ("3.0", "3", True),
-    ("-0.50", "-.5", True),
-    (" $42$. ", "42", True),
-    ("Paris", "paris", True),
-    ("New  York", "new york", True),
-    ("4", "5", False),
-    ("12", "1,2", True),  # commas are dropped before the numeric comparison
-    ("abc", "abd", False),
-    ("1000000001", "1000000000", False),  # exact comparison: no relative tolerance
-])
+@pytest.mark.parametrize(
+    "pred,gold,same",
+    [
+        ("965/5", "193", False),  # no symbolic evaluation
+        ("1,000", "1000", True),
+        ("3.0", "3", True),
+        ("-0.50", "-.5", True),
+        (" $42$. ", "42", True),
+        ("Paris", "paris", True),
+        ("New  York", "new york", True),
+        ("4", "5", False),
+        ("12", "1,2", True),  # commas are dropped before the numeric comparison
+        ("abc", "abd", False),
+        ("1000000001", "1000000000", False),  # exact comparison: no relative tolerance
+    ],
+)
 def test_answers_match(pred, gold, same):
     assert answers_match(pred, gold) is same

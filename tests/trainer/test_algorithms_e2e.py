@@ -11,20 +11,46 @@ from safetensors.torch import load_file
 from thinkrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from thinkrl.cli import main
 
-BASE = ["train", "model=tiny-random", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2",
-        "rollout.group_size=2", "eval.n=2", "progress=false", "plot=false", "task.template=plain", "dtype=fp32",
-        "task.train_size=50", "task.eval_size=8", "optim.lr=0.001"]
+BASE = [
+    "train",
+    "model=tiny-random",
+    "rollout.max_new_tokens=8",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=2",
+    "eval.n=2",
+    "progress=false",
+    "plot=false",
+    "task.template=plain",
+    "dtype=fp32",
+    "task.train_size=50",
+    "task.eval_size=8",
+    "optim.lr=0.001",
+]
 
 CASES = {
     # advantage estimators (the group ones with the default PPO-clip loss)
     "adv-grpo": ["algo.advantage=grpo"],
     "adv-dr_grpo": ["algo.advantage=dr_grpo"],
     "adv-rloo": ["algo.advantage=rloo"],
-    "adv-reinforce": ["algo.advantage=reinforce", "algo.loss=pg", "algo.baseline_decay=0.5", "algo.gamma=0.9"],
+    "adv-reinforce": [
+        "algo.advantage=reinforce",
+        "algo.loss=pg",
+        "algo.baseline_decay=0.5",
+        "algo.gamma=0.9",
+    ],
     "adv-reinforce_pp": ["algo.advantage=reinforce_pp", "algo.kl_coef=0.05", "algo.kl_estimator=k1"],
-    "adv-reinforce_pp_baseline": ["algo.advantage=reinforce_pp_baseline", "algo.kl_coef=0.05", "algo.kl_in=loss"],
-    "adv-gae": ["algo.advantage=gae", "algo.kl_coef=0.05", "algo.lam=0.95", "algo.num_iterations=2",
-                "algo.critic_lr=1e-3"],
+    "adv-reinforce_pp_baseline": [
+        "algo.advantage=reinforce_pp_baseline",
+        "algo.kl_coef=0.05",
+        "algo.kl_in=loss",
+    ],
+    "adv-gae": [
+        "algo.advantage=gae",
+        "algo.kl_coef=0.05",
+        "algo.lam=0.95",
+        "algo.num_iterations=2",
+        "algo.critic_lr=1e-3",
+    ],
     # policy losses
     "loss-ppo_clip": ["algo.loss=ppo_clip", "algo.clip_eps_high=0.28", "algo.num_iterations=2"],
     "loss-dual_clip": ["algo.loss=dual_clip", "algo.clip_c=2.0", "algo.num_iterations=2"],
@@ -58,7 +84,9 @@ def test_every_registered_name_has_a_case():
 @pytest.mark.parametrize("case", list(CASES))
 def test_train_runs_end_to_end(case, tmp_path, byte_sum_reward):
     out = tmp_path / "run"
-    assert main([*BASE, "max_steps=2", f"output_dir={out}", f"rewards.{byte_sum_reward}=1.0", *CASES[case]]) == 0
+    assert (
+        main([*BASE, "max_steps=2", f"output_dir={out}", f"rewards.{byte_sum_reward}=1.0", *CASES[case]]) == 0
+    )
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["loss"] is not None for m in metrics)  # finite (NaN is written as null)
@@ -69,7 +97,9 @@ def test_train_runs_end_to_end(case, tmp_path, byte_sum_reward):
         # k1 = log pi - log pi_ref is unbiased but not non-negative per sample; k2, k3 are >= 0
         k1 = "algo.kl_estimator=k1" in CASES[case]
         assert all(m["kl"] is not None and (m["kl"] >= 0 or k1) for m in metrics)
-        assert any(m["kl"] != 0 for m in metrics[1:])  # step 2 runs a policy that moved away from the reference
+        assert any(
+            m["kl"] != 0 for m in metrics[1:]
+        )  # step 2 runs a policy that moved away from the reference
     if case == "adv-gae":
         assert all(m["value_loss"] > 0 for m in metrics) and (out / "critic" / "final.pt").is_file()
         assert metrics[1]["value_mean"] != 0  # the critic trained in step 1
@@ -99,11 +129,14 @@ def test_ppo_resume_restores_the_critic(tmp_path, byte_sum_reward):
     AutoModelForCausalLM.from_pretrained(r / "final")
 
 
-@pytest.mark.parametrize("item,match", [
-    ("algo.kl_in=sideways", "algo.kl_in 'sideways' unknown"),
-    ("algo.clip_c=0.5", "algo.clip_c must be > 1"),
-    ("algo.baseline_decay=1.0", "algo.baseline_decay must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "item,match",
+    [
+        ("algo.kl_in=sideways", "algo.kl_in 'sideways' unknown"),
+        ("algo.clip_c=0.5", "algo.clip_c must be > 1"),
+        ("algo.baseline_decay=1.0", "algo.baseline_decay must be in [0, 1)"),
+    ],
+)
 def test_bad_algo_settings_are_one_line_errors(item, match, tmp_path, capsys):
     assert main([*BASE, f"output_dir={tmp_path}", item]) == 2
     assert match in capsys.readouterr().err

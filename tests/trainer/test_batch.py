@@ -1,18 +1,21 @@
 import pytest
 import torch
 
-from thinkrl.trainer.batch import (make_grouped_micro_batch, make_micro_batch, split_grouped_micro_batches,
-                                  split_micro_batches, token_logps)
+from thinkrl.trainer.batch import (
+    make_grouped_micro_batch,
+    make_micro_batch,
+    split_grouped_micro_batches,
+    split_micro_batches,
+    token_logps,
+)
 
 
 def test_make_micro_batch_layout():
     mb = make_micro_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], index=[3, 1], pad_id=0)
     # P = 3, T = 3: prompts left-padded to 3, completions right-padded to 3
     assert mb.prompt_len == 3
-    assert mb.input_ids.tolist() == [[5, 6, 7, 1, 2, 0],
-                                     [0, 0, 8, 3, 4, 9]]
-    assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0],
-                                          [0, 0, 1, 1, 1, 1]]
+    assert mb.input_ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
+    assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
     assert mb.mask.tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
     assert mb.mask.dtype == torch.float32
     assert mb.index.tolist() == [3, 1]
@@ -47,8 +50,12 @@ def test_token_logps_equals_full_forward(tiny_pair, temperature):
     with torch.no_grad():
         logp, ent = token_logps(model, mb, temperature=temperature, with_entropy=True)
         positions = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                       position_ids=positions).logits[:, P - 1: P - 1 + T] / temperature  # [b, T, V]
+        logits = (
+            model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=positions).logits[
+                :, P - 1 : P - 1 + T
+            ]
+            / temperature
+        )  # [b, T, V]
         ref_all = torch.log_softmax(logits.float(), -1)
         ref = ref_all.gather(-1, mb.input_ids[:, P:, None]).squeeze(-1) * mb.mask  # [b, T]
         ref_ent = -(ref_all.exp() * ref_all).sum(-1)
@@ -67,7 +74,7 @@ def test_token_logps_of_padded_rows_equal_unpadded_forward(tiny_pair):
         logp, _ = token_logps(model, mb)
         for i, (p, c) in enumerate(ROWS):
             ids = torch.tensor([p + c])
-            lp = torch.log_softmax(model(ids).logits[0, len(p) - 1: -1].float(), -1)  # [len(c), V]
+            lp = torch.log_softmax(model(ids).logits[0, len(p) - 1 : -1].float(), -1)  # [len(c), V]
             ref = lp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
             torch.testing.assert_close(logp[i, : len(c)], ref, atol=1e-5, rtol=0)
 
@@ -82,8 +89,9 @@ def test_token_logps_gradient_flows(tiny):
 
 
 def test_grouped_micro_batch_layout():
-    mb = make_grouped_micro_batch([[5, 6, 7], [8]], [[1], [2, 3], [4], []], index=[0, 1, 2, 3], group_size=2,
-                                  pad_id=0)
+    mb = make_grouped_micro_batch(
+        [[5, 6, 7], [8]], [[1], [2, 3], [4], []], index=[0, 1, 2, 3], group_size=2, pad_id=0
+    )
     # each prompt once, left-padded to P = 3; the full rows repeat it per sample
     assert mb.prompt_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mb.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
@@ -174,7 +182,9 @@ def test_gradient_checkpointing_gives_the_same_logps_and_gradients(tiny, lora):
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     comps = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11], [12, 13]]
     mb = make_grouped_micro_batch(prompts, comps, list(range(6)), group_size=3, pad_id=0)
-    attn0 = (ckpt.get_base_model() if lora else ckpt).model.layers[0].self_attn  # called inside the checkpoint
+    attn0 = (
+        (ckpt.get_base_model() if lora else ckpt).model.layers[0].self_attn
+    )  # called inside the checkpoint
     calls = []
     attn0.register_forward_hook(lambda *_: calls.append(1))
     results = []

@@ -25,8 +25,13 @@ def test_save_list_prune_and_load(tiny_pair, tmp_path):
     # overwriting a checkpoint replaces it whole and leaves no .tmp/.old folder behind
     ckpt.save_checkpoint(tmp_path / "checkpoints" / "step-3", model, tok, {"step": 33})
     assert ckpt.load_state(tmp_path / "checkpoints" / "step-3") == {"step": 33}
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "notes", "step-2", "step-3",
-                                                                           "step-9"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "latest",
+        "notes",
+        "step-2",
+        "step-3",
+        "step-9",
+    ]
     assert ckpt.latest_checkpoint(tmp_path / "elsewhere") is None
 
 
@@ -71,7 +76,9 @@ def test_plot_metrics_writes_png(tmp_path):
 
 def save_steps(model, tok, run, steps):
     for step in steps:
-        ckpt.save_checkpoint(run / "checkpoints" / f"step-{step}", model, tok, {"step": step, "w": torch.ones(2)})
+        ckpt.save_checkpoint(
+            run / "checkpoints" / f"step-{step}", model, tok, {"step": step, "w": torch.ones(2)}
+        )
 
 
 def test_a_checkpoint_is_whole_and_named_by_latest(tiny_pair, tmp_path):
@@ -88,13 +95,18 @@ def test_a_checkpoint_is_whole_and_named_by_latest(tiny_pair, tmp_path):
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
-@pytest.mark.parametrize("damage,why", [
-    (lambda d: (d / "model.safetensors").write_bytes(b"\0" * (d / "model.safetensors").stat().st_size),
-     "model.safetensors does not match its checksum"),
-    (lambda d: (d / "trainer_state.pt").write_bytes(b"torn"), "trainer_state.pt has 4 bytes"),
-    (lambda d: (d / "config.json").unlink(), None),  # no longer a checkpoint at all: skipped silently
-    (lambda d: (d / "manifest.json").unlink(), "no readable manifest.json"),
-])
+@pytest.mark.parametrize(
+    "damage,why",
+    [
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"\0" * (d / "model.safetensors").stat().st_size),
+            "model.safetensors does not match its checksum",
+        ),
+        (lambda d: (d / "trainer_state.pt").write_bytes(b"torn"), "trainer_state.pt has 4 bytes"),
+        (lambda d: (d / "config.json").unlink(), None),  # no longer a checkpoint at all: skipped silently
+        (lambda d: (d / "manifest.json").unlink(), "no readable manifest.json"),
+    ],
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_pair, tmp_path, caplog, damage, why):
     model, tok = tiny_pair
     save_steps(model, tok, tmp_path, [1, 2])

@@ -35,8 +35,12 @@ def test_value_head_starts_at_zero_and_reads_the_same_positions_on_both_layouts(
 def test_critic_update_fits_the_returns(tiny):
     critic = Critic(value_model(tiny), lr=1e-2, vf_clip=None)
     grouped, _ = batches(tiny[1])
-    returns = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0],
-                            [0.2, 0.2, 0.0, 0.0]]) * grouped.mask  # [4, 4]
+    returns = (
+        torch.tensor(
+            [[1.0, 1.0, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0], [0.2, 0.2, 0.0, 0.0]]
+        )
+        * grouped.mask
+    )  # [4, 4]
 
     def loss_now():
         v = critic.values([grouped], 4, 4)
@@ -87,4 +91,6 @@ def test_a_nan_return_skips_the_critic_update(tiny):
     assert all(torch.equal(before[k], v) for k, v in critic.model.state_dict().items())
     assert critic.optimizer.state_dict()["state"] == {}  # AdamW never stepped
     m = critic.update([grouped], grouped.mask.clone(), critic.values([grouped], 4, 4))
-    assert "critic_skip_cause" not in m and not torch.equal(before["head.bias"], critic.model.head.bias.detach())
+    assert "critic_skip_cause" not in m and not torch.equal(
+        before["head.bias"], critic.model.head.bias.detach()
+    )

@@ -17,10 +17,28 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 6
-ARGS = ["train", "model=tiny-random", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2",
-        "rollout.group_size=4", "progress=false", "task.train_size=50", "task.eval_size=8", "plot=false",
-        "dtype=fp32", "threads=1", "task.template=plain", "task.prefill=", "optim.lr=0.001", "eval.before=false",
-        "eval.after=false", "save_every=1", "keep_checkpoints=2", "rewards.byte_sum=1.0", f"max_steps={MAX_STEPS}"]
+ARGS = [
+    "train",
+    "model=tiny-random",
+    "rollout.max_new_tokens=8",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "progress=false",
+    "task.train_size=50",
+    "task.eval_size=8",
+    "plot=false",
+    "dtype=fp32",
+    "threads=1",
+    "task.template=plain",
+    "task.prefill=",
+    "optim.lr=0.001",
+    "eval.before=false",
+    "eval.after=false",
+    "save_every=1",
+    "keep_checkpoints=2",
+    "rewards.byte_sum=1.0",
+    f"max_steps={MAX_STEPS}",
+]
 # The CLI with a reward that varies between random completions (so every step moves the weights),
 # registered in the child process itself.
 DRIVER = """
@@ -47,15 +65,22 @@ def kill_schedule(seed: int) -> list[tuple[str, int]]:
     return list(zip(phases, sorted(rng.sample(range(2, MAX_STEPS + 1), len(phases)))))
 
 
-def thinkrl(tmp_path: Path, out: Path, *extra: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
+def thinkrl(
+    tmp_path: Path, out: Path, *extra: str, failpoint: str | None = None
+) -> subprocess.CompletedProcess:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     env.pop("THINKRL_FAILPOINT", None)
     if failpoint:
         env["THINKRL_FAILPOINT"] = failpoint
-    return subprocess.run([sys.executable, str(driver), *ARGS, f"output_dir={out}", *extra], env=env,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, str(driver), *ARGS, f"output_dir={out}", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def read_jsonl(path):
@@ -81,5 +106,7 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert [m["step"] for m in mr] == list(range(1, MAX_STEPS + 1)), schedule
     strip = [{k: v for k, v in m.items() if k not in TIMINGS} for m in (*mr, *mu)]
     assert strip[:MAX_STEPS] == strip[MAX_STEPS:], schedule
-    assert [s["step"] for s in read_jsonl(r / "samples.jsonl")] == [s["step"] for s in read_jsonl(u / "samples.jsonl")]
+    assert [s["step"] for s in read_jsonl(r / "samples.jsonl")] == [
+        s["step"] for s in read_jsonl(u / "samples.jsonl")
+    ]
     assert not any(p.name.endswith((".tmp", ".old", ".del")) for p in r.rglob("*")), schedule

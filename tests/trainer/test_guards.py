@@ -4,18 +4,24 @@ import math
 
 import pytest
 import torch
+from test_rl import MASK, make_parts, rollout, weights
 
 from thinkrl.trainer.common import optimizer_step
 from thinkrl.trainer.guards import BadStepGuard, TrainingError, skip_cause
 from thinkrl.trainer.rl import policy_update
 
-from test_rl import MASK, make_parts, rollout, weights
 
-
-@pytest.mark.parametrize("loss,norm,cause", [
-    (0.5, 2.0, None), (float("nan"), 2.0, "nan_loss"), (float("inf"), float("nan"), "nan_loss"),
-    (0.5, float("nan"), "nan_grad_norm"), (0.5, float("inf"), "nan_grad_norm"), (-3.0, 0.0, None),
-])
+@pytest.mark.parametrize(
+    "loss,norm,cause",
+    [
+        (0.5, 2.0, None),
+        (float("nan"), 2.0, "nan_loss"),
+        (float("inf"), float("nan"), "nan_loss"),
+        (0.5, float("nan"), "nan_grad_norm"),
+        (0.5, float("inf"), "nan_grad_norm"),
+        (-3.0, 0.0, None),
+    ],
+)
 def test_skip_cause(loss, norm, cause):
     assert skip_cause(loss, norm) == cause
 
@@ -56,7 +62,12 @@ def test_policy_update_with_a_nan_advantage_leaves_the_weights(tiny):
 
 def test_bad_step_guard_counts_resets_and_stops():
     g = BadStepGuard(max_bad_steps=2)
-    rows = [{"step": 1}, {"step": 2, "skip_cause": "nan_reward"}, {"step": 3}, {"step": 4, "skip_cause": "nan_loss"}]
+    rows = [
+        {"step": 1},
+        {"step": 2, "skip_cause": "nan_reward"},
+        {"step": 3},
+        {"step": 4, "skip_cause": "nan_loss"},
+    ]
     for m in rows:
         g.record(m["step"], m)
         assert not g.exhausted
@@ -68,7 +79,9 @@ def test_bad_step_guard_counts_resets_and_stops():
     assert resumed.exhausted and m["skipped_total"] == 3
     err = resumed.error("runs/x/checkpoints/step-3")
     assert isinstance(err, TrainingError)
-    assert str(err) == ("training stopped after 2 skipped updates in a row (step 4: nan_loss, step 5: nan_grad_norm; "
-                        "optim.max_bad_steps=2): the loss is not finite: lower optim.lr or check the advantages' "
-                        "inputs; the gradient norm is not finite: lower optim.lr; the last good checkpoint is "
-                        "runs/x/checkpoints/step-3")
+    assert str(err) == (
+        "training stopped after 2 skipped updates in a row (step 4: nan_loss, step 5: nan_grad_norm; "
+        "optim.max_bad_steps=2): the loss is not finite: lower optim.lr or check the advantages' "
+        "inputs; the gradient norm is not finite: lower optim.lr; the last good checkpoint is "
+        "runs/x/checkpoints/step-3"
+    )

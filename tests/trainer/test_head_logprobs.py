@@ -37,9 +37,12 @@ def test_token_logps_equals_the_full_logits_computation(tiny_pair):
     logp, ent = token_logps(model, mb, temperature=0.9, with_entropy=True)
     with torch.no_grad():
         for r, (p, c) in enumerate(zip(prompts, comps)):
-            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1: len(p) + len(c) - 1] / 0.9  # [len c, V]
+            logits = (
+                model(torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1] / 0.9
+            )  # [len c, V]
             lsm = torch.log_softmax(logits, -1)
-            torch.testing.assert_close(logp[r, : len(c)], lsm.gather(-1, torch.tensor(c)[:, None]).squeeze(-1),
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                logp[r, : len(c)], lsm.gather(-1, torch.tensor(c)[:, None]).squeeze(-1), atol=1e-5, rtol=0
+            )
             torch.testing.assert_close(ent[r, : len(c)], -(lsm.exp() * lsm).sum(-1), atol=1e-5, rtol=0)
     assert logp[1, 1:].abs().sum() == 0 and ent[1, 1:].abs().sum() == 0  # padding stays zero

@@ -15,10 +15,24 @@ from safetensors.torch import load_file
 
 from thinkrl.cli import main
 
-TINY = ["model=tiny-random", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "rollout.group_size=4",
-        "progress=false", "task.train_size=50", "task.eval_size=8", "plot=false", "dtype=fp32",
-        "task.template=plain", "task.prefill=", "optim.lr=0.001", "eval.before=false", "eval.after=false",
-        "save_every=1", "keep_checkpoints=0"]
+TINY = [
+    "model=tiny-random",
+    "rollout.max_new_tokens=8",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "progress=false",
+    "task.train_size=50",
+    "task.eval_size=8",
+    "plot=false",
+    "dtype=fp32",
+    "task.template=plain",
+    "task.prefill=",
+    "optim.lr=0.001",
+    "eval.before=false",
+    "eval.after=false",
+    "save_every=1",
+    "keep_checkpoints=0",
+]
 TIMINGS = ("time_generate", "time_score", "time_train", "step_time", "tokens_per_s")
 
 
@@ -45,21 +59,27 @@ def straight(tmp_path_factory, byte_sum_reward):
     args = [*TINY, f"rewards.{byte_sum_reward}=1.0", "max_steps=4"]
     u = tmp_path_factory.mktemp("straight") / "U"
     assert main(["train", *args, f"output_dir={u}"]) == 0
-    assert not same_weights(u / "checkpoints" / "step-1", u / "checkpoints" / "step-2")  # training moves weights
+    assert not same_weights(
+        u / "checkpoints" / "step-1", u / "checkpoints" / "step-2"
+    )  # training moves weights
     return u, args
 
 
-@pytest.mark.parametrize("phase,sig,code", [("generate", "INT", 130), ("train", "INT", 130), ("save", "INT", 130),
-                                            ("train", "TERM", 143)])
-def test_a_signal_saves_the_step_it_came_in_and_resume_is_exact(straight, tmp_path, monkeypatch, capsys,
-                                                                 phase, sig, code):
+@pytest.mark.parametrize(
+    "phase,sig,code",
+    [("generate", "INT", 130), ("train", "INT", 130), ("save", "INT", 130), ("train", "TERM", 143)],
+)
+def test_a_signal_saves_the_step_it_came_in_and_resume_is_exact(
+    straight, tmp_path, monkeypatch, capsys, phase, sig, code
+):
     u, args = straight
     r = tmp_path / "R"
     monkeypatch.setenv("THINKRL_FAILPOINT", f"{phase}:2:{sig}")
     assert main(["train", *args, f"output_dir={r}"]) == code
     monkeypatch.delenv("THINKRL_FAILPOINT")
-    assert errors(capsys) == [f"thinkrl: interrupted: SIG{sig} during step 2: saved checkpoints/step-2; continue "
-                              "with resume=true"]
+    assert errors(capsys) == [
+        f"thinkrl: interrupted: SIG{sig} during step 2: saved checkpoints/step-2; continue with resume=true"
+    ]
     assert sorted(p.name for p in (r / "checkpoints").iterdir()) == ["latest", "step-1", "step-2"]
     assert not (r / "final").exists()
     # step 2 finished and was saved under its own name: the weights after exactly two updates
@@ -115,14 +135,16 @@ def test_nan_rewards_are_skipped_counted_and_stop_the_run(nan_from_step_3, tmp_p
     name, calls = nan_from_step_3
     calls[0] = 0
     r = tmp_path / "R"
-    rc = main(["train", *TINY, f"rewards.{name}=1.0", "max_steps=10", "optim.max_bad_steps=3",
-               f"output_dir={r}"])
+    rc = main(
+        ["train", *TINY, f"rewards.{name}=1.0", "max_steps=10", "optim.max_bad_steps=3", f"output_dir={r}"]
+    )
     assert rc == 2
     ck = r / "checkpoints"
     assert errors(capsys) == [
         "thinkrl: error: training stopped after 3 skipped updates in a row (step 3: nan_reward, step 4: nan_reward, "
         "step 5: nan_reward; optim.max_bad_steps=3): a reward returned NaN or infinity: fix that reward; the last "
-        f"good checkpoint is {ck / 'step-4'}"]
+        f"good checkpoint is {ck / 'step-4'}"
+    ]
     m = read_jsonl(r / "metrics.jsonl")
     assert [x["step"] for x in m] == [1, 2, 3, 4, 5]
     assert [x["skipped"] for x in m] == [0, 0, 1, 1, 1] and [x["skipped_total"] for x in m] == [0, 0, 1, 2, 3]
@@ -134,5 +156,7 @@ def test_nan_rewards_are_skipped_counted_and_stop_the_run(nan_from_step_3, tmp_p
     assert same_weights(ck / "step-4", ck / "step-2") and not same_weights(ck / "step-2", ck / "step-1")
     s2, s4 = (torch.load(ck / s / "trainer_state.pt", weights_only=True) for s in ("step-2", "step-4"))
     assert s4["scheduler"]["last_epoch"] == s2["scheduler"]["last_epoch"] == 2
-    assert all(torch.equal(s2["optimizer"]["state"][i]["exp_avg"], s4["optimizer"]["state"][i]["exp_avg"])
-               for i in s2["optimizer"]["state"])
+    assert all(
+        torch.equal(s2["optimizer"]["state"][i]["exp_avg"], s4["optimizer"]["state"][i]["exp_avg"])
+        for i in s2["optimizer"]["state"]
+    )

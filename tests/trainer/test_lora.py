@@ -18,8 +18,16 @@ from thinkrl.trainer.batch import split_grouped_micro_batches
 from thinkrl.trainer.common import apply_lora
 from thinkrl.trainer.rl import Reference, _logps_of, build_parts
 
-TINY_RUN = ["model=tiny-random", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "rollout.group_size=4",
-            "eval.n=4", "progress=false", "task.train_size=50", "task.eval_size=8"]
+TINY_RUN = [
+    "model=tiny-random",
+    "rollout.max_new_tokens=8",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "eval.n=4",
+    "progress=false",
+    "task.train_size=50",
+    "task.eval_size=8",
+]
 # Two prompts x two samples (G = 2), completions of lengths 3, 1, 4, 2 (T = 4).
 PROMPTS = [[72, 105, 33], [72, 105, 33], [49, 43, 49, 61], [49, 43, 49, 61]]
 COMPLETIONS = [[50, 51, 258], [52], [50, 32, 50, 258], [55, 56]]
@@ -56,8 +64,12 @@ def with_lora(model, random_b: bool):
 
 def test_lora_section_from_overrides_and_yaml(tmp_path):
     cfg = build_config(overrides=["lora.enabled=true", "lora.r=16", "lora.target_modules=[q_proj, v_proj]"])
-    assert (cfg.lora.enabled, cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (True, 16, 16,
-                                                                                     ["q_proj", "v_proj"])
+    assert (cfg.lora.enabled, cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (
+        True,
+        16,
+        16,
+        ["q_proj", "v_proj"],
+    )
     path = tmp_path / "run.yaml"
     path.write_text("lora:\n  enabled: true\n  alpha: 32\noptim:\n  gradient_checkpointing: true\n")
     cfg = build_config(path, ["lora.dropout=0.1"])
@@ -121,9 +133,26 @@ def test_build_parts_with_lora_and_kl_loads_one_model(monkeypatch):
 def test_ppo_critic_trains_next_to_a_lora_policy(tmp_path, byte_sum_reward):
     """gae: the critic stays a full-parameter model of its own next to the LoRA policy."""
     out = tmp_path / "run"
-    assert main(["train", *TINY_RUN, f"output_dir={out}", "max_steps=1", "plot=false", "dtype=fp32",
-                 "task.template=plain", "eval.before=false", f"rewards.{byte_sum_reward}=1.0", "lora.enabled=true",
-                 "algo.advantage=gae", "algo.kl_coef=0.05", "algo.critic_lr=1e-3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY_RUN,
+                f"output_dir={out}",
+                "max_steps=1",
+                "plot=false",
+                "dtype=fp32",
+                "task.template=plain",
+                "eval.before=false",
+                f"rewards.{byte_sum_reward}=1.0",
+                "lora.enabled=true",
+                "algo.advantage=gae",
+                "algo.kl_coef=0.05",
+                "algo.critic_lr=1e-3",
+            ]
+        )
+        == 0
+    )
     m = read_jsonl(out / "metrics.jsonl")[0]
     assert m["critic_grad_norm"] > 0 and "value_loss" in m
     assert (out / "critic" / "final.pt").is_file() and (out / "final" / "adapter").is_dir()
@@ -132,8 +161,16 @@ def test_ppo_critic_trains_next_to_a_lora_policy(tmp_path, byte_sum_reward):
 # ---------------------------------------------------------------------------
 # Whole runs: R = 2 steps with checkpoints, final/ deleted, resumed to 3; U = 3 steps straight.
 
-LORA = ["plot=false", "dtype=fp32", "task.template=plain", "optim.lr=0.01", "lora.enabled=true", "lora.r=4",
-        "lora.alpha=12", "algo.kl_coef=0.1"]
+LORA = [
+    "plot=false",
+    "dtype=fp32",
+    "task.template=plain",
+    "optim.lr=0.01",
+    "lora.enabled=true",
+    "lora.r=4",
+    "lora.alpha=12",
+    "algo.kl_coef=0.1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +231,9 @@ def test_lora_resume_matches_an_uninterrupted_run(lora_runs):
 
 def test_resume_with_other_lora_settings_is_a_clear_error(lora_runs, capsys):
     r, common = lora_runs["R"], lora_runs["common"]
-    assert main(["train", *common, f"output_dir={r}", "max_steps=4", "resume=true", "lora.enabled=false"]) == 2
+    assert (
+        main(["train", *common, f"output_dir={r}", "max_steps=4", "resume=true", "lora.enabled=false"]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was trained with LoRA" in err[0] and "lora.enabled=true" in err[0]
     assert main(["train", *common, f"output_dir={r}", "max_steps=4", "resume=true", "lora.r=8"]) == 2

@@ -20,7 +20,9 @@ def test_the_rule_fires_when_gold_falls_as_the_proxy_rises():
 
 def test_the_monitor_reads_metrics_and_gives_its_reason():
     m = Monitor("accuracy", "rm", window=3)
-    reasons = [m.update({"reward/accuracy": g, "reward/rm": p}) for g, p in [(0.5, 0.1), (0.4, 0.2), (0.3, 0.3)]]
+    reasons = [
+        m.update({"reward/accuracy": g, "reward/rm": p}) for g, p in [(0.5, 0.1), (0.4, 0.2), (0.3, 0.3)]
+    ]
     assert reasons[:2] == [None, None] and "gold reward (accuracy) fell" in reasons[2]
     assert not Monitor(None, "rm", 3).active
 
@@ -49,11 +51,28 @@ def test_a_run_stops_when_gold_falls_while_the_proxy_rises(tmp_path, caplog):
         return 0.1 * ((calls["proxy"] - 1) // per_step) + (0.01 if calls["proxy"] % 2 else 0.0)
 
     run = tmp_path / "run"
-    rc = main(["train", "model=tiny-random", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2",
-               "rollout.group_size=4", "progress=false", "task.train_size=50", "task.eval_size=8", "eval.before=false",
-               "eval.after=false", "plot=false", "max_steps=8", "save_every=0", f"output_dir={run}",
-               f"rewards={{{gold}: 0.0, {proxy}: 1.0}}", f"monitor.gold={gold}", f"monitor.proxy={proxy}",
-               "monitor.window=3"])
+    rc = main(
+        [
+            "train",
+            "model=tiny-random",
+            "rollout.max_new_tokens=8",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=4",
+            "progress=false",
+            "task.train_size=50",
+            "task.eval_size=8",
+            "eval.before=false",
+            "eval.after=false",
+            "plot=false",
+            "max_steps=8",
+            "save_every=0",
+            f"output_dir={run}",
+            f"rewards={{{gold}: 0.0, {proxy}: 1.0}}",
+            f"monitor.gold={gold}",
+            f"monitor.proxy={proxy}",
+            "monitor.window=3",
+        ]
+    )
     assert rc == 0
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps] == [1, 2, 3]

@@ -90,8 +90,14 @@ def test_micro_batches_accumulate_the_full_batch_gradient(tiny, agg, micro_batch
     expected = {k: p.grad for k, p in reference.named_parameters()}
 
     before = weights(model)
-    parts = make_parts(model, tok, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), loss_agg=agg,
-                       micro_batch_size=micro_batch_size, max_grad_norm=1e9)
+    parts = make_parts(
+        model,
+        tok,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0),
+        loss_agg=agg,
+        micro_batch_size=micro_batch_size,
+        max_grad_norm=1e9,
+    )
     m = policy_update(parts, rollout(), adv, MASK)
     assert m["trained_seqs"] == 2
     for k, p in model.named_parameters():
@@ -160,6 +166,7 @@ class _Recording:
             out, metrics = self.fn(logp, old, adv, mask, hp)
             self.calls.append({"log_ratio": float(((logp.detach() - old) * mask).abs().max()), **metrics})
             return out, metrics
+
         return loss
 
 
@@ -169,15 +176,20 @@ def test_the_second_mini_batch_sees_a_moved_policy_and_clips(tiny, monkeypatch):
     import thinkrl.trainer.rl as rl
 
     model, tok = tiny
-    ro = Rollout(prompt_ids=[PROMPTS[0]] * 4, completion_ids=[COMPLETIONS[0], COMPLETIONS[1]] * 2, texts=[""] * 4,
-                 truncated=[False] * 4)
+    ro = Rollout(
+        prompt_ids=[PROMPTS[0]] * 4,
+        completion_ids=[COMPLETIONS[0], COMPLETIONS[1]] * 2,
+        texts=[""] * 4,
+        truncated=[False] * 4,
+    )
     lengths = torch.tensor([3, 1, 3, 1])
     mask = (torch.arange(4)[None, :] < lengths[:, None]).float()
     adv = ADVANTAGES.get("grpo")(AdvantageInput(torch.tensor([1.0, 0.0, 1.0, 0.0]), GROUPS, mask)).adv
     rec = _Recording()
     monkeypatch.setattr(rl, "POLICY_LOSSES", rec)
-    parts = make_parts(model, tok, optimizer=lambda ps: torch.optim.AdamW(ps, lr=0.05), mini_batches=2,
-                       micro_batch_size=2)
+    parts = make_parts(
+        model, tok, optimizer=lambda ps: torch.optim.AdamW(ps, lr=0.05), mini_batches=2, micro_batch_size=2
+    )
     before = weights(model)
     m = policy_update(parts, ro, adv, mask)
     assert m["optimizer_steps"] == 2 and len(rec.calls) == 2
@@ -253,15 +265,40 @@ def test_training_time_eval_honours_every_eval_key(tmp_path, monkeypatch):
         return real(engine, tok, examples, task_cfg, **kw)
 
     monkeypatch.setattr(rl, "evaluate", spy)
-    rc = main(["train", "model=tiny-random", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2",
-               "rollout.group_size=2", "rollout.batch_size=16", "progress=false", "task.train_size=20",
-               "task.eval_size=4", "max_steps=1", "save_every=0", "plot=false", f"output_dir={tmp_path / 'run'}",
-               "eval.n=4", "eval.samples=3", "eval.temperature=0.7", "eval.batch_size=5", "eval.max_new_tokens=6",
-               "eval.reflection_words=[zzzq]", "eval.min_thinking=2"])
+    rc = main(
+        [
+            "train",
+            "model=tiny-random",
+            "rollout.max_new_tokens=8",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            "rollout.batch_size=16",
+            "progress=false",
+            "task.train_size=20",
+            "task.eval_size=4",
+            "max_steps=1",
+            "save_every=0",
+            "plot=false",
+            f"output_dir={tmp_path / 'run'}",
+            "eval.n=4",
+            "eval.samples=3",
+            "eval.temperature=0.7",
+            "eval.batch_size=5",
+            "eval.max_new_tokens=6",
+            "eval.reflection_words=[zzzq]",
+            "eval.min_thinking=2",
+        ]
+    )
     assert rc == 0 and len(seen) == 2  # before and after
     for call in seen:
-        assert call == {"batch_size": 5, "max_new_tokens": 6, "temperature": 0.7, "samples": 3,
-                        "reflection_words": ["zzzq"], "min_thinking": 2}
+        assert call == {
+            "batch_size": 5,
+            "max_new_tokens": 6,
+            "temperature": 0.7,
+            "samples": 3,
+            "reflection_words": ["zzzq"],
+            "min_thinking": 2,
+        }
     import json
 
     summary = json.loads((tmp_path / "run" / "eval_after.json").read_text())["summary"]

@@ -11,7 +11,9 @@ from thinkrl.trainer.rm import RMConfig, bradley_terry_loss, reward_model_from, 
 def test_bradley_terry_loss_hand_worked():
     c, r = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
     # -log sigmoid(2) = log(1 + e^-2) = 0.126928; -log sigmoid(0) = log 2 = 0.693147
-    assert math.isclose(float(bradley_terry_loss(c, r)), (math.log1p(math.exp(-2)) + math.log(2)) / 2, rel_tol=1e-6)
+    assert math.isclose(
+        float(bradley_terry_loss(c, r)), (math.log1p(math.exp(-2)) + math.log(2)) / 2, rel_tol=1e-6
+    )
     # a margin of 1 asks chosen to win by 1: -log sigmoid(1) and -log sigmoid(-1)
     want = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2
     assert math.isclose(float(bradley_terry_loss(c, r, margin=1.0)), want, rel_tol=1e-6)
@@ -28,8 +30,17 @@ def test_training_raises_held_out_pair_accuracy_and_saves_a_loadable_model(tmp_p
     from thinkrl.rewards.learned import load_reward_model, rm_scores
 
     data = _toy_pairs(tmp_path / "pairs.jsonl")
-    cfg = RMConfig(model="tiny-random", data=str(data), output_dir=str(tmp_path / "rm"), epochs=3, batch_size=8,
-                   lr=3e-3, eval_fraction=0.25, dtype="fp32", progress=False)
+    cfg = RMConfig(
+        model="tiny-random",
+        data=str(data),
+        output_dir=str(tmp_path / "rm"),
+        epochs=3,
+        batch_size=8,
+        lr=3e-3,
+        eval_fraction=0.25,
+        dtype="fp32",
+        progress=False,
+    )
     cfg.validate()
     final = train_rm(cfg)
     meta = json.loads((final / "thinkrl_rm.json").read_text())

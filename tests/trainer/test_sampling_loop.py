@@ -9,9 +9,21 @@ import pytest
 
 from thinkrl.cli import main
 
-TINY = ["model=tiny-random", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "rollout.group_size=4",
-        "eval.n=4", "progress=false", "task.train_size=50", "task.eval_size=8", "plot=false", "dtype=fp32",
-        "task.template=plain", "task.prefill=", "optim.lr=0.001"]
+TINY = [
+    "model=tiny-random",
+    "rollout.max_new_tokens=8",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "eval.n=4",
+    "progress=false",
+    "task.train_size=50",
+    "task.eval_size=8",
+    "plot=false",
+    "dtype=fp32",
+    "task.template=plain",
+    "task.prefill=",
+    "optim.lr=0.001",
+]
 
 
 def read_jsonl(path):
@@ -23,8 +35,13 @@ def runs(tmp_path_factory, byte_sum_reward):
     """R: prioritized + dynamic sampling, 2 steps with checkpoints, final/ deleted, resumed to 3.
     U: the same 3 steps uninterrupted."""
     root = tmp_path_factory.mktemp("sampling")
-    common = [*TINY, f"rewards.{byte_sum_reward}=1.0", "sampling.order=prioritized", "sampling.dynamic=true",
-              "sampling.max_rounds=2"]
+    common = [
+        *TINY,
+        f"rewards.{byte_sum_reward}=1.0",
+        "sampling.order=prioritized",
+        "sampling.dynamic=true",
+        "sampling.max_rounds=2",
+    ]
     r, u = root / "R", root / "U"
     assert main(["train", *common, f"output_dir={r}", "max_steps=2", "save_every=1"]) == 0
     shutil.rmtree(r / "final")
@@ -68,8 +85,21 @@ def test_curriculum_levels_in_the_loop(tmp_path):
     from thinkrl.tasks import build_task
 
     out = tmp_path / "run"
-    assert main(["train", *TINY, f"output_dir={out}", "max_steps=2", "task.levels=[0, 3]",
-                 "sampling.order=curriculum", "log_samples=8", "eval.before=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                f"output_dir={out}",
+                "max_steps=2",
+                "task.levels=[0, 3]",
+                "sampling.order=curriculum",
+                "log_samples=8",
+                "eval.before=false",
+            ]
+        )
+        == 0
+    )
     task = build_task(TaskConfig(name="chain_sum", params={}, levels=[0, 3], train_size=50, eval_size=8))
     level = {ex.question + "\n": ex.meta["level"] for ex in task.train}  # the plain template adds "\n"
     drawn = {(s["step"], level[s["prompt"]]) for s in read_jsonl(out / "samples.jsonl")}
@@ -78,11 +108,14 @@ def test_curriculum_levels_in_the_loop(tmp_path):
     assert drawn == {(1, 0), (2, 3)}
 
 
-@pytest.mark.parametrize("content,message", [
-    ("q,a\n1+1,2\n", "bad.csv:2: no 'question' field (the row has: q, a)"),
-    ("question,answer\n", "bad.csv holds no usable rows"),
-    ("", "bad.csv holds no usable rows"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("q,a\n1+1,2\n", "bad.csv:2: no 'question' field (the row has: q, a)"),
+        ("question,answer\n", "bad.csv holds no usable rows"),
+        ("", "bad.csv holds no usable rows"),
+    ],
+)
 def test_bad_csv_is_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "bad.csv"
     path.write_text(content)

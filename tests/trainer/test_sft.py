@@ -35,9 +35,13 @@ def test_sft_loss_ignores_prompt_positions():
 
 def test_encode_messages_targets_assistant_turns_only(tiny_pair):
     _, tok = tiny_pair
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
-            {"role": "assistant", "content": "demo", "weight": 0}, {"role": "user", "content": "Q2"},
-            {"role": "assistant", "content": "A2"}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "demo", "weight": 0},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
     enc = encode_messages(msgs, tok)
     full = tok.apply_chat_template([{k: m[k] for k in ("role", "content")} for m in msgs], tokenize=False)
     assert tok.decode(enc.input_ids) == full
@@ -76,8 +80,6 @@ def test_kd_kl_is_zero_for_equal_distributions_and_hand_value():
     assert kl.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
 
 
-
-
 def test_sft_loss_and_gradients_with_gradient_checkpointing_match(tiny):
     """sft's gradient_checkpointing=true recomputes activations in backward: same loss and gradients."""
     import copy
@@ -87,8 +89,10 @@ def test_sft_loss_and_gradients_with_gradient_checkpointing_match(tiny):
     model, tok = tiny
     other = copy.deepcopy(model)
     enable_gradient_checkpointing(other)
-    rows = [{"prompt": "What is 2+2?", "completion": "<think> ok </think> <answer> 4 </answer>"},
-            {"prompt": "Hi", "completion": "hello"}]
+    rows = [
+        {"prompt": "What is 2+2?", "completion": "<think> ok </think> <answer> 4 </answer>"},
+        {"prompt": "Hi", "completion": "hello"},
+    ]
     batch = collate(encode_sft_rows(rows, tok, TaskConfig(template="plain"), max_len=256), tok.pad_token_id)
     out = []
     for m in (model.train(), other.train()):

@@ -12,8 +12,15 @@ from thinkrl.cli import main
 
 QUESTIONS = ["1 + 1", "0 + 2", "2 + 0", "3 - 1", "4 - 2", "5 - 3", "6 - 4", "7 - 5"]
 SHORT, LONG = "<think> 2 </think> <answer> 2 </answer>", "<think> so it is 2 </think> <answer> 2 </answer>"
-COMMON = ["model=tiny-random", "progress=false", "task.template=plain", "dtype=fp32", "save_every=1",
-          "keep_checkpoints=0", "max_steps=4"]
+COMMON = [
+    "model=tiny-random",
+    "progress=false",
+    "task.template=plain",
+    "dtype=fp32",
+    "save_every=1",
+    "keep_checkpoints=0",
+    "max_steps=4",
+]
 
 
 def read_jsonl(path):
@@ -45,7 +52,9 @@ def interrupted_and_resumed(cmd: list[str], root: Path, monkeypatch) -> tuple[Pa
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, lora):
-    data = write(tmp_path / "sft.jsonl", [{"prompt": q, "completion": c} for q in QUESTIONS for c in (SHORT, LONG)])
+    data = write(
+        tmp_path / "sft.jsonl", [{"prompt": q, "completion": c} for q in QUESTIONS for c in (SHORT, LONG)]
+    )
     extra = ["lora.enabled=true", "lora.r=4"] if lora else []
     cmd = ["sft", *COMMON, f"data={data}", "lr=0.01", "batch_size=4", *extra]
     u, r = interrupted_and_resumed(cmd, tmp_path, monkeypatch)
@@ -63,7 +72,9 @@ def test_sft_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, lora):
 def test_dpo_resume_matches_an_uninterrupted_run_and_reuses_the_reference(tmp_path, monkeypatch):
     import thinkrl.trainer.dpo as dpo_mod
 
-    data = write(tmp_path / "pairs.jsonl", [{"prompt": q, "chosen": SHORT, "rejected": LONG} for q in QUESTIONS])
+    data = write(
+        tmp_path / "pairs.jsonl", [{"prompt": q, "chosen": SHORT, "rejected": LONG} for q in QUESTIONS]
+    )
     cmd = ["dpo", *COMMON, f"data={data}", "lr=0.001", "batch_size=2"]
     real = dpo_mod.reference_logps
     calls = []
@@ -82,8 +93,10 @@ def test_sft_into_a_folder_with_checkpoints_needs_resume(tmp_path, capsys):
     assert main(cmd) == 0
     assert main(cmd) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("thinkrl:")]
-    assert err == [f"thinkrl: error: {tmp_path / 'o'} already holds a run with checkpoints; pass resume=true to "
-                   "continue it, or choose another output_dir"]
+    assert err == [
+        f"thinkrl: error: {tmp_path / 'o'} already holds a run with checkpoints; pass resume=true to "
+        "continue it, or choose another output_dir"
+    ]
 
 
 def test_rm_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -95,4 +108,5 @@ def test_rm_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     mu, mr = read_jsonl(u / "metrics.jsonl"), read_jsonl(r / "metrics.jsonl")
     assert [m["step"] for m in mr] == [1, 2, 3, 4] and mr == mu
     assert json.loads((r / "final" / "thinkrl_rm.json").read_text()) == json.loads(
-        (u / "final" / "thinkrl_rm.json").read_text())
+        (u / "final" / "thinkrl_rm.json").read_text()
+    )

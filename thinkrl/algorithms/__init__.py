@@ -11,14 +11,23 @@ all run in the one loop of ``thinkrl.trainer.rl``.
 
 from thinkrl.algorithms.advantages import ADVANTAGES, AdvantageInput, Advantages, MovingAverage, group_stats
 from thinkrl.algorithms.kl import KL_ESTIMATORS
-from thinkrl.algorithms.losses import (LOSS_AGGREGATIONS, POLICY_LOSSES, LossParams, aggregate, tis_weights,
-                                       value_loss)
+from thinkrl.algorithms.losses import (
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    LossParams,
+    aggregate,
+    tis_weights,
+    value_loss,
+)
 
 
 def loss_agg_for(advantage: str, loss: str, configured: str | None = None) -> str:
     """The configured aggregation, else the loss's own (sequence-level losses), else the estimator's."""
-    return (configured or POLICY_LOSSES.trait(loss, "loss_agg")
-            or ADVANTAGES.trait(advantage, "loss_agg", "token_mean"))
+    return (
+        configured
+        or POLICY_LOSSES.trait(loss, "loss_agg")
+        or ADVANTAGES.trait(advantage, "loss_agg", "token_mean")
+    )
 
 
 def kl_in_for(advantage: str, configured: str | None = None) -> str:
@@ -46,6 +55,23 @@ def advantage_weighted(loss: str) -> bool:
     return bool(POLICY_LOSSES.trait(loss, "advantage_weighted", False))
 
 
-__all__ = ["ADVANTAGES", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES", "AdvantageInput", "Advantages",
-           "LossParams", "MovingAverage", "advantage_weighted", "aggregate", "group_stats", "kl_in_for",
-           "loss_agg_for", "needs_values", "takes_token_rewards", "tis_weights", "uses_batch_statistics", "value_loss"]
+__all__ = [
+    "ADVANTAGES",
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
+    "AdvantageInput",
+    "Advantages",
+    "LossParams",
+    "MovingAverage",
+    "advantage_weighted",
+    "aggregate",
+    "group_stats",
+    "kl_in_for",
+    "loss_agg_for",
+    "needs_values",
+    "takes_token_rewards",
+    "tis_weights",
+    "uses_batch_statistics",
+    "value_loss",
+]

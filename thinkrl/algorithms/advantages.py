@@ -71,7 +71,8 @@ def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tens
     _, inv = torch.unique(group_ids, return_inverse=True)  # [B] in 0..n_groups-1
     n_groups = int(inv.max()) + 1
     count = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
-        0, inv, torch.ones_like(values))  # [n_groups]
+        0, inv, torch.ones_like(values)
+    )  # [n_groups]
     total = torch.zeros_like(count).index_add_(0, inv, values)  # [n_groups]
     mean = total / count  # [n_groups]
     sq = torch.zeros_like(count).index_add_(0, inv, (values - mean[inv]) ** 2)  # [n_groups]
@@ -79,7 +80,9 @@ def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tens
     return mean[inv].to(out_dtype), std[inv].to(out_dtype), count[inv].to(out_dtype)
 
 
-def token_rewards(outcome: Tensor, mask: Tensor, token_kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
+def token_rewards(
+    outcome: Tensor, mask: Tensor, token_kl: Tensor | None = None, kl_coef: float = 0.0
+) -> Tensor:
     """Per-token rewards: ``outcome`` [B] on each row's last real token, ``-kl_coef * token_kl`` on every token."""
     mask = mask.float()
     last = (mask.sum(-1).long() - 1).clamp(min=0)  # [B] index of the last real token
@@ -100,7 +103,9 @@ def discounted_returns(r: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     return out
 
 
-def gae_advantages(r: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae_advantages(
+    r: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
     """GAE(gamma, lambda) (Schulman et al. 2016, eq. (16); seed §6.2.3).
 
     delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with V = 0 after the last real token
@@ -137,7 +142,9 @@ def _broadcast(adv: Tensor, mask: Tensor) -> Tensor:
 # Group estimators: one scalar per completion, broadcast over its tokens
 
 
-@ADVANTAGES.register("grpo", loss_agg="seq_mean_token_mean", kl_in="loss")  # GRPO (Shao et al. 2024): 1/G sum_i 1/|o_i| sum_t
+@ADVANTAGES.register(
+    "grpo", loss_agg="seq_mean_token_mean", kl_in="loss"
+)  # GRPO (Shao et al. 2024): 1/G sum_i 1/|o_i| sum_t
 def grpo(b: AdvantageInput) -> Advantages:
     """GRPO outcome advantage: A_i = (r_i - mean(r_group)) / (std(r_group) + eps).
 
@@ -148,7 +155,9 @@ def grpo(b: AdvantageInput) -> Advantages:
     return Advantages(_broadcast((b.rewards - mean) / (std + b.eps), b.mask))
 
 
-@ADVANTAGES.register("dr_grpo", loss_agg="seq_mean_token_sum_norm", kl_in="loss")  # Dr. GRPO (Liu et al. 2025): a constant normaliser
+@ADVANTAGES.register(
+    "dr_grpo", loss_agg="seq_mean_token_sum_norm", kl_in="loss"
+)  # Dr. GRPO (Liu et al. 2025): a constant normaliser
 def dr_grpo(b: AdvantageInput) -> Advantages:
     """Dr. GRPO: A_i = r_i - mean(r_group), with no division by the group std.
 
@@ -178,7 +187,9 @@ def rloo(b: AdvantageInput) -> Advantages:
 # REINFORCE family: token rewards -> return-to-go
 
 
-@ADVANTAGES.register("reinforce", loss_agg="seq_mean_token_sum", kl_in="reward")  # eq. (6.17) of the seed: 1/N sum_n sum_t
+@ADVANTAGES.register(
+    "reinforce", loss_agg="seq_mean_token_sum", kl_in="reward"
+)  # eq. (6.17) of the seed: 1/N sum_n sum_t
 def reinforce(b: AdvantageInput) -> Advantages:
     """REINFORCE: A_t = R_t - b, the discounted return-to-go minus an optional baseline.
 
@@ -192,7 +203,9 @@ def reinforce(b: AdvantageInput) -> Advantages:
     return Advantages((ret - b.baseline) * b.mask, ret)
 
 
-@ADVANTAGES.register("reinforce_pp", loss_agg="token_mean", kl_in="reward", batch_stats=True)  # REINFORCE++ (Hu 2025), as in OpenRLHF
+@ADVANTAGES.register(
+    "reinforce_pp", loss_agg="token_mean", kl_in="reward", batch_stats=True
+)  # REINFORCE++ (Hu 2025), as in OpenRLHF
 def reinforce_pp(b: AdvantageInput) -> Advantages:
     """REINFORCE++: token rewards with -beta*KL, return-to-go, whitened over the whole batch.
 
@@ -223,7 +236,9 @@ def reinforce_pp_baseline(b: AdvantageInput) -> Advantages:
     return Advantages(masked_whiten(ret, b.mask, b.eps), ret)
 
 
-@ADVANTAGES.register("gae", loss_agg="token_mean", kl_in="reward", needs=("values",), batch_stats=True)  # PPO for LMs (Ouyang et al. 2022; verl, OpenRLHF)
+@ADVANTAGES.register(
+    "gae", loss_agg="token_mean", kl_in="reward", needs=("values",), batch_stats=True
+)  # PPO for LMs (Ouyang et al. 2022; verl, OpenRLHF)
 def gae(b: AdvantageInput) -> Advantages:
     """PPO's advantage: GAE(gamma, lambda) on KL-shaped token rewards, from a learned critic.
 
@@ -254,7 +269,7 @@ class MovingAverage:
 
     @property
     def value(self) -> float:
-        return self.ema / (1.0 - self.decay ** self.n) if self.n else 0.0
+        return self.ema / (1.0 - self.decay**self.n) if self.n else 0.0
 
     def update(self, x: float) -> None:
         self.ema = self.decay * self.ema + (1.0 - self.decay) * x

@@ -60,8 +60,9 @@ def _clip_objective(ratio: Tensor, adv: Tensor, hp: LossParams) -> tuple[Tensor,
 
 
 @POLICY_LOSSES.register("ppo_clip", advantage_weighted=True)
-def ppo_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
-             hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
+def ppo_clip(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, hp: LossParams = LossParams()
+) -> tuple[Tensor, dict]:
     """PPO's clipped surrogate, per token: -min(ratio * A, clip(ratio, 1-e_low, 1+e_high) * A).
 
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. (7); seed eq.
@@ -71,14 +72,17 @@ def ppo_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     """
     ratio = torch.exp(logp - old_logp)  # [B, T]
     obj, is_clipped = _clip_objective(ratio, adv, hp)
-    metrics = {"clip_frac": _masked_mean(is_clipped, mask).item(),
-               "ratio_mean": _masked_mean(ratio.detach(), mask).item()}
+    metrics = {
+        "clip_frac": _masked_mean(is_clipped, mask).item(),
+        "ratio_mean": _masked_mean(ratio.detach(), mask).item(),
+    }
     return -obj, metrics
 
 
 @POLICY_LOSSES.register("dual_clip", advantage_weighted=True)
-def dual_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
-              hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
+def dual_clip(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, hp: LossParams = LossParams()
+) -> tuple[Tensor, dict]:
     """Dual-clip PPO: for A < 0 the objective is max(min(rA, clip(r)A), c A), c = ``clip_c`` > 1.
 
     Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
@@ -90,15 +94,18 @@ def dual_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     lower = hp.clip_c * adv
     dual = (adv < 0) & (lower > obj)
     obj = torch.where(adv < 0, torch.maximum(obj, lower), obj)
-    metrics = {"clip_frac": _masked_mean(is_clipped, mask).item(),
-               "dual_clip_frac": _masked_mean(dual.float(), mask).item(),
-               "ratio_mean": _masked_mean(ratio.detach(), mask).item()}
+    metrics = {
+        "clip_frac": _masked_mean(is_clipped, mask).item(),
+        "dual_clip_frac": _masked_mean(dual.float(), mask).item(),
+        "ratio_mean": _masked_mean(ratio.detach(), mask).item(),
+    }
     return -obj, metrics
 
 
 @POLICY_LOSSES.register("pg", advantage_weighted=True)
-def pg(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
-       hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
+def pg(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, hp: LossParams = LossParams()
+) -> tuple[Tensor, dict]:
     """Plain policy gradient, no ratio: -A * logp (seed eq. 6.17 / 6.22; Williams 1992).
 
     Its gradient equals PPO-clip's on the first pass over fresh samples; with
@@ -108,8 +115,9 @@ def pg(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
 
 
 @POLICY_LOSSES.register("gspo", loss_agg="seq_mean_token_mean", advantage_weighted=True)
-def gspo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
-         hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
+def gspo(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, hp: LossParams = LossParams()
+) -> tuple[Tensor, dict]:
     """GSPO: one importance ratio per sequence, the geometric mean of its token ratios, clipped.
 
     Zheng et al. 2025, "Group Sequence Policy Optimization", eqs. (5)-(7), in its
@@ -123,14 +131,17 @@ def gspo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     s = torch.exp(seq_log_ratio.detach()[:, None] + logp - logp.detach())  # [B, T], value s_i on every token
     obj, is_clipped = _clip_objective(s, adv, hp)
     seq_mask = (mask.sum(-1) > 0).float()  # [B]
-    metrics = {"clip_frac": _masked_mean(is_clipped, mask).item(),
-               "ratio_mean": float((seq_log_ratio.detach().exp() * seq_mask).sum() / seq_mask.sum().clamp(min=1))}
+    metrics = {
+        "clip_frac": _masked_mean(is_clipped, mask).item(),
+        "ratio_mean": float((seq_log_ratio.detach().exp() * seq_mask).sum() / seq_mask.sum().clamp(min=1)),
+    }
     return -obj, metrics
 
 
 @POLICY_LOSSES.register("kimi", loss_agg="seq_mean_token_mean")
-def kimi(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
-         hp: LossParams = LossParams()) -> tuple[Tensor, dict]:
+def kimi(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, hp: LossParams = LossParams()
+) -> tuple[Tensor, dict]:
     """Kimi k1.5's online policy mirror descent: a squared loss per sequence,
 
         L_i = (r_i - mean r - tau * log(pi_theta(y_i) / pi_old(y_i)))^2 / (2 tau),
@@ -148,13 +159,16 @@ def kimi(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     a = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
     log_ratio = ((logp - old_logp) * mask).sum(-1)  # [B]
     seq_loss = (a - hp.tau * log_ratio) ** 2 / (2 * hp.tau)  # [B]
-    metrics = {"clip_frac": 0.0,
-               "log_ratio_abs": float((log_ratio.detach().abs() * seq_mask).sum() / seq_mask.sum().clamp(min=1))}
+    metrics = {
+        "clip_frac": 0.0,
+        "log_ratio_abs": float((log_ratio.detach().abs() * seq_mask).sum() / seq_mask.sum().clamp(min=1)),
+    }
     return seq_loss[:, None] * mask, metrics  # [B] -> [B, T]
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               clip: float | None = 0.2) -> tuple[Tensor, dict]:
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None = 0.2
+) -> tuple[Tensor, dict]:
     """PPO's clipped value loss per token: 0.5 * max((V - R)^2, (V_clip - R)^2),
     with V_clip = V_old + clip(V - V_old, -clip, clip). ``clip=None`` is plain 0.5 (V - R)^2.
 

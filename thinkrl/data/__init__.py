@@ -90,9 +90,11 @@ def encode_messages(messages: list[dict], tok) -> Encoded:
 
 def _suffix(text: str, prev: str) -> str:
     if not text.startswith(prev):
-        raise DataError("the tokenizer's chat template does not render conversations incrementally; "
-                        "use prompt/completion rows instead")
-    return text[len(prev):]
+        raise DataError(
+            "the tokenizer's chat template does not render conversations incrementally; "
+            "use prompt/completion rows instead"
+        )
+    return text[len(prev) :]
 
 
 def _extend(ids: list[int], labels: list[int], tok, text: str, *, train: bool) -> None:
@@ -136,6 +138,6 @@ def encode_sft_rows(rows: list[dict], tok, task_cfg, max_len: int, source: str =
 def length_buckets(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
     """Batches of similar length (little padding), in a seeded random order of batches."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     random.Random(seed).shuffle(batches)
     return batches

@@ -28,8 +28,8 @@ from thinkrl.distributed.ray_engine import Seq
 from thinkrl.distributed.ray_pool import LocalPool, RayPool
 from thinkrl.distributed.ray_worker import GroupJob, state_checksum
 from thinkrl.rollout import Rollout
-from thinkrl.trainer.guards import TrainingError
 from thinkrl.sampling import Groups
+from thinkrl.trainer.guards import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class Driver:
         save_config(cfg, self.out / "config.yaml")
         self.version = 0  # learner updates so far; the workers sample with the weights of this version
         self.next_seq = self.next_group = 0
-        self.examples: dict[int, object] = {}  # group uid -> the drawn example (the sampler tracks these objects)
+        self.examples: dict[
+            int, object
+        ] = {}  # group uid -> the drawn example (the sampler tracks these objects)
         self.carry: list[GroupJob] = []  # unfinished groups, continued by the next iteration launched
         self.inflight: deque = deque()  # launched iterations, oldest first
         self.pool = LocalPool(cfg) if local else RayPool(cfg)
@@ -105,7 +107,9 @@ class Driver:
         """The finished groups to train step ``step`` on. Up to k + 1 iterations stay in flight
         (k = rollout.max_staleness), each launched with the weights current at its launch; the
         oldest is collected until some group has finished."""
-        ahead = max(1, min(self.cfg.rollout.max_staleness + 1, self.cfg.max_steps - step + 1))  # no launches past the end
+        ahead = max(
+            1, min(self.cfg.rollout.max_staleness + 1, self.cfg.max_steps - step + 1)
+        )  # no launches past the end
         t0 = time.perf_counter()
         done, dropped, iters, busy = [], 0, 0, {"generate_s": 0.0, "score_s": 0.0}
         while not done:
@@ -116,13 +120,23 @@ class Driver:
             dropped += lost
             iters += 1
             busy = {k: busy[k] + times[k] for k in busy}
-            if iters > self.cfg.rollout.partial_max_iters + ahead + 1:  # cannot happen unless every group is lost
-                raise TrainingError(f"step {step}: {iters} rollout iterations returned no finished group "
-                                   f"({dropped} sequences lost with dead workers)")
-        stats = {"dropped_seqs": dropped, "rollout_iters": iters, "carried_groups": len(self.carry),
-                 "rollout_workers": self.pool.alive(), "time_wait_rollout": time.perf_counter() - t0,
-                 # worker-seconds of the iterations collected for this step (the cost model's g)
-                 "worker_time_generate": busy["generate_s"], "worker_time_score": busy["score_s"]}
+            if (
+                iters > self.cfg.rollout.partial_max_iters + ahead + 1
+            ):  # cannot happen unless every group is lost
+                raise TrainingError(
+                    f"step {step}: {iters} rollout iterations returned no finished group "
+                    f"({dropped} sequences lost with dead workers)"
+                )
+        stats = {
+            "dropped_seqs": dropped,
+            "rollout_iters": iters,
+            "carried_groups": len(self.carry),
+            "rollout_workers": self.pool.alive(),
+            "time_wait_rollout": time.perf_counter() - t0,
+            # worker-seconds of the iterations collected for this step (the cost model's g)
+            "worker_time_generate": busy["generate_s"],
+            "worker_time_score": busy["score_s"],
+        }
         return sorted(done, key=lambda j: j.uid), stats
 
     # -- one step --------------------------------------------------------------------------
@@ -141,7 +155,9 @@ class Driver:
         metrics["step_time"] += stats["time_sync"]
         g_s = stats["worker_time_generate"] + stats["worker_time_score"]
         stats["worker_share"] = g_s / max(1e-9, g_s + metrics["time_train"] + stats["time_sync"])
-        metrics.update(stats, **version_stats(jobs, learner_version=self.version - 1), policy_version=self.version)
+        metrics.update(
+            stats, **version_stats(jobs, learner_version=self.version - 1), policy_version=self.version
+        )
         return metrics, rl._samples(self.cfg, step, g)
 
     def close(self) -> None:
@@ -151,12 +167,22 @@ class Driver:
 def to_groups(jobs: list[GroupJob]) -> Groups:
     """Scored groups in the single-process loop's layout (rows g*G .. g*G+G-1 for group g)."""
     seqs = [s for j in jobs for s in j.seqs]
-    ro = Rollout(prompt_ids=[s.prompt_ids for s in seqs], completion_ids=[s.tokens for s in seqs],
-                 texts=[t[len(j.rendered[1]):] for j in jobs for t in j.texts],
-                 truncated=[s.truncated for s in seqs], logps=[s.logps for s in seqs])
+    ro = Rollout(
+        prompt_ids=[s.prompt_ids for s in seqs],
+        completion_ids=[s.tokens for s in seqs],
+        texts=[t[len(j.rendered[1]) :] for j in jobs for t in j.texts],
+        truncated=[s.truncated for s in seqs],
+        logps=[s.logps for s in seqs],
+    )
     parts = {k: [v for j in jobs for v in j.parts[k]] for k in jobs[0].parts}
-    return Groups([j.example for j in jobs], [j.rendered for j in jobs], ro, [t for j in jobs for t in j.texts],
-                  [t for j in jobs for t in j.totals], parts)
+    return Groups(
+        [j.example for j in jobs],
+        [j.rendered for j in jobs],
+        ro,
+        [t for j in jobs for t in j.texts],
+        [t for j in jobs for t in j.totals],
+        parts,
+    )
 
 
 def version_stats(jobs: list[GroupJob], learner_version: int) -> dict:
@@ -165,8 +191,12 @@ def version_stats(jobs: list[GroupJob], learner_version: int) -> dict:
     lags = [learner_version - v for j in jobs for s in j.seqs for v in s.versions]
     iters = [s.iters for j in jobs for s in j.seqs]
     n = max(1, len(lags))
-    out = {"staleness_mean": sum(lags) / n, "staleness_max": max(lags, default=0),
-           "seq_iters_mean": sum(iters) / max(1, len(iters)), "seq_iters_max": max(iters, default=0)}
+    out = {
+        "staleness_mean": sum(lags) / n,
+        "staleness_max": max(lags, default=0),
+        "seq_iters_mean": sum(iters) / max(1, len(iters)),
+        "seq_iters_max": max(iters, default=0),
+    }
     for d in sorted(set(lags)):
         out[f"token_share/lag{d}"] = lags.count(d) / n
     return out
@@ -182,7 +212,9 @@ def train_ray(cfg: Config) -> dict:
     drv = Driver(cfg)
     out, p = drv.out, drv.p
     guard = BadStepGuard(cfg.optim.max_bad_steps)
-    logs = {name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=0) for name in ("metrics", "samples")}
+    logs = {
+        name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=0) for name in ("metrics", "samples")
+    }
     JsonlWriter(out / "evals.jsonl", truncate_after_step=-1)
     results: dict = {}
     try:
@@ -194,8 +226,14 @@ def train_ray(cfg: Config) -> dict:
             guard.record(step, metrics)
             logs["metrics"].write(metrics)
             logs["samples"].write_many(samples)
-            log.info("step %d: reward %.3f, staleness %.2f, dropped %d, %.1f s", step, metrics["reward"],
-                     metrics["staleness_mean"], metrics["dropped_seqs"], metrics["step_time"])
+            log.info(
+                "step %d: reward %.3f, staleness %.2f, dropped %d, %.1f s",
+                step,
+                metrics["reward"],
+                metrics["staleness_mean"],
+                metrics["dropped_seqs"],
+                metrics["step_time"],
+            )
             if guard.exhausted:
                 raise guard.error(None)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
@@ -207,9 +245,12 @@ def train_ray(cfg: Config) -> dict:
     if cfg.eval.after:
         results["after"] = rl._run_eval(p, cfg.max_steps, "after", out)
     if cfg.plot:
-        plot_metrics(read_jsonl(out / "metrics.jsonl"), out / "curves.png",
-                     title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} on Ray",
-                     evals=list(read_jsonl(out / "evals.jsonl")))
+        plot_metrics(
+            read_jsonl(out / "metrics.jsonl"),
+            out / "curves.png",
+            title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} on Ray",
+            evals=list(read_jsonl(out / "evals.jsonl")),
+        )
     return results
 
 

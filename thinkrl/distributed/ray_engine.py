@@ -79,8 +79,11 @@ def sample_token(logits: torch.Tensor, u: float, params: SamplingParams) -> tupl
         drop = sp.cumsum(-1) - sp > params.top_p  # keep the smallest set reaching top_p
         probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0.0))
     cdf = probs.double().cumsum(-1)  # [V]
-    tok = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True)
-              .clamp(max=z.numel() - 1))
+    tok = int(
+        torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True).clamp(
+            max=z.numel() - 1
+        )
+    )
     return tok, float(logp[tok])
 
 
@@ -94,18 +97,22 @@ class SeededEngine:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = {tokenizer.eos_token_id, *eos} - {None}
         # transformers renamed the KV cache argument (and output field) past_key_values -> cache
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
 
     def load_state_dict(self, state: dict, version: int = 0) -> None:
         self.model.load_state_dict(state)
 
     @torch.inference_mode()
-    def continue_(self, seqs: list[Seq], budget: int, params: SamplingParams, seed: int, version: int) -> None:
+    def continue_(
+        self, seqs: list[Seq], budget: int, params: SamplingParams, seed: int, version: int
+    ) -> None:
         """Give every unfinished sequence at most ``budget`` new tokens (and never more than
         ``params.max_new_tokens`` in all), in place, tagging them with ``version``."""
         todo = [s for s in seqs if not s.done]
         for i in range(0, len(todo), self.batch_size):
-            self._run(todo[i: i + self.batch_size], budget, params, seed, version)
+            self._run(todo[i : i + self.batch_size], budget, params, seed, version)
 
     def _run(self, seqs: list[Seq], budget: int, params: SamplingParams, seed: int, version: int) -> None:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -114,12 +121,20 @@ class SeededEngine:
         ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows])  # [b, L] left-padded
         attn = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])  # [b, L]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [b, L]
-        limit = [min(len(s.tokens) + budget, params.max_new_tokens) for s in seqs]  # total tokens after this call
+        limit = [
+            min(len(s.tokens) + budget, params.max_new_tokens) for s in seqs
+        ]  # total tokens after this call
         cache = None
         for _ in range(max(lim - len(s.tokens) for lim, s in zip(limit, seqs))):
             with autocast(self.bf16):
-                out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                                 logits_to_keep=1, **{self._cache_kw: cache})
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    position_ids=pos,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kw: cache},
+                )
             cache = getattr(out, self._cache_kw)
             logits = out.logits[:, -1].float()  # [b, V]
             nxt = []
@@ -155,8 +170,12 @@ def build_worker_engine(cfg, model, tok, bf16: bool):
     if backend == "openai":
         from thinkrl.distributed.ray_openai import OpenAIEngine
 
-        engine = OpenAIEngine(cfg.rollout.server_url, tok, model_name=cfg.rollout.server_model,
-                              timeout_s=cfg.ray.rollout_timeout_s)
+        engine = OpenAIEngine(
+            cfg.rollout.server_url,
+            tok,
+            model_name=cfg.rollout.server_model,
+            timeout_s=cfg.ray.rollout_timeout_s,
+        )
         engine.model = model  # the weights it writes for the server at each sync
         return engine
     if backend == "vllm":

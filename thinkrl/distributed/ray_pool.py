@@ -43,7 +43,10 @@ class LocalPool:
             w.load_weights(version, state, checksum)
 
     def submit(self, jobs: list[GroupJob], version: int, budget: int):
-        return [self.workers[wid].rollout(js, version, budget) for wid, js in split(jobs, sorted(self.workers)).items()]
+        return [
+            self.workers[wid].rollout(js, version, budget)
+            for wid, js in split(jobs, sorted(self.workers)).items()
+        ]
 
     def wait(self, handle) -> tuple[list[GroupJob], int, dict]:
         return [j for js, _ in handle for j in js], 0, add_times([t for _, t in handle])
@@ -67,11 +70,18 @@ class RayPool:
         self.cfg, self.owns, self.actors = cfg, False, {}
         if not ray.is_initialized():
             try:
-                ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
-                         include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+                ray.init(
+                    address=cfg.ray.address,
+                    num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+                    include_dashboard=False,
+                    runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}},
+                )
             except (ConnectionError, ValueError, RuntimeError) as e:
-                where = f"join the Ray cluster at ray.address={cfg.ray.address}" if cfg.ray.address else \
-                    "start a local Ray cluster"
+                where = (
+                    f"join the Ray cluster at ray.address={cfg.ray.address}"
+                    if cfg.ray.address
+                    else "start a local Ray cluster"
+                )
                 raise ConfigError(f"could not {where}: {e}") from None
             self.owns = True
         try:
@@ -82,15 +92,23 @@ class RayPool:
 
     def _start(self, ray) -> None:
         cfg = self.cfg
-        actor = ray.remote(RolloutWorker).options(max_restarts=cfg.ray.max_restarts, max_task_retries=0,
-                                                  num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker)
+        actor = ray.remote(RolloutWorker).options(
+            max_restarts=cfg.ray.max_restarts,
+            max_task_retries=0,
+            num_cpus=cfg.ray.cpus_per_worker,
+            num_gpus=cfg.ray.gpus_per_worker,
+        )
         self.actors = {i: actor.remote(cfg, i) for i in range(cfg.distributed.rollout_workers)}
         self.pending: dict[int, list] = {i: [] for i in self.actors}  # rollout calls not yet collected
         need = f"{cfg.distributed.rollout_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker:g}"
         if cfg.ray.gpus_per_worker:
             need += f" CPUs and ray.gpus_per_worker={cfg.ray.gpus_per_worker:g} GPUs"
-        self._get({i: a.pid.remote() for i, a in self.actors.items()}, self.cfg.ray.sync_timeout_s,
-                  "start and load the model", hint=f"does the cluster have the {need} it needs?")
+        self._get(
+            {i: a.pid.remote() for i, a in self.actors.items()},
+            self.cfg.ray.sync_timeout_s,
+            "start and load the model",
+            hint=f"does the cluster have the {need} it needs?",
+        )
 
     def alive(self) -> int:
         return len(self.actors)
@@ -98,7 +116,9 @@ class RayPool:
     def pids(self) -> dict[int, int]:
         import ray
 
-        return {i: ray.get(a.pid.remote(), timeout=self.cfg.ray.sync_timeout_s) for i, a in self.actors.items()}
+        return {
+            i: ray.get(a.pid.remote(), timeout=self.cfg.ray.sync_timeout_s) for i, a in self.actors.items()
+        }
 
     def _lost(self, wid: int, err: Exception) -> None:
         """A call to worker ``wid`` failed because its process is gone: dead for good (Ray's
@@ -108,14 +128,24 @@ class RayPool:
         if isinstance(err, ActorUnavailableError):
             log.warning("rollout worker %d died; Ray restarts it and the next weight sync reloads it", wid)
             return
-        log.warning("rollout worker %d is gone and ray.max_restarts=%d is spent: dropping it (%s)", wid,
-                    self.cfg.ray.max_restarts, type(err).__name__)
+        log.warning(
+            "rollout worker %d is gone and ray.max_restarts=%d is spent: dropping it (%s)",
+            wid,
+            self.cfg.ray.max_restarts,
+            type(err).__name__,
+        )
         self.actors.pop(wid, None)
         if not self.actors:
             raise TrainingError("every rollout worker died; see the Ray logs (/tmp/ray/session_latest/logs)")
 
-    def _get(self, calls: dict, timeout: float, what: str, retry=None,
-             hint: str = "ray.sync_timeout_s / ray.rollout_timeout_s") -> dict:
+    def _get(
+        self,
+        calls: dict,
+        timeout: float,
+        what: str,
+        retry=None,
+        hint: str = "ray.sync_timeout_s / ray.rollout_timeout_s",
+    ) -> dict:
         """``ray.get`` of one call per worker, each within ``timeout`` s. A worker's own error
         (WeightSyncError) is raised as itself; a dead worker is left out of the result. With
         ``retry(wid)``, a call to a worker that Ray is restarting is made again until the
@@ -130,8 +160,10 @@ class RayPool:
                 try:
                     out[wid] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 except GetTimeoutError:
-                    raise WeightSyncError(f"rollout worker {wid} did not {what} within {timeout:g} s ({hint}); "
-                                          "stopping rather than waiting forever") from None
+                    raise WeightSyncError(
+                        f"rollout worker {wid} did not {what} within {timeout:g} s ({hint}); "
+                        "stopping rather than waiting forever"
+                    ) from None
                 except ActorUnavailableError as e:
                     if retry is not None and time.monotonic() < deadline:
                         time.sleep(0.5)
@@ -155,18 +187,27 @@ class RayPool:
         if busy:
             ready, _ = ray.wait(busy, num_returns=len(busy), timeout=self.cfg.ray.rollout_timeout_s)
             if len(ready) < len(busy):
-                raise WeightSyncError(f"a rollout iteration did not return within ray.rollout_timeout_s="
-                                      f"{self.cfg.ray.rollout_timeout_s:g} s; stopping rather than waiting forever")
+                raise WeightSyncError(
+                    f"a rollout iteration did not return within ray.rollout_timeout_s="
+                    f"{self.cfg.ray.rollout_timeout_s:g} s; stopping rather than waiting forever"
+                )
         ref = ray.put(state)
+
         def call(wid):
             return self.actors[wid].load_weights.remote(version, ref, checksum)
 
-        acks = self._get({i: call(i) for i in self.actors}, self.cfg.ray.sync_timeout_s,
-                         f"confirm the weights of policy version {version}", retry=call)
+        acks = self._get(
+            {i: call(i) for i in self.actors},
+            self.cfg.ray.sync_timeout_s,
+            f"confirm the weights of policy version {version}",
+            retry=call,
+        )
         for wid, ack in acks.items():
             if ack["version"] != version or ack["checksum"] != checksum:
-                raise WeightSyncError(f"rollout worker {wid} confirmed policy version {ack['version']} "
-                                      f"(checksum {ack['checksum']}) instead of {version} ({checksum})")
+                raise WeightSyncError(
+                    f"rollout worker {wid} confirmed policy version {ack['version']} "
+                    f"(checksum {ack['checksum']}) instead of {version} ({checksum})"
+                )
         if not acks:
             raise TrainingError("no rollout worker confirmed the weights: every one died")
 

@@ -37,7 +37,7 @@ def vllm_weights(state: dict, tie_word_embeddings: bool) -> list[tuple[str, obje
     out = []
     for name, t in state.items():
         if name.startswith("base_model.model."):
-            name = name[len("base_model.model."):]
+            name = name[len("base_model.model.") :]
         if "lora_" in name or name.endswith("rotary_emb.inv_freq"):
             continue
         if tie_word_embeddings and name == "lm_head.weight":
@@ -47,8 +47,16 @@ def vllm_weights(state: dict, tie_word_embeddings: bool) -> list[tuple[str, obje
 
 
 def vllm_sampling_kwargs(params: SamplingParams, max_tokens: int, seed: int) -> dict:
-    return {"n": 1, "max_tokens": max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-            "top_k": params.top_k or 0, "min_tokens": params.min_new_tokens, "seed": seed, "logprobs": 0}
+    return {
+        "n": 1,
+        "max_tokens": max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k or 0,
+        "min_tokens": params.min_new_tokens,
+        "seed": seed,
+        "logprobs": 0,
+    }
 
 
 def sampled_logprobs(output) -> tuple[list[int], list[float]]:
@@ -81,8 +89,12 @@ class VLLMEngine:
         folder = tempfile.mkdtemp(prefix="thinkrl-vllm-")
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
-        llm = LLM(model=folder, enable_sleep_mode=colocated, logprobs_mode="processed_logprobs",
-                  worker_extension_cls="thinkrl.distributed.ray_vllm.WorkerExtension")
+        llm = LLM(
+            model=folder,
+            enable_sleep_mode=colocated,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="thinkrl.distributed.ray_vllm.WorkerExtension",
+        )
         return cls(llm, bool(getattr(model.config, "tie_word_embeddings", False)), colocated)
 
     def _wake(self) -> None:
@@ -94,16 +106,25 @@ class VLLMEngine:
         self._wake()
         self.llm.collective_rpc("update_weights", args=(vllm_weights(state, self.tied),))
 
-    def continue_(self, seqs: list[Seq], budget: int, params: SamplingParams, seed: int, version: int) -> None:
+    def continue_(
+        self, seqs: list[Seq], budget: int, params: SamplingParams, seed: int, version: int
+    ) -> None:
         from vllm import SamplingParams as VSP
         from vllm.inputs import TokensPrompt
 
         self._wake()
         todo = [s for s in seqs if not s.done]
         prompts = [TokensPrompt(prompt_token_ids=s.prompt_ids + s.tokens) for s in todo]
-        sps = [VSP(**vllm_sampling_kwargs(params, min(budget, params.max_new_tokens - len(s.tokens)),
-                                          _mix(_mix(seed & MASK64) ^ s.uid ^ (len(s.tokens) << 40)) >> 33))
-               for s in todo]
+        sps = [
+            VSP(
+                **vllm_sampling_kwargs(
+                    params,
+                    min(budget, params.max_new_tokens - len(s.tokens)),
+                    _mix(_mix(seed & MASK64) ^ s.uid ^ (len(s.tokens) << 40)) >> 33,
+                )
+            )
+            for s in todo
+        ]
         outs = self.llm.generate(prompts, sps, use_tqdm=False)
         for s, out in zip(todo, outs):
             c = out.outputs[0]

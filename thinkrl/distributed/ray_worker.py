@@ -78,9 +78,11 @@ class RolloutWorker:
         """Take the learner's weights of ``version``; refuse them if their digest is not ``checksum``."""
         got = state_checksum(state)
         if got != checksum:
-            raise WeightSyncError(f"rollout worker {self.worker_id}: the weights of policy version {version} arrived "
-                                  f"with checksum {got} but the learner sent {checksum}; they were corrupted on the "
-                                  "way, so this worker refuses them")
+            raise WeightSyncError(
+                f"rollout worker {self.worker_id}: the weights of policy version {version} arrived "
+                f"with checksum {got} but the learner sent {checksum}; they were corrupted on the "
+                "way, so this worker refuses them"
+            )
         self.engine.load_state_dict(state, version)
         self.version = version
         return {"worker": self.worker_id, "version": version, "checksum": got}
@@ -90,13 +92,16 @@ class RolloutWorker:
         weights of ``version``, and score the groups that are now complete. Returns the jobs and
         this worker's seconds spent generating and scoring (the cost model's g)."""
         if self.version != version:
-            raise WeightSyncError(f"rollout worker {self.worker_id} holds policy version {self.version} but was asked "
-                                  f"to sample with version {version}: it missed a weight sync")
+            raise WeightSyncError(
+                f"rollout worker {self.worker_id} holds policy version {self.version} but was asked "
+                f"to sample with version {version}: it missed a weight sync"
+            )
         if self.delay_s:
             time.sleep(self.delay_s)
         r = self.cfg.rollout
-        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k)
+        params = SamplingParams(
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k
+        )
         t0 = time.perf_counter()
         seqs = [s for j in jobs for s in j.seqs]
         for s in seqs:
@@ -116,9 +121,16 @@ class RolloutWorker:
         texts = [j.rendered[1] + comps[i * G + k] for i, j in enumerate(jobs) for k in range(G)]
         exs = [j.example for j in jobs for _ in range(G)]
         seqs = [s for j in jobs for s in j.seqs]
-        totals, parts = self.rewards.score(texts, exs, group_size=G, context={
-            "num_tokens": [len(s.tokens) for s in seqs], "max_tokens": self.cfg.rollout.max_new_tokens,
-            "truncated": [s.truncated for s in seqs]})
+        totals, parts = self.rewards.score(
+            texts,
+            exs,
+            group_size=G,
+            context={
+                "num_tokens": [len(s.tokens) for s in seqs],
+                "max_tokens": self.cfg.rollout.max_new_tokens,
+                "truncated": [s.truncated for s in seqs],
+            },
+        )
         for i, j in enumerate(jobs):
             rows = slice(i * G, (i + 1) * G)
             j.texts, j.totals = texts[rows], list(totals[rows])

@@ -61,9 +61,11 @@ def init(strategy: str = "ddp") -> int:
     if n <= 1 or dist.is_initialized():
         return world_size()
     if strategy == "fsdp":
-        raise ConfigError("distributed.strategy=fsdp is not supported by the trainers yet (they call the backbone "
-                          "and LM head of the policy separately, which a fully_shard module does not allow); "
-                          "use distributed.strategy=ddp")
+        raise ConfigError(
+            "distributed.strategy=fsdp is not supported by the trainers yet (they call the backbone "
+            "and LM head of the policy separately, which a fully_shard module does not allow); "
+            "use distributed.strategy=ddp"
+        )
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -98,8 +100,10 @@ def main_first():
 
 def check_divisible(n: int, what: str) -> None:
     if n % world_size():
-        raise ConfigError(f"{what}={n} does not split over {world_size()} processes: make it a multiple of "
-                          f"{world_size()} (each process takes whole groups)")
+        raise ConfigError(
+            f"{what}={n} does not split over {world_size()} processes: make it a multiple of "
+            f"{world_size()} (each process takes whole groups)"
+        )
 
 
 def shard(items: list) -> list:
@@ -108,7 +112,7 @@ def shard(items: list) -> list:
     if n == 1:
         return items
     k = len(items) // n
-    return items[rank() * k:(rank() + 1) * k]
+    return items[rank() * k : (rank() + 1) * k]
 
 
 def group_seed(seed: int, step: int, index: int) -> int:
@@ -119,7 +123,11 @@ def group_seed(seed: int, step: int, index: int) -> int:
 
 def _comm_device() -> torch.device:
     """Where collectives' tensors must live: NCCL reduces CUDA tensors only."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -204,7 +212,7 @@ def sum_gradients(params, *extra: float) -> list[float]:
         dist.all_reduce(flat)
         at = 0
         for q in b:
-            q.grad.copy_(flat[at:at + q.numel()].view_as(q.grad))
+            q.grad.copy_(flat[at : at + q.numel()].view_as(q.grad))
             at += q.numel()
         if i == 0:
             out = flat[at:].tolist()
@@ -219,6 +227,7 @@ def sharded_draw(draw):
     """Wrap a sampler's ``next_batch(n)``: every rank draws the same ``n`` prompts (the
     sampler's state stays equal everywhere) and keeps its share. The whole draw is kept
     on the wrapper (``.last``), for :func:`gather_groups`."""
+
     def next_batch(n: int) -> list:
         next_batch.last = draw(n)
         return shard(next_batch.last)
@@ -268,7 +277,7 @@ def advantages(estimator, inp, whole_batch: bool):
             merged[k].append(v)
         offset = int(merged["group_ids"][-1].max()) + 1
     est = estimator(replace(inp, **{k: torch.cat(v) for k, v in merged.items()}))
-    start = sum(p["mask"].shape[0] for p in parts[:rank()])
+    start = sum(p["mask"].shape[0] for p in parts[: rank()])
     rows = slice(start, start + N)
     est.adv = est.adv[rows, :T]
     if est.returns is not None:

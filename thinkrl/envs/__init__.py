@@ -92,7 +92,9 @@ def validate_env(cfg: EnvConfig) -> None:
     if cfg.call_timeout_s <= 0:
         raise ConfigError("env.call_timeout_s must be > 0 (seconds of wall clock per tool call)")
     if cfg.call_memory_mb < 16:
-        raise ConfigError("env.call_memory_mb must be >= 16 (a Python interpreter needs that much address space)")
+        raise ConfigError(
+            "env.call_memory_mb must be >= 16 (a Python interpreter needs that much address space)"
+        )
     if cfg.max_output_chars < 1:
         raise ConfigError("env.max_output_chars must be >= 1")
     if cfg.decoder not in ("auto", "cache", "reprefill"):

@@ -15,7 +15,6 @@ to re-encode: what the policy sampled and what the environment said stay the exa
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,7 +31,9 @@ class Turn:
 class TurnDecoder(Protocol):
     def open(self, prompts: list[list[int]]) -> None: ...
 
-    def turn(self, rows: list[int], budgets: list[int], params: SamplingParams, stop: tuple[str, ...]) -> list[Turn]: ...
+    def turn(
+        self, rows: list[int], budgets: list[int], params: SamplingParams, stop: tuple[str, ...]
+    ) -> list[Turn]: ...
 
     def extend(self, row: int, ids: list[int]) -> None: ...
 
@@ -47,8 +48,9 @@ def hits_stop(tok, ids: list[int], stop: tuple[str, ...]) -> bool:
     return any(s in tail for s in stop)
 
 
-def cut_turn(tok, ids: list[int], logps: list[float] | None, budget: int, eos: set[int],
-             stop: tuple[str, ...]) -> Turn:
+def cut_turn(
+    tok, ids: list[int], logps: list[float] | None, budget: int, eos: set[int], stop: tuple[str, ...]
+) -> Turn:
     """The turn that ``ids`` (sampled past the end, possibly) holds: up to the first EOS or stop
     string, and at most ``budget`` tokens. Cutting a longer sample is exact: the tokens before
     the cut were sampled from the same distributions as if generation had stopped there."""
@@ -76,7 +78,9 @@ class RePrefill:
     def open(self, prompts: list[list[int]]) -> None:
         self.seqs = [list(p) for p in prompts]  # the trainer syncs the engine's weights after each update
 
-    def turn(self, rows: list[int], budgets: list[int], params: SamplingParams, stop: tuple[str, ...]) -> list[Turn]:
+    def turn(
+        self, rows: list[int], budgets: list[int], params: SamplingParams, stop: tuple[str, ...]
+    ) -> list[Turn]:
         p = dataclasses.replace(params, max_new_tokens=max(budgets))
         raw, raw_lp = self._generate([self.seqs[r] for r in rows], p, stop)
         eos = set(self.engine.eos_ids)
@@ -136,7 +140,9 @@ def make_decoder(engine, tok, kind: str = "auto") -> TurnDecoder:
         if not isinstance(engine, FastEngine):
             from thinkrl.config import ConfigError
 
-            raise ConfigError("env.decoder=cache needs rollout.backend=fast (the hf engine re-prefills: "
-                              "env.decoder=reprefill or auto)")
+            raise ConfigError(
+                "env.decoder=cache needs rollout.backend=fast (the hf engine re-prefills: "
+                "env.decoder=reprefill or auto)"
+            )
         return CacheAppend(engine, tok)
     return RePrefill(engine, tok)

@@ -49,15 +49,18 @@ class Episode:
     truncated: bool = False
 
     def add_policy(self, ids: list[int], logps: list[float] | None, text: str) -> None:
-        self.turns.append({"role": "assistant", "text": text, "start": len(self.ids), "end": len(self.ids) + len(ids)})
+        self.turns.append(
+            {"role": "assistant", "text": text, "start": len(self.ids), "end": len(self.ids) + len(ids)}
+        )
         self.ids += ids
         self.mask += [1] * len(ids)
         self.logps += logps if logps is not None else [0.0] * len(ids)
         self.messages.append({"role": "assistant", "content": text})
 
     def add_observation(self, ids: list[int], text: str, info: dict) -> None:
-        self.turns.append({"role": "tool", "text": text, "start": len(self.ids), "end": len(self.ids) + len(ids),
-                           **info})
+        self.turns.append(
+            {"role": "tool", "text": text, "start": len(self.ids), "end": len(self.ids) + len(ids), **info}
+        )
         self.ids += ids
         self.mask += [0] * len(ids)
         self.logps += [0.0] * len(ids)
@@ -77,10 +80,16 @@ class Episode:
 
     def record(self) -> dict:
         """The episode for samples.jsonl: turn by turn, observations marked ``role: tool``."""
-        return {"turns": [{k: v for k, v in t.items() if k not in ("start", "end")} | {"tokens": t["end"] - t["start"]}
-                          for t in self.turns],
-                "reason": self.reason, "tool_calls": self.tool_calls(),
-                "policy_tokens": sum(self.mask), "env_tokens": len(self.mask) - sum(self.mask)}
+        return {
+            "turns": [
+                {k: v for k, v in t.items() if k not in ("start", "end")} | {"tokens": t["end"] - t["start"]}
+                for t in self.turns
+            ],
+            "reason": self.reason,
+            "tool_calls": self.tool_calls(),
+            "policy_tokens": sum(self.mask),
+            "env_tokens": len(self.mask) - sum(self.mask),
+        }
 
 
 def episode_prompt(messages: list[dict], tok, task_cfg) -> tuple[str, str]:
@@ -92,7 +101,9 @@ def episode_prompt(messages: list[dict], tok, task_cfg) -> tuple[str, str]:
     cfg = task_cfg
     if system:
         if cfg.template == "chat":
-            cfg = dataclasses.replace(cfg, system_prompt="\n\n".join(filter(None, [cfg.system_prompt, system])))
+            cfg = dataclasses.replace(
+                cfg, system_prompt="\n\n".join(filter(None, [cfg.system_prompt, system]))
+            )
         else:
             question = f"{system}\n\n{question}"
     return render_prompt(question, tok, cfg)
@@ -104,8 +115,9 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(2, 2 * (os.cpu_count() or 1)), thread_name_prefix="env")
 
 
-def run_episodes(env, decoder, tok, examples: list, task_cfg, G: int, params: SamplingParams,
-                 max_turns: int) -> tuple[list[Episode], list[tuple[str, str]]]:
+def run_episodes(
+    env, decoder, tok, examples: list, task_cfg, G: int, params: SamplingParams, max_turns: int
+) -> tuple[list[Episode], list[tuple[str, str]]]:
     """G episodes per example, all run to their end; returns them (rows g*G .. g*G+G-1 are
     example g's) and each example's rendered (prompt text, prefill).
 
@@ -113,7 +125,11 @@ def run_episodes(env, decoder, tok, examples: list, task_cfg, G: int, params: Sa
     observations), so the trainer's [N, T] tensors stay as large as in a single-turn run."""
     rendered = [episode_prompt(env.reset(ex), tok, task_cfg) for ex in examples]
     prompt_ids = [tok(r[0], add_special_tokens=False).input_ids for r in rendered]
-    eps = [Episode(ex, prompt_ids[g], rendered[g][1], env.reset(ex)) for g, ex in enumerate(examples) for _ in range(G)]
+    eps = [
+        Episode(ex, prompt_ids[g], rendered[g][1], env.reset(ex))
+        for g, ex in enumerate(examples)
+        for _ in range(G)
+    ]
     if getattr(decoder, "concurrent", False):
         _run_concurrent(env, decoder, tok, eps, params, max_turns)
         return eps, rendered
@@ -127,7 +143,9 @@ def run_episodes(env, decoder, tok, examples: list, task_cfg, G: int, params: Sa
             turns = decoder.turn(live, [budget - len(eps[i].ids) for i in live], params, env.stop)
             texts = [tok.decode(t.ids, skip_special_tokens=True) for t in turns]
             stepping = [k for k, t in enumerate(turns) if t.stopped != "length"]
-            steps = dict(zip(stepping, _pool().map(lambda k: env.step(eps[live[k]].messages, texts[k]), stepping)))
+            steps = dict(
+                zip(stepping, _pool().map(lambda k: env.step(eps[live[k]].messages, texts[k]), stepping))
+            )
             for k, (i, t) in enumerate(zip(live, turns)):
                 obs_ids = after_turn(eps[i], t, texts[k], steps.get(k), tok, budget, turn_no == max_turns - 1)
                 if obs_ids is not None:
@@ -176,7 +194,10 @@ def _run_concurrent(env, decoder, tok, eps: list[Episode], params: SamplingParam
 
     budget = params.max_new_tokens
     dec = decoder.slots(len(eps), max(len(e.prompt_ids) for e in eps) + budget + 1)
-    slot = {dec.add(e.prompt_ids, dataclasses.replace(params, max_new_tokens=budget)): i for i, e in enumerate(eps)}
+    slot = {
+        dec.add(e.prompt_ids, dataclasses.replace(params, max_new_tokens=budget)): i
+        for i, e in enumerate(eps)
+    }
     ids: dict[int, list[int]] = {i: [] for i in range(len(eps))}
     lps: dict[int, list[float]] = {i: [] for i in range(len(eps))}
     turns = [0] * len(eps)
@@ -224,18 +245,33 @@ def _run_concurrent(env, decoder, tok, eps: list[Episode], params: SamplingParam
 
 
 def to_rollout(eps: list[Episode], with_logps: bool) -> Rollout:
-    return Rollout(prompt_ids=[e.prompt_ids for e in eps], completion_ids=[e.ids for e in eps],
-                   texts=[e.policy_text()[len(e.prefill):] for e in eps], truncated=[e.truncated for e in eps],
-                   logps=[e.logps for e in eps] if with_logps else None, loss_mask=[e.mask for e in eps],
-                   episodes=[e.record() for e in eps])
+    return Rollout(
+        prompt_ids=[e.prompt_ids for e in eps],
+        completion_ids=[e.ids for e in eps],
+        texts=[e.policy_text()[len(e.prefill) :] for e in eps],
+        truncated=[e.truncated for e in eps],
+        logps=[e.logps for e in eps] if with_logps else None,
+        loss_mask=[e.mask for e in eps],
+        episodes=[e.record() for e in eps],
+    )
 
 
-def score_episodes(rewards, eps: list[Episode], G: int, max_tokens: int) -> tuple[list[str], list[float], dict]:
+def score_episodes(
+    rewards, eps: list[Episode], G: int, max_tokens: int
+) -> tuple[list[str], list[float], dict]:
     """One reward per episode: the task's rewards on the policy's text, unless the
     environment gave the episode its own reward."""
     texts = [e.policy_text() for e in eps]
-    totals, parts = rewards.score(texts, [e.example for e in eps], group_size=G, context={
-        "num_tokens": [sum(e.mask) for e in eps], "max_tokens": max_tokens, "truncated": [e.truncated for e in eps]})
+    totals, parts = rewards.score(
+        texts,
+        [e.example for e in eps],
+        group_size=G,
+        context={
+            "num_tokens": [sum(e.mask) for e in eps],
+            "max_tokens": max_tokens,
+            "truncated": [e.truncated for e in eps],
+        },
+    )
     totals = [e.reward if e.reward is not None else t for e, t in zip(eps, totals)]
     return texts, totals, parts
 
@@ -243,16 +279,27 @@ def score_episodes(rewards, eps: list[Episode], G: int, max_tokens: int) -> tupl
 def generate_and_score_episodes(engine, tok, env, rewards, cfg, examples: list, timings: dict, decoder=None):
     """What the trainer's generate_and_score does, for a multi-turn environment: Groups of G
     scored episodes per example, their rollout carrying the loss mask and turn records."""
-    from thinkrl.sampling import Groups
-
     from thinkrl.envs.decoders import make_decoder
+    from thinkrl.sampling import Groups
 
     G = cfg.rollout.group_size
     t0 = time.perf_counter()
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
-    eps, rendered = run_episodes(env, decoder or make_decoder(engine, tok, cfg.env.decoder), tok, examples, cfg.task, G, params,
-                                 cfg.env.max_turns)
+    params = SamplingParams(
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+    )
+    eps, rendered = run_episodes(
+        env,
+        decoder or make_decoder(engine, tok, cfg.env.decoder),
+        tok,
+        examples,
+        cfg.task,
+        G,
+        params,
+        cfg.env.max_turns,
+    )
     timings["time_generate"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     texts, totals, parts = score_episodes(rewards, eps, G, cfg.rollout.max_new_tokens)
@@ -274,15 +321,33 @@ def tool_metrics(ro: Rollout) -> dict:
     n = len(ro.episodes)
     calls = [e["tool_calls"] for e in ro.episodes]
     reasons = [e["reason"] for e in ro.episodes]
-    killed = sum(t.get("tool_status") not in (None, "ok", "error") for e in ro.episodes for t in e["turns"]
-                 if t["role"] == "tool")
-    return {"tool/calls_per_episode": sum(calls) / n, "tool/episodes_with_call": sum(c > 0 for c in calls) / n,
-            "tool/over_budget": sum(r == "tool_budget_exceeded" for r in reasons),
-            "tool/killed_calls": killed, "tool/policy_tokens_mean": sum(e["policy_tokens"] for e in ro.episodes) / n}
+    killed = sum(
+        t.get("tool_status") not in (None, "ok", "error")
+        for e in ro.episodes
+        for t in e["turns"]
+        if t["role"] == "tool"
+    )
+    return {
+        "tool/calls_per_episode": sum(calls) / n,
+        "tool/episodes_with_call": sum(c > 0 for c in calls) / n,
+        "tool/over_budget": sum(r == "tool_budget_exceeded" for r in reasons),
+        "tool/killed_calls": killed,
+        "tool/policy_tokens_mean": sum(e["policy_tokens"] for e in ro.episodes) / n,
+    }
 
 
-def evaluate_episodes(engine, tok, env, examples: list, cfg, *, max_new_tokens: int, temperature: float = 0.0,
-                      reflection_words=(), **_) -> dict:
+def evaluate_episodes(
+    engine,
+    tok,
+    env,
+    examples: list,
+    cfg,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    reflection_words=(),
+    **_,
+) -> dict:
     """Held-out evaluation inside the environment (one episode per example, greedy by
     default): what :func:`thinkrl.eval.evaluate` reports, plus the tool statistics, so that a
     run with the tool is measured with the tool."""
@@ -292,10 +357,20 @@ def evaluate_episodes(engine, tok, env, examples: list, cfg, *, max_new_tokens: 
     from thinkrl.rewards import RewardModel
 
     if not examples:
-        raise ConfigError("no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)")
+        raise ConfigError(
+            "no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)"
+        )
     t0 = time.perf_counter()
-    eps, _ = run_episodes(env, make_decoder(engine, tok, cfg.env.decoder), tok, examples, cfg.task, 1,
-                          SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), cfg.env.max_turns)
+    eps, _ = run_episodes(
+        env,
+        make_decoder(engine, tok, cfg.env.decoder),
+        tok,
+        examples,
+        cfg.task,
+        1,
+        SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
+        cfg.env.max_turns,
+    )
     seconds = time.perf_counter() - t0
     texts = [e.policy_text() for e in eps]
     _, parts = RewardModel({"accuracy": 1.0, "format": 1.0}).score(texts, examples)
@@ -303,10 +378,27 @@ def evaluate_episodes(engine, tok, env, examples: list, cfg, *, max_new_tokens: 
     n = len(eps)
     lengths = [len(e.ids) for e in eps]
     ro = to_rollout(eps, with_logps=False)
-    summary = {"n": n, "samples": 1, "accuracy": sum(acc) / n, "format_rate": sum(fmt) / n,
-               "response_len_mean": sum(lengths) / n, "response_len_max": max(lengths),
-               "truncation_rate": sum(e.truncated for e in eps) / n, **reflection_stats(texts, reflection_words),
-               **tool_metrics(ro), "seconds": round(seconds, 2)}
-    records = [{"question": ex.question, "answer": ex.answer, "completion": t, "correct": a, "format": f,
-                "episode": rec} for ex, t, a, f, rec in zip(examples, texts, acc, fmt, ro.episodes)]
+    summary = {
+        "n": n,
+        "samples": 1,
+        "accuracy": sum(acc) / n,
+        "format_rate": sum(fmt) / n,
+        "response_len_mean": sum(lengths) / n,
+        "response_len_max": max(lengths),
+        "truncation_rate": sum(e.truncated for e in eps) / n,
+        **reflection_stats(texts, reflection_words),
+        **tool_metrics(ro),
+        "seconds": round(seconds, 2),
+    }
+    records = [
+        {
+            "question": ex.question,
+            "answer": ex.answer,
+            "completion": t,
+            "correct": a,
+            "format": f,
+            "episode": rec,
+        }
+        for ex, t, a, f, rec in zip(examples, texts, acc, fmt, ro.episodes)
+    ]
     return {"summary": summary, "records": records}

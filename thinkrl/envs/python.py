@@ -29,11 +29,18 @@ from thinkrl.envs import question_messages, register
 from thinkrl.sandbox import Limits, run_python
 
 OPEN, CLOSE = "<python>", "</python>"
-TOOL_PROMPT = (f"You can run Python code: write it between {OPEN} and {CLOSE}; what it prints comes back "
-               "between <output> and </output>. Each program runs on its own, so print what you need.")
-KILLED = {"timeout": "killed: it ran past {t:g} s", "cpu_time": "killed: it used more than {t:g} s of CPU",
-          "memory": "killed: it needed more than {m} MB of memory", "output_limit": "killed: it printed too much",
-          "signal": "killed by a signal", "sandbox_error": "the sandbox could not run it"}
+TOOL_PROMPT = (
+    f"You can run Python code: write it between {OPEN} and {CLOSE}; what it prints comes back "
+    "between <output> and </output>. Each program runs on its own, so print what you need."
+)
+KILLED = {
+    "timeout": "killed: it ran past {t:g} s",
+    "cpu_time": "killed: it used more than {t:g} s of CPU",
+    "memory": "killed: it needed more than {m} MB of memory",
+    "output_limit": "killed: it printed too much",
+    "signal": "killed by a signal",
+    "sandbox_error": "the sandbox could not run it",
+}
 
 
 def tool_call(turn: str) -> str | None:
@@ -41,7 +48,7 @@ def tool_call(turn: str) -> str | None:
     body = turn.rstrip()
     if not body.endswith(CLOSE) or OPEN not in body:
         return None
-    code = body[body.rindex(OPEN) + len(OPEN): -len(CLOSE)]
+    code = body[body.rindex(OPEN) + len(OPEN) : -len(CLOSE)]
     lines = code.strip("\n").splitlines()
     if lines and lines[0].lstrip().startswith("```"):  # a Markdown fence inside the tags
         lines = lines[1:]
@@ -67,7 +74,9 @@ def format_output(status: str, stdout: str, stderr: str, cfg: EnvConfig) -> str:
     return f"\n<output>\n{text}\n</output>\n"
 
 
-@register("python", settings=("max_tool_calls", "max_turns", "call_timeout_s", "call_memory_mb", "max_output_chars"))
+@register(
+    "python", settings=("max_tool_calls", "max_turns", "call_timeout_s", "call_memory_mb", "max_output_chars")
+)
 class PythonEnv:
     multi_turn = True
     runs_code = True  # the trainer checks for sandbox isolation before the first step
@@ -76,8 +85,12 @@ class PythonEnv:
     def __init__(self, cfg: EnvConfig | None = None):
         self.cfg = cfg or EnvConfig(name="python")
         t = self.cfg.call_timeout_s
-        self.limits = Limits(wall_s=t, cpu_s=max(1, math.ceil(t)), memory_mb=self.cfg.call_memory_mb,
-                             output_bytes=max(1 << 16, 8 * self.cfg.max_output_chars))
+        self.limits = Limits(
+            wall_s=t,
+            cpu_s=max(1, math.ceil(t)),
+            memory_mb=self.cfg.call_memory_mb,
+            output_bytes=max(1 << 16, 8 * self.cfg.max_output_chars),
+        )
 
     def reset(self, example) -> list[dict]:
         return [{"role": "system", "content": TOOL_PROMPT}, *question_messages(example)]
@@ -88,8 +101,15 @@ class PythonEnv:
             return None, None, True, {"reason": "answered"}
         calls = sum(m["role"] == "tool" for m in messages)
         if calls >= self.cfg.max_tool_calls:
-            return None, None, True, {"reason": "tool_budget_exceeded",
-                                      "detail": f"tool call {calls + 1} past env.max_tool_calls={self.cfg.max_tool_calls}"}
+            return (
+                None,
+                None,
+                True,
+                {
+                    "reason": "tool_budget_exceeded",
+                    "detail": f"tool call {calls + 1} past env.max_tool_calls={self.cfg.max_tool_calls}",
+                },
+            )
         res = run_python(code, limits=self.limits)
         obs = format_output(res.status, res.stdout, res.stderr, self.cfg)
         return obs, None, False, {"tool_status": res.status, "tool_seconds": round(res.seconds, 3)}

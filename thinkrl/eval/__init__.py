@@ -23,14 +23,28 @@ def eval_settings(cfg) -> dict:
     e = cfg.eval
     k = e.samples
     temperature = e.temperature if e.temperature is not None else (0.0 if k == 1 else cfg.rollout.temperature)
-    return {"max_new_tokens": e.max_new_tokens or cfg.rollout.max_new_tokens, "temperature": temperature,
-            "samples": k, "reflection_words": e.reflection_words, "min_thinking": e.min_thinking}
+    return {
+        "max_new_tokens": e.max_new_tokens or cfg.rollout.max_new_tokens,
+        "temperature": temperature,
+        "samples": k,
+        "reflection_words": e.reflection_words,
+        "min_thinking": e.min_thinking,
+    }
 
 
-def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskConfig, *,
-             max_new_tokens: int, temperature: float = 0.0, samples: int = 1,
-             reflection_words=REFLECTION_WORDS, thinking_budget: int | None = None,
-             min_thinking: int = 0) -> dict:
+def evaluate(
+    engine: Engine,
+    tokenizer,
+    examples: list[Example],
+    task_cfg: TaskConfig,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    samples: int = 1,
+    reflection_words=REFLECTION_WORDS,
+    thinking_budget: int | None = None,
+    min_thinking: int = 0,
+) -> dict:
     """Score ``samples`` completions per held-out example (one greedy one by default).
 
     ``accuracy`` is pass@1 averaged over the samples; with samples = k > 1 the summary also
@@ -42,16 +56,27 @@ def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskC
     share of responses that were made to go on.
     """
     if not examples:
-        raise ConfigError("no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)")
+        raise ConfigError(
+            "no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)"
+        )
     k = samples
     rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
     t0 = time.perf_counter()
-    ro = engine.generate_text([r[0] for r in rendered], k, SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, thinking_budget=thinking_budget,
-        min_thinking=min_thinking))
+    ro = engine.generate_text(
+        [r[0] for r in rendered],
+        k,
+        SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            thinking_budget=thinking_budget,
+            min_thinking=min_thinking,
+        ),
+    )
     seconds = time.perf_counter() - t0
     texts = [rendered[i // k][1] + t for i, t in enumerate(ro.texts)]  # [n * k]
-    _, parts = RewardModel({"accuracy": 1.0, "format": 1.0}).score(texts, [ex for ex in examples for _ in range(k)])
+    _, parts = RewardModel({"accuracy": 1.0, "format": 1.0}).score(
+        texts, [ex for ex in examples for _ in range(k)]
+    )
     acc, fmt = parts["accuracy"], parts["format"]
     n = len(examples)
     lengths = [len(c) for c in ro.completion_ids]
@@ -71,32 +96,44 @@ def evaluate(engine: Engine, tokenizer, examples: list[Example], task_cfg: TaskC
         summary["by_mode"] = {}
         for mode in sorted({m for m in modes if m}):
             rows = [q * k + j for q, m in enumerate(modes) if m == mode for j in range(k)]
-            summary["by_mode"][mode] = {"accuracy": sum(acc[i] for i in rows) / len(rows),
-                                        "format_rate": sum(fmt[i] for i in rows) / len(rows),
-                                        "response_len_mean": sum(lengths[i] for i in rows) / len(rows),
-                                        "n": len(rows) // k}
+            summary["by_mode"][mode] = {
+                "accuracy": sum(acc[i] for i in rows) / len(rows),
+                "format_rate": sum(fmt[i] for i in rows) / len(rows),
+                "response_len_mean": sum(lengths[i] for i in rows) / len(rows),
+                "n": len(rows) // k,
+            }
     if thinking_budget is not None:
         summary["thinking_budget"] = thinking_budget
         summary["forced_rate"] = sum(any(f) for f in ro.forced or []) / (n * k)
     if min_thinking:
         summary["min_thinking"] = min_thinking
         wait = tokenizer(WAIT_PHRASE, add_special_tokens=False).input_ids
-        summary["wait_rate"] = sum(_forced_run(c, f, wait) for c, f in zip(ro.completion_ids, ro.forced or [])) / (n * k)
+        summary["wait_rate"] = sum(
+            _forced_run(c, f, wait) for c, f in zip(ro.completion_ids, ro.forced or [])
+        ) / (n * k)
     records = []
     maj_hits = 0
     for q, ex in enumerate(examples):
         rows = range(q * k, (q + 1) * k)
-        rec = {"question": ex.question, "answer": ex.answer, "completion": texts[q * k], "correct": acc[q * k],
-               "format": fmt[q * k]}
+        rec = {
+            "question": ex.question,
+            "answer": ex.answer,
+            "completion": texts[q * k],
+            "correct": acc[q * k],
+            "format": fmt[q * k],
+        }
         if k > 1:
             winner = majority_vote([extract_answer(texts[i]) for i in rows])
             maj = winner is not None and acc[q * k + winner] == 1.0
             maj_hits += maj
-            rec.update(pass_rate=sum(acc[i] for i in rows) / k, maj_correct=maj,
-                       samples=[{"completion": texts[i], "correct": acc[i], "format": fmt[i]} for i in rows])
+            rec.update(
+                pass_rate=sum(acc[i] for i in rows) / k,
+                maj_correct=maj,
+                samples=[{"completion": texts[i], "correct": acc[i], "format": fmt[i]} for i in rows],
+            )
         records.append(rec)
     if k > 1:
-        summary[f"pass@{k}"] = sum(pass_at_k(k, int(sum(acc[q * k:(q + 1) * k])), k) for q in range(n)) / n
+        summary[f"pass@{k}"] = sum(pass_at_k(k, int(sum(acc[q * k : (q + 1) * k])), k) for q in range(n)) / n
         summary[f"maj@{k}"] = maj_hits / n
     if ro.logps is not None:  # calibration: the model's confidence in its own final answer
         conf = [answer_confidence(c, lp, tokenizer) for c, lp in zip(ro.completion_ids, ro.logps)]
@@ -125,9 +162,13 @@ def _forced_run(ids: list[int], forced: list[bool], phrase: list[int]) -> bool:
 def format_table(rows: list[tuple[str, dict]]) -> str:
     """Plain-text table: one row per model."""
     ks = sorted({s.get("samples", 1) for _, s in rows} - {1})
-    cols = (["accuracy"] + [c for k in ks for c in (f"pass@{k}", f"maj@{k}")]
-            + ["format_rate", "response_len_mean", "response_len_max", "truncation_rate", "reflection_rate"]
-            + (["ece"] if any("ece" in s for _, s in rows) else []) + ["n"])
+    cols = (
+        ["accuracy"]
+        + [c for k in ks for c in (f"pass@{k}", f"maj@{k}")]
+        + ["format_rate", "response_len_mean", "response_len_max", "truncation_rate", "reflection_rate"]
+        + (["ece"] if any("ece" in s for _, s in rows) else [])
+        + ["n"]
+    )
     head = ["model"] + cols
     body = [[name] + [_fmt(s.get(c)) for c in cols] for name, s in rows]
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
@@ -140,8 +181,11 @@ def format_mode_table(rows: list[tuple[str, dict]]) -> str:
     per model and mode; empty if no summary has modes."""
     cols = ["accuracy", "format_rate", "response_len_mean", "n"]
     head = ["model", "thinking"] + cols
-    body = [[name, mode] + [_fmt(m.get(c)) for c in cols]
-            for name, s in rows for mode, m in s.get("by_mode", {}).items()]
+    body = [
+        [name, mode] + [_fmt(m.get(c)) for c in cols]
+        for name, s in rows
+        for mode, m in s.get("by_mode", {}).items()
+    ]
     if not body:
         return ""
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]

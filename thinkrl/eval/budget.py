@@ -18,8 +18,10 @@ def parse_budgets(text: str) -> list[int]:
     """``"32,64,128"`` -> [32, 64, 128]: whole numbers >= 0, each once, in the order given."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items or not all(x.isdigit() for x in items):
-        raise ConfigError(f"thinking_budget must be a comma-separated list of whole numbers >= 0 "
-                          f"(e.g. thinking_budget=32,64,128), got {text!r}")
+        raise ConfigError(
+            f"thinking_budget must be a comma-separated list of whole numbers >= 0 "
+            f"(e.g. thinking_budget=32,64,128), got {text!r}"
+        )
     budgets = [int(x) for x in items]
     if len(set(budgets)) != len(budgets):
         raise ConfigError(f"thinking_budget lists a budget twice: {text!r}")
@@ -32,8 +34,11 @@ def format_budget_table(curves: list[tuple[str, dict[int, dict]]]) -> str:
     from thinkrl.eval import _fmt
 
     head = ["model", "thinking_budget", *COLUMNS]
-    body = [[name, str(b), *(_fmt(s.get(c)) for c in COLUMNS)]
-            for name, by_budget in curves for b, s in by_budget.items()]
+    body = [
+        [name, str(b), *(_fmt(s.get(c)) for c in COLUMNS)]
+        for name, by_budget in curves
+        for b, s in by_budget.items()
+    ]
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])

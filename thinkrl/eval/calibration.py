@@ -43,7 +43,9 @@ def answer_confidence(ids: list[int], logps: list[float], tokenizer) -> float | 
     return math.exp(total)
 
 
-def bins_of(confidences: list[float], correct: list[bool], n_bins: int = 10) -> list[tuple[int, float, float]]:
+def bins_of(
+    confidences: list[float], correct: list[bool], n_bins: int = 10
+) -> list[tuple[int, float, float]]:
     """``(count, mean confidence, accuracy)`` of each equal-width bin over [0, 1]; the top bin
     includes 1.0."""
     if len(confidences) != len(correct):
@@ -66,7 +68,9 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], n_
     return sum(cnt / n * abs(acc - conf) for cnt, conf, acc in bins_of(confidences, correct, n_bins) if cnt)
 
 
-def reliability_diagram(curves: dict[str, tuple[list[float], list[bool]]], path: Path, n_bins: int = 10) -> Path:
+def reliability_diagram(
+    curves: dict[str, tuple[list[float], list[bool]]], path: Path, n_bins: int = 10
+) -> Path:
     """One line of accuracy against confidence per labelled set (e.g. before and after RL)."""
     import matplotlib
 

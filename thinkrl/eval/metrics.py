@@ -78,7 +78,9 @@ def thinking_text(completion: str) -> str:
 
 def reflection_pattern(words) -> re.Pattern:
     """Whole-word, case-insensitive matches of any phrase; spaces in a phrase match any whitespace."""
-    alts = sorted((re.escape(w.strip()).replace(r"\ ", r"\s+") for w in words if w.strip()), key=len, reverse=True)
+    alts = sorted(
+        (re.escape(w.strip()).replace(r"\ ", r"\s+") for w in words if w.strip()), key=len, reverse=True
+    )
     if not alts:
         return re.compile(r"(?!)")  # no phrases: never matches
     return re.compile(r"(?<![\w-])(?:" + "|".join(alts) + r")(?![\w-])", re.IGNORECASE)
@@ -95,5 +97,7 @@ def reflection_stats(completions: list[str], words) -> dict:
         return {"reflection_rate": float("nan"), "reflection_per_response": float("nan")}
     pat = reflection_pattern(words)
     counts = [reflection_count(c, pat) for c in completions]
-    return {"reflection_rate": sum(1 for c in counts if c) / len(counts),
-            "reflection_per_response": sum(counts) / len(counts)}
+    return {
+        "reflection_rate": sum(1 for c in counts if c) / len(counts),
+        "reflection_per_response": sum(counts) / len(counts),
+    }

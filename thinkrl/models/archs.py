@@ -37,15 +37,19 @@ def arch_config(name: str, tokenizer=None):
         raise ModelError(f"architecture '{name}' unknown; choose from: {', '.join(arch_names())}")
     raw = json.loads(path.read_text())
     if tokenizer is not None:
-        raw.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+        raw.update(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     kind = raw.pop("model_type")
     raw.pop("architectures", None)
     return AutoConfig.for_model(kind, **raw)
 
 
-def build_random(name: str, tokenizer=None, *, device: str = "cpu", seed: int = 0,
-                 dtype: torch.dtype = torch.float32):
+def build_random(
+    name: str, tokenizer=None, *, device: str = "cpu", seed: int = 0, dtype: torch.dtype = torch.float32
+):
     """A randomly initialised causal LM of architecture ``name`` on ``device`` (``"meta"``
     allocates nothing: for counting parameters), initialised from ``seed``."""
     from transformers import AutoModelForCausalLM

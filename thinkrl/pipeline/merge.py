@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from thinkrl.config import ConfigError
 from thinkrl.models import load_model, save_model
 from thinkrl.trainer.common import need
@@ -25,10 +24,14 @@ class MergeConfig:
 
     def validate(self) -> None:
         need(len(self.models) >= 2, "merge needs models=[A,B,...] (two or more)")
-        need(not self.weights or len(self.weights) == len(self.models),
-             f"merge: {len(self.weights)} weights for {len(self.models)} models")
-        need(all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.weights),
-             "merge: weights must be numbers >= 0")
+        need(
+            not self.weights or len(self.weights) == len(self.models),
+            f"merge: {len(self.weights)} weights for {len(self.models)} models",
+        )
+        need(
+            all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.weights),
+            "merge: weights must be numbers >= 0",
+        )
         need(not self.weights or sum(self.weights) > 0, "merge: the weights sum to 0")
 
 
@@ -38,8 +41,10 @@ def merge_state_dicts(states: list[dict], weights: list[float]) -> dict:
     keys = list(states[0])
     for i, s in enumerate(states[1:], 1):
         if list(s) != keys or any(s[k].shape != states[0][k].shape for k in keys):
-            raise ConfigError(f"merge: model {i + 1} does not have the architecture of model 1 (different "
-                              "parameter names or shapes)")
+            raise ConfigError(
+                f"merge: model {i + 1} does not have the architecture of model 1 (different "
+                "parameter names or shapes)"
+            )
     out = {}
     for k in keys:
         acc = sum(s[k].double() * (w / total) for s, w in zip(states, weights))

@@ -45,8 +45,15 @@ from thinkrl.trainer.sft import SFTConfig, train_sft
 
 log = logging.getLogger(__name__)
 
-KINDS = {"sft": SFTConfig, "rl": Config, "sample": SampleConfig, "dpo": DPOConfig, "rm": RMConfig,
-         "merge": MergeConfig, "traces": TracesConfig}
+KINDS = {
+    "sft": SFTConfig,
+    "rl": Config,
+    "sample": SampleConfig,
+    "dpo": DPOConfig,
+    "rm": RMConfig,
+    "merge": MergeConfig,
+    "traces": TracesConfig,
+}
 PLACEHOLDER = "<from an earlier stage>"
 
 
@@ -67,10 +74,15 @@ class PipelineConfig:
         need(len(self.stages) >= 1, "a pipeline needs stages: a list of {name, kind, ...}")
         names = set()
         for i, st in enumerate(self.stages):
-            need(isinstance(st, dict) and "name" in st and "kind" in st,
-                 f"stages[{i}] must be a mapping with 'name' and 'kind'")
-            need(st["kind"] in KINDS, f"stages[{i}] ('{st['name']}'): unknown stage kind '{st['kind']}'; "
-                 f"choose from: {', '.join(KINDS)}")
+            need(
+                isinstance(st, dict) and "name" in st and "kind" in st,
+                f"stages[{i}] must be a mapping with 'name' and 'kind'",
+            )
+            need(
+                st["kind"] in KINDS,
+                f"stages[{i}] ('{st['name']}'): unknown stage kind '{st['kind']}'; "
+                f"choose from: {', '.join(KINDS)}",
+            )
             need(st["name"] not in names and st["name"] != "base", f"stage name '{st['name']}' is used twice")
             names.add(st["name"])
             stage_config(self, st, Path(PLACEHOLDER), {"model": PLACEHOLDER, "data": PLACEHOLDER}, {})
@@ -79,7 +91,9 @@ class PipelineConfig:
 def _pick(ref, latest: str | None, outputs: dict, key: str, stage: str) -> str:
     if ref is None:
         if latest is None:
-            raise ConfigError(f"stage '{stage}' has no {key}: give {key}=PATH or put a stage that makes one before it")
+            raise ConfigError(
+                f"stage '{stage}' has no {key}: give {key}=PATH or put a stage that makes one before it"
+            )
         return latest
     ref = str(ref)
     stage_ = ref.removesuffix(":pairs")
@@ -103,12 +117,16 @@ def stage_config(cfg: PipelineConfig, st: dict, folder: Path, latest: dict, outp
         del base["dtype"]
         base["output"] = str(folder / "data.jsonl")
     elif kind == "merge":
-        base = {"models": [_pick(m, None, outputs, "model", name) for m in keys.pop("models", [])],
-                "output_dir": str(folder)}
+        base = {
+            "models": [_pick(m, None, outputs, "model", name) for m in keys.pop("models", [])],
+            "output_dir": str(folder),
+        }
     else:
         base["model"] = _pick(keys.pop("model", None), latest["model"], outputs, "model", name)
     if kind in ("sft", "dpo", "rm"):
-        base.update(data=_pick(keys.pop("data", None), latest["data"], outputs, "data", name), output_dir=str(folder))
+        base.update(
+            data=_pick(keys.pop("data", None), latest["data"], outputs, "data", name), output_dir=str(folder)
+        )
     if kind in ("sft", "dpo"):
         base["resume"] = (folder / "checkpoints").is_dir()
     elif kind == "sample":
@@ -151,8 +169,14 @@ def run_stage(kind: str, scfg, folder: Path) -> dict:
     if kind == "sample":
         stats = run_sample(scfg)
         if stats["rows"] == 0:
-            raise ConfigError(f"sample stage kept no rows ({stats['reasons']}); sample more prompts or relax filters")
-        return {"data": scfg.output, "sample_stats": stats, **({"pairs": scfg.pairs_output} if scfg.pairs_output else {})}
+            raise ConfigError(
+                f"sample stage kept no rows ({stats['reasons']}); sample more prompts or relax filters"
+            )
+        return {
+            "data": scfg.output,
+            "sample_stats": stats,
+            **({"pairs": scfg.pairs_output} if scfg.pairs_output else {}),
+        }
     from thinkrl.trainer.rl import train
 
     train(scfg)
@@ -176,7 +200,14 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     """Run every stage that is not done under its current key; returns the report rows (base model first)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = [{"stage": "base", "kind": "-", "model": cfg.model, **_cached_eval(cfg, cfg.model, out / "base_eval.json")}]
+    report = [
+        {
+            "stage": "base",
+            "kind": "-",
+            "model": cfg.model,
+            **_cached_eval(cfg, cfg.model, out / "base_eval.json"),
+        }
+    ]
     latest = {"model": cfg.model, "data": None}
     outputs: dict = {"base": {"model": cfg.model, "data": None}}
     key = ""
@@ -194,11 +225,16 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             result = {"name": st["name"], "kind": st["kind"], **run_stage(st["kind"], scfg, folder)}
             if "model" in result and cfg.eval_n:
                 result["eval"] = evaluate_model(cfg, result["model"])
-            write_atomic(folder / "stage.json", json.dumps({**result, "key": key, "config": resolved}, indent=2).encode())
+            write_atomic(
+                folder / "stage.json",
+                json.dumps({**result, "key": key, "config": resolved}, indent=2).encode(),
+            )
         outputs[st["name"]] = result
         latest.update({k: result[k] for k in ("model", "data") if k in result})
         if "eval" in result:
-            report.append({"stage": st["name"], "kind": st["kind"], "model": result["model"], **result["eval"]})
+            report.append(
+                {"stage": st["name"], "kind": st["kind"], "model": result["model"], **result["eval"]}
+            )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -210,7 +246,9 @@ NOT_IN_KEY = ("resume", "progress")
 def stage_key(scfg, previous: str) -> tuple[str, dict]:
     """The stage's key (a hash of its resolved config and of the previous stage's key) and
     the config it was made from (kept in the markers, to say what changed)."""
-    resolved = json.loads(json.dumps({k: v for k, v in to_dict(scfg).items() if k not in NOT_IN_KEY}, default=str))
+    resolved = json.loads(
+        json.dumps({k: v for k, v in to_dict(scfg).items() if k not in NOT_IN_KEY}, default=str)
+    )
     blob = json.dumps({"config": resolved, "after": previous}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16], resolved
 
@@ -224,7 +262,9 @@ def _finished(folder: Path, name: str, key: str, resolved: dict) -> dict | None:
     if done.get("key") == key:
         log.info("stage %s: done earlier with this config, skipped", name)
         return {k: v for k, v in done.items() if k not in ("key", "config")}
-    log.info("stage %s: %s: running it again", name, _what_changed(done.get("config"), resolved, "since it ran"))
+    log.info(
+        "stage %s: %s: running it again", name, _what_changed(done.get("config"), resolved, "since it ran")
+    )
     return None
 
 
@@ -238,8 +278,11 @@ def _clear_if_started_otherwise(folder: Path, name: str, key: str, resolved: dic
     if before.get("key") == key:
         return False  # the same stage, interrupted: it resumes
     if not (folder / "stage.json").is_file():  # _finished has already said why when there was a marker
-        log.info("stage %s: %s: starting it over", name, _what_changed(before.get("config"), resolved,
-                                                                       "since it started"))
+        log.info(
+            "stage %s: %s: starting it over",
+            name,
+            _what_changed(before.get("config"), resolved, "since it started"),
+        )
     shutil.rmtree(folder)
     return True
 
@@ -278,7 +321,10 @@ def _cached_eval(cfg: PipelineConfig, model: str, path: Path) -> dict:
 
 def format_report(rows: list[dict]) -> str:
     head = ["stage", "kind", "accuracy", "format_rate", "response_len_mean", "n"]
-    body = [[str(r.get("stage")), str(r.get("kind"))] +
-            [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in head[2:]] for r in rows]
+    body = [
+        [str(r.get("stage")), str(r.get("kind"))]
+        + [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in head[2:]]
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in [head] + body)

@@ -65,14 +65,28 @@ class SampleConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
 
     def validate(self) -> None:
-        need(self.mode in ("all", "shortest", "pairs"), f"mode '{self.mode}' unknown; choose from: all, shortest, pairs")
-        need(self.format in ("auto", "messages", "prompt_completion"),
-             f"format '{self.format}' unknown; choose from: auto, messages, prompt_completion")
+        need(
+            self.mode in ("all", "shortest", "pairs"),
+            f"mode '{self.mode}' unknown; choose from: all, shortest, pairs",
+        )
+        need(
+            self.format in ("auto", "messages", "prompt_completion"),
+            f"format '{self.format}' unknown; choose from: auto, messages, prompt_completion",
+        )
         need(self.n >= 1 and self.prompts >= 1, "n and prompts must be >= 1")
         need(self.mode != "pairs" or self.n >= 2, "mode=pairs needs n >= 2")
-        need(self.temperature >= 0 and self.max_new_tokens >= 1, "temperature must be >= 0, max_new_tokens >= 1")
-        need(self.format != "messages" or self.task.template == "chat", "format=messages needs task.template=chat")
-        need(self.endpoint.base_url is None or bool(self.endpoint.model), "endpoint.base_url needs endpoint.model")
+        need(
+            self.temperature >= 0 and self.max_new_tokens >= 1,
+            "temperature must be >= 0, max_new_tokens >= 1",
+        )
+        need(
+            self.format != "messages" or self.task.template == "chat",
+            "format=messages needs task.template=chat",
+        )
+        need(
+            self.endpoint.base_url is None or bool(self.endpoint.model),
+            "endpoint.base_url needs endpoint.model",
+        )
 
 
 def foreign_script_share(text: str) -> float:
@@ -120,22 +134,33 @@ def context_messages(question: str, cfg: TaskConfig) -> list[dict]:
     return [{**m, "weight": 0} if m["role"] == "assistant" else m for m in chat_messages(question, cfg)]
 
 
-def generate(cfg: SampleConfig, examples: list, tok, model) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:
+def generate(
+    cfg: SampleConfig, examples: list, tok, model
+) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:
     """``n`` responses per example from the endpoint or the local model: texts, token counts, truncated."""
     n = cfg.n
     if cfg.endpoint.base_url:
         texts, trunc = [], []
         for ex in examples:
-            msgs = [{k: v for k, v in m.items() if k != "weight"} for m in context_messages(ex.question, cfg.task)]
-            got = chat_completion(cfg.endpoint, msgs, n=n, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
+            msgs = [
+                {k: v for k, v in m.items() if k != "weight"} for m in context_messages(ex.question, cfg.task)
+            ]
+            got = chat_completion(
+                cfg.endpoint, msgs, n=n, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens
+            )
             texts.append([as_response(r, c) for r, c in got])
             trunc.append([False] * len(got))
         lens = [[len(tok(t, add_special_tokens=False).input_ids) for t in row] for row in texts]
         return texts, lens, trunc
-    engine = engine_on(cfg.backend, model, tok, batch_size=cfg.batch_size, dtype=cfg.dtype, device_name=cfg.device)
+    engine = engine_on(
+        cfg.backend, model, tok, batch_size=cfg.batch_size, dtype=cfg.dtype, device_name=cfg.device
+    )
     rendered = [render_prompt(ex.question, tok, cfg.task) for ex in examples]
-    ro = engine.generate_text([r[0] for r in rendered], n, SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p))
+    ro = engine.generate_text(
+        [r[0] for r in rendered],
+        n,
+        SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p),
+    )
     texts = [[rendered[i][1] + ro.texts[i * n + j] for j in range(n)] for i in range(len(examples))]
     lens = [[len(ro.completion_ids[i * n + j]) for j in range(n)] for i in range(len(examples))]
     trunc = [[ro.truncated[i * n + j] for j in range(n)] for i in range(len(examples))]
@@ -143,7 +168,11 @@ def generate(cfg: SampleConfig, examples: list, tok, model) -> tuple[list[list[s
 
 
 def _row(question: str, answer: str, s: Sample, cfg: SampleConfig) -> dict:
-    fmt = cfg.format if cfg.format != "auto" else ("messages" if cfg.task.template == "chat" else "prompt_completion")
+    fmt = (
+        cfg.format
+        if cfg.format != "auto"
+        else ("messages" if cfg.task.template == "chat" else "prompt_completion")
+    )
     if fmt == "messages":
         msgs = context_messages(question, cfg.task) + [{"role": "assistant", "content": s.response}]
         return {"messages": msgs, "answer": answer, "tokens": s.tokens}
@@ -163,8 +192,16 @@ def select(question: str, answer: str, samples: list[Sample], cfg: SampleConfig)
     if not others:
         return []
     rejected = max(others, key=lambda s: s.tokens)
-    return [{"prompt": question, "chosen": chosen.response, "rejected": rejected.response, "answer": answer,
-             "chosen_tokens": chosen.tokens, "rejected_tokens": rejected.tokens}]
+    return [
+        {
+            "prompt": question,
+            "chosen": chosen.response,
+            "rejected": rejected.response,
+            "answer": answer,
+            "chosen_tokens": chosen.tokens,
+            "rejected_tokens": rejected.tokens,
+        }
+    ]
 
 
 def run_sample(cfg: SampleConfig) -> dict:
@@ -176,8 +213,9 @@ def run_sample(cfg: SampleConfig) -> dict:
     examples = task.next_batch(min(cfg.prompts, len(task.train)))
     model, tok = load_model(cfg.model)
     texts, lens, trunc = generate(cfg, examples, tok, model)
-    scorer = RewardModel({cfg.verifier: 1.0, "format": 1.0}, {cfg.verifier: cfg.verifier_args} if cfg.verifier_args
-                         else None)
+    scorer = RewardModel(
+        {cfg.verifier: 1.0, "format": 1.0}, {cfg.verifier: cfg.verifier_args} if cfg.verifier_args else None
+    )
     rows, reasons, pair_rows = [], Counter(), []
     as_pairs = dataclasses.replace(cfg, mode="pairs")
     all_lens, kept_lens, n_correct = [], [], 0
@@ -196,10 +234,16 @@ def run_sample(cfg: SampleConfig) -> dict:
     write_rows(cfg.output, rows)
     if cfg.pairs_output:
         write_rows(cfg.pairs_output, pair_rows)
-    stats = {"prompts": len(examples), "samples": len(all_lens), "rows": len(rows), "mode": cfg.mode,
-             "sample_accuracy": n_correct / max(1, len(all_lens)), "reasons": dict(reasons),
-             "sample_len_mean": sum(all_lens) / max(1, len(all_lens)),
-             "kept_len_mean": sum(kept_lens) / len(kept_lens) if kept_lens else None}
+    stats = {
+        "prompts": len(examples),
+        "samples": len(all_lens),
+        "rows": len(rows),
+        "mode": cfg.mode,
+        "sample_accuracy": n_correct / max(1, len(all_lens)),
+        "reasons": dict(reasons),
+        "sample_len_mean": sum(all_lens) / max(1, len(all_lens)),
+        "kept_len_mean": sum(kept_lens) / len(kept_lens) if kept_lens else None,
+    }
     if cfg.pairs_output:
         stats["pairs"] = len(pair_rows)
     Path(cfg.output).with_suffix(".stats.json").write_text(json.dumps(stats, indent=2))

@@ -28,10 +28,17 @@ class EndpointConfig:
     timeout: float = 120.0
 
 
-def chat_completion(ep: EndpointConfig, messages: list[dict], *, n: int, temperature: float,
-                    max_tokens: int) -> list[tuple[str, str]]:
+def chat_completion(
+    ep: EndpointConfig, messages: list[dict], *, n: int, temperature: float, max_tokens: int
+) -> list[tuple[str, str]]:
     """POST ``{base_url}/chat/completions``; returns ``(reasoning_content, content)`` per choice."""
-    body = {"model": ep.model, "messages": messages, "n": n, "temperature": temperature, "max_tokens": max_tokens}
+    body = {
+        "model": ep.model,
+        "messages": messages,
+        "n": n,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+    }
     headers = {"Content-Type": "application/json"}
     key = os.environ.get(ep.api_key_env)
     if key:
@@ -44,7 +51,9 @@ def chat_completion(ep: EndpointConfig, messages: list[dict], *, n: int, tempera
     except urllib.error.HTTPError as e:
         raise EndpointError(f"teacher endpoint {url} answered HTTP {e.code}: {e.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise EndpointError(f"could not reach the teacher endpoint {url}: {e}; check endpoint.base_url") from None
+        raise EndpointError(
+            f"could not reach the teacher endpoint {url}: {e}; check endpoint.base_url"
+        ) from None
     except json.JSONDecodeError:
         raise EndpointError(f"teacher endpoint {url} did not answer with JSON") from None
     try:

@@ -79,7 +79,9 @@ def _add_step(a: int, b: int) -> str:
     if a < 0:
         return f"{a} - {c} = {a - c}."
     if c > a:
-        return f"{c} is more than {a}, so the result is negative: {c} - {a} = {c - a}, so {a} - {c} = {a - c}."
+        return (
+            f"{c} is more than {a}, so the result is negative: {c} - {a} = {c - a}, so {a} - {c} = {a - c}."
+        )
     if c < 10:
         return f"{a} - {c} = {a - c}."
     tens, ones = c - c % 10, c % 10
@@ -123,16 +125,24 @@ def write_traces(cfg: TracesConfig) -> dict:
             skipped["answer disagrees"] += 1
             continue
         k = rng.randint(cfg.min_rechecks, cfg.max_rechecks)
-        rows.append({"prompt": ex.question, "completion": "<think>" + worked_solution(terms, k), "rechecks": k})
+        rows.append(
+            {"prompt": ex.question, "completion": "<think>" + worked_solution(terms, k), "rechecks": k}
+        )
     if not rows:
-        raise DataError(f"traces: none of {len(examples)} questions ends in an integer expression like "
-                         f"'12 - 7 ='; skipped: {skipped}")
+        raise DataError(
+            f"traces: none of {len(examples)} questions ends in an integer expression like "
+            f"'12 - 7 ='; skipped: {skipped}"
+        )
     for why, n in skipped.items():
         if n:
             log.warning("traces: skipped %d of %d questions (%s)", n, len(examples), why)
     write_rows(cfg.output, rows)
-    stats = {"prompts": len(examples), "rows": len(rows), "skipped": skipped,
-             "rechecks_mean": sum(r["rechecks"] for r in rows) / len(rows)}
+    stats = {
+        "prompts": len(examples),
+        "rows": len(rows),
+        "skipped": skipped,
+        "rechecks_mean": sum(r["rechecks"] for r in rows) / len(rows),
+    }
     Path(cfg.output).with_suffix(".stats.json").write_text(json.dumps(stats, indent=2))
     log.info("traces: wrote %d rows to %s", len(rows), cfg.output)
     return stats

@@ -21,15 +21,36 @@ import threading
 from collections import Counter
 
 from thinkrl.config import ConfigError
+from thinkrl.rewards import code, format, hedging, learned, length, math  # noqa: F401  (registers the rewards)
+from thinkrl.rewards.base import (
+    CONTEXT_KEYS,
+    REWARDS,
+    RewardFailure,
+    check_options,
+    extract_answer,
+    extract_boxed,
+    extract_final,
+    extract_thinking,
+    group_reward,
+    keyword_params,
+    parallel,
+    resolve,
+)
 from thinkrl.sandbox import SandboxUnavailable
 
-from thinkrl.rewards import code, format, hedging, learned, length, math  # noqa: F401  (registers the rewards)
-from thinkrl.rewards.base import (CONTEXT_KEYS, REWARDS, RewardFailure, check_options, extract_answer,
-                                  extract_boxed, extract_final, extract_thinking, group_reward, keyword_params,
-                                  parallel, resolve)
-
-__all__ = ["REWARDS", "RewardModel", "RewardFailure", "check_options", "extract_answer", "extract_boxed", "extract_final",
-           "extract_thinking", "group_reward", "parallel", "resolve"]
+__all__ = [
+    "REWARDS",
+    "RewardModel",
+    "RewardFailure",
+    "check_options",
+    "extract_answer",
+    "extract_boxed",
+    "extract_final",
+    "extract_thinking",
+    "group_reward",
+    "parallel",
+    "resolve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +71,9 @@ class RewardModel:
         self.options = {name: dict((options or {}).get(name, {})) for name in self.fns}
         for name in options or {}:
             if name not in self.fns:
-                raise ConfigError(f"reward_args.{name}: '{name}' is not one of the rewards in use "
-                                 f"({', '.join(self.fns)})")
+                raise ConfigError(
+                    f"reward_args.{name}: '{name}' is not one of the rewards in use ({', '.join(self.fns)})"
+                )
         for name, fn in self.fns.items():
             check_options(name, fn, self.options[name])
             if hasattr(fn, "validate"):  # a reward that can tell bad options before the first score
@@ -64,8 +86,13 @@ class RewardModel:
         with self._lock:
             self.failures[key] += n
 
-    def score(self, completions: list[str], examples: list, group_size: int | None = None,
-              context: dict | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    def score(
+        self,
+        completions: list[str],
+        examples: list,
+        group_size: int | None = None,
+        context: dict | None = None,
+    ) -> tuple[list[float], dict[str, list[float]]]:
         """Return the total reward per completion and each named reward per completion.
 
         ``group_size``: completions come in adjacent groups of G per prompt (for group rewards);
@@ -98,7 +125,11 @@ class RewardModel:
     def _score_groups(self, name, fn, completions, examples, group_size, context) -> list[float]:
         out: list[float] = []
         for lo, hi in _groups(examples, group_size):
-            kw = {k: [_at(context[k], i) for i in range(lo, hi)] for k in self.context_keys[name] if k in context}
+            kw = {
+                k: [_at(context[k], i) for i in range(lo, hi)]
+                for k in self.context_keys[name]
+                if k in context
+            }
             try:
                 values = fn(completions[lo:hi], examples[lo:hi], **kw, **self.options[name])
                 if len(values) != hi - lo:

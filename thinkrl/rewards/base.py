@@ -120,8 +120,10 @@ def load_user_reward(ref: str):
     fn = getattr(module, m["fn"], None)
     if not callable(fn):
         names = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
-        raise ConfigError(f"reward '{ref}': {path} has no function '{m['fn']}'; functions there: "
-                          f"{', '.join(names) or '(none)'}")
+        raise ConfigError(
+            f"reward '{ref}': {path} has no function '{m['fn']}'; functions there: "
+            f"{', '.join(names) or '(none)'}"
+        )
     _loaded[key] = fn
     return fn
 
@@ -131,7 +133,7 @@ def resolve(name: str):
     if name.startswith("rm:"):
         from thinkrl.rewards.learned import rm_at
 
-        return rm_at(name[len("rm:"):])
+        return rm_at(name[len("rm:") :])
     if _USER.match(name):
         return load_user_reward(name)
     return REWARDS.get(name)
@@ -146,5 +148,7 @@ def check_options(name: str, fn, options: dict) -> None:
     valid = keyword_params(fn) - set(CONTEXT_KEYS)
     for key in options:
         if key not in valid:
-            raise ConfigError(f"reward_args.{name}.{key}: unknown option; "
-                              f"'{name}' takes: {', '.join(sorted(valid)) or 'no options'}")
+            raise ConfigError(
+                f"reward_args.{name}.{key}: unknown option; "
+                f"'{name}' takes: {', '.join(sorted(valid)) or 'no options'}"
+            )

@@ -60,7 +60,13 @@ def run_tests(code: str, example, limits: Limits) -> tuple[int, int]:
     """``(passed, total)`` for ``code`` on the example's tests; RewardFailure on an abnormal end."""
     meta = example.meta
     if "tests" in meta:
-        key = ("check", program_for(code, example), meta["tests"], meta["entry_point"], meta.get("prompt", ""))
+        key = (
+            "check",
+            program_for(code, example),
+            meta["tests"],
+            meta["entry_point"],
+            meta.get("prompt", ""),
+        )
     else:
         key = ("io", code, tuple((c["input"], c["output"]) for c in meta["io_cases"]))
     status, passed, total = _run_cached(key, limits)
@@ -89,8 +95,9 @@ def _run_cached(key: tuple, limits: Limits) -> tuple[str, int, int]:
 
 @REWARDS.register("code")
 @parallel
-def code(completion: str, example, *, mode: str = "pass", timeout: float = 10.0,
-         memory_mb: int = 1024) -> float | None:
+def code(
+    completion: str, example, *, mode: str = "pass", timeout: float = 10.0, memory_mb: int = 1024
+) -> float | None:
     """Run the completion's code against the example's tests in the sandbox (see module docstring)."""
     if mode not in ("pass", "fraction"):
         raise ValueError(f"code reward: mode must be 'pass' or 'fraction', got {mode!r}")

@@ -39,9 +39,18 @@ def format_reward(completion: str, example) -> float | None:
 # Language codes -> the Unicode scripts their words are written in (first word of the code
 # point's Unicode name: LATIN SMALL LETTER A, CJK UNIFIED IDEOGRAPH-4E2D, ...).
 SCRIPTS = {
-    "en": {"LATIN"}, "fr": {"LATIN"}, "de": {"LATIN"}, "es": {"LATIN"}, "latin": {"LATIN"},
-    "zh": {"CJK"}, "ja": {"CJK", "HIRAGANA", "KATAKANA"}, "ko": {"HANGUL"},
-    "ru": {"CYRILLIC"}, "ar": {"ARABIC"}, "el": {"GREEK"}, "hi": {"DEVANAGARI"},
+    "en": {"LATIN"},
+    "fr": {"LATIN"},
+    "de": {"LATIN"},
+    "es": {"LATIN"},
+    "latin": {"LATIN"},
+    "zh": {"CJK"},
+    "ja": {"CJK", "HIRAGANA", "KATAKANA"},
+    "ko": {"HANGUL"},
+    "ru": {"CYRILLIC"},
+    "ar": {"ARABIC"},
+    "el": {"GREEK"},
+    "hi": {"DEVANAGARI"},
 }
 _WORD = re.compile(r"\w+")
 

@@ -15,12 +15,13 @@ from thinkrl.rewards.length import judge_correct
 _HEDGES = re.compile(
     r"\b(i'?m not (?:sure|certain)|not (?:sure|certain)|i (?:think|believe|guess)|probably|possibly|"
     r"maybe|perhaps|might be|may be|likely|unsure|uncertain|i don'?t know|my best guess|not confident)\b",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def final_part(completion: str) -> str:
     cut = completion.rfind("</think>")
-    return completion[cut + len("</think>"):] if cut >= 0 else completion
+    return completion[cut + len("</think>") :] if cut >= 0 else completion
 
 
 def is_hedged(completion: str) -> bool:
@@ -28,8 +29,14 @@ def is_hedged(completion: str) -> bool:
 
 
 @REWARDS.register("hedging")
-def hedging(completion: str, example, *, judge: str = "accuracy", hedge_cost: float = 0.25,
-            wrong_confident: float = -1.0) -> float | None:
+def hedging(
+    completion: str,
+    example,
+    *,
+    judge: str = "accuracy",
+    hedge_cost: float = 0.25,
+    wrong_confident: float = -1.0,
+) -> float | None:
     """Correct: 1.0, or ``1 - hedge_cost`` if hedged. Wrong: 0.0 if hedged, ``wrong_confident``
     (-1.0) if stated with confidence. So for a wrong answer hedging pays, and for a right one it
     costs a little: the policy should hedge exactly when it is likely to be wrong.

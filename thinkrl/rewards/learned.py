@@ -66,7 +66,7 @@ def rm_scores(path: str, questions: list[str], completions: list[str], batch_siz
     seqs = [encode_prompt_completion(q, c, tok, task_cfg).input_ids for q, c in zip(questions, completions)]
     out: list[float] = []
     for s in range(0, len(seqs), batch_size):
-        out += scores(rm, seqs[s: s + batch_size], tok.pad_token_id).tolist()
+        out += scores(rm, seqs[s : s + batch_size], tok.pad_token_id).tolist()
     return out
 
 
@@ -107,8 +107,15 @@ def normalized(values: list[float], how: str, key: str, eps: float = 1e-6) -> li
 
 @REWARDS.register("rm")
 @group_reward
-def rm(completions: list[str], examples: list, *, path: str = "", normalize: str = "none",
-       apply_to: str = "all", batch_size: int = 16) -> list[float]:
+def rm(
+    completions: list[str],
+    examples: list,
+    *,
+    path: str = "",
+    normalize: str = "none",
+    apply_to: str = "all",
+    batch_size: int = 16,
+) -> list[float]:
     """A ``thinkrl rm`` reward model's scores of one prompt's completions (see module docstring)."""
     if apply_to not in ("all", "no_answer"):
         raise ValueError(f"rm reward: apply_to must be all or no_answer, got {apply_to!r}")
@@ -135,8 +142,12 @@ rm.validate = lambda options: _check_rm_folder(str(options.get("path", "")))
 
 def rm_at(path: str):
     """The ``rm`` reward bound to ``path`` (the ``rm:PATH`` form of a reward name)."""
+
     def bound(completions, examples, *, normalize: str = "none", apply_to: str = "all", batch_size: int = 16):
-        return rm(completions, examples, path=path, normalize=normalize, apply_to=apply_to, batch_size=batch_size)
+        return rm(
+            completions, examples, path=path, normalize=normalize, apply_to=apply_to, batch_size=batch_size
+        )
+
     bound.group = True
     bound.validate = lambda options: _check_rm_folder(path)
     bound.__doc__ = f"the reward model at {path}"
@@ -150,11 +161,13 @@ VERDICT_TEMPLATE = (
     "You are grading an answer to a question against the reference answer.\n\n"
     "Question:\n{question}\n\nReference answer:\n{reference}\n\nAnswer to grade:\n{prediction}\n\n"
     "Does the answer to grade mean the same as the reference answer? Reply with exactly one line: "
-    "VERDICT: CORRECT or VERDICT: INCORRECT")
+    "VERDICT: CORRECT or VERDICT: INCORRECT"
+)
 GRADE_TEMPLATE = (
     "You are grading an answer to a question against the reference answer.\n\n"
     "Question:\n{question}\n\nReference answer:\n{reference}\n\nAnswer to grade:\n{prediction}\n\n"
-    "Grade the answer from 0 (wrong) to 10 (fully right). Reply with exactly one line: GRADE: <n>/10")
+    "Grade the answer from 0 (wrong) to 10 (fully right). Reply with exactly one line: GRADE: <n>/10"
+)
 _VERDICT = re.compile(r"^VERDICT:\s*(CORRECT|INCORRECT)$")
 _GRADE = re.compile(r"^GRADE:\s*(\d+(?:\.\d+)?)\s*/\s*10$")
 
@@ -185,16 +198,26 @@ def _semaphore(url: str, n: int) -> threading.BoundedSemaphore:
         return _limits.setdefault((url, n), threading.BoundedSemaphore(n))
 
 
-def ask(url: str, model: str, prompt: str, *, timeout: float, retries: int, api_key: str,
-        max_concurrency: int) -> str:
+def ask(
+    url: str, model: str, prompt: str, *, timeout: float, retries: int, api_key: str, max_concurrency: int
+) -> str:
     """The assistant message's ``content`` for one user ``prompt``; RewardFailure after retries."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
-                       "temperature": 0.0, "max_tokens": 256}).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0.0,
+            "max_tokens": 256,
+        }
+    ).encode()
+    headers = {
+        "Content-Type": "application/json",
+        **({"Authorization": f"Bearer {api_key}"} if api_key else {}),
+    }
     last = "judge_error"
     for attempt in range(retries + 1):
         if attempt:
-            time.sleep(min(2.0, 0.1 * 2 ** attempt))
+            time.sleep(min(2.0, 0.1 * 2**attempt))
         req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=body, headers=headers)
         try:
             with _semaphore(url, max_concurrency), urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -211,9 +234,20 @@ def ask(url: str, model: str, prompt: str, *, timeout: float, retries: int, api_
 
 @REWARDS.register("judge")
 @parallel
-def judge(completion: str, example, *, url: str = "http://127.0.0.1:8000/v1", model: str = "",
-          mode: str = "verdict", template: str = "", timeout: float = 30.0, retries: int = 2, api_key: str = "",
-          max_concurrency: int = 4, cache: bool = True) -> float | None:
+def judge(
+    completion: str,
+    example,
+    *,
+    url: str = "http://127.0.0.1:8000/v1",
+    model: str = "",
+    mode: str = "verdict",
+    template: str = "",
+    timeout: float = 30.0,
+    retries: int = 2,
+    api_key: str = "",
+    max_concurrency: int = 4,
+    cache: bool = True,
+) -> float | None:
     """An OpenAI-compatible endpoint's verdict on the completion's answer (see module docstring)."""
     if mode not in ("verdict", "grade"):
         raise ValueError(f"judge reward: mode must be verdict or grade, got {mode!r}")
@@ -221,12 +255,20 @@ def judge(completion: str, example, *, url: str = "http://127.0.0.1:8000/v1", mo
     if prediction is None:
         return 0.0  # nothing to judge
     prompt = (template or (VERDICT_TEMPLATE if mode == "verdict" else GRADE_TEMPLATE)).format(
-        question=example.question, reference=example.answer, prediction=prediction)
+        question=example.question, reference=example.answer, prediction=prediction
+    )
     key = (url, model, prompt)
     reply = _cache.get(key) if cache else None
     if reply is None:
-        reply = ask(url, model, prompt, timeout=timeout, retries=retries, api_key=api_key,
-                    max_concurrency=max_concurrency)
+        reply = ask(
+            url,
+            model,
+            prompt,
+            timeout=timeout,
+            retries=retries,
+            api_key=api_key,
+            max_concurrency=max_concurrency,
+        )
         if cache:
             _cache[key] = reply
     return parse_verdict(reply, mode)

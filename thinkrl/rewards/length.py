@@ -15,8 +15,9 @@ def judge_correct(judge: str, completion: str, example) -> bool:
 
 @REWARDS.register("kimi_length")
 @group_reward
-def kimi_length(completions: list[str], examples: list, *, num_tokens: list | None = None,
-                judge: str = "accuracy") -> list[float]:
+def kimi_length(
+    completions: list[str], examples: list, *, num_tokens: list | None = None, judge: str = "accuracy"
+) -> list[float]:
     """Kimi k1.5 (Kimi Team 2025, section 2.3.3), per group of responses to one prompt:
 
         lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len)
@@ -42,8 +43,14 @@ def kimi_length(completions: list[str], examples: list, *, num_tokens: list | No
 
 
 @REWARDS.register("overlong")
-def overlong(completion: str, example, *, num_tokens: int | None = None, max_tokens: int | None = None,
-             buffer: int | None = None) -> float | None:
+def overlong(
+    completion: str,
+    example,
+    *,
+    num_tokens: int | None = None,
+    max_tokens: int | None = None,
+    buffer: int | None = None,
+) -> float | None:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), with L_max = ``max_tokens`` and
     L_cache = ``buffer`` (default a quarter of L_max):
 
@@ -75,7 +82,7 @@ def repetition(completion: str, example, *, n: int = 3, max_penalty: float = 1.0
     Texts shorter than n words have nothing to repeat (0.0).
     """
     words = completion.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return 0.0
     return -max_penalty * (len(grams) - len(set(grams))) / len(grams)

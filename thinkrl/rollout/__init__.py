@@ -17,10 +17,36 @@ which backend it holds (the trainer, eval and the pipelines only call the protoc
 from __future__ import annotations
 
 from thinkrl import device
-from thinkrl.rollout.base import (ENGINES, MIN_SHARED_PREFIX, STOP_TAIL, Engine, Rollout, SamplingParams,  # noqa: F401
-                                  cut_at_end, hits_stop, shared_prefix_len)
-from thinkrl.rollout.hf import HFEngine  # noqa: F401  (registers "hf")
 from thinkrl.rollout import fast as _fast  # noqa: F401  (registers "fast")
+from thinkrl.rollout.base import (
+    ENGINES,
+    MIN_SHARED_PREFIX,
+    STOP_TAIL,
+    Engine,
+    Rollout,
+    SamplingParams,
+    cut_at_end,
+    hits_stop,
+    shared_prefix_len,
+)
+from thinkrl.rollout.hf import HFEngine  # registers "hf"
+
+__all__ = [
+    "ENGINES",
+    "MIN_SHARED_PREFIX",
+    "STOP_TAIL",
+    "Engine",
+    "HFEngine",
+    "Rollout",
+    "SamplingParams",
+    "autocast",
+    "build_engine",
+    "build_scorer",
+    "cut_at_end",
+    "engine_on",
+    "hits_stop",
+    "shared_prefix_len",
+]
 
 
 def autocast(enabled: bool, dev: str = "cpu"):
@@ -35,13 +61,16 @@ def build_engine(name: str, model, tokenizer, *, batch_size: int, bf16: bool, de
     return ENGINES.get(name).build(model, tokenizer, batch_size=batch_size, bf16=bf16, device=device)
 
 
-def engine_on(name: str, model, tokenizer, *, batch_size: int, dtype: str, device_name: str = "auto") -> Engine:
+def engine_on(
+    name: str, model, tokenizer, *, batch_size: int, dtype: str, device_name: str = "auto"
+) -> Engine:
     """For the commands that only generate (eval, sample, difficulty): resolve the config's
     ``device`` and ``dtype``, put ``model`` there and build backend ``name``'s engine for it."""
     dev = device.resolve_device(device_name)
     device.setup(dev)
-    return build_engine(name, model.to(dev), tokenizer, batch_size=batch_size, bf16=device.use_bf16(dtype, dev),
-                        device=dev)
+    return build_engine(
+        name, model.to(dev), tokenizer, batch_size=batch_size, bf16=device.use_bf16(dtype, dev), device=dev
+    )
 
 
 def build_scorer(name: str, model, tokenizer, *, bf16: bool, device: str = "cpu") -> Engine | None:

@@ -43,8 +43,14 @@ class SamplingParams:
             from thinkrl.rollout.thinking import check_budget
 
             check_budget(self.thinking_budget)
-        if isinstance(self.min_thinking, bool) or not isinstance(self.min_thinking, int) or self.min_thinking < 0:
-            raise ConfigError(f"min_thinking must be a whole number of tokens >= 0, got {self.min_thinking!r}")
+        if (
+            isinstance(self.min_thinking, bool)
+            or not isinstance(self.min_thinking, int)
+            or self.min_thinking < 0
+        ):
+            raise ConfigError(
+                f"min_thinking must be a whole number of tokens >= 0, got {self.min_thinking!r}"
+            )
         self.stop = tuple([self.stop] if isinstance(self.stop, (str, int)) else self.stop)
         bad = [s for s in self.stop if isinstance(s, bool) or not isinstance(s, (str, int)) or s == ""]
         if bad:
@@ -77,12 +83,17 @@ class Rollout:
 
     def rows(self, index: list[int]) -> Rollout:
         """The rollout of the sequences ``index``, every per-sequence field kept."""
-        return Rollout(**{f.name: None if (v := getattr(self, f.name)) is None else [v[i] for i in index]
-                          for f in fields(self)})
+        return Rollout(
+            **{
+                f.name: None if (v := getattr(self, f.name)) is None else [v[i] for i in index]
+                for f in fields(self)
+            }
+        )
 
     @staticmethod
     def concat(items: list[Rollout]) -> Rollout:
         """Sequences of ``items`` one after another; a field some items lack becomes None."""
+
         def cat(name):
             parts = [getattr(it, name) for it in items]
             return None if any(x is None for x in parts) else [y for x in parts for y in x]

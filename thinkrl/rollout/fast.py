@@ -101,7 +101,9 @@ class _Layer:
     ln_post: Tensor  # [H] fp32
     wgu: Tensor  # [2 I, H]
     wd: Tensor  # [H, I]
-    qk_norm: Tensor | None = None  # [nh + nkv, hd] fp32: Qwen3's q_norm weight per query head, then k_norm per key head
+    qk_norm: Tensor | None = (
+        None  # [nh + nkv, hd] fp32: Qwen3's q_norm weight per query head, then k_norm per key head
+    )
     packed: dict | None = None  # the same four weights prepacked for the GEMM library (see _prepack)
 
 
@@ -237,7 +239,9 @@ def _cascade_attention(q: Tensor, k: Tensor, v: Tensor, cache: list[Tensor], st:
     sp = torch.bmm(qp.view(nkv * g, n * rep, hd), kp.view(nkv * g, hd, Pl)).view(nkv, B, rep, Pl)
     if not full:
         sp = sp.index_select(1, st.alive)
-    sg = torch.bmm(qa.view(nkv * b, rep, hd), kg.view(nkv * b, hd, -1)[:, :, : t + 1]).view(nkv, b, rep, t + 1)
+    sg = torch.bmm(qa.view(nkv * b, rep, hd), kg.view(nkv * b, hd, -1)[:, :, : t + 1]).view(
+        nkv, b, rep, t + 1
+    )
     probs = torch.softmax(torch.add(torch.cat([sp, sg], -1), st.bias[:, :, :, : Pl + t + 1]), -1).to(q.dtype)
     pp, pg = probs[..., :Pl], probs[..., Pl:]  # [nkv, b, rep, P], [nkv, b, rep, t + 1]
     if not full:
@@ -245,7 +249,9 @@ def _cascade_attention(q: Tensor, k: Tensor, v: Tensor, cache: list[Tensor], st:
     op = torch.bmm(pp.reshape(nkv * g, n * rep, Pl), vp.view(nkv * g, Pl, hd)).view(nkv, B, rep, hd)
     if not full:
         op = op.index_select(1, st.alive)
-    og = torch.bmm(pg.reshape(nkv * b, rep, t + 1), vg.view(nkv * b, -1, hd)[:, : t + 1]).view(nkv, b, rep, hd)
+    og = torch.bmm(pg.reshape(nkv * b, rep, t + 1), vg.view(nkv * b, -1, hd)[:, : t + 1]).view(
+        nkv, b, rep, hd
+    )
     return op.add_(og).transpose(0, 1).reshape(b, nh * hd)
 
 
@@ -270,7 +276,9 @@ def checked_kernel():
                 import logging
 
                 logging.getLogger(__name__).warning(
-                    "C decode-attention kernel disagrees with the torch path (max error %.3g); using torch ops", err)
+                    "C decode-attention kernel disagrees with the torch path (max error %.3g); using torch ops",
+                    err,
+                )
     return _CHECKED[key]
 
 
@@ -285,23 +293,52 @@ def _kernel_error(fn) -> float:
 
     pstart = torch.tensor([0, 2])  # the second prompt is left-padded by 2
     caches = [r(nkv, g, hd, P), r(nkv, g, P, hd), r(nkv, b, hd, T), r(nkv, b, T, hd)]
-    q, k, v = r(b, nh, hd) * hd ** -0.5, r(b, nkv, hd), r(b, nkv, hd)
+    q, k, v = r(b, nh, hd) * hd**-0.5, r(b, nkv, hd), r(b, nkv, hd)
     group = torch.arange(g).repeat_interleave(n)
     bias = torch.zeros(1, b, 1, P + T)
-    bias[:, :, :, :P].masked_fill_((torch.arange(P)[None] < pstart[group][:, None])[None, :, None], float("-inf"))
-    st = _DecodeState(groups=g, n=n, rep=rep, caches=[[c.clone() for c in caches]], pstart=pstart,
-                      alive=torch.arange(b), group=group, bias=bias, t=t)
+    bias[:, :, :, :P].masked_fill_(
+        (torch.arange(P)[None] < pstart[group][:, None])[None, :, None], float("-inf")
+    )
+    st = _DecodeState(
+        groups=g,
+        n=n,
+        rep=rep,
+        caches=[[c.clone() for c in caches]],
+        pstart=pstart,
+        alive=torch.arange(b),
+        group=group,
+        bias=bias,
+        t=t,
+    )
     want = _cascade_attention(q, k, v, st.caches[0], st).float()
     c = [x.clone() for x in caches]
-    got = decode_attention(fn, q.reshape(b, nh * hd), k.reshape(b, nkv * hd), v.reshape(b, nkv * hd), *c,
-                           group, pstart, t, torch.empty(b, nh * hd, dtype=torch.bfloat16)).float()
+    got = decode_attention(
+        fn,
+        q.reshape(b, nh * hd),
+        k.reshape(b, nkv * hd),
+        v.reshape(b, nkv * hd),
+        *c,
+        group,
+        pstart,
+        t,
+        torch.empty(b, nh * hd, dtype=torch.bfloat16),
+    ).float()
     return float((got - want).abs().max())
 
 
 @ENGINES.register("fast")
 class FastEngine(Engine):
-    def __init__(self, model, tokenizer, *, batch_size: int = 64, bf16: bool = True,
-                 stop_strings: tuple[str, ...] = (), prepack: bool | None = None, kernel: bool | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 64,
+        bf16: bool = True,
+        stop_strings: tuple[str, ...] = (),
+        prepack: bool | None = None,
+        kernel: bool | None = None,
+    ):
         """``prepack`` and ``kernel``: None follows the device plan (``thinkrl/device.py``);
         False turns the fast path off; True asks for it where the plan says it runs.
         ``stop_strings`` apply to every call, on top of ``SamplingParams.stop``. The weights
@@ -344,8 +381,9 @@ class FastEngine(Engine):
             return cls(model, tokenizer, batch_size=batch_size, bf16=bf16)
         import logging
 
-        logging.getLogger(__name__).warning("rollout.backend=fast cannot run this model (%s); using the hf backend",
-                                            why)
+        logging.getLogger(__name__).warning(
+            "rollout.backend=fast cannot run this model (%s); using the hf backend", why
+        )
         return HFEngine.build(model, tokenizer, batch_size=batch_size, bf16=bf16, device=device)
 
     @classmethod
@@ -355,9 +393,11 @@ class FastEngine(Engine):
         return cls(model, tokenizer, bf16=bf16).freeze()
 
     def describe(self) -> str:
-        return (f"fast, {'bf16' if self.dtype == torch.bfloat16 else 'fp32'} weights"
-                + (f" prepacked ({self.packer.name})" if self.prepack else "")
-                + f", decode attention in {'C' if self.kernel is not None else 'torch ops'}")
+        return (
+            f"fast, {'bf16' if self.dtype == torch.bfloat16 else 'fp32'} weights"
+            + (f" prepacked ({self.packer.name})" if self.prepack else "")
+            + f", decode attention in {'C' if self.kernel is not None else 'torch ops'}"
+        )
 
     def sync_weights(self, model) -> None:
         """Copy ``model``'s current weights in (after an optimizer step). Until then the engine
@@ -371,7 +411,9 @@ class FastEngine(Engine):
 
     def _inv_freq(self, cfg) -> Tensor:
         rope = getattr(cfg, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))  # scaling was refused by unsupported()
+        theta = rope.get(
+            "rope_theta", getattr(cfg, "rope_theta", 10000.0)
+        )  # scaling was refused by unsupported()
         return 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
 
     def freeze(self) -> FastEngine:
@@ -401,11 +443,18 @@ class FastEngine(Engine):
                 b = None
                 if at.q_proj.bias is not None:
                     b = torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]).to(dt)
-                self.layers.append(_Layer(
-                    ln_in=layer.input_layernorm.weight.detach().float(), wqkv=wqkv, bqkv=b,
-                    wo=W(at.o_proj).to(dt), ln_post=layer.post_attention_layernorm.weight.detach().float(),
-                    wgu=torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]).to(dt), wd=W(mlp.down_proj).to(dt),
-                    qk_norm=self._qk_norm(at)))
+                self.layers.append(
+                    _Layer(
+                        ln_in=layer.input_layernorm.weight.detach().float(),
+                        wqkv=wqkv,
+                        bqkv=b,
+                        wo=W(at.o_proj).to(dt),
+                        ln_post=layer.post_attention_layernorm.weight.detach().float(),
+                        wgu=torch.cat([W(mlp.gate_proj), W(mlp.up_proj)]).to(dt),
+                        wd=W(mlp.down_proj).to(dt),
+                        qk_norm=self._qk_norm(at),
+                    )
+                )
             self._prepack()
 
     def _qk_norm(self, attn) -> Tensor | None:
@@ -433,14 +482,18 @@ class FastEngine(Engine):
             self.head_packed = pack(self.head)
             L = self.layers[0]
             x = torch.randn(3, L.wqkv.shape[1], generator=torch.Generator().manual_seed(0)).to(self.dtype)
-            want, got = F.linear(x, L.wqkv, L.bqkv).float(), self._linear(x, L.wqkv, L.packed["wqkv"], L.bqkv).float()
+            want, got = (
+                F.linear(x, L.wqkv, L.bqkv).float(),
+                self._linear(x, L.wqkv, L.packed["wqkv"], L.bqkv).float(),
+            )
             if not device.agrees(got, want, 1e-2):
                 raise RuntimeError(f"max difference {(got - want).abs().max().item():.3g}")
         except Exception as e:  # noqa: BLE001 (any failure of a private op means: do without it)
             import logging
 
-            logging.getLogger(__name__).warning("%s prepacked linear unavailable (%s); using F.linear",
-                                                self.packer.name, e)
+            logging.getLogger(__name__).warning(
+                "%s prepacked linear unavailable (%s); using F.linear", self.packer.name, e
+            )
             self.packer, self.head_packed = None, None
             for L in self.layers:
                 L.packed = None
@@ -464,8 +517,15 @@ class FastEngine(Engine):
         rot = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rot * sin
 
-    def _forward(self, ids: Tensor, pos: Tensor, kv: list[tuple[Tensor, Tensor]], start: int,
-                 attn_mask: Tensor, all_hidden: bool = False) -> Tensor:
+    def _forward(
+        self,
+        ids: Tensor,
+        pos: Tensor,
+        kv: list[tuple[Tensor, Tensor]],
+        start: int,
+        attn_mask: Tensor,
+        all_hidden: bool = False,
+    ) -> Tensor:
         """Run ``ids`` [b, s] at cache slots start..start+s-1; returns last-position logits [b, V] fp32,
         or with ``all_hidden`` the final-norm hidden states of every position [b, s, H].
 
@@ -488,8 +548,9 @@ class FastEngine(Engine):
             k = self._rotate(k.transpose(1, 2), cos, sin)  # [b, nkv, s, hd]
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v.view(b, s, nkv, hd).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask,
-                                               enable_gqa=nkv != nh)  # [b, nh, s, hd]
+            a = F.scaled_dot_product_attention(
+                q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask, enable_gqa=nkv != nh
+            )  # [b, nh, s, hd]
             x = x + self._linear(a.transpose(1, 2).reshape(b, s, nh * hd), L.wo, P.get("wo")).float()
             h = _rms(x, L.ln_post, self.eps).to(dt)
             g, u = self._linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, s, I] each
@@ -507,7 +568,7 @@ class FastEngine(Engine):
         freqs = pos.float()[:, None] * self._rope_inv_freq  # [b, hd/2]
         cos, sin = freqs.cos().repeat(1, 2), freqs.sin()
         sin = torch.cat([-sin, sin], -1)  # [b, hd]
-        scale = self.hd ** -0.5
+        scale = self.hd**-0.5
         heads = torch.cat([torch.full((self.nh, 1), scale), torch.ones(self.nkv, 1)])  # [nh + nkv, 1]
         return (cos[:, None] * heads).to(self.dtype), (sin[:, None] * heads).to(self.dtype)
 
@@ -528,10 +589,21 @@ class FastEngine(Engine):
             qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # RoPE on query and key heads at once
             if st.kernel is not None:
                 flat = qk.view(b, (nh + nkv) * hd)
-                a = decode_attention(st.kernel, flat[:, : nh * hd], flat[:, nh * hd:], qkv[:, (nh + nkv) * hd:],
-                                     *cache, st.group, st.pstart, st.t, torch.empty(b, nh * hd, dtype=dt))
+                a = decode_attention(
+                    st.kernel,
+                    flat[:, : nh * hd],
+                    flat[:, nh * hd :],
+                    qkv[:, (nh + nkv) * hd :],
+                    *cache,
+                    st.group,
+                    st.pstart,
+                    st.t,
+                    torch.empty(b, nh * hd, dtype=dt),
+                )
             else:
-                a = _cascade_attention(qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd:].view(b, nkv, hd), cache, st)
+                a = _cascade_attention(
+                    qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd :].view(b, nkv, hd), cache, st
+                )
             x.add_(self._linear(a, L.wo, P.get("wo")))
             h = F.rms_norm(x, (H,), L.ln_post, self.eps).to(dt)
             gate, up = self._linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, I] each
@@ -606,15 +678,20 @@ class FastEngine(Engine):
         out[:, 0] = first * c_mask[:, 0]
         if T == 1:
             return out
-        kv = [(k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) for k, v in kv]  # plain copies: ~3x faster than k[rep]
+        kv = [
+            (k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) for k, v in kv
+        ]  # plain copies: ~3x faster than k[rep]
         valid = valid[rep]
         valid[:, P:] = c_mask
         # Query i (completion position i, predicting token i+1) sees the prompt and tokens 0..i.
         causal = torch.ones(T - 1, T - 1, dtype=torch.bool).tril()  # [T-1, T-1]
-        keys = torch.cat([valid[:, None, :P].expand(b, T - 1, P), causal[None] & c_mask[:, None, : T - 1]], -1)
+        keys = torch.cat(
+            [valid[:, None, :P].expand(b, T - 1, P), causal[None] & c_mask[:, None, : T - 1]], -1
+        )
         start = p_mask.sum(-1)[rep, None]  # [b, 1] true prompt lengths
-        h = self._forward(c_ids[:, : T - 1], start + torch.arange(T - 1)[None], kv, P, keys[:, None],
-                          all_hidden=True)  # [b, T-1, H]
+        h = self._forward(
+            c_ids[:, : T - 1], start + torch.arange(T - 1)[None], kv, P, keys[:, None], all_hidden=True
+        )  # [b, T-1, H]
         keep = c_mask[:, 1:]  # [b, T-1] positions whose next token is real
         lp = self._head_logps(h[keep], c_ids[:, 1:][keep], temperature)  # [n]
         out[:, 1:] = out[:, 1:].masked_scatter(keep, lp)
@@ -627,11 +704,12 @@ class FastEngine(Engine):
         (what the trainer's HeadLogProbs computes forward, in the engine's dtype)."""
         out = torch.empty(h.shape[0])
         for s in range(0, h.shape[0], self.HEAD_CHUNK):
-            z = torch.matmul(h[s: s + self.HEAD_CHUNK], self.head.t()).float()  # [c, V]
+            z = torch.matmul(h[s : s + self.HEAD_CHUNK], self.head.t()).float()  # [c, V]
             if temperature != 1.0:
                 z.div_(temperature)
-            out[s: s + self.HEAD_CHUNK] = z.gather(-1, targets[s: s + self.HEAD_CHUNK, None]).squeeze(-1) \
-                - torch.logsumexp(z, -1)
+            out[s : s + self.HEAD_CHUNK] = z.gather(-1, targets[s : s + self.HEAD_CHUNK, None]).squeeze(
+                -1
+            ) - torch.logsumexp(z, -1)
         return out
 
     @torch.inference_mode()
@@ -649,16 +727,22 @@ class FastEngine(Engine):
         logps: list[list[float]] = []
         forced: list[list[bool]] = []
         for s in range(0, len(ids), per_chunk):
-            budget = self._budget([p for p in prompts[s: s + per_chunk] for _ in range(n)], params)
-            c, lp = self._generate_chunk(ids[s: s + per_chunk], n, params, budget, ends, stops)
+            budget = self._budget([p for p in prompts[s : s + per_chunk] for _ in range(n)], params)
+            c, lp = self._generate_chunk(ids[s : s + per_chunk], n, params, budget, ends, stops)
             comps += c
             logps += lp
             forced += budget.forced if budget is not None else []
         flat = [x for x in ids for _ in range(n)]
         truncated = [not (c and (c[-1] in ends or hits_stop(self.tok, c, stops))) for c in comps]
         texts = self.tok.batch_decode(comps, skip_special_tokens=True)
-        return Rollout(prompt_ids=flat, completion_ids=comps, texts=texts, truncated=truncated, logps=logps,
-                       forced=forced if params.shapes_thinking else None)
+        return Rollout(
+            prompt_ids=flat,
+            completion_ids=comps,
+            texts=texts,
+            truncated=truncated,
+            logps=logps,
+            forced=forced if params.shapes_thinking else None,
+        )
 
     def _budget(self, prompts: list[str], params: SamplingParams) -> BudgetTracker | None:
         """The bookkeeping of ``params.thinking_budget`` and ``min_thinking`` for a chunk's
@@ -684,10 +768,15 @@ class FastEngine(Engine):
         L = shared_prefix_len(prompts)
         S = P - L  # the tails, left-padded to S
         pad = self.tok.pad_token_id or 0
-        kv = [(torch.zeros(g, nkv, P + extra, hd, dtype=dt), torch.zeros(g, nkv, P + extra, hd, dtype=dt))
-              for _ in self.layers]
+        kv = [
+            (torch.zeros(g, nkv, P + extra, hd, dtype=dt), torch.zeros(g, nkv, P + extra, hd, dtype=dt))
+            for _ in self.layers
+        ]
         if L:
-            shared = [(torch.zeros(1, nkv, L, hd, dtype=dt), torch.zeros(1, nkv, L, hd, dtype=dt)) for _ in self.layers]
+            shared = [
+                (torch.zeros(1, nkv, L, hd, dtype=dt), torch.zeros(1, nkv, L, hd, dtype=dt))
+                for _ in self.layers
+            ]
             causal = torch.ones(L, L, dtype=torch.bool).tril()[None, None]  # [1, 1, L, L]
             self._forward(torch.tensor([prompts[0][:L]]), torch.arange(L)[None], shared, 0, causal)
             for (k, v), (k1, v1) in zip(kv, shared):
@@ -696,7 +785,7 @@ class FastEngine(Engine):
         valid = torch.zeros(g, L + S, dtype=torch.bool)  # [g, P] real slots of the [prefix | tails] layout
         valid[:, :L] = True
         for i, p in enumerate(prompts):
-            valid[i, P - len(p) + L:] = True
+            valid[i, P - len(p) + L :] = True
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, L:]  # [g, S]
         # tail query j (slot L + j) sees real slots up to its own; padding queries see themselves (no NaN)
         mask = torch.ones(S, P, dtype=torch.bool).tril(L)[None] & valid[:, None, :]  # [g, S, P]
@@ -709,13 +798,22 @@ class FastEngine(Engine):
                 order[i] = torch.cat([torch.arange(L, L + q), torch.arange(L), torch.arange(L + q, P)])
             idx = order[:, None, :, None].expand(g, nkv, P, hd)
             for j, (k, v) in enumerate(kv):
-                kv[j] = (torch.cat([k[:, :, :P].gather(2, idx), k[:, :, P:]], 2),
-                         torch.cat([v[:, :, :P].gather(2, idx), v[:, :, P:]], 2))
+                kv[j] = (
+                    torch.cat([k[:, :, :P].gather(2, idx), k[:, :, P:]], 2),
+                    torch.cat([v[:, :, :P].gather(2, idx), v[:, :, P:]], 2),
+                )
             valid = valid.gather(1, order)
         return logits, kv, valid
 
-    def _generate_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams,
-                        budget: BudgetTracker | None, ends: list[int], stops: tuple[str, ...]):
+    def _generate_chunk(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        budget: BudgetTracker | None,
+        ends: list[int],
+        stops: tuple[str, ...],
+    ):
         """The chunk's completions and log-probs; a row ends at a token of ``ends`` (EOS and
         stop ids) or once its tail holds one of the ``stops`` strings."""
         P, T, g = max(len(p) for p in prompts), params.max_new_tokens, len(prompts)
@@ -726,16 +824,32 @@ class FastEngine(Engine):
         # steps); each sample row gets its own cache for the tokens it generates.
         B = g * n
         rep = torch.arange(g).repeat_interleave(n)  # [B] the prompt of each row
-        caches = [[k.permute(1, 0, 3, 2).contiguous(), v.transpose(0, 1).contiguous(),
-                   torch.zeros(nkv, B, hd, T, dtype=dt), torch.zeros(nkv, B, T, hd, dtype=dt)] for k, v in kv]
+        caches = [
+            [
+                k.permute(1, 0, 3, 2).contiguous(),
+                v.transpose(0, 1).contiguous(),
+                torch.zeros(nkv, B, hd, T, dtype=dt),
+                torch.zeros(nkv, B, T, hd, dtype=dt),
+            ]
+            for k, v in kv
+        ]
         lens = valid.sum(-1)  # [g] true prompt lengths
         kernel = self.kernel
         bias = None
         if kernel is None:
             bias = torch.zeros(1, B, 1, P + T)
             bias[:, :, :, :P].masked_fill_(~valid[rep][None, :, None, :], float("-inf"))
-        st = _DecodeState(groups=g, n=n, rep=self.nh // nkv, caches=caches, pstart=P - lens,
-                          alive=torch.arange(B), group=rep.clone(), bias=bias, kernel=kernel)
+        st = _DecodeState(
+            groups=g,
+            n=n,
+            rep=self.nh // nkv,
+            caches=caches,
+            pstart=P - lens,
+            alive=torch.arange(B),
+            group=rep.clone(),
+            bias=bias,
+            kernel=kernel,
+        )
         logits = logits[rep]
         next_pos = lens[rep]  # [B] position of the first new token
         out = [[] for _ in range(B)]
@@ -773,8 +887,9 @@ class FastEngine(Engine):
         return out, out_lp
 
     @staticmethod
-    def _forced(budget: BudgetTracker, alive: Tensor, logits: Tensor, params: SamplingParams,
-                banned: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _forced(
+        budget: BudgetTracker, alive: Tensor, logits: Tensor, params: SamplingParams, banned: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
         """The batch rows that must emit a forced token this step, those tokens, and their
         log-probs under the distribution the other rows sample from; None if no row must.
         Called before sampling, which overwrites ``logits``."""
@@ -788,4 +903,3 @@ class FastEngine(Engine):
             return None
         idx, ftok = torch.tensor(rows), torch.tensor([want[i] for i in rows])
         return idx, ftok, forced_logps(logits[idx], ftok, params.temperature, banned)
-

@@ -41,8 +41,8 @@ class HFEngine(Engine):
         try:
             with device.seeded(params.seed, _device_of(self.model)):
                 for s in range(0, len(flat), self.batch_size):
-                    batch = flat[s: s + self.batch_size]
-                    budget = self._budget(flat_text[s: s + self.batch_size], batch, params)
+                    batch = flat[s : s + self.batch_size]
+                    budget = self._budget(flat_text[s : s + self.batch_size], batch, params)
                     for ids, lp in zip(*self._generate_batch(batch, params, sorted(ends), budget)):
                         ids, stopped = cut_at_end(tok, ids, ends, params.stop_strings)
                         completions.append(ids)
@@ -53,8 +53,14 @@ class HFEngine(Engine):
         finally:
             self.model.train(was_training)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
-        return Rollout(prompt_ids=flat, completion_ids=completions, texts=texts, truncated=truncated, logps=logps,
-                       forced=forced if params.shapes_thinking else None)
+        return Rollout(
+            prompt_ids=flat,
+            completion_ids=completions,
+            texts=texts,
+            truncated=truncated,
+            logps=logps,
+            forced=forced if params.shapes_thinking else None,
+        )
 
     def _budget(self, prompts: list[str], batch: list[list[int]], params: SamplingParams):
         """A logits processor that enforces ``params.thinking_budget`` and ``min_thinking`` on a
@@ -66,17 +72,25 @@ class HFEngine(Engine):
         tracker, self._closing = budget_tracker(self.tok, params, prompts, self._closing)
         return BudgetLogitsProcessor(tracker, max(len(x) for x in batch))
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams, ends: list[int],
-                        budget=None) -> tuple[list[list[int]], list[list[float]]]:
+    def _generate_batch(
+        self, batch: list[list[int]], params: SamplingParams, ends: list[int], budget=None
+    ) -> tuple[list[list[int]], list[list[float]]]:
         """Sampled tokens [b][T] and their log-probs [b][T] (T: the batch's longest run)."""
         pad = self.tok.pad_token_id
         width = max(len(x) for x in batch)
         dev = _device_of(self.model)
-        input_ids = device.to(torch.tensor([[pad] * (width - len(x)) + x for x in batch]), dev)  # [b, P] left-padded
+        input_ids = device.to(
+            torch.tensor([[pad] * (width - len(x)) + x for x in batch]), dev
+        )  # [b, P] left-padded
         attn = device.to(torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch]), dev)  # [b, P]
         greedy = params.temperature <= 0
-        kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=not greedy, pad_token_id=pad,
-                      eos_token_id=ends, min_new_tokens=params.min_new_tokens or None)
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not greedy,
+            pad_token_id=pad,
+            eos_token_id=ends,
+            min_new_tokens=params.min_new_tokens or None,
+        )
         if not greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:

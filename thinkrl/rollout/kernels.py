@@ -55,8 +55,9 @@ def _build(march: str) -> Path:
         raise RuntimeError("no C compiler found (gcc/cc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     cflags = [f"-march={march}", *CFLAGS]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cflags + LDFLAGS), version, _cpu_tag()])
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), " ".join(cflags + LDFLAGS), version, _cpu_tag()]).encode()
+    ).hexdigest()[:16]
     cache = Path(os.environ.get("THINKRL_CACHE", Path.home() / ".cache" / "thinkrl")) / "kernels"
     out = cache / f"decode_attention-{key}.so"
     if out.exists():
@@ -64,7 +65,10 @@ def _build(march: str) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-        for cmd in ([cc, *cflags, "-c", str(SOURCE), "-o", str(obj)], [cc, str(obj), "-o", str(lib), *LDFLAGS]):
+        for cmd in (
+            [cc, *cflags, "-c", str(SOURCE), "-o", str(obj)],
+            [cc, str(obj), "-o", str(lib), *LDFLAGS],
+        ):
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if res.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
@@ -92,8 +96,20 @@ def decode_attention_kernel():
     return lib.decode_attention if lib is not None else None
 
 
-def decode_attention(fn, q: Tensor, knew: Tensor, vnew: Tensor, kp_t: Tensor, vp: Tensor, kg_t: Tensor,
-                     vg: Tensor, group: Tensor, pstart: Tensor, t: int, out: Tensor) -> Tensor:
+def decode_attention(
+    fn,
+    q: Tensor,
+    knew: Tensor,
+    vnew: Tensor,
+    kp_t: Tensor,
+    vp: Tensor,
+    kg_t: Tensor,
+    vg: Tensor,
+    group: Tensor,
+    pstart: Tensor,
+    t: int,
+    out: Tensor,
+) -> Tensor:
     """Run the kernel (see ``decode_attention.c`` for the layouts); writes slot ``t`` of the
     generated caches and returns ``out`` [b, nh * hd]."""
     nkv, g, hd, P = kp_t.shape
@@ -103,9 +119,30 @@ def decode_attention(fn, q: Tensor, knew: Tensor, vnew: Tensor, kp_t: Tensor, vp
         assert x.is_contiguous()
     for x in (q, knew, vnew, kp_t, out):
         assert x.stride(-1) == 1 and x.dtype == torch.bfloat16
-    rc = fn(q.data_ptr(), knew.data_ptr(), vnew.data_ptr(), kp_t.data_ptr(), vp.data_ptr(), kg_t.data_ptr(),
-            vg.data_ptr(), group.data_ptr(), pstart.data_ptr(), out.data_ptr(),
-            b, g, nkv, rep, hd, P, T, t, q.stride(0), knew.stride(0), vnew.stride(0), torch.get_num_threads())
+    rc = fn(
+        q.data_ptr(),
+        knew.data_ptr(),
+        vnew.data_ptr(),
+        kp_t.data_ptr(),
+        vp.data_ptr(),
+        kg_t.data_ptr(),
+        vg.data_ptr(),
+        group.data_ptr(),
+        pstart.data_ptr(),
+        out.data_ptr(),
+        b,
+        g,
+        nkv,
+        rep,
+        hd,
+        P,
+        T,
+        t,
+        q.stride(0),
+        knew.stride(0),
+        vnew.stride(0),
+        torch.get_num_threads(),
+    )
     if rc != 0:
         raise MemoryError("decode_attention: a worker could not allocate its buffers")
     return out

@@ -97,8 +97,13 @@ class SlotDecoder:
         self.eng, self.tok = eng, tok
         self.max_slots, self.max_len = max_slots, max_len
         nkv, hd, dt = eng.nkv, eng.hd, eng.dtype
-        self.kv = [(torch.zeros(max_slots, nkv, max_len, hd, dtype=dt), torch.zeros(max_slots, nkv, max_len, hd, dtype=dt))
-                   for _ in eng.layers]  # per layer [slots, nkv, max_len, hd]: rows 0..n-1 live
+        self.kv = [
+            (
+                torch.zeros(max_slots, nkv, max_len, hd, dtype=dt),
+                torch.zeros(max_slots, nkv, max_len, hd, dtype=dt),
+            )
+            for _ in eng.layers
+        ]  # per layer [slots, nkv, max_len, hd]: rows 0..n-1 live
         self._next = torch.zeros(max_slots, eng.embed.shape[0])  # [slots, V] fp32 next-token logits per row
         self._lens = torch.zeros(max_slots, dtype=torch.long)  # [slots] tokens in each row's cache
         self._slots: dict[int, _Slot] = {}
@@ -142,8 +147,14 @@ class SlotDecoder:
     # -- the public API ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def add(self, ids: list[int], params: SamplingParams | None = None, seed: int | None = None,
-            prompt_text: str | None = None, top_logprobs: int = 0) -> int:
+    def add(
+        self,
+        ids: list[int],
+        params: SamplingParams | None = None,
+        seed: int | None = None,
+        prompt_text: str | None = None,
+        top_logprobs: int = 0,
+    ) -> int:
         """Prefill ``ids`` into a free slot and return its id. ``params`` hold for every
         ``step`` of the slot (``max_new_tokens`` counts tokens since the last add/extend);
         ``seed`` gives the slot its own random stream, so its samples do not depend on the
@@ -163,7 +174,11 @@ class SlotDecoder:
         if seed is not None:
             s.rng = torch.Generator().manual_seed(int(seed)).get_state()
         if params.shapes_thinking:  # a thinking budget, or s1's minimum ("Wait")
-            text = prompt_text if prompt_text is not None else self.tok.decode(ids[-64:], skip_special_tokens=False)
+            text = (
+                prompt_text
+                if prompt_text is not None
+                else self.tok.decode(ids[-64:], skip_special_tokens=False)
+            )
             s.budget, self._phrases = budget_tracker(self.tok, params, [text], self._phrases)
         slot, self._ids = self._ids, self._ids + 1
         self._slots[slot], self._row[slot] = s, len(self._order)
@@ -259,7 +274,7 @@ class SlotDecoder:
         on a one-row view of the cache) and keep the logits of the last position."""
         r, s = self._row[slot], self._slots[slot]
         start, n = s.length, len(ids)
-        view = [(k[r: r + 1], v[r: r + 1]) for k, v in self.kv]  # views: written in place
+        view = [(k[r : r + 1], v[r : r + 1]) for k, v in self.kv]  # views: written in place
         pos = torch.arange(start, start + n)[None]  # [1, n]
         mask = torch.ones(n, start + n, dtype=torch.bool).tril(start)[None, None]  # [1, 1, n, start+n]
         self._next[r] = self.eng._forward(torch.tensor([ids]), pos, view, start, mask)[0]
@@ -293,8 +308,12 @@ class SlotDecoder:
             if len(s.generated) < p.min_new_tokens:  # no end (EOS or a stop token) yet
                 ban += tuple(sorted(self.eos_ids | set(p.stop_ids)))
             if want is not None:  # the thinking budget writes its phrase
-                lp = forced_logps(self._next[r: r + 1], torch.tensor([want]), p.temperature,
-                                  torch.tensor(ban) if ban else None)
+                lp = forced_logps(
+                    self._next[r : r + 1],
+                    torch.tensor([want]),
+                    p.temperature,
+                    torch.tensor(ban) if ban else None,
+                )
                 toks[i], lps[i], forced[i] = want, float(lp[0]), True
                 continue
             if s.budget is not None and s.budget.must_think(0):  # under min_thinking: no closing tag yet
@@ -344,10 +363,12 @@ class SlotDecoder:
             kc[ri, :, lens] = k[:, :, 0]
             vc[ri, :, lens] = v.view(b, nkv, hd)
             if contiguous:
-                keys, vals = kc[rows[0]: rows[0] + b, :, :width], vc[rows[0]: rows[0] + b, :, :width]
+                keys, vals = kc[rows[0] : rows[0] + b, :, :width], vc[rows[0] : rows[0] + b, :, :width]
             else:
                 keys, vals = kc[ri, :, :width], vc[ri, :, :width]
-            a = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=nkv != nh)  # [b, nh, 1, hd]
+            a = F.scaled_dot_product_attention(
+                q, keys, vals, attn_mask=mask, enable_gqa=nkv != nh
+            )  # [b, nh, 1, hd]
             x = x + e._linear(a.reshape(b, nh * hd), L.wo, P.get("wo")).float()
             h = F.rms_norm(x, (H,), L.ln_post, e.eps).to(dt)
             gate, up = e._linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, I] each
@@ -377,7 +398,9 @@ class HFSlotDecoder(SlotDecoder):
         self._past = None
         import inspect  # transformers renamed past_key_values to cache (5.x)
 
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
 
     def _move_row(self, src: int, dst: int) -> None:  # one slot: rows never move
         pass

@@ -23,8 +23,10 @@ from transformers import LogitsProcessor
 OPEN, CLOSE = "<think>", "</think>"
 # What the engine writes into a row whose thinking reached the budget (Qwen3's wording,
 # shortened): it ends the thinking block and asks for the answer.
-CLOSING_PHRASE = ("\n\nConsidering the limited time, I have to give the solution based on the thinking "
-                  "directly now.\n</think>\n\n")
+CLOSING_PHRASE = (
+    "\n\nConsidering the limited time, I have to give the solution based on the thinking "
+    "directly now.\n</think>\n\n"
+)
 
 # What the "Wait" extension writes where a row would close its thinking too early (s1).
 WAIT_PHRASE = " Wait,"
@@ -72,8 +74,17 @@ class BudgetTracker:
     token for ``</think>`` (byte-level ones, SmolLM2's) can write it in more than one way.
     """
 
-    def __init__(self, tokenizer, budget: int | None, prompts: list[str], phrase: list[int], *,
-                 min_thinking: int = 0, wait: list[int] | None = None, close_starts: list[int] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        budget: int | None,
+        prompts: list[str],
+        phrase: list[int],
+        *,
+        min_thinking: int = 0,
+        wait: list[int] | None = None,
+        close_starts: list[int] | None = None,
+    ):
         check_budget(budget)
         self.tok, self.budget, self.phrase = tokenizer, budget, phrase
         self.min_thinking, self.wait = min_thinking, wait or []
@@ -119,11 +130,11 @@ class BudgetTracker:
         phase = self.phase[r]
         self.forced[r].append(phase == FORCING)
         if phase == BEFORE:
-            if OPEN in self._text(toks[-self.tail:]):
+            if OPEN in self._text(toks[-self.tail :]):
                 self._start_thinking(r)
         elif phase == THINKING:
             self.thought[r] += 1
-            if CLOSE in self._text(toks[-min(self.tail, self.thought[r]):]):  # only tokens since the opening
+            if CLOSE in self._text(toks[-min(self.tail, self.thought[r]) :]):  # only tokens since the opening
                 self.phase[r] = AFTER
             elif self.budget is not None and self.thought[r] >= self.budget:
                 self._force(r, self.phrase)
@@ -145,11 +156,20 @@ def budget_tracker(tokenizer, params, prompts: list[str], cached: dict | None = 
     over a batch's prompts, and the phrases' token ids, which an engine keeps (``cached``) so
     they are tokenized once."""
     if cached is None:
-        cached = {"closing": closing_ids(tokenizer), "wait": wait_ids(tokenizer),
-                  "close_starts": close_start_ids(tokenizer)}
-    tracker = BudgetTracker(tokenizer, params.thinking_budget, prompts, cached["closing"],
-                            min_thinking=params.min_thinking, wait=cached["wait"],
-                            close_starts=cached["close_starts"])
+        cached = {
+            "closing": closing_ids(tokenizer),
+            "wait": wait_ids(tokenizer),
+            "close_starts": close_start_ids(tokenizer),
+        }
+    tracker = BudgetTracker(
+        tokenizer,
+        params.thinking_budget,
+        prompts,
+        cached["closing"],
+        min_thinking=params.min_thinking,
+        wait=cached["wait"],
+        close_starts=cached["close_starts"],
+    )
     return tracker, cached
 
 
@@ -171,8 +191,9 @@ def close_start_ids(tokenizer) -> list[int]:
     return sorted(set(out))
 
 
-def forced_logps(logits: torch.Tensor, forced: torch.Tensor, temperature: float,
-                 banned: torch.Tensor | None = None) -> torch.Tensor:
+def forced_logps(
+    logits: torch.Tensor, forced: torch.Tensor, temperature: float, banned: torch.Tensor | None = None
+) -> torch.Tensor:
     """Log-probs [b] of the ``forced`` tokens [b] under the distribution the engine samples
     from, softmax(logits / temperature) with ``banned`` tokens removed (temperature 1 for
     greedy decoding, as the engine reports there). ``logits`` [b, V] is not modified."""

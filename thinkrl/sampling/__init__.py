@@ -4,4 +4,11 @@ prioritized order, and DAPO dynamic sampling. See ``samplers``, ``difficulty``, 
 from thinkrl.sampling.dynamic import Groups, collect_groups
 from thinkrl.sampling.samplers import CurriculumSampler, PrioritizedSampler, ShuffleSampler, build_sampler
 
-__all__ = ["CurriculumSampler", "Groups", "PrioritizedSampler", "ShuffleSampler", "build_sampler", "collect_groups"]
+__all__ = [
+    "CurriculumSampler",
+    "Groups",
+    "PrioritizedSampler",
+    "ShuffleSampler",
+    "build_sampler",
+    "collect_groups",
+]

@@ -19,24 +19,44 @@ from thinkrl.config import TaskConfig
 log = logging.getLogger(__name__)
 
 
-def estimate_pass_rates(engine, tokenizer, examples: list, task_cfg: TaskConfig, *, k: int, max_new_tokens: int,
-                        temperature: float = 1.0, top_p: float = 1.0) -> list[dict]:
+def estimate_pass_rates(
+    engine,
+    tokenizer,
+    examples: list,
+    task_cfg: TaskConfig,
+    *,
+    k: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> list[dict]:
     """One row per example: question, answer, task, correct (of k) and pass_rate = correct / k."""
     from thinkrl.rewards import RewardModel
     from thinkrl.rollout import SamplingParams
     from thinkrl.tasks.templates import render_prompt
 
     rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
-    ro = engine.generate_text([r[0] for r in rendered], k, SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
+    ro = engine.generate_text(
+        [r[0] for r in rendered],
+        k,
+        SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+    )
     texts = [rendered[i // k][1] + t for i, t in enumerate(ro.texts)]  # [len(examples) * k]
     _, parts = RewardModel({"accuracy": 1.0}).score(texts, [ex for ex in examples for _ in range(k)])
     acc = parts["accuracy"]
     rows = []
     for i, ex in enumerate(examples):
-        correct = int(sum(acc[i * k:(i + 1) * k]))
-        rows.append({"question": ex.question, "answer": ex.answer, "task": ex.task, "k": k, "correct": correct,
-                     "pass_rate": correct / k})
+        correct = int(sum(acc[i * k : (i + 1) * k]))
+        rows.append(
+            {
+                "question": ex.question,
+                "answer": ex.answer,
+                "task": ex.task,
+                "k": k,
+                "correct": correct,
+                "pass_rate": correct / k,
+            }
+        )
     return rows
 
 
@@ -68,8 +88,12 @@ def apply_pass_rates(task, cfg: TaskConfig) -> None:
             if ex.question in labels:
                 ex.meta["pass_rate"] = labels[ex.question]
                 hits += 1
-        log.info("task.pass_rates: labelled %d of %d rows from %s", hits, len(task.train) + len(task.eval),
-                 cfg.pass_rates)
+        log.info(
+            "task.pass_rates: labelled %d of %d rows from %s",
+            hits,
+            len(task.train) + len(task.eval),
+            cfg.pass_rates,
+        )
     lo, hi = cfg.min_pass_rate, cfg.max_pass_rate
     if (lo, hi) == (0.0, 1.0):
         return

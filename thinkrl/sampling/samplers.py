@@ -62,9 +62,11 @@ class CurriculumSampler:
         self.task, self.horizon, self.seed, self.draws = task, max(1, horizon), seed, 0
         keys = [difficulty(ex) for ex in task.train]
         if any(k is None for k in keys):
-            raise ConfigError("sampling.order=curriculum needs a difficulty for every training row: use "
-                              "task.levels (reasoning-gym curriculum levels) or pass rates (task.pass_rates, or a "
-                              "pass_rate field in the data, written by `thinkrl difficulty`)")
+            raise ConfigError(
+                "sampling.order=curriculum needs a difficulty for every training row: use "
+                "task.levels (reasoning-gym curriculum levels) or pass rates (task.pass_rates, or a "
+                "pass_rate field in the data, written by `thinkrl difficulty`)"
+            )
         self.keys = keys
         self._cycle, self._ranked = -1, []
 
@@ -121,7 +123,9 @@ class PrioritizedSampler:
         out: list = []
         while len(out) < n:
             k = min(n - len(out), L)
-            keys = [(math.log(1.0 - self.rng.random()) / self.weight(i), i) for i in range(L)]  # log(u), u in (0, 1]
+            keys = [
+                (math.log(1.0 - self.rng.random()) / self.weight(i), i) for i in range(L)
+            ]  # log(u), u in (0, 1]
             out += [self.task.train[i] for _, i in sorted(keys, reverse=True)[:k]]
         return out
 
@@ -158,8 +162,9 @@ def _curriculum(task, cfg: Config):
 @SAMPLERS.register("prioritized")
 def _prioritized(task, cfg: Config):
     s = cfg.sampling
-    return PrioritizedSampler(task, seed=cfg.task.seed, floor=s.priority_floor, ema=s.priority_ema,
-                              prior=s.priority_prior)
+    return PrioritizedSampler(
+        task, seed=cfg.task.seed, floor=s.priority_floor, ema=s.priority_ema, prior=s.priority_prior
+    )
 
 
 def build_sampler(task, cfg: Config):

@@ -101,8 +101,14 @@ class _Slot:
 
 def _expose_paths() -> list[str]:
     """Folders the interpreter needs; the launcher re-exposes them if the uid cannot reach them."""
-    paths = {sys.base_prefix, sys.prefix, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
+    paths = {
+        sys.base_prefix,
+        sys.prefix,
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+        os.path.dirname(os.path.realpath(sys.executable)),
+        os.path.dirname(os.path.abspath(sys.executable)),
+    }
     return sorted({os.path.realpath(p) for p in paths if p})
 
 
@@ -116,11 +122,21 @@ def _methods() -> list[str]:
     return [m for m in raw.split(",") if m in METHODS]
 
 
-def _spec(argv: list[str], files: dict[str, str], limits: Limits, uid: int, workdir: str | None,
-          probe: bool = False) -> bytes:
-    spec = {"argv": [sys.executable, *argv], "files": files, "limits": asdict(limits), "uid": uid,
-            "tmpfs_mb": limits.tmpfs_mb, "expose": _expose_paths(), "host_workdir": workdir, "probe": probe,
-            "methods": _methods(), "allow_unconfined": workdir is not None}
+def _spec(
+    argv: list[str], files: dict[str, str], limits: Limits, uid: int, workdir: str | None, probe: bool = False
+) -> bytes:
+    spec = {
+        "argv": [sys.executable, *argv],
+        "files": files,
+        "limits": asdict(limits),
+        "uid": uid,
+        "tmpfs_mb": limits.tmpfs_mb,
+        "expose": _expose_paths(),
+        "host_workdir": workdir,
+        "probe": probe,
+        "methods": _methods(),
+        "allow_unconfined": workdir is not None,
+    }
     body = json.dumps(spec).encode()
     return f"{len(body)}\n".encode() + body
 
@@ -138,7 +154,7 @@ def sweep_stale_workdirs() -> int:
     removed = 0
     for p in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*-*"):
         try:
-            pid = int(p.name[len(_WORKDIR_PREFIX):].split("-")[0])
+            pid = int(p.name[len(_WORKDIR_PREFIX) :].split("-")[0])
         except ValueError:
             continue
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
@@ -147,16 +163,27 @@ def sweep_stale_workdirs() -> int:
     return removed
 
 
-def _spawn(argv: list[str], files: dict[str, str], limits: Limits, uid: int, probe: bool = False,
-           unconfined_ok: bool | None = None):
+def _spawn(
+    argv: list[str],
+    files: dict[str, str],
+    limits: Limits,
+    uid: int,
+    probe: bool = False,
+    unconfined_ok: bool | None = None,
+):
     """Start the launcher. A host work folder exists only where an unconfined run is allowed;
     an isolated run works in its own tmpfs and leaves nothing on the host."""
     if unconfined_ok is None:
         unconfined_ok = _policy["allow_unconfined"]
     workdir = _host_workdir() if unconfined_ok else None
-    proc = subprocess.Popen([sys.executable, "-I", "-S", LAUNCHER], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", LAUNCHER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+    )
     return proc, workdir, _spec(argv, files, limits, uid, workdir, probe)
 
 
@@ -316,15 +343,22 @@ def run_python(code: str, stdin: str = "", limits: Limits = Limits()) -> Result:
     return run(["-I", "-B", "runner.py", "io"], {"runner.py": RUNNER_SRC, "solution.py": code}, stdin, limits)
 
 
-def run_check(code: str, tests: str, entry_point: str, limits: Limits = Limits(),
-              prompt: str = "") -> tuple[int, int, Result]:
+def run_check(
+    code: str, tests: str, entry_point: str, limits: Limits = Limits(), prompt: str = ""
+) -> tuple[int, int, Result]:
     """HumanEval-style: each asserting statement of ``check(candidate)`` in ``tests``, with
     ``candidate`` calling ``<entry_point>`` of ``code``. The tests run in a harness process that
     the program cannot reach; only plain data crosses back (see ``_runner.py``). ``prompt`` (the
     task's own, trusted text) gives the tests the helpers it defines. Returns
     ``(passed, total, result)``; (0, 0) if no verdict."""
     nonce = os.urandom(16).hex()
-    files = {"runner.py": RUNNER_SRC, "solution.py": code, "tests.py": tests, "prompt.py": prompt, ".nonce": nonce}
+    files = {
+        "runner.py": RUNNER_SRC,
+        "solution.py": code,
+        "tests.py": tests,
+        "prompt.py": prompt,
+        ".nonce": nonce,
+    }
     res = run(["-I", "-B", "runner.py", "check", entry_point], files, "", limits)
     for line in reversed(res.stdout.splitlines()):
         parts = line.split()
@@ -352,8 +386,9 @@ class SandboxUnavailable(RuntimeError):
 
 def configure(allow_unconfined: bool) -> None:
     """Set the policy for machines without isolation (the config's ``sandbox.allow_unconfined``)."""
-    _policy["allow_unconfined"] = bool(allow_unconfined) or \
-        os.environ.get("THINKRL_SANDBOX_ALLOW_UNCONFINED") == "1"
+    _policy["allow_unconfined"] = (
+        bool(allow_unconfined) or os.environ.get("THINKRL_SANDBOX_ALLOW_UNCONFINED") == "1"
+    )
     _policy["warned"] = False
     if _policy["allow_unconfined"]:
         sweep_stale_workdirs()
@@ -380,8 +415,14 @@ def _capabilities(methods: tuple) -> dict:
         caps = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
         return {"method": None, "isolated": False, "errors": [err.decode(errors="replace")[-500:]]}
-    caps["isolated"] = bool(caps.get("method") in METHODS and caps.get("mountns") and caps.get("pidns")
-                            and caps.get("netns") and caps.get("uid") != 0 and caps.get("capabilities") == 0)
+    caps["isolated"] = bool(
+        caps.get("method") in METHODS
+        and caps.get("mountns")
+        and caps.get("pidns")
+        and caps.get("netns")
+        and caps.get("uid") != 0
+        and caps.get("capabilities") == 0
+    )
     return caps
 
 
@@ -389,7 +430,8 @@ HOW_TO_ISOLATE = (
     "the sandbox needs unprivileged user namespaces (check `sysctl user.max_user_namespaces` > 0 and, "
     "on Debian before 11, `kernel.unprivileged_userns_clone=1`; Ubuntu 23.10+ also restricts them "
     "through AppArmor: `kernel.apparmor_restrict_unprivileged_userns=0`), or root with CAP_SYS_ADMIN "
-    "(in Docker: --cap-add SYS_ADMIN, or a seccomp profile that allows unshare)")
+    "(in Docker: --cap-add SYS_ADMIN, or a seccomp profile that allows unshare)"
+)
 
 
 def require_isolation() -> None:
@@ -400,11 +442,17 @@ def require_isolation() -> None:
         return
     if _policy["allow_unconfined"]:
         if not _policy["warned"]:
-            log.warning("sandbox: no isolation on this machine (%s); model code runs UNCONFINED, with rlimits "
-                        "only, because sandbox.allow_unconfined=true", "; ".join(caps.get("errors", [])) or "?")
+            log.warning(
+                "sandbox: no isolation on this machine (%s); model code runs UNCONFINED, with rlimits "
+                "only, because sandbox.allow_unconfined=true",
+                "; ".join(caps.get("errors", [])) or "?",
+            )
             _policy["warned"] = True
         return
     raise SandboxUnavailable(
         "thinkrl will not run model-written code here: no isolation can be built on this machine ("
-        + ("; ".join(caps.get("errors", [])) or "no method allowed") + "). " + HOW_TO_ISOLATE
-        + ". To run it unconfined anyway, at your own risk, set sandbox.allow_unconfined=true.")
+        + ("; ".join(caps.get("errors", [])) or "no method allowed")
+        + "). "
+        + HOW_TO_ISOLATE
+        + ". To run it unconfined anyway, at your own risk, set sandbox.allow_unconfined=true."
+    )

@@ -50,8 +50,15 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
 MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
 # flags a user namespace may not change on a mount it inherited: a remount must repeat them
-_KEPT = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-         "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+_KEPT = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+    "strictatime": MS_STRICTATIME,
+}
 MNT_DETACH, PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 2, 1, 4, 38
 NO_ISOLATION = 125  # exit status of every launcher failure; stderr starts with "sandbox launcher:"
 
@@ -71,7 +78,9 @@ def fail(message: str) -> None:
 
 def mount(src, target, fstype, flags, data=None) -> None:
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
-    _check(libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+    _check(
+        libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}"
+    )
 
 
 def read_spec() -> dict:
@@ -94,14 +103,57 @@ def read_spec() -> dict:
 # Seccomp, through libseccomp (syscall names resolve per architecture)
 
 DENIED = (
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
-    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
-    "fspick", "mount_setattr", "unshare", "setns", "name_to_handle_at", "open_by_handle_at",
-    "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd", "fanotify_init",
-    "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    "iopl", "ioperm", "swapon", "swapoff", "reboot", "syslog", "acct", "quotactl", "lookup_dcookie",
-    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "vhangup", "uselib", "nfsservctl",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_getfd",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "unshare",
+    "setns",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "fanotify_init",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "iopl",
+    "ioperm",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "syslog",
+    "acct",
+    "quotactl",
+    "lookup_dcookie",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "vhangup",
+    "uselib",
+    "nfsservctl",
 )
 SCMP_ACT_ALLOW, SCMP_CMP_MASKED_EQ = 0x7FFF0000, 7
 
@@ -111,8 +163,12 @@ def scmp_errno(e: int) -> int:
 
 
 class ArgCmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
-                ("datum_b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
 
 
 def load_libseccomp():
@@ -124,8 +180,13 @@ def load_libseccomp():
         lib.seccomp_init.restype = ctypes.c_void_p
         lib.seccomp_init.argtypes = [ctypes.c_uint32]
         lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-        lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                                               ctypes.POINTER(ArgCmp)]
+        lib.seccomp_rule_add_array.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_uint32,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.POINTER(ArgCmp),
+        ]
         lib.seccomp_load.argtypes = [ctypes.c_void_p]
         lib.seccomp_release.argtypes = [ctypes.c_void_p]
         return lib
@@ -140,6 +201,7 @@ def install_seccomp(lib) -> int:
         raise OSError("seccomp_init failed")
     rules = 0
     try:
+
         def add(name, action, cmp=None):
             nonlocal rules
             nr = lib.seccomp_syscall_resolve_name(name.encode())
@@ -152,8 +214,15 @@ def install_seccomp(lib) -> int:
         eperm = scmp_errno(1)
         for name in DENIED:
             add(name, eperm)
-        for flag in (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
-                     CLONE_NEWNET):
+        for flag in (
+            CLONE_NEWNS,
+            CLONE_NEWCGROUP,
+            CLONE_NEWUTS,
+            CLONE_NEWIPC,
+            CLONE_NEWUSER,
+            CLONE_NEWPID,
+            CLONE_NEWNET,
+        ):
             add("clone", eperm, ArgCmp(0, SCMP_CMP_MASKED_EQ, flag, flag))
         add("clone3", scmp_errno(38))  # ENOSYS
         if lib.seccomp_load(ctx) != 0:
@@ -313,8 +382,15 @@ print(json.dumps(applied))
 def become_program(spec: dict, workdir: str, applied: dict, seccomp_lib) -> None:
     root = os.geteuid() == 0  # the "root" method, or an unconfined run started by root
     prepare_workdir(workdir, spec, spec["uid"] if root else None)
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8"}
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+        "PYTHONIOENCODING": "utf-8",
+    }
     if not applied.get("netns"):
         env["THINKRL_NO_NET"] = "1"
     env.update(spec.get("env", {}))
@@ -333,8 +409,10 @@ def become_program(spec: dict, workdir: str, applied: dict, seccomp_lib) -> None
             applied["seccomp_error"] = str(e)
     argv = spec["argv"]
     if not os.access(argv[0], os.X_OK):
-        fail(f"uid {os.getuid()} cannot run the interpreter {argv[0]} (it lives under a folder that uid may "
-             "not enter); install thinkrl's environment where other users can read it")
+        fail(
+            f"uid {os.getuid()} cannot run the interpreter {argv[0]} (it lives under a folder that uid may "
+            "not enter); install thinkrl's environment where other users can read it"
+        )
     if spec.get("probe"):
         env["THINKRL_APPLIED"] = json.dumps(applied)
         argv = [argv[0], "-I", "-S", "-c", PROBE]
@@ -415,7 +493,11 @@ def enter_user_namespace(spec: dict, applied: dict) -> bool:
         uid, gid = os.getuid(), os.getgid()
         try:
             _check(libc.unshare(CLONE_NEWUSER | NAMESPACES), "unshare(user namespace)")
-            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            for name, text in (
+                ("setgroups", "deny"),
+                ("uid_map", f"{uid} {uid} 1"),
+                ("gid_map", f"{gid} {gid} 1"),
+            ):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
         except OSError as e:
@@ -468,8 +550,10 @@ def run_unconfined(spec: dict, applied: dict, seccomp_lib) -> None:
         fail("no isolation and no host work folder")
     applied["method"] = "unconfined"
     if os.geteuid() == 0 and blocked_ancestor(os.path.realpath(spec["argv"][0]), spec["uid"]):
-        fail("no isolation, and the unprivileged uid cannot reach the interpreter; "
-             "refusing to run model code as root")
+        fail(
+            "no isolation, and the unprivileged uid cannot reach the interpreter; "
+            "refusing to run model code as root"
+        )
     become_program(spec, spec["host_workdir"], applied, seccomp_lib)
 
 

@@ -85,7 +85,7 @@ def decode(form):
     if type(form) is list:
         return [decode(v) for v in form]
     if type(form) is dict and len(form) == 1:
-        (tag, v), = form.items()
+        ((tag, v),) = form.items()
         if tag == "i":
             return int(v)
         if tag == "f":
@@ -159,7 +159,12 @@ class Solution:
         self.rep_r, rep_w = os.pipe()
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-B", "runner.py", "serve", str(req_r), str(rep_w)],
-            stdin=subprocess.DEVNULL, stdout=2, stderr=2, pass_fds=(req_r, rep_w), close_fds=True)
+            stdin=subprocess.DEVNULL,
+            stdout=2,
+            stderr=2,
+            pass_fds=(req_r, rep_w),
+            close_fds=True,
+        )
         os.close(req_r)
         os.close(rep_w)
         self.requests, self.replies = os.fdopen(self.req_w, "wb"), os.fdopen(self.rep_r, "rb")
@@ -195,6 +200,7 @@ class Solution:
     def proxy(self, name: str):
         def call(*args, **kwargs):
             return self.call(name, args, kwargs)
+
         call.__name__ = name
         return call
 

@@ -24,7 +24,6 @@ import time
 
 from thinkrl.sandbox import Limits, _remove, _Slot, _spawn, capabilities, log, stop
 
-
 _warned = []
 
 
@@ -49,8 +48,9 @@ class Worker:
         _warn_if_unconfined()
         self.slot = _Slot()
         uid = self.uid = self.slot.__enter__()
-        self.proc, self.workdir, head = _spawn(["-I", "-B", "worker.py"], {"worker.py": script}, limits, uid,
-                                               unconfined_ok=True)
+        self.proc, self.workdir, head = _spawn(
+            ["-I", "-B", "worker.py"], {"worker.py": script}, limits, uid, unconfined_ok=True
+        )
         self.proc.stdin.write(head)
         self.proc.stdin.flush()
         self.buf = b""
@@ -59,7 +59,9 @@ class Worker:
         self.sel.register(self.proc.stdout, selectors.EVENT_READ)
         if self._readline(time.monotonic() + start_timeout) != "ready":
             self.close()
-            raise WorkerCrashed("worker did not start: " + self.proc.stderr.read().decode(errors="replace")[-500:])
+            raise WorkerCrashed(
+                "worker did not start: " + self.proc.stderr.read().decode(errors="replace")[-500:]
+            )
 
     def _readline(self, deadline: float) -> str:
         while b"\n" not in self.buf:

@@ -30,8 +30,14 @@ EFFORT_BUDGETS = {"low": 256, "medium": 1024, "high": 4096}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -130,23 +136,45 @@ class Backend:
         return self.tok(text, add_special_tokens=False).input_ids
 
     def render(self, req: ChatRequest) -> str:
-        return render_chat(self.tok, [{"role": m.role, "content": m.text()} for m in req.messages],
-                           req.chat_template_kwargs)
+        return render_chat(
+            self.tok, [{"role": m.role, "content": m.text()} for m in req.messages], req.chat_template_kwargs
+        )
 
-    def sequences(self, req: _Common, prompt: str, max_tokens: int | None, top: int) -> tuple[list[int], list[Sequence]]:
+    def sequences(
+        self, req: _Common, prompt: str, max_tokens: int | None, top: int
+    ) -> tuple[list[int], list[Sequence]]:
         ids = self.encode(prompt)
         if not ids:
             raise APIError(400, "the prompt is empty after tokenization", "prompt")
         room = self.max_len - len(ids)
         if room < 1:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this server's context is {self.max_len}",
-                           "messages" if isinstance(req, ChatRequest) else "prompt", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; this server's context is {self.max_len}",
+                "messages" if isinstance(req, ChatRequest) else "prompt",
+                "context_length_exceeded",
+            )
         want = max_tokens or self.default_max_tokens
-        params = SamplingParams(max_new_tokens=min(want, room), temperature=req.temperature, top_p=req.top_p,
-                                top_k=req.top_k, min_new_tokens=req.min_tokens,
-                                thinking_budget=req.budget())
-        seqs = [Sequence(ids=ids, params=params, index=i, seed=None if req.seed is None else req.seed + i,
-                         stop=tuple(req.stop or ()), prompt_text=prompt, top_logprobs=top) for i in range(req.n)]
+        params = SamplingParams(
+            max_new_tokens=min(want, room),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_new_tokens=req.min_tokens,
+            thinking_budget=req.budget(),
+        )
+        seqs = [
+            Sequence(
+                ids=ids,
+                params=params,
+                index=i,
+                seed=None if req.seed is None else req.seed + i,
+                stop=tuple(req.stop or ()),
+                prompt_text=prompt,
+                top_logprobs=top,
+            )
+            for i in range(req.n)
+        ]
         return ids, seqs
 
 
@@ -155,7 +183,10 @@ def render_chat(tok, messages: list[dict], template_kwargs: dict | None = None) 
     explicit ``enable_thinking`` that the template does not act on is applied by a prefill:
     an open ``<think>`` (DeepSeek-R1's template ends so) for True, an empty closed block
     (Qwen3's no-think form) for False."""
-    msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+    msgs = [
+        {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+        for m in messages
+    ]
     kwargs = dict(template_kwargs or {})
     try:
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
@@ -173,8 +204,12 @@ def render_chat(tok, messages: list[dict], template_kwargs: dict | None = None) 
 
 def _check_model(backend: Backend, req: _Common) -> None:
     if req.model and req.model != backend.name:
-        raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{backend.name}'",
-                       "model", "model_not_found")
+        raise APIError(
+            404,
+            f"the model '{req.model}' does not exist; this server serves '{backend.name}'",
+            "model",
+            "model_not_found",
+        )
 
 
 def _submit(backend: Backend, seqs: list[Sequence]) -> asyncio.Queue:
@@ -205,7 +240,7 @@ async def _events(q: asyncio.Queue, seqs: list[Sequence], request: Request, poll
                 checked = time.monotonic()
             try:
                 ev = await asyncio.wait_for(q.get(), poll)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             left -= ev.finish is not None
             yield ev
@@ -237,7 +272,9 @@ def create_app(backend: Backend) -> FastAPI:
             text = f"unknown field '{where}'"
         elif err.get("type") in ("json_invalid", "model_attributes_type"):
             text = "the request body is not a JSON object"
-        return JSONResponse(error_body(text, "invalid_request_error", where, "invalid_value"), status_code=400)
+        return JSONResponse(
+            error_body(text, "invalid_request_error", where, "invalid_value"), status_code=400
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
@@ -246,12 +283,21 @@ def create_app(backend: Backend) -> FastAPI:
     @app.get("/health")
     async def health():
         s = backend.sched
-        return {"status": "ok", "model": backend.name, "active": s.active, "waiting": len(s.waiting),
-                "slots": s.dec.max_slots, "steps": s.steps}
+        return {
+            "status": "ok",
+            "model": backend.name,
+            "active": s.active,
+            "waiting": len(s.waiting),
+            "slots": s.dec.max_slots,
+            "steps": s.steps,
+        }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": backend.name, "object": "model", "created": 0, "owned_by": "thinkrl"}]}
+        return {
+            "object": "list",
+            "data": [{"id": backend.name, "object": "model", "created": 0, "owned_by": "thinkrl"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -283,8 +329,10 @@ def create_app(backend: Backend) -> FastAPI:
             n_prompt += len(ids)
         events = _events(_submit(backend, all_seqs), all_seqs, request)
         if req.stream:
-            return StreamingResponse(_stream_completion(backend, events, rid, created, n_prompt, req),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _stream_completion(backend, events, rid, created, n_prompt, req),
+                media_type="text/event-stream",
+            )
         return await _collect_completion(backend, events, all_seqs, rid, created, n_prompt, req.logprobs)
 
     return app
@@ -294,15 +342,31 @@ def create_app(backend: Backend) -> FastAPI:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _chat_logprobs(backend: Backend, toks, top: bool) -> dict:
     dec = backend.tok.decode
-    return {"content": [{"token": dec([e.token]), "logprob": e.logp, "bytes": list(dec([e.token]).encode()),
-                         "top_logprobs": [{"token": dec([t]), "logprob": v, "bytes": list(dec([t]).encode())}
-                                          for t, v in (e.top or [])] if top else []} for e in toks]}
+    return {
+        "content": [
+            {
+                "token": dec([e.token]),
+                "logprob": e.logp,
+                "bytes": list(dec([e.token]).encode()),
+                "top_logprobs": [
+                    {"token": dec([t]), "logprob": v, "bytes": list(dec([t]).encode())}
+                    for t, v in (e.top or [])
+                ]
+                if top
+                else [],
+            }
+            for e in toks
+        ]
+    }
 
 
 async def _collect_chat(backend, events, seqs, rid, created, n_prompt, opened, logprobs):
@@ -319,11 +383,27 @@ async def _collect_chat(backend, events, seqs, rid, created, n_prompt, opened, l
     choices = []
     for i in sorted(texts):
         reasoning, content = ThinkSplitter(opened).feed(texts[i], final=True)
-        msg = {"role": "assistant", "content": content.rstrip(), "reasoning_content": reasoning.rstrip() or None}
-        choices.append({"index": i, "message": msg, "finish_reason": finish.get(i, "stop"),
-                        "logprobs": _chat_logprobs(backend, toks[i], True) if logprobs else None})
-    return {"id": rid, "object": "chat.completion", "created": created, "model": backend.name, "choices": choices,
-            "usage": _usage(n_prompt, sum(len(t) for t in toks.values()))}
+        msg = {
+            "role": "assistant",
+            "content": content.rstrip(),
+            "reasoning_content": reasoning.rstrip() or None,
+        }
+        choices.append(
+            {
+                "index": i,
+                "message": msg,
+                "finish_reason": finish.get(i, "stop"),
+                "logprobs": _chat_logprobs(backend, toks[i], True) if logprobs else None,
+            }
+        )
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": backend.name,
+        "choices": choices,
+        "usage": _usage(n_prompt, sum(len(t) for t in toks.values())),
+    }
 
 
 async def _stream_chat(backend, events, seqs, rid, created, n_prompt, opened, req):
@@ -340,11 +420,23 @@ async def _stream_chat(backend, events, seqs, rid, created, n_prompt, opened, re
             for part, key in ((reasoning, "reasoning_content"), (content, "content")):
                 if part:
                     delta = {"role": "assistant", key: part}
-                    yield _sse({**head, "choices": [{"index": ev.index, "delta": delta, "finish_reason": None,
-                                                     "logprobs": None}]})
+                    yield _sse(
+                        {
+                            **head,
+                            "choices": [
+                                {"index": ev.index, "delta": delta, "finish_reason": None, "logprobs": None}
+                            ],
+                        }
+                    )
             if ev.finish:
-                yield _sse({**head, "choices": [{"index": ev.index, "delta": {}, "finish_reason": ev.finish,
-                                                 "logprobs": None}]})
+                yield _sse(
+                    {
+                        **head,
+                        "choices": [
+                            {"index": ev.index, "delta": {}, "finish_reason": ev.finish, "logprobs": None}
+                        ],
+                    }
+                )
     finally:
         await events.aclose()  # a client that went away cancels its sequences now
     if (req.stream_options or {}).get("include_usage"):
@@ -359,9 +451,12 @@ def _completion_logprobs(backend: Backend, toks, top: bool, offset: int = 0) -> 
     for s in strs:
         offsets.append(at)
         at += len(s)
-    return {"tokens": strs, "token_logprobs": [e.logp for e in toks],
-            "top_logprobs": [{dec([t]): v for t, v in (e.top or [])} for e in toks] if top else None,
-            "text_offset": offsets}
+    return {
+        "tokens": strs,
+        "token_logprobs": [e.logp for e in toks],
+        "top_logprobs": [{dec([t]): v for t, v in (e.top or [])} for e in toks] if top else None,
+        "text_offset": offsets,
+    }
 
 
 async def _collect_completion(backend, events, seqs, rid, created, n_prompt, logprobs):
@@ -375,11 +470,25 @@ async def _collect_completion(backend, events, seqs, rid, created, n_prompt, log
             finish[ev.index] = ev.finish
     if any(f == "error" for f in finish.values()):
         raise APIError(500, "generation failed on the server (see its log)", kind="server_error")
-    choices = [{"index": i, "text": texts[i], "finish_reason": finish.get(i, "stop"),
-                "logprobs": _completion_logprobs(backend, toks[i], bool(logprobs)) if logprobs is not None else None}
-               for i in sorted(texts)]
-    return {"id": rid, "object": "text_completion", "created": created, "model": backend.name, "choices": choices,
-            "usage": _usage(n_prompt, sum(len(t) for t in toks.values()))}
+    choices = [
+        {
+            "index": i,
+            "text": texts[i],
+            "finish_reason": finish.get(i, "stop"),
+            "logprobs": _completion_logprobs(backend, toks[i], bool(logprobs))
+            if logprobs is not None
+            else None,
+        }
+        for i in sorted(texts)
+    ]
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": backend.name,
+        "choices": choices,
+        "usage": _usage(n_prompt, sum(len(t) for t in toks.values())),
+    }
 
 
 async def _stream_completion(backend, events, rid, created, n_prompt, req):
@@ -388,10 +497,20 @@ async def _stream_completion(backend, events, rid, created, n_prompt, req):
     try:
         async for ev in events:
             n_tokens += len(ev.tokens)
-            lp = _completion_logprobs(backend, ev.tokens, bool(req.logprobs)) if req.logprobs is not None else None
+            lp = (
+                _completion_logprobs(backend, ev.tokens, bool(req.logprobs))
+                if req.logprobs is not None
+                else None
+            )
             if ev.text or ev.finish or lp:
-                yield _sse({**head, "choices": [{"index": ev.index, "text": ev.text, "finish_reason": ev.finish,
-                                                 "logprobs": lp}]})
+                yield _sse(
+                    {
+                        **head,
+                        "choices": [
+                            {"index": ev.index, "text": ev.text, "finish_reason": ev.finish, "logprobs": lp}
+                        ],
+                    }
+                )
     finally:
         await events.aclose()  # a client that went away cancels its sequences now
     if (req.stream_options or {}).get("include_usage"):

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 from thinkrl.config import ConfigError
 
-HELP = ("commands: /think, /no_think (thinking mode), /budget N | off (thinking budget), /reset (new conversation), "
-        "/exit; Ctrl-C stops a reply")
+HELP = (
+    "commands: /think, /no_think (thinking mode), /budget N | off (thinking budget), /reset (new conversation), "
+    "/exit; Ctrl-C stops a reply"
+)
 
 
 @dataclass
@@ -109,11 +111,21 @@ class Chat:
         if room < 1:
             self.note("[the conversation no longer fits the context; /reset]", style="bold red")
             return
-        params = SamplingParams(max_new_tokens=min(cfg.max_tokens, room), temperature=cfg.temperature,
-                                top_p=cfg.top_p, min_new_tokens=cfg.min_tokens, thinking_budget=self.budget)
+        params = SamplingParams(
+            max_new_tokens=min(cfg.max_tokens, room),
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            min_new_tokens=cfg.min_tokens,
+            thinking_budget=self.budget,
+        )
         events: queue.Queue = queue.Queue()
-        seq = Sequence(ids=ids, params=params, seed=None if cfg.seed < 0 else cfg.seed, prompt_text=prompt,
-                       emit=events.put)
+        seq = Sequence(
+            ids=ids,
+            params=params,
+            seed=None if cfg.seed < 0 else cfg.seed,
+            prompt_text=prompt,
+            emit=events.put,
+        )
         split, shown = ThinkSplitter(thinking_open(prompt)), None
         answer, n, t0 = "", 0, time.perf_counter()
         self.sched.submit([seq])
@@ -159,7 +171,9 @@ def run_chat(cfg: ChatConfig) -> int:
     force = {"auto": None, "always": True, "never": False}[cfg.color]
     console = Console(force_terminal=force, no_color=cfg.color == "never", soft_wrap=True)
     model, tok = load_model(cfg.model)
-    dec = build_decoder(model, tok, ServeConfig(model=cfg.model, max_slots=1, backend=cfg.backend, dtype=cfg.dtype))
+    dec = build_decoder(
+        model, tok, ServeConfig(model=cfg.model, max_slots=1, backend=cfg.backend, dtype=cfg.dtype)
+    )
     sched = Scheduler(dec, tok, max_queue=0).start()
     chat = Chat(cfg, sched, tok, console)
     chat.note(f"thinkrl chat with {cfg.model}. {HELP}")

@@ -107,8 +107,10 @@ class Scheduler:
         with self.cv:
             free = self.dec.max_slots - len(self.running)
             if len(self.waiting) + len(seqs) > free + self.max_queue:
-                raise QueueFull(f"the server is at capacity ({self.dec.max_slots} slots and "
-                                f"{self.max_queue} queued requests); retry later")
+                raise QueueFull(
+                    f"the server is at capacity ({self.dec.max_slots} slots and "
+                    f"{self.max_queue} queued requests); retry later"
+                )
             self.waiting.extend(seqs)
             self.cv.notify()
 
@@ -138,8 +140,9 @@ class Scheduler:
         for seq in admit:
             if seq.cancelled:
                 continue
-            seq.slot = self.dec.add(seq.ids, seq.params, seed=seq.seed, prompt_text=seq.prompt_text,
-                                    top_logprobs=seq.top_logprobs)
+            seq.slot = self.dec.add(
+                seq.ids, seq.params, seed=seq.seed, prompt_text=seq.prompt_text, top_logprobs=seq.top_logprobs
+            )
             self.running[seq.slot] = seq
         if not self.running:
             return
@@ -156,12 +159,14 @@ class Scheduler:
         seq.tokens.append(e.token)
         finish = e.reason if e.finished else None
         text = self._decode(seq, flush=finish is not None)
-        cut = min((i for i in (text.find(s, max(0, seq.sent - len(s))) for s in seq.stop) if i >= 0), default=-1)
+        cut = min(
+            (i for i in (text.find(s, max(0, seq.sent - len(s))) for s in seq.stop) if i >= 0), default=-1
+        )
         if cut >= 0:
             text, finish = text[:cut], "stop"
         end = len(text) if finish else len(text) - _held_back(text, seq.stop)
         if end > seq.sent or finish:
-            self._send(seq, Event(seq.index, text[seq.sent: end], [e], finish))
+            self._send(seq, Event(seq.index, text[seq.sent : end], [e], finish))
             seq.sent = max(seq.sent, end)
         else:
             self._send(seq, Event(seq.index, "", [e]))
@@ -175,10 +180,10 @@ class Scheduler:
         text is taken only once it ends in a whole character (vLLM's detokenizer does the
         same), unless ``flush``."""
         dec = lambda toks: self.tok.decode(toks, skip_special_tokens=True)  # noqa: E731
-        before = dec(seq.tokens[seq.prefix: seq.read])
-        now = dec(seq.tokens[seq.prefix:])
+        before = dec(seq.tokens[seq.prefix : seq.read])
+        now = dec(seq.tokens[seq.prefix :])
         if len(now) > len(before) and (flush or not now.endswith("\ufffd")):
-            seq.text += now[len(before):]
+            seq.text += now[len(before) :]
             seq.prefix, seq.read = seq.read, len(seq.tokens)
         return seq.text
 

@@ -33,7 +33,9 @@ class ServeConfig:
 
     def validate(self) -> None:
         if not self.model:
-            raise ConfigError("thinkrl serve needs model=PATH (a built-in name, an HF folder or a .gguf file)")
+            raise ConfigError(
+                "thinkrl serve needs model=PATH (a built-in name, an HF folder or a .gguf file)"
+            )
         if self.backend not in ("fast", "hf"):
             raise ConfigError(f"backend '{self.backend}' unknown; choose from: fast, hf")
         for key in ("max_slots", "max_tokens"):
@@ -79,7 +81,9 @@ def _check_port(host: str, port: int) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another port= or host=") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another port= or host="
+        ) from None
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -90,8 +94,11 @@ def serve(cfg: ServeConfig) -> None:
     _check_port(cfg.host, cfg.port)
     backend = build_backend(cfg)
     app = create_app(backend)
-    print(f"thinkrl serve: {backend.name} on http://{cfg.host}:{cfg.port}/v1 "
-          f"({backend.sched.dec.max_slots} slots, context {backend.max_len})", flush=True)
+    print(
+        f"thinkrl serve: {backend.name} on http://{cfg.host}:{cfg.port}/v1 "
+        f"({backend.sched.dec.max_slots} slots, context {backend.max_len})",
+        flush=True,
+    )
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     finally:

@@ -37,7 +37,7 @@ class ThinkSplitter:
             if self.state == BEFORE:
                 head = self.buf.lstrip()
                 if head.startswith(OPEN):
-                    self.buf, self.state, self.fresh = head[len(OPEN):], THINKING, True
+                    self.buf, self.state, self.fresh = head[len(OPEN) :], THINKING, True
                     continue
                 if not final and OPEN.startswith(head):  # could still become <think>
                     return reasoning, content
@@ -47,11 +47,11 @@ class ThinkSplitter:
                 i = self.buf.find(CLOSE)
                 if i >= 0:
                     reasoning += self._take(self.buf[:i])
-                    self.buf, self.state, self.fresh = self.buf[i + len(CLOSE):], ANSWER, True
+                    self.buf, self.state, self.fresh = self.buf[i + len(CLOSE) :], ANSWER, True
                     continue
                 keep = 0 if final else _partial_tail(self.buf, CLOSE)
                 reasoning += self._take(self.buf[: len(self.buf) - keep])
-                self.buf = self.buf[len(self.buf) - keep:]
+                self.buf = self.buf[len(self.buf) - keep :]
                 return reasoning, content
             content += self._take(self.buf)
             self.buf = ""

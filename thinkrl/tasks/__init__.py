@@ -28,7 +28,7 @@ class Example:
     answer: str
     task: str = ""
     meta: dict = field(default_factory=dict)
-    source: "Task | None" = field(default=None, repr=False, compare=False)  # owns check()
+    source: Task | None = field(default=None, repr=False, compare=False)  # owns check()
 
 
 class Task:
@@ -130,8 +130,12 @@ class ReasoningGymTask(Task):
         if dropped:
             log.info("held-out set: dropped %d questions that also occur in training", dropped)
         if len(eval_) < cfg.eval_size:
-            log.warning("held-out set has only %d unseen questions (asked for %d); the task's question "
-                        "space is small", len(eval_), cfg.eval_size)
+            log.warning(
+                "held-out set has only %d unseen questions (asked for %d); the task's question "
+                "space is small",
+                len(eval_),
+                cfg.eval_size,
+            )
         self._levels = [lvl for _, _, _, lvl in parts]
         self._names = [name for name, _, _, _ in parts]
         for ex in train + eval_:
@@ -143,8 +147,13 @@ class ReasoningGymTask(Task):
 
     def _example(self, part: int, idx: int, split: str = "train") -> Example:
         entry = self.parts[part][0 if split == "train" else 1][idx]
-        return Example(question=entry["question"], answer=str(entry["answer"]), task=self.name,
-                       meta={"index": idx, "split": split, "part": part}, source=self)
+        return Example(
+            question=entry["question"],
+            answer=str(entry["answer"]),
+            task=self.name,
+            meta={"index": idx, "split": split, "part": part},
+            source=self,
+        )
 
     @property
     def ds(self):
@@ -208,7 +217,9 @@ def build_task(cfg: TaskConfig) -> Task:
         task = TASKS.get(cfg.name)(cfg)
     else:
         task = FileTask(cfg) if is_data_path(cfg.name) else ReasoningGymTask(cfg)
-    apply_modes(task, cfg.thinking, cfg.think_share, cfg.seed)  # before the pass rates: they join on the question
+    apply_modes(
+        task, cfg.thinking, cfg.think_share, cfg.seed
+    )  # before the pass rates: they join on the question
     apply_pass_rates(task, cfg)
     return task
 

@@ -45,8 +45,10 @@ def _json(path: Path) -> list[tuple[int, object]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8") or "[]")
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); a .json file must hold a list "
-                        "of objects (use .jsonl for one object per line)") from None
+        raise DataError(
+            f"{path}: not valid JSON (line {e.lineno}: {e.msg}); a .json file must hold a list "
+            "of objects (use .jsonl for one object per line)"
+        ) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of objects")
     return list(enumerate(data, 1))
@@ -83,7 +85,9 @@ def _saved_dataset(path: Path, split: str) -> list[tuple[int, object]] | None:
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             if split == "train":
-                raise DataError(f"{path}: the saved DatasetDict has no 'train' split (it has: {', '.join(ds)})")
+                raise DataError(
+                    f"{path}: the saved DatasetDict has no 'train' split (it has: {', '.join(ds)})"
+                )
             return None
         ds = ds[split]
     elif split != "train":
@@ -98,7 +102,9 @@ def read_rows(path: Path, split: str = "train") -> list[tuple[int, object]] | No
         raise DataError(f"data file not found: {path}")
     readers = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}
     if path.suffix not in readers:
-        raise DataError(f"{path}: unknown data format; use one of {', '.join(SUFFIXES)} or a save_to_disk folder")
+        raise DataError(
+            f"{path}: unknown data format; use one of {', '.join(SUFFIXES)} or a save_to_disk folder"
+        )
     return readers[path.suffix](path)
 
 
@@ -111,9 +117,11 @@ def to_examples(rows: list[tuple[int, object]], path: Path, fields: dict, name: 
             raise DataError(f"{path}:{n}: each row must be a JSON object with '{q}' and '{a}' fields")
         missing = [k for k in (q, a) if k not in row]
         if missing:
-            raise DataError(f"{path}:{n}: no '{missing[0]}' field (the row has: {', '.join(map(str, row)) or 'none'}); "
-                            f"each row needs '{q}' and '{a}' fields: name yours with task.fields, "
-                            "e.g. task.fields.question=problem task.fields.answer=solution")
+            raise DataError(
+                f"{path}:{n}: no '{missing[0]}' field (the row has: {', '.join(map(str, row)) or 'none'}); "
+                f"each row needs '{q}' and '{a}' fields: name yours with task.fields, "
+                "e.g. task.fields.question=problem task.fields.answer=solution"
+            )
         if row[a] is None or str(row[a]).strip() == "":
             skipped["an empty answer"] += 1
             continue
@@ -151,13 +159,16 @@ class FileTask(Task):
             held = read_examples(Path(cfg.eval_path).expanduser(), cfg.fields, self.name)
         elif path.is_dir():  # a DatasetDict's own held-out split
             held = read_examples(path, cfg.fields, self.name, "test") or read_examples(
-                path, cfg.fields, self.name, "validation")
+                path, cfg.fields, self.name, "validation"
+            )
         if held is not None:
             eval_, train = held[: cfg.eval_size], rows
         else:  # hold out a seeded slice of the file
             if len(rows) < 2:
-                raise DataError(f"{path} has {len(rows)} usable row(s): too few to hold out an eval set; "
-                                "add rows or give task.eval_path")
+                raise DataError(
+                    f"{path} has {len(rows)} usable row(s): too few to hold out an eval set; "
+                    "add rows or give task.eval_path"
+                )
             order = list(range(len(rows)))
             random.Random(cfg.eval_seed).shuffle(order)
             k = min(cfg.eval_size, max(1, len(rows) // 5))

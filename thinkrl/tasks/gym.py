@@ -21,16 +21,20 @@ def gym_parts(cfg: TaskConfig) -> list[tuple[str, dict, float, int | None]]:
     from reasoning_gym.factory import DATASETS
 
     if cfg.name == "mix":
-        parts = [(m["name"], dict(m.get("params") or {}), float(m.get("weight", 1.0)), None) for m in cfg.mixture]
+        parts = [
+            (m["name"], dict(m.get("params") or {}), float(m.get("weight", 1.0)), None) for m in cfg.mixture
+        ]
     elif cfg.levels:
         parts = [(cfg.name, _level_params(cfg.name, lvl, cfg.params), 1.0, lvl) for lvl in cfg.levels]
     else:
         parts = [(cfg.name, dict(cfg.params), 1.0, None)]
     for name, _, _, _ in parts:
         if name not in DATASETS:
-            raise ConfigError(f"unknown task '{name}': not a reasoning-gym dataset and not a data file "
-                              "(.jsonl, .json, .csv, .parquet or a saved `datasets` folder). "
-                              f"reasoning-gym datasets: {', '.join(sorted(DATASETS))}")
+            raise ConfigError(
+                f"unknown task '{name}': not a reasoning-gym dataset and not a data file "
+                "(.jsonl, .json, .csv, .parquet or a saved `datasets` folder). "
+                f"reasoning-gym datasets: {', '.join(sorted(DATASETS))}"
+            )
     return parts
 
 
@@ -74,8 +78,12 @@ def make_datasets(parts, train_n: list[int], eval_n: list[int], cfg: TaskConfig)
     out = []
     for j, (name, params, _, _) in enumerate(parts):
         try:
-            train = rg.create_dataset(name, size=max(train_n[j], 1), seed=cfg.seed + j * SEED_STRIDE, **params)
-            held = rg.create_dataset(name, size=eval_n[j] * 5 + 50, seed=cfg.eval_seed + j * SEED_STRIDE, **params)
+            train = rg.create_dataset(
+                name, size=max(train_n[j], 1), seed=cfg.seed + j * SEED_STRIDE, **params
+            )
+            held = rg.create_dataset(
+                name, size=eval_n[j] * 5 + 50, seed=cfg.eval_seed + j * SEED_STRIDE, **params
+            )
         except (TypeError, ValueError, AssertionError) as e:
             raise ConfigError(f"task.params {params} rejected by reasoning-gym '{name}': {e}") from None
         out.append((train, held))

@@ -12,8 +12,10 @@ import random
 from thinkrl.config import ConfigError, TaskConfig
 from thinkrl.tasks import DataError, Example, Task
 
-INSTRUCTION = ("Complete the following Python function. Reply with the whole function, including the "
-               "signature, in one ```python code block.\n\n```python\n{prompt}```")
+INSTRUCTION = (
+    "Complete the following Python function. Reply with the whole function, including the "
+    "signature, in one ```python code block.\n\n```python\n{prompt}```"
+)
 
 
 def load_problems() -> list[dict]:
@@ -44,10 +46,20 @@ class HumanEvalTask(Task):
         super().__init__(train, eval_, cfg.seed)
 
     def _example(self, p: dict) -> Example:
-        meta = {"task_id": p["task_id"], "prompt": p["prompt"], "tests": p["test"],
-                "entry_point": p["entry_point"], "split": "train"}
-        return Example(question=INSTRUCTION.format(prompt=p["prompt"]), answer=p["prompt"] + p["canonical_solution"],
-                       task=self.name, meta=meta, source=self)
+        meta = {
+            "task_id": p["task_id"],
+            "prompt": p["prompt"],
+            "tests": p["test"],
+            "entry_point": p["entry_point"],
+            "split": "train",
+        }
+        return Example(
+            question=INSTRUCTION.format(prompt=p["prompt"]),
+            answer=p["prompt"] + p["canonical_solution"],
+            task=self.name,
+            meta=meta,
+            source=self,
+        )
 
     def score_completion(self, completion: str, ex: Example) -> float | None:
         """pass@1 of the completion's code (the ``code`` reward in pass mode)."""

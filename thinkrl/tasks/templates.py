@@ -50,10 +50,11 @@ def _chat(question: str, tokenizer, cfg: TaskConfig) -> tuple[str, str]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prefill = cfg.prefill
     if mode is not None and has_thinking_flag(tokenizer):
-        flagged = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                enable_thinking=mode == ON)
+        flagged = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=mode == ON
+        )
         if flagged.startswith(text):  # what the flag appended (an empty block) is part of the response
-            tail = flagged[len(text):]
+            tail = flagged[len(text) :]
             if "</think>" in tail and prefill.lstrip().startswith("<think>"):
                 prefill = ""  # the block is written already: no second opening tag
             prefill = tail + prefill

@@ -48,8 +48,10 @@ class MicroBatch:
         step's [N, T] tensors it indexes); itself where they already are."""
         if self.input_ids.device == torch.device(dev):
             return self
-        move = {k: device.to(getattr(self, k), dev) if getattr(self, k) is not None else None
-                for k in ("input_ids", "attention_mask", "mask", "prompt_ids", "prompt_mask")}
+        move = {
+            k: device.to(getattr(self, k), dev) if getattr(self, k) is not None else None
+            for k in ("input_ids", "attention_mask", "mask", "prompt_ids", "prompt_mask")
+        }
         return MicroBatch(index=self.index, prompt_len=self.prompt_len, group_size=self.group_size, **move)
 
 
@@ -64,8 +66,9 @@ def policy_token_mask(ro, T: int) -> Tensor:
     return out
 
 
-def make_micro_batch(prompts: list[list[int]], completions: list[list[int]], index: list[int],
-                     pad_id: int) -> MicroBatch:
+def make_micro_batch(
+    prompts: list[list[int]], completions: list[list[int]], index: list[int], pad_id: int
+) -> MicroBatch:
     P = max(len(p) for p in prompts)
     T = max(max(len(c) for c in completions), 1)
     ids, attn, mask = [], [], []
@@ -74,12 +77,18 @@ def make_micro_batch(prompts: list[list[int]], completions: list[list[int]], ind
         ids.append([pad_id] * lp + p + c + [pad_id] * rp)
         attn.append([0] * lp + [1] * (len(p) + len(c)) + [0] * rp)
         mask.append([1.0] * len(c) + [0.0] * rp)
-    return MicroBatch(index=torch.tensor(index), input_ids=torch.tensor(ids), attention_mask=torch.tensor(attn),
-                      prompt_len=P, mask=torch.tensor(mask))
+    return MicroBatch(
+        index=torch.tensor(index),
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(attn),
+        prompt_len=P,
+        mask=torch.tensor(mask),
+    )
 
 
-def make_grouped_micro_batch(prompts: list[list[int]], completions: list[list[int]], index: list[int],
-                             group_size: int, pad_id: int) -> MicroBatch:
+def make_grouped_micro_batch(
+    prompts: list[list[int]], completions: list[list[int]], index: list[int], group_size: int, pad_id: int
+) -> MicroBatch:
     """``prompts`` has one entry per group; ``completions`` and ``index`` have G per group."""
     P = max(len(p) for p in prompts)
     T = max(max(len(c) for c in completions), 1)
@@ -89,33 +98,52 @@ def make_grouped_micro_batch(prompts: list[list[int]], completions: list[list[in
     c_mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completions])  # [g*G, T]
     rep_ids = p_ids.repeat_interleave(group_size, 0)  # [g*G, P]
     rep_mask = p_mask.repeat_interleave(group_size, 0)  # [g*G, P]
-    return MicroBatch(index=torch.tensor(index), input_ids=torch.cat([rep_ids, c_ids], 1),
-                      attention_mask=torch.cat([rep_mask, c_mask], 1), prompt_len=P, mask=c_mask.float(),
-                      group_size=group_size, prompt_ids=p_ids, prompt_mask=p_mask)
+    return MicroBatch(
+        index=torch.tensor(index),
+        input_ids=torch.cat([rep_ids, c_ids], 1),
+        attention_mask=torch.cat([rep_mask, c_mask], 1),
+        prompt_len=P,
+        mask=c_mask.float(),
+        group_size=group_size,
+        prompt_ids=p_ids,
+        prompt_mask=p_mask,
+    )
 
 
-def split_grouped_micro_batches(prompts: list[list[int]], completions: list[list[int]], groups: list[int],
-                                group_size: int, size: int, pad_id: int) -> list[MicroBatch]:
+def split_grouped_micro_batches(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    groups: list[int],
+    group_size: int,
+    size: int,
+    pad_id: int,
+) -> list[MicroBatch]:
     """Micro-batches of whole groups (row ``g*G + j`` is sample j of group g), about ``size`` rows each."""
     G = group_size
     per = max(1, size // G)
-    order = sorted(groups, key=lambda g: (len(prompts[g * G]) + max(len(completions[g * G + j]) for j in range(G)), g))
+    order = sorted(
+        groups, key=lambda g: (len(prompts[g * G]) + max(len(completions[g * G + j]) for j in range(G)), g)
+    )
     out = []
     for s in range(0, len(order), per):
-        gs = order[s: s + per]
+        gs = order[s : s + per]
         rows = [g * G + j for g in gs for j in range(G)]
-        out.append(make_grouped_micro_batch([prompts[g * G] for g in gs], [completions[i] for i in rows], rows,
-                                            G, pad_id))
+        out.append(
+            make_grouped_micro_batch(
+                [prompts[g * G] for g in gs], [completions[i] for i in rows], rows, G, pad_id
+            )
+        )
     return out
 
 
-def split_micro_batches(prompts: list[list[int]], completions: list[list[int]], rows: list[int], size: int,
-                        pad_id: int) -> list[MicroBatch]:
+def split_micro_batches(
+    prompts: list[list[int]], completions: list[list[int]], rows: list[int], size: int, pad_id: int
+) -> list[MicroBatch]:
     """Group ``rows`` into micro-batches of similar length, so little compute goes to padding."""
     order = sorted(rows, key=lambda i: (len(prompts[i]) + len(completions[i]), i))
     out = []
     for s in range(0, len(order), size):
-        idx = order[s: s + size]
+        idx = order[s : s + size]
         out.append(make_micro_batch([prompts[i] for i in idx], [completions[i] for i in idx], idx, pad_id))
     return out
 
@@ -142,12 +170,20 @@ def completion_hidden(inner, mb: MicroBatch) -> Tensor:
         return _grouped_hidden(inner, mb)  # [b, T, H]
     # Full rows: a grouped micro-batch holds them too (input_ids repeat each prompt G times).
     positions = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, P+T]; left padding shifts them
-    return inner(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                 position_ids=positions).last_hidden_state[:, P - 1: P - 1 + T]  # [b, T, H]
+    return inner(
+        input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=positions
+    ).last_hidden_state[:, P - 1 : P - 1 + T]  # [b, T, H]
 
 
-def token_logps(model, mb: MicroBatch, *, temperature: float = 1.0, bf16: bool = False,
-                with_entropy: bool = False, entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+def token_logps(
+    model,
+    mb: MicroBatch,
+    *,
+    temperature: float = 1.0,
+    bf16: bool = False,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the completion tokens under ``model``: [b, T] (fp32, zero on padding), and
     optionally the entropy of the full next-token distribution at each position (detached
     unless ``entropy_grad``, which an entropy bonus needs).
@@ -161,15 +197,19 @@ def token_logps(model, mb: MicroBatch, *, temperature: float = 1.0, bf16: bool =
     with device.autocast(bf16, head.weight.device):
         hidden = completion_hidden(inner, mb)  # [b, T, H]
     keep = mb.mask.bool()  # [b, T]
-    targets = mb.input_ids[:, P: P + T][keep]  # [n] the n real completion tokens
+    targets = mb.input_ids[:, P : P + T][keep]  # [n] the n real completion tokens
     if getattr(head, "bias", None) is not None or not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{type(model).__name__}: the LM head must be a bias-free nn.Linear")
     want_ent = with_entropy or entropy_grad
-    logp, ent = HeadLogProbs.apply(hidden[keep], head.weight, targets, temperature, bf16, want_ent)  # [n] each
+    logp, ent = HeadLogProbs.apply(
+        hidden[keep], head.weight, targets, temperature, bf16, want_ent
+    )  # [n] each
     zeros = hidden.new_zeros(keep.shape, dtype=torch.float32)  # [b, T]
     entropy = None
     if want_ent:
-        entropy = zeros.masked_scatter(keep, ent if entropy_grad and torch.is_grad_enabled() else ent.detach())
+        entropy = zeros.masked_scatter(
+            keep, ent if entropy_grad and torch.is_grad_enabled() else ent.detach()
+        )
     return zeros.masked_scatter(keep, logp), entropy
 
 
@@ -188,8 +228,9 @@ class HeadLogProbs(torch.autograd.Function):
     CHUNK = 128  # positions per chunk: [128, V] fp32 logits stay under glibc's 32 MB mmap limit
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, temperature: float, bf16: bool,
-                with_entropy: bool):
+    def forward(
+        ctx, h: Tensor, weight: Tensor, targets: Tensor, temperature: float, bf16: bool, with_entropy: bool
+    ):
         n = h.shape[0]
         w = weight.detach().to(torch.bfloat16 if bf16 else torch.float32)  # [V, H]
         logp, lse, ent = (torch.zeros(n, device=h.device) for _ in range(3))  # [n] each
@@ -219,7 +260,9 @@ class HeadLogProbs(torch.autograd.Function):
         w = weight.detach().to(torch.bfloat16 if ctx.bf16 else torch.float32)  # [V, H]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = h.shape[0]
-        gz_all = torch.empty(n, w.shape[0], dtype=w.dtype, device=w.device)  # [n, V] d loss / d logits, filled chunk by chunk
+        gz_all = torch.empty(
+            n, w.shape[0], dtype=w.dtype, device=w.device
+        )  # [n, V] d loss / d logits, filled chunk by chunk
         use_ent = ctx.with_entropy and g_ent is not None and bool(g_ent.abs().sum() > 0)
         for s in range(0, n, HeadLogProbs.CHUNK):
             e = min(n, s + HeadLogProbs.CHUNK)
@@ -274,10 +317,15 @@ def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
             cache = DynamicCache()
             for i, (k, v) in enumerate(prompt_kv):
                 cache.update(k[group[rows]], v[group[rows]], i)  # differentiable copy per row
-            attn = torch.cat([kv_mask[group[rows]], mb.attention_mask[rows, P: P + Tk - 1]], 1)
+            attn = torch.cat([kv_mask[group[rows]], mb.attention_mask[rows, P : P + Tk - 1]], 1)
             pos = start[rows, None] + torch.arange(Tk - 1, device=start.device)[None]  # [bk, Tk-1]
-            rest = inner(input_ids=c_ids[rows, : Tk - 1], attention_mask=attn, position_ids=pos,
-                         past_key_values=cache, use_cache=True).last_hidden_state  # [bk, Tk-1, H]
+            rest = inner(
+                input_ids=c_ids[rows, : Tk - 1],
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state  # [bk, Tk-1, H]
             h = torch.cat([h, rest], 1)  # [bk, Tk, H]
         hidden = hidden.index_put((rows,), F.pad(h, (0, 0, 0, T - Tk)))
     return hidden
@@ -304,18 +352,25 @@ def _prompt_pass(inner, ids: Tensor, mask: Tensor) -> tuple[Tensor, list, Tensor
         return out.last_hidden_state[:, -1], [(c.keys, c.values) for c in out.past_key_values.layers], mask
     S = P - L
     dev = ids.device
-    pre = inner(input_ids=torch.tensor([real[0][:L]], device=dev), position_ids=torch.arange(L, device=dev)[None],
-                use_cache=True)
+    pre = inner(
+        input_ids=torch.tensor([real[0][:L]], device=dev),
+        position_ids=torch.arange(L, device=dev)[None],
+        use_cache=True,
+    )
     cache = DynamicCache()
     for i, c in enumerate(pre.past_key_values.layers):
         cache.update(c.keys.expand(g, -1, -1, -1), c.values.expand(g, -1, -1, -1), i)  # [g, nkv, L, hd]
-    t_ids = torch.tensor([[0] * (S - len(r) + L) + r[L:] for r in real], device=dev)  # [g, S] left-padded tails
+    t_ids = torch.tensor(
+        [[0] * (S - len(r) + L) + r[L:] for r in real], device=dev
+    )  # [g, S] left-padded tails
     t_mask = torch.zeros(g, S, dtype=mask.dtype, device=dev)
     for i, r in enumerate(real):
-        t_mask[i, S - len(r) + L:] = 1
+        t_mask[i, S - len(r) + L :] = 1
     kv_mask = torch.cat([torch.ones(g, L, dtype=mask.dtype, device=dev), t_mask], 1)  # [g, P]
     pos = L + (t_mask.cumsum(-1) - 1).clamp(min=0)  # [g, S]
-    out = inner(input_ids=t_ids, attention_mask=kv_mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    out = inner(
+        input_ids=t_ids, attention_mask=kv_mask, position_ids=pos, past_key_values=cache, use_cache=True
+    )
     return out.last_hidden_state[:, -1], [(c.keys, c.values) for c in out.past_key_values.layers], kv_mask
 
 

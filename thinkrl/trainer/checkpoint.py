@@ -68,10 +68,17 @@ class CheckpointError(ConfigError):
 def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "python": {"version": version, "internal": list(internal), "gauss": gauss},
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)}}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -79,8 +86,9 @@ def set_rng_state(s: dict) -> None:
     py = s["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     npy = s["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached"]))
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -122,8 +130,10 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(folder: Path) -> None:
     """Record every file's size and hash, then fsync every file and folder under ``folder``."""
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _files(folder)}
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files(folder)
+    }
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
     for p in _files(folder):
         fsync_path(p)
@@ -140,9 +150,11 @@ def check_finite(model) -> None:
     only ever be resumed into the same failure."""
     for name, w in model.named_parameters():
         if not torch.isfinite(w).all():
-            raise CheckpointError(f"refusing to save a checkpoint: parameter {name} has non-finite values "
-                                  "(the run diverged; lower optim.lr, check the rewards, and resume from the last "
-                                  "checkpoint)")
+            raise CheckpointError(
+                f"refusing to save a checkpoint: parameter {name} has non-finite values "
+                "(the run diverged; lower optim.lr, check the rewards, and resume from the last "
+                "checkpoint)"
+            )
 
 
 def save_checkpoint(path: Path, model, tokenizer, state: dict) -> Path:
@@ -288,14 +300,18 @@ def resume_point(run_dir: Path, resume: bool) -> tuple[Path, dict] | None:
     recover(run_dir / "checkpoints")
     recover(run_dir, only="final")
     if list_checkpoints(run_dir) and not resume:
-        raise ConfigError(f"{run_dir} already holds a run with checkpoints; pass resume=true to continue it, "
-                          "or choose another output_dir")
+        raise ConfigError(
+            f"{run_dir} already holds a run with checkpoints; pass resume=true to continue it, "
+            "or choose another output_dir"
+        )
     if not resume:
         return None
     found = find_resumable(run_dir)
     if found is None and list_checkpoints(run_dir):
-        raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'} is whole (see the warnings above); "
-                              "move that folder away to start the run over")
+        raise CheckpointError(
+            f"no checkpoint in {run_dir / 'checkpoints'} is whole (see the warnings above); "
+            "move that folder away to start the run over"
+        )
     if found is None and (run_dir / "final").is_dir():
         raise ConfigError(f"{run_dir} has a finished run (final/) and no step checkpoint to resume from")
     return found
@@ -315,7 +331,11 @@ def load_adapter(model, path: Path) -> None:
     try:
         result = set_peft_model_state_dict(model, load_file(where / "adapter_model.safetensors"))
     except RuntimeError as e:  # a shape mismatch: another rank
-        raise ConfigError(f"the LoRA adapter in {where} does not fit lora.*: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"the LoRA adapter in {where} does not fit lora.*: {str(e).splitlines()[0]}"
+        ) from None
     if result.unexpected_keys:
-        raise ConfigError(f"the LoRA adapter in {where} does not fit lora.target_modules: it has "
-                          f"{result.unexpected_keys[:2]}; resume with the run's own lora.* settings")
+        raise ConfigError(
+            f"the LoRA adapter in {where} does not fit lora.target_modules: it has "
+            f"{result.unexpected_keys[:2]}; resume with the run's own lora.* settings"
+        )

@@ -33,13 +33,19 @@ def apply_lora(model, lora: LoraConfig):
     """Wrap ``model`` with LoRA adapters (Hu et al. 2021) when enabled; otherwise return it."""
     if not lora.enabled:
         return model
-    from peft import LoraConfig as PeftLora, get_peft_model
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
 
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in lora.target_modules if t not in names]
     need(not missing, f"lora.target_modules {missing} are not modules of this model")
-    config = PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    config = PeftLora(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing for a user to change
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
@@ -83,8 +89,11 @@ def collate(encoded: list, pad_id: int) -> dict[str, torch.Tensor]:
     ids = [e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in encoded]
     labels = [e.labels + [IGNORE] * (width - len(e.labels)) for e in encoded]
     attn = [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),  # [B, L]
-            "attention_mask": torch.tensor(attn)}  # [B, L]
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),  # [B, L]
+        "attention_mask": torch.tensor(attn),
+    }  # [B, L]
 
 
 def pack(encoded: list, max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -114,11 +123,11 @@ def pack(encoded: list, max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
         at = 0
         for j, e in enumerate(b):
             n = len(e.input_ids)
-            ids[i, at:at + n] = torch.tensor(e.input_ids)
-            labels[i, at:at + n] = torch.tensor(e.labels)
+            ids[i, at : at + n] = torch.tensor(e.input_ids)
+            labels[i, at : at + n] = torch.tensor(e.labels)
             labels[i, at] = IGNORE
-            pos[i, at:at + n] = torch.arange(n)
-            seg[i, at:at + n] = j
+            pos[i, at : at + n] = torch.arange(n)
+            seg[i, at : at + n] = j
             at += n
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     # Padding slots attend to themselves only (a fully masked row would give NaN).

@@ -57,19 +57,35 @@ def build_value_model(model_path: str) -> ValueModel:
 
 
 class Critic:
-    def __init__(self, value_model: ValueModel, *, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.0,
-                 vf_clip: float | None = 0.2, max_grad_norm: float = 1.0, bf16: bool = False):
+    def __init__(
+        self,
+        value_model: ValueModel,
+        *,
+        lr: float,
+        betas=(0.9, 0.99),
+        weight_decay: float = 0.0,
+        vf_clip: float | None = 0.2,
+        max_grad_norm: float = 1.0,
+        bf16: bool = False,
+    ):
         self.model = value_model
-        self.optimizer = torch.optim.AdamW(value_model.parameters(), lr=lr, betas=tuple(betas),
-                                           weight_decay=weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(
+            value_model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True
+        )
         self.vf_clip, self.max_grad_norm, self.bf16 = vf_clip, max_grad_norm, bf16
 
     @classmethod
     def from_config(cls, cfg, bf16: bool, dev: str = "cpu") -> Critic:
         a = cfg.algo
-        return cls(build_value_model(a.critic_model or cfg.model).to(dev), lr=a.critic_lr, betas=cfg.optim.betas,
-                   weight_decay=cfg.optim.weight_decay, vf_clip=a.vf_clip, max_grad_norm=cfg.optim.max_grad_norm,
-                   bf16=bf16)
+        return cls(
+            build_value_model(a.critic_model or cfg.model).to(dev),
+            lr=a.critic_lr,
+            betas=cfg.optim.betas,
+            weight_decay=cfg.optim.weight_decay,
+            vf_clip=a.vf_clip,
+            max_grad_norm=cfg.optim.max_grad_norm,
+            bf16=bf16,
+        )
 
     @torch.no_grad()
     def values(self, mbs: list[MicroBatch], N: int, T: int) -> Tensor:
@@ -79,7 +95,9 @@ class Critic:
             out[mb.index, : mb.mask.shape[1]] = self.model(mb, self.bf16)
         return out
 
-    def update(self, mbs: list[MicroBatch], returns: Tensor, old_values: Tensor, num_iterations: int = 1) -> dict:
+    def update(
+        self, mbs: list[MicroBatch], returns: Tensor, old_values: Tensor, num_iterations: int = 1
+    ) -> dict:
         """``num_iterations`` passes of the clipped value loss (token mean over the step); returns metrics.
 
         A pass with a non-finite loss or gradient norm is not applied and ends the update, as
@@ -96,7 +114,9 @@ class Critic:
                 m = mb.mask  # [b, T']
                 Tm = m.shape[1]
                 v = self.model(mb, self.bf16)  # [b, T']
-                tok_loss, lm = value_loss(v, old_values[mb.index, :Tm], returns[mb.index, :Tm], m, self.vf_clip)
+                tok_loss, lm = value_loss(
+                    v, old_values[mb.index, :Tm], returns[mb.index, :Tm], m, self.vf_clip
+                )
                 loss = aggregate(tok_loss, m, "token_mean")
                 weight = float(m.sum()) / max(total, 1.0)
                 (loss * weight).backward()
@@ -110,7 +130,11 @@ class Critic:
                 self.optimizer.zero_grad(set_to_none=True)
                 break
             self.optimizer.step()
-        out = {**sums, "critic_grad_norm": float(gn), **value_stats(old_values, returns, _full_mask(mbs, returns))}
+        out = {
+            **sums,
+            "critic_grad_norm": float(gn),
+            **value_stats(old_values, returns, _full_mask(mbs, returns)),
+        }
         return out if cause is None else {**out, "critic_skip_cause": cause}
 
     # -- checkpoints ---------------------------------------------------------

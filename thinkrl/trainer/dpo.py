@@ -83,7 +83,7 @@ def sequence_logps(model, pairs: list[Pair], pad_id: int, bf16: bool) -> tuple[t
     mb = make_micro_batch(prompts, responses, list(range(len(prompts))), pad_id)
     logp, _ = token_logps(model, mb, bf16=bf16)  # [2B, T], zero on padding
     seq = device.to(logp.sum(-1), "cpu")  # [2B], with the lengths and reference log-probs (differentiable)
-    return seq[: len(pairs)], seq[len(pairs):]
+    return seq[: len(pairs)], seq[len(pairs) :]
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def reference_logps(model, pairs: list[Pair], pad_id: int, bf16: bool, batch_siz
     model.eval()
     out = []
     for s in range(0, len(pairs), batch_size):
-        c, r = sequence_logps(model, pairs[s: s + batch_size], pad_id, bf16)
+        c, r = sequence_logps(model, pairs[s : s + batch_size], pad_id, bf16)
         out.append(torch.stack([c, r], -1))  # [b, 2]
     return torch.cat(out)  # [N, 2]
 
@@ -120,9 +120,16 @@ def train_dpo(cfg: DPOConfig) -> Path:
     loss_fn = PREFERENCE_LOSSES.get(cfg.loss)
     ref = None
     if loss_fn.needs_reference:
-        ref = found[1].get("ref") if found else reference_logps(model, pairs, tok.pad_token_id, bf16, cfg.batch_size)
-        need(ref is not None and len(ref) == len(pairs), f"{found and found[0]} was written by another loss or "
-             "other data: resume it with the run's own loss and data")
+        ref = (
+            found[1].get("ref")
+            if found
+            else reference_logps(model, pairs, tok.pad_token_id, bf16, cfg.batch_size)
+        )
+        need(
+            ref is not None and len(ref) == len(pairs),
+            f"{found and found[0]} was written by another loss or "
+            "other data: resume it with the run's own loss and data",
+        )
     lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs]
     total = cfg.max_steps or -(-len(pairs) // cfg.batch_size) * cfg.epochs
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total)
@@ -136,5 +143,16 @@ def train_dpo(cfg: DPOConfig) -> Path:
         loss, m = loss_fn(logp_c, logp_r, ref_c, ref_r, len_c, len_r, beta=cfg.beta, gamma=cfg.gamma)
         return loss, {**m, "chosen_len": float(len_c.mean()), "rejected_len": float(len_r.mean())}
 
-    return run_steps(cfg, model, tok, opt, sched, lengths, total, step_loss, found=found,
-                     extra_state={"ref": ref}, name=cfg.loss)
+    return run_steps(
+        cfg,
+        model,
+        tok,
+        opt,
+        sched,
+        lengths,
+        total,
+        step_loss,
+        found=found,
+        extra_state={"ref": ref},
+        name=cfg.loss,
+    )

@@ -20,9 +20,11 @@ from thinkrl.config import ConfigError
 
 # The causes, in the order they are checked: a NaN reward makes a NaN loss, which makes a NaN norm.
 SKIP_CAUSES = ("nan_reward", "nan_loss", "nan_grad_norm")
-ADVICE = {"nan_reward": "a reward returned NaN or infinity: fix that reward",
-          "nan_loss": "the loss is not finite: lower optim.lr or check the advantages' inputs",
-          "nan_grad_norm": "the gradient norm is not finite: lower optim.lr"}
+ADVICE = {
+    "nan_reward": "a reward returned NaN or infinity: fix that reward",
+    "nan_loss": "the loss is not finite: lower optim.lr or check the advantages' inputs",
+    "nan_grad_norm": "the gradient norm is not finite: lower optim.lr",
+}
 
 
 class TrainingError(ConfigError):
@@ -70,8 +72,10 @@ class BadStepGuard:
         steps = ", ".join(f"step {s}: {c}" for s, c in self.streak)
         advice = "; ".join(dict.fromkeys(ADVICE[c] for _, c in self.streak))
         kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-        return TrainingError(f"training stopped after {len(self.streak)} skipped updates in a row ({steps}; "
-                            f"optim.max_bad_steps={self.max_bad_steps}): {advice}; {kept}")
+        return TrainingError(
+            f"training stopped after {len(self.streak)} skipped updates in a row ({steps}; "
+            f"optim.max_bad_steps={self.max_bad_steps}): {advice}; {kept}"
+        )
 
     def state_dict(self) -> dict:
         return {"total": self.total, "streak": [list(x) for x in self.streak]}

@@ -52,8 +52,10 @@ class StopRequests:
         if self.signum is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without saving")
         self.signum = signum
-        log.warning("%s: stopping after the current step, which will be saved; send it again to abort "
-                    "without saving", self.name)
+        log.warning(
+            "%s: stopping after the current step, which will be saved; send it again to abort without saving",
+            self.name,
+        )
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

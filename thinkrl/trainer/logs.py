@@ -20,7 +20,11 @@ class JsonlWriter:
     def __init__(self, path: Path, truncate_after_step: int | None = None):
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
-            keep = [line for line in _whole_lines(self.path) if json.loads(line).get("step", 0) <= truncate_after_step]
+            keep = [
+                line
+                for line in _whole_lines(self.path)
+                if json.loads(line).get("step", 0) <= truncate_after_step
+            ]
             tmp = self.path.with_name(self.path.name + ".tmp")
             with tmp.open("w") as f:
                 f.write("".join(line + "\n" for line in keep))
@@ -87,7 +91,9 @@ def _smooth(ys: list[float], k: int) -> list[float]:
     return out
 
 
-def plot_metrics(metrics: list[dict], out_png: Path, title: str = "", evals: list[dict] | None = None) -> Path | None:
+def plot_metrics(
+    metrics: list[dict], out_png: Path, title: str = "", evals: list[dict] | None = None
+) -> Path | None:
     """One PNG with a panel per curve; raw values faint, a moving average bold."""
     if not metrics:
         return None
@@ -107,13 +113,18 @@ def plot_metrics(metrics: list[dict], out_png: Path, title: str = "", evals: lis
         ax.plot(steps, ys, color="tab:blue", alpha=0.3, lw=1)
         ax.plot(steps, _smooth(ys, k), color="tab:blue", lw=2)
         if key == "accuracy" and evals:
-            ax.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", color="tab:red",
-                    label="held-out (greedy)")
+            ax.plot(
+                [e["step"] for e in evals],
+                [e["accuracy"] for e in evals],
+                "o-",
+                color="tab:red",
+                label="held-out (greedy)",
+            )
             ax.legend(fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title)

@@ -50,10 +50,12 @@ class Monitor:
             return None
         self.g.append(float(g))
         self.p.append(float(p))
-        metrics["monitor/gold_slope"] = slope(self.g[-self.window:])
-        metrics["monitor/proxy_slope"] = slope(self.p[-self.window:])
+        metrics["monitor/gold_slope"] = slope(self.g[-self.window :])
+        metrics["monitor/proxy_slope"] = slope(self.p[-self.window :])
         if overoptimised(self.g, self.p, self.window):
-            return (f"over-optimisation: over the last {self.window} steps the gold reward ({self.gold}) fell "
-                    f"(slope {metrics['monitor/gold_slope']:+.4f}/step) while the proxy ({self.proxy}) rose "
-                    f"(slope {metrics['monitor/proxy_slope']:+.4f}/step)")
+            return (
+                f"over-optimisation: over the last {self.window} steps the gold reward ({self.gold}) fell "
+                f"(slope {metrics['monitor/gold_slope']:+.4f}/step) while the proxy ({self.proxy}) rose "
+                f"(slope {metrics['monitor/proxy_slope']:+.4f}/step)"
+            )
         return None

@@ -22,28 +22,45 @@ from pathlib import Path
 
 import torch
 
-from thinkrl.algorithms import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, AdvantageInput, LossParams, MovingAverage,
-                                advantage_weighted, aggregate, kl_in_for, loss_agg_for, needs_values, tis_weights,
-                                uses_batch_statistics)
+from thinkrl import device, sandbox
+from thinkrl.algorithms import (
+    ADVANTAGES,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    AdvantageInput,
+    LossParams,
+    MovingAverage,
+    advantage_weighted,
+    aggregate,
+    kl_in_for,
+    loss_agg_for,
+    needs_values,
+    tis_weights,
+    uses_batch_statistics,
+)
 from thinkrl.config import Config, ConfigError, save_config
+from thinkrl.device import use_bf16
+from thinkrl.distributed import torch_dist as dist
+from thinkrl.envs import build_env
+from thinkrl.envs.episodes import evaluate_episodes, generate_and_score_episodes, tool_metrics
 from thinkrl.eval import eval_settings, evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
 from thinkrl.models import load_model
 from thinkrl.rewards import RewardModel
-from thinkrl import device
-from thinkrl.device import use_bf16
-from thinkrl.distributed import torch_dist as dist
+from thinkrl.rewards.code import runs_code
 from thinkrl.rollout import Rollout, SamplingParams, build_engine, build_scorer
 from thinkrl.sampling import Groups, build_sampler, collect_groups
 from thinkrl.tasks import build_task
 from thinkrl.tasks.templates import drop_long_prompts, render_prompt
-from thinkrl import sandbox
-from thinkrl.rewards.code import runs_code
 from thinkrl.trainer import checkpoint as ckpt
-from thinkrl.trainer.common import apply_lora, enable_gradient_checkpointing, is_lora, lr_schedule, seed_everything
 from thinkrl.trainer.batch import policy_token_mask, split_grouped_micro_batches, token_logps
-from thinkrl.envs import build_env
-from thinkrl.envs.episodes import evaluate_episodes, generate_and_score_episodes, tool_metrics
+from thinkrl.trainer.common import (
+    apply_lora,
+    enable_gradient_checkpointing,
+    is_lora,
+    lr_schedule,
+    seed_everything,
+)
 from thinkrl.trainer.critic import Critic, critic_path, prune_critic
 from thinkrl.trainer.guards import BadStepGuard, skip_cause
 from thinkrl.trainer.interrupt import Interrupted, StopRequests, failpoint
@@ -71,7 +88,9 @@ class Parts:
     sampler: object = None  # thinkrl.sampling: which prompts each step draws
     critic: Critic | None = None  # gae only
     baseline: MovingAverage | None = None  # reinforce's moving-average reward baseline, when configured
-    dev: str = "cpu"  # where the models compute (thinkrl/device.py); the step's [N, T] tensors stay on the CPU
+    dev: str = (
+        "cpu"  # where the models compute (thinkrl/device.py); the step's [N, T] tensors stay on the CPU
+    )
     env: object = None  # thinkrl.envs: a multi-turn environment, or None for single-turn episodes
 
 
@@ -127,10 +146,16 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     # groups whose rewards are all equal are dropped and refilled (thinkrl/sampling/dynamic.py).
     timings = {"time_generate": 0.0, "time_score": 0.0}
     draw, seeds = dist.sharded_draw(p.sampler.next_batch), _group_seeds(cfg, step)
-    kept, seen, dyn_stats = collect_groups(draw, lambda exs: generate_and_score(p, exs, timings, seeds),
-                                           cfg.rollout.prompts_per_step, dynamic=cfg.sampling.dynamic,
-                                           max_rounds=cfg.sampling.max_rounds)
-    seen = dist.gather_groups(seen, draw.last)  # with many ranks: every rank's groups, for metrics and the sampler
+    kept, seen, dyn_stats = collect_groups(
+        draw,
+        lambda exs: generate_and_score(p, exs, timings, seeds),
+        cfg.rollout.prompts_per_step,
+        dynamic=cfg.sampling.dynamic,
+        max_rounds=cfg.sampling.max_rounds,
+    )
+    seen = dist.gather_groups(
+        seen, draw.last
+    )  # with many ranks: every rank's groups, for metrics and the sampler
     samples = _samples(cfg, step, seen)
     if not all(math.isfinite(r) for r in seen.totals):  # a NaN reward would make its group's advantages NaN
         return _untrained(p, step, seen, dyn_stats, timings, skip_cause="nan_reward"), samples
@@ -156,16 +181,34 @@ def learn(p: Parts, step: int, kept: Groups, seen: Groups, dyn_stats: dict, timi
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float() * policy_token_mask(ro, T)  # [N, T]
     rewards = torch.tensor(totals, dtype=torch.float32)  # [N]
     group_ids = torch.arange(len(examples)).repeat_interleave(G)  # [N]
-    mbs = split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, list(range(len(examples))), G,
-                                      cfg.optim.micro_batch_size, p.tok.pad_token_id)
+    mbs = split_grouped_micro_batches(
+        ro.prompt_ids,
+        ro.completion_ids,
+        list(range(len(examples))),
+        G,
+        cfg.optim.micro_batch_size,
+        p.tok.pad_token_id,
+    )
     fixed = advantage_inputs(p, mbs, N, T)  # old_logp/ref_logp (KL in the reward), values (critic)
     token_kl = None
     if "ref_logp" in fixed:
         token_kl = KL_ESTIMATORS.get(a.kl_estimator)(fixed["old_logp"], fixed["ref_logp"]) * mask  # [N, T]
-    est = dist.advantages(ADVANTAGES.get(a.advantage), AdvantageInput(
-        rewards, group_ids, mask, token_kl=token_kl, kl_coef=a.kl_coef, values=fixed.get("values"),
-        baseline=p.baseline.value if p.baseline else 0.0, gamma=a.gamma, lam=a.lam, eps=a.std_eps),
-        whole_batch=uses_batch_statistics(a.advantage))
+    est = dist.advantages(
+        ADVANTAGES.get(a.advantage),
+        AdvantageInput(
+            rewards,
+            group_ids,
+            mask,
+            token_kl=token_kl,
+            kl_coef=a.kl_coef,
+            values=fixed.get("values"),
+            baseline=p.baseline.value if p.baseline else 0.0,
+            gamma=a.gamma,
+            lam=a.lam,
+            eps=a.std_eps,
+        ),
+        whole_batch=uses_batch_statistics(a.advantage),
+    )
 
     # 4. Update the policy (and the critic).
     train_metrics = policy_update(p, ro, est.adv, mask, fixed, step=step)
@@ -217,8 +260,16 @@ def _group_seeds(cfg: Config, step: int):
 
 def _untrained(p: Parts, step: int, seen: Groups, dyn_stats: dict, timings: dict, **extra) -> dict:
     """The metrics of a step that updated nothing."""
-    return {"step": step, **_sample_metrics(p.cfg, seen), **dyn_stats, "trained_seqs": 0, **timings,
-            "step_time": sum(timings.values()), "lr": p.scheduler.get_last_lr()[0], **extra}
+    return {
+        "step": step,
+        **_sample_metrics(p.cfg, seen),
+        **dyn_stats,
+        "trained_seqs": 0,
+        **timings,
+        "step_time": sum(timings.values()),
+        "lr": p.scheduler.get_last_lr()[0],
+        **extra,
+    }
 
 
 def generate_and_score(p: Parts, examples: list, timings: dict, seeds=None) -> Groups:
@@ -229,21 +280,36 @@ def generate_and_score(p: Parts, examples: list, timings: dict, seeds=None) -> G
         return generate_and_score_episodes(p.engine, p.tok, p.env, p.rewards, cfg, examples, timings)
     t0 = time.perf_counter()
     rendered = [render_prompt(ex.question, p.tok, cfg.task) for ex in examples]
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                            seed=seeds if isinstance(seeds, int) else None)
+    params = SamplingParams(
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        seed=seeds if isinstance(seeds, int) else None,
+    )
     if seeds is None or isinstance(seeds, int):
         ro = p.engine.generate_text([r[0] for r in rendered], G, params)
     else:  # one call per group, each with its own seed
-        ro = _concat_rollouts([p.engine.generate_text([r[0]], G, dataclasses.replace(params, seed=next(seeds)))
-                               for r in rendered])
+        ro = _concat_rollouts(
+            [
+                p.engine.generate_text([r[0]], G, dataclasses.replace(params, seed=next(seeds)))
+                for r in rendered
+            ]
+        )
     timings["time_generate"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     exs = [ex for ex in examples for _ in range(G)]  # [N]
     texts = [rendered[i // G][1] + t for i, t in enumerate(ro.texts)]  # the reward sees prefill + completion
-    totals, parts = p.rewards.score(texts, exs, group_size=G, context={
-        "num_tokens": [len(c) for c in ro.completion_ids], "max_tokens": cfg.rollout.max_new_tokens,
-        "truncated": list(ro.truncated)})
+    totals, parts = p.rewards.score(
+        texts,
+        exs,
+        group_size=G,
+        context={
+            "num_tokens": [len(c) for c in ro.completion_ids],
+            "max_tokens": cfg.rollout.max_new_tokens,
+            "truncated": list(ro.truncated),
+        },
+    )
     timings["time_score"] += time.perf_counter() - t0
     return Groups(examples, rendered, ro, texts, totals, parts)
 
@@ -284,8 +350,11 @@ def _mode_metrics(g: Groups) -> dict:
     out = {}
     for mode in sorted({m for m in modes if m}):
         rows = [i for i, m in enumerate(modes) if m == mode]
-        for name, values in (("accuracy", g.parts.get("accuracy")), ("format_rate", g.parts.get("format")),
-                             ("response_len_mean", [len(c) for c in g.ro.completion_ids])):
+        for name, values in (
+            ("accuracy", g.parts.get("accuracy")),
+            ("format_rate", g.parts.get("format")),
+            ("response_len_mean", [len(c) for c in g.ro.completion_ids]),
+        ):
             if values is not None:
                 out[f"{name}/{mode}"] = sum(values[i] for i in rows) / len(rows)
     return out
@@ -293,10 +362,18 @@ def _mode_metrics(g: Groups) -> dict:
 
 def _samples(cfg: Config, step: int, g: Groups) -> list[dict]:
     N, G = len(g.totals), cfg.rollout.group_size
-    return [{"step": step, "prompt": g.rendered[i // G][0], "completion": g.texts[i],
-             "answer": g.examples[i // G].answer, "reward": g.totals[i], **{k: v[i] for k, v in g.parts.items()},
-             **({"episode": g.ro.episodes[i]} if g.ro.episodes else {})}
-            for i in range(0, N, max(1, N // max(1, cfg.log_samples)))][: cfg.log_samples]
+    return [
+        {
+            "step": step,
+            "prompt": g.rendered[i // G][0],
+            "completion": g.texts[i],
+            "answer": g.examples[i // G].answer,
+            "reward": g.totals[i],
+            **{k: v[i] for k, v in g.parts.items()},
+            **({"episode": g.ro.episodes[i]} if g.ro.episodes else {}),
+        }
+        for i in range(0, N, max(1, N // max(1, cfg.log_samples)))
+    ][: cfg.log_samples]
 
 
 def _logps_of(model, mbs, N: int, T: int, p: Parts) -> torch.Tensor:
@@ -304,8 +381,9 @@ def _logps_of(model, mbs, N: int, T: int, p: Parts) -> torch.Tensor:
     out = torch.zeros(N, T)
     with torch.no_grad():
         for mb in mbs:
-            out[mb.index, : mb.mask.shape[1]] = token_logps(model, mb, temperature=p.cfg.rollout.temperature,
-                                                            bf16=p.bf16)[0].to(out.device)
+            out[mb.index, : mb.mask.shape[1]] = token_logps(
+                model, mb, temperature=p.cfg.rollout.temperature, bf16=p.bf16
+            )[0].to(out.device)
     return out
 
 
@@ -331,8 +409,9 @@ def behaviour_logps(ro, N: int, T: int) -> torch.Tensor | None:
     return out
 
 
-def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: dict | None = None,
-                  step: int = 0) -> dict:
+def policy_update(
+    p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: dict | None = None, step: int = 0
+) -> dict:
     """``num_iterations`` passes over one batch of rollouts (PPO-style reuse), each split into
     ``algo.mini_batches`` optimizer steps over whole groups.
 
@@ -348,31 +427,55 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     # KL or entropy term or the loss itself needs it, it is skipped outright (the normalisers
     # below still count it, so the loss is unchanged).
     needs_all = kl_in_loss or a.entropy_coef > 0 or not advantage_weighted(a.loss)
+
     # (a NaN advantage is not a zero one: its group stays, so the loss guard sees it)
     def trains(g: int) -> bool:
-        return needs_all or not bool((adv[g * G:(g + 1) * G] == 0).all())
+        return needs_all or not bool((adv[g * G : (g + 1) * G] == 0).all())
 
     # group ids of each optimizer step (fewer steps if dynamic sampling kept fewer groups). With
     # many ranks the mini-batches split the global batch as one process would, and each rank
     # takes its own groups of each (possibly none: it then adds zero gradients).
-    n_groups, first = N // G, dist.rank() * (N // G)  # this rank holds global groups first .. first + n_groups - 1
-    chunks = [[g - first for g in c.tolist() if first <= g < first + n_groups]
-              for c in torch.arange(n_groups * dist.world_size()).tensor_split(a.mini_batches) if len(c)]
+    n_groups, first = (
+        N // G,
+        dist.rank() * (N // G),
+    )  # this rank holds global groups first .. first + n_groups - 1
+    chunks = [
+        [g - first for g in c.tolist() if first <= g < first + n_groups]
+        for c in torch.arange(n_groups * dist.world_size()).tensor_split(a.mini_batches)
+        if len(c)
+    ]
     steps = []  # (micro-batches, rows, tokens) of each mini-batch; rows and tokens count skipped groups
     for chunk in chunks:
         rows = [r for g in chunk for r in range(g * G, (g + 1) * G)]
-        steps.append((split_grouped_micro_batches(ro.prompt_ids, ro.completion_ids, [g for g in chunk if trains(g)],
-                                                  G, cfg.optim.micro_batch_size, p.tok.pad_token_id),
-                      len(rows), float(mask[rows].sum())))
+        steps.append(
+            (
+                split_grouped_micro_batches(
+                    ro.prompt_ids,
+                    ro.completion_ids,
+                    [g for g in chunk if trains(g)],
+                    G,
+                    cfg.optim.micro_batch_size,
+                    p.tok.pad_token_id,
+                ),
+                len(rows),
+                float(mask[rows].sum()),
+            )
+        )
     # With many ranks each mini-batch's loss is normalised by the global rows and tokens, so the
     # summed gradients (dist.sum_gradients) are those of the one-process loss on the global batch.
-    counts = dist.sum_floats([x for _, rows, tokens in steps for x in (rows, tokens)] + [N, float(mask.sum())])
+    counts = dist.sum_floats(
+        [x for _, rows, tokens in steps for x in (rows, tokens)] + [N, float(mask.sum())]
+    )
     steps = [(mbs, counts[2 * i], counts[2 * i + 1]) for i, (mbs, _, _) in enumerate(steps)]
     batch_rows, batch_tokens = counts[-2], counts[-1]
     all_mbs = [mb for mbs, _, _ in steps for mb in mbs]
     policy_loss = POLICY_LOSSES.get(a.loss)
-    hp = LossParams(clip_low=a.clip_eps, clip_high=a.clip_eps_high if a.clip_eps_high is not None else a.clip_eps,
-                    clip_c=a.clip_c, tau=a.tau)
+    hp = LossParams(
+        clip_low=a.clip_eps,
+        clip_high=a.clip_eps_high if a.clip_eps_high is not None else a.clip_eps,
+        clip_c=a.clip_c,
+        tau=a.tau,
+    )
     kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
 
     # Log-probs that stay fixed during the update: the sampling policy's (pi_old, recomputed by
@@ -383,8 +486,10 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
         old_logp = _logps_of(p.model, all_mbs, N, T, p)
     behaviour = behaviour_logps(ro, N, T)
     if a.tis_cap is not None and behaviour is None:
-        raise ConfigError("algo.tis_cap needs the rollout engine's log-probs; this engine gives none "
-                          "(choose a rollout.backend that returns them)")
+        raise ConfigError(
+            "algo.tis_cap needs the rollout engine's log-probs; this engine gives none "
+            "(choose a rollout.backend that returns them)"
+        )
     ref_logp = p.ref.logps(p, all_mbs, N, T) if kl_in_loss else None
 
     sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0}
@@ -398,14 +503,22 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
             p.optimizer.zero_grad(set_to_none=True)
             pass_loss = 0.0
             for mb in mbs:
-                logp, ent = token_logps(p.model, mb, temperature=cfg.rollout.temperature, bf16=p.bf16,
-                                        with_entropy=last, entropy_grad=a.entropy_coef > 0)  # [b, T']
+                logp, ent = token_logps(
+                    p.model,
+                    mb,
+                    temperature=cfg.rollout.temperature,
+                    bf16=p.bf16,
+                    with_entropy=last,
+                    entropy_grad=a.entropy_coef > 0,
+                )  # [b, T']
                 Tm = mb.mask.shape[1]
 
                 def rows(x):  # this micro-batch's rows of a step tensor [N, T], on the model's device
                     return x[mb.index, :Tm].to(logp.device)
 
-                m = mb.mask.to(logp.device) * rows(mask)  # [b, T'] policy tokens only (multi-turn: no observations)
+                m = mb.mask.to(logp.device) * rows(
+                    mask
+                )  # [b, T'] policy tokens only (multi-turn: no observations)
                 mb_old = rows(old_logp) if old_logp is not None else logp.detach()
                 tok_loss, lm = policy_loss(logp, mb_old, rows(adv), m, hp)  # [b, T']
                 if behaviour is not None:
@@ -440,7 +553,7 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
                         loss_metrics[k] = loss_metrics.get(k, 0.0) + v * n_tok
                     if kl is not None:
                         sums["kl"] += float((kl.detach() * m).sum())
-            pass_loss, = dist.sum_gradients(p.model.parameters(), pass_loss)  # one process: nothing happens
+            (pass_loss,) = dist.sum_gradients(p.model.parameters(), pass_loss)  # one process: nothing happens
             gn = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.max_grad_norm)
             sums["grad_norm"] = float(gn)
             cause = skip_cause(pass_loss, float(gn))
@@ -455,10 +568,15 @@ def policy_update(p: Parts, ro, adv: torch.Tensor, mask: torch.Tensor, fixed: di
     sums, loss_metrics, mismatch = _reduce_update_metrics(sums, loss_metrics, mismatch)
     trained = dist.sum_floats([sum(int(mb.mask.shape[0]) for mb in all_mbs)])[0]
     n = max(sums["tokens"], 1.0)
-    out = {"loss": sums["loss"], "grad_norm": sums["grad_norm"], "clip_frac": 0.0,
-           **{k: v / n for k, v in loss_metrics.items()},
-           "entropy": sums["entropy"] / n if trained else float("nan"),
-           "trained_seqs": int(trained), "optimizer_steps": a.num_iterations * len(steps)}
+    out = {
+        "loss": sums["loss"],
+        "grad_norm": sums["grad_norm"],
+        "clip_frac": 0.0,
+        **{k: v / n for k, v in loss_metrics.items()},
+        "entropy": sums["entropy"] / n if trained else float("nan"),
+        "trained_seqs": int(trained),
+        "optimizer_steps": a.num_iterations * len(steps),
+    }
     if kl_in_loss:
         out["kl"] = sums["kl"] / n
     if mismatch["tokens"]:
@@ -476,12 +594,18 @@ def _reduce_update_metrics(sums: dict, loss_metrics: dict, mismatch: dict) -> tu
     are already global (summed with the gradients)."""
     if dist.world_size() == 1:
         return sums, loss_metrics, mismatch
-    local = {**{f"s/{k}": v for k, v in sums.items() if k != "grad_norm"},
-             **{f"l/{k}": v for k, v in loss_metrics.items()}, **{f"m/{k}": v for k, v in mismatch.items()}}
+    local = {
+        **{f"s/{k}": v for k, v in sums.items() if k != "grad_norm"},
+        **{f"l/{k}": v for k, v in loss_metrics.items()},
+        **{f"m/{k}": v for k, v in mismatch.items()},
+    }
     tot = dist.reduce_dict(local, max_keys=("m/max",))
     sums = {**sums, **{k[2:]: v for k, v in tot.items() if k.startswith("s/")}}
-    return sums, {k[2:]: v for k, v in tot.items() if k.startswith("l/")}, {k[2:]: v for k, v in tot.items()
-                                                                         if k.startswith("m/")}
+    return (
+        sums,
+        {k[2:]: v for k, v in tot.items() if k.startswith("l/")},
+        {k[2:]: v for k, v in tot.items() if k.startswith("m/")},
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -497,7 +621,9 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bf16 = use_bf16(cfg.dtype, dev)
-    log.info("%s; this run (dtype=%s) computes in %s", device.describe(dev), cfg.dtype, "bf16" if bf16 else "fp32")
+    log.info(
+        "%s; this run (dtype=%s) computes in %s", device.describe(dev), cfg.dtype, "bf16" if bf16 else "fp32"
+    )
     task = build_task(cfg.task)
     sandbox.configure(cfg.sandbox.allow_unconfined)
     env = build_env(cfg.env)
@@ -508,18 +634,39 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     dist.broadcast_parameters(model)  # equal replicas from the start, whatever the loading did
     drop_long_prompts(task, tok, cfg.task)
     ref = Reference.for_policy(model, tok, cfg, bf16, dev) if cfg.algo.kl_coef > 0 else None  # beta = 0: none
-    engine = build_engine(cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16, device=dev)
+    engine = build_engine(
+        cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16, device=dev
+    )
     log.info("rollout engine: %s", engine.describe())
     trainable = [q for q in model.parameters() if q.requires_grad]  # with LoRA: the adapters only
-    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay, fused=True)  # one pass per tensor, ~8x faster on CPU
+    opt = torch.optim.AdamW(
+        trainable,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        fused=True,
+    )  # one pass per tensor, ~8x faster on CPU
     total = cfg.max_steps * cfg.algo.num_iterations * cfg.algo.mini_batches  # optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     critic = Critic.from_config(cfg, bf16, dev) if needs_values(cfg.algo.advantage) else None
     baseline = MovingAverage(cfg.algo.baseline_decay) if cfg.algo.baseline_decay is not None else None
-    return Parts(cfg, model, ref, tok, task, RewardModel(cfg.rewards, cfg.reward_args), engine, opt,
-                 sched, bf16, sampler=build_sampler(task, cfg), critic=critic, baseline=baseline, dev=dev,
-                 env=env if env.multi_turn else None)
+    return Parts(
+        cfg,
+        model,
+        ref,
+        tok,
+        task,
+        RewardModel(cfg.rewards, cfg.reward_args),
+        engine,
+        opt,
+        sched,
+        bf16,
+        sampler=build_sampler(task, cfg),
+        critic=critic,
+        baseline=baseline,
+        dev=dev,
+        env=env if env.multi_turn else None,
+    )
 
 
 def load_policy(cfg: Config, resume_from: Path | None = None, dev: str = "cpu"):
@@ -528,8 +675,10 @@ def load_policy(cfg: Config, resume_from: Path | None = None, dev: str = "cpu"):
     also the KL reference) and, when resuming, loads the adapter saved in the checkpoint."""
     lora = cfg.lora.enabled
     if resume_from is not None and lora != ckpt.has_adapter(resume_from):
-        raise ConfigError(f"{resume_from} was trained {'without' if lora else 'with'} LoRA: resume it with "
-                          f"lora.enabled={'false' if lora else 'true'} (and the same lora.* settings)")
+        raise ConfigError(
+            f"{resume_from} was trained {'without' if lora else 'with'} LoRA: resume it with "
+            f"lora.enabled={'false' if lora else 'true'} (and the same lora.* settings)"
+        )
     model, tok = load_model(str(resume_from) if resume_from is not None and not lora else cfg.model)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False  # training forward passes keep no KV cache
@@ -549,7 +698,9 @@ def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
     p.engine.batch_size = cfg.eval.batch_size
     try:
         if p.env is not None:  # a multi-turn run is measured in its environment (with its tool)
-            res = evaluate_episodes(p.engine, p.tok, p.env, p.task.eval[: cfg.eval.n], cfg, **eval_settings(cfg))
+            res = evaluate_episodes(
+                p.engine, p.tok, p.env, p.task.eval[: cfg.eval.n], cfg, **eval_settings(cfg)
+            )
         else:
             res = evaluate(p.engine, p.tok, p.task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
     finally:
@@ -557,8 +708,13 @@ def _run_eval(p: Parts, step: int, label: str, out: Path) -> dict:
     summary = {"step": step, "label": label, **res["summary"]}
     write_json(out / f"eval_{label}.json", {"summary": summary, "records": res["records"]})
     JsonlWriter(out / "evals.jsonl").write(summary)
-    log.info("held-out %s: accuracy %.3f, format %.3f (n=%d)", label, summary["accuracy"],
-             summary["format_rate"], summary["n"])
+    log.info(
+        "held-out %s: accuracy %.3f, format %.3f (n=%d)",
+        label,
+        summary["accuracy"],
+        summary["format_rate"],
+        summary["n"],
+    )
     return summary
 
 
@@ -583,12 +739,16 @@ def train(cfg: Config) -> dict:
     p = build_parts(cfg, found[0] if found else None)
     main = dist.is_main()  # only rank 0 writes files (config, logs, evals, plots, checkpoints)
     if main:
-        save_config(cfg, out / "config.yaml")  # after build_parts: a resume that cannot start leaves the run as it was
+        save_config(
+            cfg, out / "config.yaml"
+        )  # after build_parts: a resume that cannot start leaves the run as it was
     guard = BadStepGuard(cfg.optim.max_bad_steps)
     start = _restore(p, guard, out, *found) if found else 0
 
-    logs = {name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=start) if main else _NoWriter()
-            for name in ("metrics", "samples")}
+    logs = {
+        name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=start) if main else _NoWriter()
+        for name in ("metrics", "samples")
+    }
     # evals of steps being redone go; a fresh start also drops the "before" eval of a run that died early
     if main:
         JsonlWriter(out / "evals.jsonl", truncate_after_step=start if start else -1)
@@ -600,7 +760,9 @@ def train(cfg: Config) -> dict:
     monitor = Monitor(cfg.monitor.gold, cfg.monitor.proxy, cfg.monitor.window)
     for m in read_jsonl(out / "metrics.jsonl") if monitor.active else []:  # a resumed run's history
         monitor.update(m)
-    trackers = Trackers(cfg.log.backends if main else ["jsonl"], out, cfg.log.project, cfg.to_dict(), out.name)
+    trackers = Trackers(
+        cfg.log.backends if main else ["jsonl"], out, cfg.log.project, cfg.to_dict(), out.name
+    )
     t_start = time.monotonic()  # max_minutes counts the training loop of this process
     try:
         with StopRequests() as stop:
@@ -611,20 +773,35 @@ def train(cfg: Config) -> dict:
     finally:
         trackers.close()
     if _stop(stop):
-        raise Interrupted(f"{stop.name} during the last step: final/ saved, held-out eval skipped", stop.signum)
+        raise Interrupted(
+            f"{stop.name} during the last step: final/ saved, held-out eval skipped", stop.signum
+        )
     if not main:
         return results
     if cfg.eval.after:
         results["after"] = _run_eval(p, step, "after", out)
     if cfg.plot:
         evals = [e for e in read_jsonl(out / "evals.jsonl")]
-        plot_metrics(read_jsonl(out / "metrics.jsonl"), out / "curves.png",
-                     title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} + {cfg.algo.loss}", evals=evals)
+        plot_metrics(
+            read_jsonl(out / "metrics.jsonl"),
+            out / "curves.png",
+            title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} + {cfg.algo.loss}",
+            evals=evals,
+        )
     return results
 
 
-def _train_loop(p: Parts, guard: BadStepGuard, out: Path, start: int, logs: dict, stop: StopRequests,
-                t_start: float, monitor: Monitor, trackers: Trackers) -> int:
+def _train_loop(
+    p: Parts,
+    guard: BadStepGuard,
+    out: Path,
+    start: int,
+    logs: dict,
+    stop: StopRequests,
+    t_start: float,
+    monitor: Monitor,
+    trackers: Trackers,
+) -> int:
     """Steps ``start + 1`` .. ``max_steps``; returns the last step done.
 
     Order within a step, which crash safety rests on: the step runs; its metrics and samples
@@ -642,8 +819,12 @@ def _train_loop(p: Parts, guard: BadStepGuard, out: Path, start: int, logs: dict
             logs["samples"].write_many(samples)
             trackers.log(metrics, step)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                            len=f"{metrics['response_len_mean']:.0f}", s=f"{metrics['step_time']:.1f}")
+            bar.set_postfix(
+                reward=f"{metrics['reward']:.3f}",
+                acc=f"{metrics['accuracy']:.3f}",
+                len=f"{metrics['response_len_mean']:.0f}",
+                s=f"{metrics['step_time']:.1f}",
+            )
             if guard.exhausted:  # before anything more is saved: the last checkpoint stays the last good one
                 raise guard.error(ckpt.latest_checkpoint(out))
             if step == cfg.max_steps:
@@ -656,10 +837,18 @@ def _train_loop(p: Parts, guard: BadStepGuard, out: Path, start: int, logs: dict
             if _stop(stop):  # it may have come during the step, the save or the eval
                 if not saved:
                     _save_step(p, guard, out, step)
-                raise Interrupted(f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
-                                  "with resume=true", stop.signum)
+                raise Interrupted(
+                    f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
+                    "with resume=true",
+                    stop.signum,
+                )
             if cfg.max_minutes and dist.any_true(time.monotonic() - t_start >= 60 * cfg.max_minutes):
-                log.info("max_minutes=%g reached after step %d of %d: stopping", cfg.max_minutes, step, cfg.max_steps)
+                log.info(
+                    "max_minutes=%g reached after step %d of %d: stopping",
+                    cfg.max_minutes,
+                    step,
+                    cfg.max_steps,
+                )
                 break
             if overoptimised:
                 log.warning("stopping after step %d: %s", step, overoptimised)
@@ -690,9 +879,16 @@ def _restore(p: Parts, guard: BadStepGuard, out: Path, path: Path, state: dict) 
 
 def _save(p: Parts, guard: BadStepGuard, out: Path, step: int, path: Path) -> None:
     """Checkpoint the state after ``step`` at ``path`` (``checkpoints/step-N`` or ``final``)."""
-    state = {"step": step, "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
-             "task": p.task.state_dict(), "sampler": p.sampler.state_dict(), "rng": ckpt.rng_state(),
-             "baseline": p.baseline.state_dict() if p.baseline else None, "guard": guard.state_dict()}
+    state = {
+        "step": step,
+        "optimizer": p.optimizer.state_dict(),
+        "scheduler": p.scheduler.state_dict(),
+        "task": p.task.state_dict(),
+        "sampler": p.sampler.state_dict(),
+        "rng": ckpt.rng_state(),
+        "baseline": p.baseline.state_dict() if p.baseline else None,
+        "guard": guard.state_dict(),
+    }
     if not dist.is_main():  # the replicas are equal: rank 0's weights and optimizer are everyone's
         return dist.barrier()
     if p.critic is not None:  # first, so that every policy checkpoint has its critic
@@ -729,18 +925,29 @@ def _check_distributed(cfg: Config) -> None:
         return
     dist.check_divisible(cfg.rollout.prompts_per_step, "rollout.prompts_per_step")
     if cfg.sampling.dynamic:
-        raise ConfigError("sampling.dynamic=true is not data-parallel yet (ranks would refill different numbers "
-                          "of groups): run it in one process")
+        raise ConfigError(
+            "sampling.dynamic=true is not data-parallel yet (ranks would refill different numbers "
+            "of groups): run it in one process"
+        )
     if cfg.env.name != "single_turn":
-        raise ConfigError(f"env.name={cfg.env.name} (multi-turn episodes) is not data-parallel yet (their sampling "
-                          "is not seeded per rank): run it in one process")
+        raise ConfigError(
+            f"env.name={cfg.env.name} (multi-turn episodes) is not data-parallel yet (their sampling "
+            "is not seeded per rank): run it in one process"
+        )
     if needs_values(cfg.algo.advantage):
-        raise ConfigError("algo.advantage=gae is not data-parallel yet (its critic trains in one process): run it "
-                          "in one process")
+        raise ConfigError(
+            "algo.advantage=gae is not data-parallel yet (its critic trains in one process): run it "
+            "in one process"
+        )
 
 
 def _progress(cfg: Config, start: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not cfg.progress or not dist.is_main(),
-                dynamic_ncols=True)
+    return tqdm(
+        total=cfg.max_steps,
+        initial=start,
+        desc="train",
+        disable=not cfg.progress or not dist.is_main(),
+        dynamic_ncols=True,
+    )

@@ -68,7 +68,9 @@ def reward_model_from(causal_lm):
     cfg.num_labels = 1
     cfg.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
     rm = AutoModelForSequenceClassification.from_config(cfg)
-    getattr(rm, rm.base_model_prefix).load_state_dict(getattr(causal_lm, causal_lm.base_model_prefix).state_dict())
+    getattr(rm, rm.base_model_prefix).load_state_dict(
+        getattr(causal_lm, causal_lm.base_model_prefix).state_dict()
+    )
     return rm
 
 
@@ -82,7 +84,9 @@ def scores(rm, seqs: list[list[int]], pad_id: int, bf16: bool = False) -> torch.
     dev = rm.score.weight.device
     ids, attn, last = (device.to(x, dev) for x in (ids, attn, last))
     with autocast(bf16, dev):
-        hidden = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, L, H]
+        hidden = getattr(rm, rm.base_model_prefix)(
+            input_ids=ids, attention_mask=attn
+        ).last_hidden_state  # [B, L, H]
         h = hidden[torch.arange(len(seqs), device=dev), last]  # [B, H]
         return device.to(rm.score(h).float().squeeze(-1), "cpu")  # [B], on the CPU (differentiable)
 
@@ -90,7 +94,7 @@ def scores(rm, seqs: list[list[int]], pad_id: int, bf16: bool = False) -> torch.
 def pair_scores(rm, pairs: list[Pair], pad_id: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
     r = scores(rm, seqs, pad_id, bf16)
-    return r[: len(pairs)], r[len(pairs):]
+    return r[: len(pairs)], r[len(pairs) :]
 
 
 @torch.no_grad()
@@ -101,7 +105,7 @@ def pair_accuracy(rm, pairs: list[Pair], pad_id: int, bf16: bool, batch_size: in
     rm.eval()
     right = 0
     for s in range(0, len(pairs), batch_size):
-        c, r = pair_scores(rm, pairs[s: s + batch_size], pad_id, bf16)
+        c, r = pair_scores(rm, pairs[s : s + batch_size], pad_id, bf16)
         right += int((c > r).sum())
     return right / len(pairs)
 
@@ -146,15 +150,36 @@ def train_rm(cfg: RMConfig) -> Path:
 
     def step_loss(idx: list[int]):
         c, r = pair_scores(rm, [train_pairs[i] for i in idx], pad, bf16)  # [b], [b]
-        return bradley_terry_loss(c, r, cfg.margin), {"train_pair_accuracy": float((c > r).float().mean()),
-                                                      "margin_mean": float((c - r).mean().detach())}
+        return bradley_terry_loss(c, r, cfg.margin), {
+            "train_pair_accuracy": float((c > r).float().mean()),
+            "margin_mean": float((c - r).mean().detach()),
+        }
 
-    final = run_steps(cfg, rm, tok, opt, sched, lengths, total, step_loss, found=found,
-                      extra_state={"pair_accuracy_before": before}, name="rm")
+    final = run_steps(
+        cfg,
+        rm,
+        tok,
+        opt,
+        sched,
+        lengths,
+        total,
+        step_loss,
+        found=found,
+        extra_state={"pair_accuracy_before": before},
+        name="rm",
+    )
     after = pair_accuracy(rm, eval_pairs, pad, bf16)
-    log.info("held-out pair accuracy (%d pairs): %.3f before training, %.3f after", len(eval_pairs), before, after)
-    meta = {"task": asdict(cfg.task), "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs),
-            "pair_accuracy_before": before, "pair_accuracy": after, "margin": cfg.margin,
-            "head": "score: Linear(hidden, 1, bias=False) on the last token's final hidden state"}
+    log.info(
+        "held-out pair accuracy (%d pairs): %.3f before training, %.3f after", len(eval_pairs), before, after
+    )
+    meta = {
+        "task": asdict(cfg.task),
+        "eval_pairs": len(eval_pairs),
+        "train_pairs": len(train_pairs),
+        "pair_accuracy_before": before,
+        "pair_accuracy": after,
+        "margin": cfg.margin,
+        "head": "score: Linear(hidden, 1, bias=False) on the last token's final hidden state",
+    }
     (final / RM_FILE).write_text(json.dumps(meta, indent=2))
     return final

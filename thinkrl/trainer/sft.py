@@ -27,8 +27,15 @@ from thinkrl.models import load_model
 from thinkrl.rollout import autocast
 from thinkrl.trainer.batch import _backbone_and_head
 from thinkrl.trainer.checkpoint import load_adapter
-from thinkrl.trainer.common import (LoraConfig, apply_lora, collate, enable_gradient_checkpointing, make_optimizer,
-                                   need, pack)
+from thinkrl.trainer.common import (
+    LoraConfig,
+    apply_lora,
+    collate,
+    enable_gradient_checkpointing,
+    make_optimizer,
+    need,
+    pack,
+)
 from thinkrl.trainer.supervised import SupervisedConfig, run_steps, start_weights
 
 log = logging.getLogger(__name__)
@@ -40,8 +47,12 @@ class SFTConfig(SupervisedConfig):
     data_help: ClassVar[str] = "a JSONL file of messages rows or prompt/completion rows"
 
     output_dir: str = "runs/sft"
-    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more time
-    packing: bool = False  # a step's rows packed into sequences of <= max_len tokens (block-diagonal attention)
+    gradient_checkpointing: bool = (
+        False  # recompute layer activations in backward: less memory, ~1/3 more time
+    )
+    packing: bool = (
+        False  # a step's rows packed into sequences of <= max_len tokens (block-diagonal attention)
+    )
     kd_teacher: str | None = None  # a model with the same vocabulary: adds token-level KL distillation
     kd_coef: float = 0.5  # loss = (1 - kd_coef) * CE + kd_coef * KL(teacher || student)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -77,8 +88,11 @@ def target_logits(model, batch: dict, bf16: bool) -> tuple[Tensor, Tensor]:
     dev = head.weight.device
     batch = {k: device.to(v, dev) for k, v in batch.items()}  # the model's device: a no-op on the CPU
     with autocast(bf16, dev):
-        hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch.get("position_ids")).last_hidden_state
+        hidden = inner(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+        ).last_hidden_state
         targets = batch["labels"][:, 1:]  # [B, L-1]
         keep = targets != IGNORE  # [B, L-1]
         logits = head(hidden[:, :-1][keep])  # [n, V]
@@ -112,8 +126,10 @@ def _same_vocab(tok_a, tok_b) -> bool:
 def load_teacher(name: str, tok):
     teacher, t_tok = load_model(name)
     if not _same_vocab(tok, t_tok):
-        raise ConfigError(f"kd_teacher {name} has a different vocabulary from the student; token-level KL "
-                          "needs the same tokenizer (distil by SFT on its traces instead)")
+        raise ConfigError(
+            f"kd_teacher {name} has a different vocabulary from the student; token-level KL "
+            "needs the same tokenizer (distil by SFT on its traces instead)"
+        )
     return teacher.eval().requires_grad_(False)
 
 
@@ -151,7 +167,9 @@ def train_sft(cfg: SFTConfig) -> Path:
 
     def step_loss(idx: list[int]):
         rows_ = [data[i] for i in idx]
-        batch = pack(rows_, cfg.max_len, tok.pad_token_id) if cfg.packing else collate(rows_, tok.pad_token_id)
+        batch = (
+            pack(rows_, cfg.max_len, tok.pad_token_id) if cfg.packing else collate(rows_, tok.pad_token_id)
+        )
         return batch_loss(model, batch, bf16, teacher, cfg.kd_coef)
 
     return run_steps(cfg, model, tok, opt, sched, lengths, total, step_loss, found=found, name="sft")

@@ -19,9 +19,10 @@ that is here, with the same contract as the RL loop (thinkrl/trainer/rl.py):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -66,7 +67,9 @@ class SupervisedConfig:
     save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
     keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
     resume: bool = False  # continue the run in output_dir from its newest whole checkpoint
-    max_bad_steps: int = 3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
+    max_bad_steps: int = (
+        3  # updates in a row skipped for a non-finite loss or gradient norm that stop the run
+    )
     task: TaskConfig = field(default_factory=TaskConfig)  # renders the prompts
 
     def validate(self) -> None:
@@ -84,8 +87,19 @@ def validate_checkpointing(cfg) -> None:
     need(cfg.max_bad_steps >= 1, "max_bad_steps must be >= 1 (skipped updates in a row that stop a run)")
 
 
-def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_loss: StepLoss,
-              found: tuple[Path, dict] | None = None, extra_state: dict | None = None, name: str = "sft") -> Path:
+def run_steps(
+    cfg,
+    model,
+    tok,
+    opt,
+    sched,
+    lengths: list[int],
+    total: int,
+    step_loss: StepLoss,
+    found: tuple[Path, dict] | None = None,
+    extra_state: dict | None = None,
+    name: str = "sft",
+) -> Path:
     """Train ``total`` steps (from ``found``'s step when resuming), then write ``final/``;
     returns its path. ``extra_state`` goes into every checkpoint's trainer state."""
     out = Path(cfg.output_dir)
@@ -94,12 +108,20 @@ def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_
     main = dist.is_main()  # only rank 0 writes files
     metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start) if main else None
     if dist.world_size() > 1:
-        need(cfg.batch_size >= dist.world_size(),
-             f"batch_size={cfg.batch_size} is smaller than the {dist.world_size()} processes: each needs rows")
+        need(
+            cfg.batch_size >= dist.world_size(),
+            f"batch_size={cfg.batch_size} is smaller than the {dist.world_size()} processes: each needs rows",
+        )
 
     def save(step: int, path: Path) -> None:
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": ckpt.rng_state(), "guard": guard.state_dict(), **(extra_state or {})}
+        state = {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": ckpt.rng_state(),
+            "guard": guard.state_dict(),
+            **(extra_state or {}),
+        }
         if main:  # the replicas are equal: rank 0's weights and optimizer are everyone's
             ckpt.save_checkpoint(path, model, tok, state)
             ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
@@ -109,16 +131,28 @@ def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_
     step = start
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc=name, disable=not cfg.progress or not dist.is_main(),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=name,
+        disable=not cfg.progress or not dist.is_main(),
+        dynamic_ncols=True,
+    )
     with bar, StopRequests() as stop:
         for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
             if step <= start:
                 continue  # the batch order is a pure function of the seed: skip what the checkpoint did
             loss, m = _sharded_loss(step_loss, idx)
             gn, cause = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
-            metrics = {"step": step, "epoch": epoch, "loss": float(loss.detach()), **m, "grad_norm": gn,
-                       "lr": sched.get_last_lr()[0], **({"skip_cause": cause} if cause else {})}
+            metrics = {
+                "step": step,
+                "epoch": epoch,
+                "loss": float(loss.detach()),
+                **m,
+                "grad_norm": gn,
+                "lr": sched.get_last_lr()[0],
+                **({"skip_cause": cause} if cause else {}),
+            }
             guard.record(step, metrics)
             if main:
                 metrics_log.write(metrics)
@@ -134,8 +168,11 @@ def run_steps(cfg, model, tok, opt, sched, lengths: list[int], total: int, step_
             if dist.any_true(stop.requested):  # it may have come during the save; all ranks stop together
                 if not saved:
                     save(step, out / "checkpoints" / f"step-{step}")
-                raise Interrupted(f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
-                                  "with resume=true", stop.signum)
+                raise Interrupted(
+                    f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
+                    "with resume=true",
+                    stop.signum,
+                )
         save(step, out / "final")
     if dist.any_true(stop.requested):
         raise Interrupted(f"{stop.name} during the last step: final/ saved", stop.signum)
@@ -151,7 +188,7 @@ def _sharded_loss(step_loss: StepLoss, idx: list[int]) -> tuple[torch.Tensor, di
     if n == 1:
         return step_loss(idx)
     r = dist.rank()
-    loss, m = step_loss(idx[r * len(idx) // n:(r + 1) * len(idx) // n])
+    loss, m = step_loss(idx[r * len(idx) // n : (r + 1) * len(idx) // n])
     count = float(m.get("targets", (r + 1) * len(idx) // n - r * len(idx) // n))
     m = {**m, "loss": float(loss.detach())}
     tot = dist.reduce_dict({"count": count, **{k: float(v) * count for k, v in m.items() if k != "targets"}})
@@ -177,6 +214,8 @@ def start_weights(cfg, out: Path) -> tuple[tuple[Path, dict] | None, str]:
         found = ckpt.resume_point(out, cfg.resume)
     lora = getattr(cfg, "lora", None) is not None and cfg.lora.enabled
     if found is not None and lora != ckpt.has_adapter(found[0]):
-        raise ckpt.CheckpointError(f"{found[0]} was trained {'without' if lora else 'with'} LoRA: resume it with "
-                                   f"lora.enabled={'false' if lora else 'true'} (and the same lora.* settings)")
+        raise ckpt.CheckpointError(
+            f"{found[0]} was trained {'without' if lora else 'with'} LoRA: resume it with "
+            f"lora.enabled={'false' if lora else 'true'} (and the same lora.* settings)"
+        )
     return found, (str(found[0]) if found is not None and not lora else cfg.model)

@@ -29,8 +29,10 @@ def _require(backend: str):
     try:
         return importlib.import_module(_PACKAGES[backend])
     except ImportError:
-        raise ConfigError(f"log.backends: '{backend}' needs the {_PACKAGES[backend]} package; "
-                          f"install it with: pip install 'thinkrl[{backend}]'") from None
+        raise ConfigError(
+            f"log.backends: '{backend}' needs the {_PACKAGES[backend]} package; "
+            f"install it with: pip install 'thinkrl[{backend}]'"
+        ) from None
 
 
 def check_backends(backends: list) -> None:
@@ -57,16 +59,24 @@ class Trackers:
                 from torch.utils.tensorboard import SummaryWriter
 
                 writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-                self.sinks.append((lambda m, s, w=writer: [w.add_scalar(k, v, s) for k, v in m.items()],
-                                   writer.close))
+                self.sinks.append(
+                    (lambda m, s, w=writer: [w.add_scalar(k, v, s) for k, v in m.items()], writer.close)
+                )
             else:  # wandb and trackio share the init / log / finish API
-                run = mod.init(project=project, name=run_name, config=config,
-                               **({"dir": str(run_dir)} if b == "wandb" else {}))
+                run = mod.init(
+                    project=project,
+                    name=run_name,
+                    config=config,
+                    **({"dir": str(run_dir)} if b == "wandb" else {}),
+                )
                 self.sinks.append((lambda m, s, r=run: r.log(m, step=s), run.finish))
 
     def log(self, metrics: dict, step: int) -> None:
-        numbers = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        numbers = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
         for log_fn, _ in self.sinks:
             log_fn(numbers, step)
 
