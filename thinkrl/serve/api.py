@@ -369,7 +369,8 @@ def _chat_logprobs(backend: Backend, toks, top: bool) -> dict:
     }
 
 
-async def _collect_chat(backend, events, seqs, rid, created, n_prompt, opened, logprobs):
+async def _gather(events, seqs) -> tuple[dict, dict, dict]:
+    """A non-streamed request's text, tokens and finish reason per choice, from its events."""
     texts = {s.index: "" for s in seqs}
     toks = {s.index: [] for s in seqs}
     finish = {}
@@ -380,6 +381,11 @@ async def _collect_chat(backend, events, seqs, rid, created, n_prompt, opened, l
             finish[ev.index] = ev.finish
     if any(f == "error" for f in finish.values()):
         raise APIError(500, "generation failed on the server (see its log)", kind="server_error")
+    return texts, toks, finish
+
+
+async def _collect_chat(backend, events, seqs, rid, created, n_prompt, opened, logprobs):
+    texts, toks, finish = await _gather(events, seqs)
     choices = []
     for i in sorted(texts):
         reasoning, content = ThinkSplitter(opened).feed(texts[i], final=True)
@@ -460,16 +466,7 @@ def _completion_logprobs(backend: Backend, toks, top: bool, offset: int = 0) -> 
 
 
 async def _collect_completion(backend, events, seqs, rid, created, n_prompt, logprobs):
-    texts = {s.index: "" for s in seqs}
-    toks = {s.index: [] for s in seqs}
-    finish = {}
-    async for ev in events:
-        texts[ev.index] += ev.text
-        toks[ev.index] += ev.tokens
-        if ev.finish:
-            finish[ev.index] = ev.finish
-    if any(f == "error" for f in finish.values()):
-        raise APIError(500, "generation failed on the server (see its log)", kind="server_error")
+    texts, toks, finish = await _gather(events, seqs)
     choices = [
         {
             "index": i,
