@@ -14,6 +14,7 @@ server sample, stop and budget alike.
 from __future__ import annotations
 
 import queue
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -168,6 +169,10 @@ def run_chat(cfg: ChatConfig) -> int:
     from thinkrl.serve.scheduler import Scheduler
     from thinkrl.serve.server import ServeConfig, build_decoder
 
+    # Ctrl-C stops a reply, so it must raise KeyboardInterrupt even where this process was
+    # started with SIGINT ignored (a shell's background job inherits that, and Python then
+    # leaves it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     force = {"auto": None, "always": True, "never": False}[cfg.color]
     console = Console(force_terminal=force, no_color=cfg.color == "never", soft_wrap=True)
     model, tok = load_model(cfg.model)
