@@ -34,6 +34,24 @@ def tiny_pair():
     return model, tok
 
 
+def shaken(model):
+    """``model`` (in place) with every weight moved by seeded noise of scale 0.5, so that greedy
+    text is not one repeated token (and biases and norms leave their initial 0 and 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def shake():
+    """:func:`shaken`, for test modules (a conftest's functions are reached through fixtures)."""
+    return shaken
+
+
 @pytest.fixture
 def tiny(tiny_pair):
     """A private copy of tiny-random that a test may train."""

@@ -18,14 +18,10 @@ PROMPTS = ["What is 2 + 3?", "Name a colour.", "Tell me a story about a cat"]
 
 
 @pytest.fixture
-def lively(tiny_pair):
+def lively(tiny_pair, shake):
     model, tok = tiny_pair
     model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    return model.eval(), tok
+    return shake(model), tok
 
 
 def ids_of(tok):

@@ -18,18 +18,14 @@ SYSTEM = "You are a helpful assistant. Think step by step."  # a shared prefix o
 
 
 @pytest.fixture(scope="session", params=["qwen2", "qwen3"])
-def qwen(request, tmp_path_factory):
+def qwen(request, tmp_path_factory, shake):
     """A tiny random Qwen2 or Qwen3 model with its weights shaken (so greedy text is not one
     repeated token, and the q/k/v biases and q/k norms are far from their initial 0 and 1)."""
     arch = request.param
     path = tmp_path_factory.mktemp(arch)
     build_tiny_model(path, arch)
     model, tok = load_model(str(path))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    return arch, model.eval(), tok
+    return arch, shake(model), tok
 
 
 def chat(tok, q, **kw):

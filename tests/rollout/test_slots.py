@@ -13,17 +13,13 @@ PROMPTS = ["What is 2 + 3?", "Name a colour.", "Tell me a story about a cat"]  #
 
 
 @pytest.fixture(scope="module")
-def lively():
+def lively(shake):
     """tiny-random with its weights shaken, so greedy text is not one repeated token."""
     from thinkrl.models import load_model
 
     model, tok = load_model("tiny-random")
     model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    return model.eval(), tok
+    return shake(model), tok
 
 
 def chat(tok, q):

@@ -25,15 +25,11 @@ QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Tell me a story about a cat"]
 
 
 @pytest.fixture
-def shaken(tiny_pair):
+def shaken(tiny_pair, shake):
     """tiny-random with its weights shaken, so greedy text is not one repeated token."""
     model, tok = tiny_pair
     model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    return model.eval(), tok
+    return shake(model), tok
 
 
 def thinking_prompt(tok, q):

@@ -7,22 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def lively_dir(tmp_path_factory):
+def lively_dir(tmp_path_factory, shake):
     """tiny-random with its weights shaken (so greedy text varies), saved as an HF folder."""
     from thinkrl.models import load_model, save_model
 
     model, tok = load_model("tiny-random")
     model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    shake(model)
     d = tmp_path_factory.mktemp("lively")
     save_model(model, tok, d)
     return d
