@@ -76,7 +76,16 @@ def init(strategy: str = "ddp") -> int:
 
 
 def close() -> None:
+    """Leave the process group. The ranks first wait for each other (rank 0 may still be writing
+    final/): tearing gloo down while a peer still holds the connection can abort the process
+    ("terminate called without an active exception"). The wait is bounded, so a rank whose peer
+    died still exits."""
     if world_size() > 1:
+        if dist.get_backend() == "gloo":
+            try:
+                dist.monitored_barrier(timeout=datetime.timedelta(minutes=5))
+            except RuntimeError:
+                pass  # a peer is gone: nothing left to wait for
         dist.destroy_process_group()
 
 
