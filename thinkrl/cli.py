@@ -11,6 +11,7 @@ thinkrl merge  models=A,B[,...] [weights=WA,WB,...] output_dir=DIR
 thinkrl pipeline PIPELINE.yaml [key=value ...]
 thinkrl difficulty [CONFIG.yaml] model=PATH task=NAME [k=8] [n=N] output=FILE.jsonl [key=value ...]
 thinkrl report RUN_DIR [output=DIR]
+thinkrl push   FOLDER repo=OWNER/NAME [private=true]   (train, sft, dpo, rm also take push_to_hub=OWNER/NAME)
 thinkrl sandbox check
 thinkrl serve  model=PATH [host=127.0.0.1] [port=8000] [max_slots=32] [key=value ...]
 thinkrl chat   model=PATH [thinking=on|off] [budget=N] [max_tokens=N] [key=value ...]
@@ -42,11 +43,13 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args: list[str]) -> int:
     from thinkrl.config import build_config
+    from thinkrl.hub import pop_push_args, push_after
     from thinkrl.trainer.rl import train
 
     config, overrides = _split(args)
+    overrides, push = pop_push_args(overrides)
     cfg = build_config(config, overrides)
-    results = train(cfg)
+    results = push_after(lambda: train(cfg), push, lambda _: Path(cfg.output_dir) / "final")
     before, after = results.get("before"), results.get("after")
     print(f"\nrun folder: {cfg.output_dir}")
     if before or after:
@@ -185,27 +188,51 @@ def _report_budgets(
     print(f"wrote {plot_budget_curve(curves, output.parent / 'budget_curve.png')}")
 
 
-def cmd_sft(args: list[str]) -> int:
+def _supervised(train_fn, cls, args: list[str]) -> Path:
+    """Build the config, train, and push ``final/`` when ``push_to_hub=`` asks."""
     from thinkrl.config import build_config
+    from thinkrl.hub import pop_push_args, push_after
+
+    config, overrides = _split(args)
+    overrides, push = pop_push_args(overrides)
+    cfg = build_config(config, overrides, cls=cls)
+    return push_after(lambda: train_fn(cfg), push, Path)
+
+
+def cmd_push(args: list[str]) -> int:
+    """Upload a model folder (a run's ``final/``, a checkpoint) to the Hugging Face Hub."""
+    from thinkrl.hub import check_repo_id, push_folder
+
+    folder, items = _split(args)
+    opts = dict(item.split("=", 1) for item in items)
+    unknown = set(opts) - {"repo", "private"}
+    if folder is None or "repo" not in opts or unknown:
+        raise ConfigError("usage: thinkrl push FOLDER repo=OWNER/NAME [private=true]")
+    private = opts.get("private", "false").lower()
+    if private not in ("true", "false"):
+        raise ConfigError(f"private: expected true or false, got {opts['private']!r}")
+    print(f"pushed {folder} to {push_folder(folder, check_repo_id(opts['repo']), private=private == 'true')}")
+    return 0
+
+
+def cmd_sft(args: list[str]) -> int:
     from thinkrl.trainer.sft import SFTConfig, train_sft
 
-    print(f"wrote {train_sft(build_config(*_split(args), cls=SFTConfig))}")
+    print(f"wrote {_supervised(train_sft, SFTConfig, args)}")
     return 0
 
 
 def cmd_dpo(args: list[str]) -> int:
-    from thinkrl.config import build_config
     from thinkrl.trainer.dpo import DPOConfig, train_dpo
 
-    print(f"wrote {train_dpo(build_config(*_split(args), cls=DPOConfig))}")
+    print(f"wrote {_supervised(train_dpo, DPOConfig, args)}")
     return 0
 
 
 def cmd_rm(args: list[str]) -> int:
-    from thinkrl.config import build_config
     from thinkrl.trainer.rm import RMConfig, train_rm
 
-    print(f"wrote {train_rm(build_config(*_split(args), cls=RMConfig))}")
+    print(f"wrote {_supervised(train_rm, RMConfig, args)}")
     return 0
 
 
@@ -387,6 +414,7 @@ COMMANDS = {
     "pipeline": cmd_pipeline,
     "difficulty": cmd_difficulty,
     "report": cmd_report,
+    "push": cmd_push,
     "sandbox": cmd_sandbox,
     "serve": cmd_serve,
     "chat": cmd_chat,
