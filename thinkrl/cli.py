@@ -102,6 +102,7 @@ def cmd_eval(args: list[str]) -> int:
     from thinkrl.envs.episodes import evaluate_episodes
     from thinkrl.eval import eval_settings, evaluate, format_mode_table, format_table, write_json
     from thinkrl.eval.budget import parse_budgets
+    from thinkrl.eval.calibration import write_reliability
     from thinkrl.models import load_model
     from thinkrl.rollout import engine_on
     from thinkrl.tasks import build_task
@@ -163,6 +164,9 @@ def cmd_eval(args: list[str]) -> int:
         if by_mode:
             print("\nper thinking mode (task.thinking):\n" + by_mode)
         write_json(output, {**head, "results": dict(runs)})
+        png = write_reliability(runs, output.with_name(f"{output.stem}_reliability.png"))
+        if png is not None:  # confidences need an engine that returns log-probs (rollout.backend=fast)
+            print(f"wrote {png} (accuracy against the confidence in the final answer)")
     print(f"wrote {output}")
     return 0
 

@@ -34,3 +34,32 @@ def test_answer_confidence_sums_the_answer_tokens(tiny_pair):
     want = math.exp(sum(-0.1 * (i + 1) for i in range(len(ans))))
     assert answer_confidence(head + ans + tail, logps, tok) == pytest.approx(want)
     assert answer_confidence(enc("no answer here"), [0.0] * len(enc("no answer here")), tok) is None
+
+
+def test_write_reliability_draws_one_line_per_model_with_confidences(tmp_path, monkeypatch):
+    import thinkrl.eval.calibration as cal
+    from thinkrl.eval.calibration import write_reliability
+
+    drawn = {}
+    monkeypatch.setattr(cal, "reliability_diagram", lambda curves, path: drawn.update(curves) or path)
+    rec = lambda c, ok: {"confidence": c, "correct": 1.0 if ok else 0.0}  # noqa: E731
+    base = {"records": [rec(0.9, True), rec(None, True), rec(0.4, False)]}
+    rl = {"records": [rec(0.99, False), rec(0.8, True)]}
+    none = {"records": [rec(None, True)]}
+    out = write_reliability([("base", base), ("rl", rl), ("base", rl), ("hf", none)], tmp_path / "r.png")
+    assert out == tmp_path / "r.png"
+    # the record without a confidence is left out; a model listed twice gets its position
+    assert drawn == {
+        "base": ([0.9, 0.4], [True, False]),
+        "rl": ([0.99, 0.8], [False, True]),
+        "base (#3)": ([0.99, 0.8], [False, True]),
+    }
+    assert write_reliability([("hf", none)], tmp_path / "x.png") is None
+
+
+def test_write_reliability_writes_the_png(tmp_path):
+    from thinkrl.eval.calibration import write_reliability
+
+    res = {"records": [{"confidence": 0.7, "correct": 1.0}, {"confidence": 0.2, "correct": 0.0}]}
+    png = write_reliability([("m", res)], tmp_path / "r.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -92,3 +92,18 @@ def reliability_diagram(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def write_reliability(results: list[tuple[str, dict]], path: Path) -> Path | None:
+    """The reliability diagram of ``thinkrl eval``'s results, one line per model (its first
+    sample per question, the greedy one by default); None when no model had a confidence, for
+    example where the engine returns no log-probs."""
+    curves: dict[str, tuple[list[float], list[bool]]] = {}
+    for i, (name, res) in enumerate(results):
+        have = [
+            (r["confidence"], r["correct"] == 1.0) for r in res["records"] if r.get("confidence") is not None
+        ]
+        if have:
+            label = name if name not in curves else f"{name} (#{i + 1})"  # a model may be listed twice
+            curves[label] = ([c for c, _ in have], [ok for _, ok in have])
+    return reliability_diagram(curves, path) if curves else None
