@@ -104,7 +104,16 @@ def run_steps(
     returns its path. ``extra_state`` goes into every checkpoint's trainer state."""
     out = Path(cfg.output_dir)
     guard = BadStepGuard(cfg.max_bad_steps)
-    start = _restore(opt, sched, guard, *found) if found else 0
+    saver = ckpt.Checkpointer(
+        out,
+        model,
+        tok,
+        {"optimizer": opt, "scheduler": sched, "guard": guard},
+        required=("optimizer", "scheduler"),
+        extra=extra_state,
+        keep=cfg.keep_checkpoints,
+    )
+    start = saver.restore(*found) if found else 0
     main = dist.is_main()  # only rank 0 writes files
     metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start) if main else None
     if dist.world_size() > 1:
@@ -112,20 +121,6 @@ def run_steps(
             cfg.batch_size >= dist.world_size(),
             f"batch_size={cfg.batch_size} is smaller than the {dist.world_size()} processes: each needs rows",
         )
-
-    def save(step: int, path: Path) -> None:
-        state = {
-            "step": step,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": ckpt.rng_state(),
-            "guard": guard.state_dict(),
-            **(extra_state or {}),
-        }
-        if main:  # the replicas are equal: rank 0's weights and optimizer are everyone's
-            ckpt.save_checkpoint(path, model, tok, state)
-            ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
-        dist.barrier()
 
     model.train()
     step = start
@@ -164,16 +159,16 @@ def run_steps(
                 break
             saved = bool(cfg.save_every) and step % cfg.save_every == 0
             if saved:
-                save(step, out / "checkpoints" / f"step-{step}")
+                saver.save_step(step)
             if dist.any_true(stop.requested):  # it may have come during the save; all ranks stop together
                 if not saved:
-                    save(step, out / "checkpoints" / f"step-{step}")
+                    saver.save_step(step)
                 raise Interrupted(
                     f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
                     "with resume=true",
                     stop.signum,
                 )
-        save(step, out / "final")
+        saver.save(step, "final")
     if dist.any_true(stop.requested):
         raise Interrupted(f"{stop.name} during the last step: final/ saved", stop.signum)
     return out / "final"
@@ -196,15 +191,6 @@ def _sharded_loss(step_loss: StepLoss, idx: list[int]) -> tuple[torch.Tensor, di
     if "targets" in m:
         out["targets"] = int(tot["count"])
     return loss * (count / tot["count"]), out
-
-
-def _restore(opt, sched, guard: BadStepGuard, path: Path, state: dict) -> int:
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"])
-    guard.load_state_dict(state.get("guard", {}))
-    log.info("resumed from %s at step %d", path, state["step"])
-    return state["step"]
 
 
 def start_weights(cfg, out: Path) -> tuple[tuple[Path, dict] | None, str]:
