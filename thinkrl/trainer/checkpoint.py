@@ -50,7 +50,7 @@ from thinkrl.config import ConfigError
 from thinkrl.distributed import torch_dist as dist
 from thinkrl.models import save_model
 from thinkrl.trainer.common import is_lora, merged_copy
-from thinkrl.trainer.interrupt import failpoint
+from thinkrl.trainer.interrupt import Interrupted, failpoint
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +420,24 @@ class Checkpointer:
 
     def save_step(self, step: int) -> Path:
         return self.save(step, f"step-{step}")
+
+    def after_step(self, step: int, every: int, stop, between=None) -> None:
+        """After a step that is not the last: the checkpoint every ``every`` steps (0: none), then
+        ``between()`` (a held-out eval), then a stop request (``stop``: a StopRequests), which may
+        have come during the step, the save or ``between``: the step is saved, if it was not, and
+        Interrupted raised. Every rank stops together."""
+        saved = bool(every) and step % every == 0
+        if saved:
+            self.save_step(step)
+        if between is not None:
+            between()
+        if dist.any_true(stop.requested):
+            if not saved:
+                self.save_step(step)
+            raise Interrupted(
+                f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue with resume=true",
+                stop.signum,
+            )
 
     def restore(self, path: Path, state: dict) -> int:
         """Resume from the checkpoint at ``path`` whose trainer state is ``state`` (the weights

@@ -8,8 +8,9 @@ Every algorithm is the same loop with different registered parts (``algo.advanta
 GRPO, Dr. GRPO, RLOO, REINFORCE, REINFORCE++(-baseline), Kimi's mirror descent, and
 PPO, whose critic lives in :mod:`thinkrl.trainer.critic`.
 
-A run, as torchtune's recipes split theirs: :func:`setup` (thinkrl/trainer/parts.py builds the
-parts), :func:`rl_step` (one step; the update is thinkrl/trainer/update.py), checkpoints (the
+A run splits as torchtune's recipes split theirs: setup (thinkrl/trainer/run.py; the parts are
+built in thinkrl/trainer/parts.py), :func:`rl_step` (one step; the policy update is
+thinkrl/trainer/update.py, its loss thinkrl/algorithms/objective.py), checkpoints (a
 :class:`~thinkrl.trainer.checkpoint.Checkpointer` owns the trainer state) and :func:`_run_eval`.
 """
 
@@ -432,7 +433,9 @@ def _train_loop(run: Run, stop: StopRequests, t_start: float, trackers: Trackers
             overoptimised = record_step(run, step, metrics, samples, trackers, bar)
             if step == cfg.max_steps:
                 break  # the last step goes to final/ only
-            _checkpoint_and_evaluate(run, step, stop)
+            run.checkpointer.after_step(
+                step, cfg.save_every, stop, between=lambda: _periodic_eval(run, step, stop)
+            )
             if cfg.max_minutes and dist.any_true(time.monotonic() - t_start >= 60 * cfg.max_minutes):
                 log.info(
                     "max_minutes=%g reached after step %d of %d: stopping",
@@ -449,22 +452,10 @@ def _train_loop(run: Run, stop: StopRequests, t_start: float, trackers: Trackers
     return step
 
 
-def _checkpoint_and_evaluate(run: Run, step: int, stop: StopRequests) -> None:
-    """After a step that is not the last: the periodic checkpoint and held-out eval, then a stop
-    request (which may have come during the step, the save or the eval) saves and stops."""
-    cfg = run.p.cfg
-    saved = bool(cfg.save_every) and step % cfg.save_every == 0
-    if saved:
-        run.checkpointer.save_step(step)
-    if cfg.eval.every and step % cfg.eval.every == 0 and not stop_requested(stop) and run.main:
+def _periodic_eval(run: Run, step: int, stop: StopRequests) -> None:
+    """The held-out eval every ``eval.every`` steps, unless a stop was requested."""
+    if run.p.cfg.eval.every and step % run.p.cfg.eval.every == 0 and not stop_requested(stop) and run.main:
         _run_eval(run.p, step, f"step-{step}", run.out)
-    if stop_requested(stop):
-        if not saved:
-            run.checkpointer.save_step(step)
-        raise Interrupted(
-            f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue with resume=true",
-            stop.signum,
-        )
 
 
 def _save(p: Parts, guard: BadStepGuard, out: Path, step: int, path: Path) -> None:

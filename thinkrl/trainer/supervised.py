@@ -127,27 +127,13 @@ def run_steps(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=total,
-        initial=start,
-        desc=name,
-        disable=not cfg.progress or not dist.is_main(),
-        dynamic_ncols=True,
+        total=total, initial=start, desc=name, disable=not cfg.progress or not main, dynamic_ncols=True
     )
     with bar, StopRequests() as stop:
         for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
             if step <= start:
                 continue  # the batch order is a pure function of the seed: skip what the checkpoint did
-            loss, m = _sharded_loss(step_loss, idx)
-            gn, cause = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                "loss": float(loss.detach()),
-                **m,
-                "grad_norm": gn,
-                "lr": sched.get_last_lr()[0],
-                **({"skip_cause": cause} if cause else {}),
-            }
+            metrics = {"step": step, "epoch": epoch, **_train_step(model, opt, sched, step_loss, idx, cfg)}
             guard.record(step, metrics)
             if main:
                 metrics_log.write(metrics)
@@ -157,21 +143,24 @@ def run_steps(
                 raise guard.error(ckpt.latest_checkpoint(out))
             if step == total:
                 break
-            saved = bool(cfg.save_every) and step % cfg.save_every == 0
-            if saved:
-                saver.save_step(step)
-            if dist.any_true(stop.requested):  # it may have come during the save; all ranks stop together
-                if not saved:
-                    saver.save_step(step)
-                raise Interrupted(
-                    f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
-                    "with resume=true",
-                    stop.signum,
-                )
+            saver.after_step(step, cfg.save_every, stop)
         saver.save(step, "final")
     if dist.any_true(stop.requested):
         raise Interrupted(f"{stop.name} during the last step: final/ saved", stop.signum)
     return out / "final"
+
+
+def _train_step(model, opt, sched, step_loss: StepLoss, idx: list[int], cfg) -> dict:
+    """One optimizer step on the batch ``idx``; returns its metrics."""
+    loss, m = _sharded_loss(step_loss, idx)
+    gn, cause = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
+    return {
+        "loss": float(loss.detach()),
+        **m,
+        "grad_norm": gn,
+        "lr": sched.get_last_lr()[0],
+        **({"skip_cause": cause} if cause else {}),
+    }
 
 
 def _sharded_loss(step_loss: StepLoss, idx: list[int]) -> tuple[torch.Tensor, dict]:

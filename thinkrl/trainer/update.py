@@ -60,6 +60,7 @@ def policy_update(
     steps, batch_rows, batch_tokens = _mini_batches(p, ro, adv, mask, obj.needs_every_row)
     all_mbs = [mb for mbs, _, _ in steps for mb in mbs]
     old_logp, behaviour, ref_logp = _fixed_logps(p, ro, all_mbs, N, T, fixed, obj)
+    tensors = {"adv": adv, "mask": mask, "old_logp": old_logp, "behaviour": behaviour, "ref_logp": ref_logp}
     acc = _Sums()
     p.model.train()
     cause, pass_loss = None, 0.0
@@ -69,35 +70,7 @@ def policy_update(
             share = aggregation_share(obj.agg, step_rows, step_tokens, batch_rows, batch_tokens)
 
             def loss_of(mb):
-                logp, ent = token_logps(
-                    p.model,
-                    mb,
-                    temperature=cfg.rollout.temperature,
-                    bf16=p.bf16,
-                    with_entropy=last,
-                    entropy_grad=obj.entropy_coef > 0,
-                )  # [b, T']
-                Tm = mb.mask.shape[1]
-
-                def rows(x):  # this micro-batch's rows of a step tensor [N, T], on the model's device
-                    return x[mb.index, :Tm].to(logp.device) if x is not None else None
-
-                m = mb.mask.to(logp.device) * rows(
-                    mask
-                )  # [b, T'] policy tokens only (multi-turn: no observations)
-                mb_old = rows(old_logp) if old_logp is not None else logp.detach()
-                loss, metrics = policy_objective(
-                    logp,
-                    mb_old,
-                    rows(adv),
-                    m,
-                    obj,
-                    step_rows=step_rows,
-                    step_tokens=step_tokens,
-                    entropy=ent,
-                    ref_logp=rows(ref_logp),
-                    behaviour_logp=rows(behaviour),
-                )
+                loss, metrics = _micro_batch_loss(p, mb, tensors, obj, last, step_rows, step_tokens)
                 acc.add(metrics, share, first=it == 0, last=last)
                 return loss, metrics["loss"] * share  # the loss over the whole batch: this part's share
 
@@ -118,6 +91,37 @@ def policy_update(
     if cause is not None:
         out.update(skip_cause=cause, loss=pass_loss)
     return out
+
+
+def _micro_batch_loss(p, mb, tensors: dict, obj: Objective, last: bool, step_rows: float, step_tokens: float):
+    """The objective of one micro-batch (:func:`thinkrl.algorithms.policy_objective`) on its rows of
+    the step's [N, T] ``tensors`` (``adv``, ``mask``, and ``old_logp``, ``behaviour``, ``ref_logp``
+    or None); the entropy is measured on the last pass, and has a gradient with a bonus."""
+    logp, ent = token_logps(
+        p.model,
+        mb,
+        temperature=p.cfg.rollout.temperature,
+        bf16=p.bf16,
+        with_entropy=last,
+        entropy_grad=obj.entropy_coef > 0,
+    )  # [b, T']
+    Tm = mb.mask.shape[1]
+    rows = {  # this micro-batch's rows of each step tensor, on the model's device
+        k: x[mb.index, :Tm].to(logp.device) if x is not None else None for k, x in tensors.items()
+    }
+    m = mb.mask.to(logp.device) * rows["mask"]  # [b, T'] policy tokens only (multi-turn: no observations)
+    return policy_objective(
+        logp,
+        rows["old_logp"] if rows["old_logp"] is not None else logp.detach(),
+        rows["adv"],
+        m,
+        obj,
+        step_rows=step_rows,
+        step_tokens=step_tokens,
+        entropy=ent,
+        ref_logp=rows["ref_logp"],
+        behaviour_logp=rows["behaviour"],
+    )
 
 
 def _mini_batches(p, ro, adv: torch.Tensor, mask: torch.Tensor, needs_every_row: bool):
