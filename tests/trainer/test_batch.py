@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from thinkrl.trainer.batch import (
+    fill_rows,
     make_grouped_micro_batch,
     make_micro_batch,
     split_grouped_micro_batches,
@@ -210,3 +211,13 @@ def test_length_buckets_minimise_the_padded_area():
     assert sorted(short.tolist()) == [1, 2, 4, 5] and sorted(long.tolist()) == [0, 3]
     (only,) = _length_buckets(torch.tensor([5, 5, 5]))  # equal lengths: one bucket
     assert sorted(only.tolist()) == [0, 1, 2]
+
+
+def test_fill_rows_places_each_micro_batch_at_its_rows():
+    # rows 3 and 1 (T' = 3), then row 0 (T' = 2) of an [N=4, T=4] tensor; row 2 is in none
+    mbs = [
+        make_micro_batch([[5], [8]], [[1, 2, 3], [4, 5, 6]], index=[3, 1], pad_id=0),
+        make_micro_batch([[5]], [[7, 8]], index=[0], pad_id=0),
+    ]
+    out = fill_rows(mbs, 4, 4, lambda mb: mb.input_ids[:, mb.prompt_len :].float() * mb.mask)
+    assert out.tolist() == [[7, 8, 0, 0], [4, 5, 6, 0], [0, 0, 0, 0], [1, 2, 3, 0]]

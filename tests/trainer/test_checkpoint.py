@@ -187,3 +187,58 @@ def test_truncation_drops_a_torn_last_line(tmp_path):
     assert [m["step"] for m in read_jsonl(path)] == [1, 2]
     JsonlWriter(path, truncate_after_step=5).write({"step": 3, "x": 3})
     assert [(m["step"], m["x"]) for m in read_jsonl(path)] == [(1, 1), (2, 2), (3, 3)]
+
+
+class _Counter:
+    """A component with a state: how many times it was bumped."""
+
+    def __init__(self):
+        self.n = 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, s):
+        self.n = s["n"]
+
+
+def test_checkpointer_assembles_and_restores_the_trainer_state(tiny_pair, tmp_path):
+    model, tok = tiny_pair
+    a, b = _Counter(), _Counter()
+    a.n, b.n = 3, 5
+    saver = ckpt.Checkpointer(
+        tmp_path, model, tok, {"a": a, "b": b, "none": None}, required=("a",), extra={"k": 1}
+    )
+    torch.manual_seed(7)
+    path = saver.save_step(4)
+    expected_draw = torch.rand(3)  # what the RNG gives after the save
+    assert path == tmp_path / "checkpoints" / "step-4"
+    state = ckpt.load_state(path)
+    assert state["step"] == 4 and state["a"] == {"n": 3} and state["b"] == {"n": 5}
+    assert state["none"] is None and state["k"] == 1 and "torch" in state["rng"]
+
+    a2, b2 = _Counter(), _Counter()
+    fresh = ckpt.Checkpointer(tmp_path, model, tok, {"a": a2, "b": b2, "none": None}, required=("a",))
+    torch.manual_seed(0)
+    assert fresh.restore(path, state) == 4
+    assert (a2.n, b2.n) == (3, 5)
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG is back where it was saved
+
+    older = {k: v for k, v in state.items() if k != "b"}  # a checkpoint from before "b" existed
+    b3 = _Counter()
+    ckpt.Checkpointer(tmp_path, model, tok, {"a": _Counter(), "b": b3}, required=("a",)).load_state_dict(
+        older
+    )
+    assert b3.n == 0  # optional: left as built
+    with pytest.raises(ckpt.CheckpointError, match="no 'a'"):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "a"})
+
+
+def test_checkpointer_keeps_the_newest_and_writes_final(tiny_pair, tmp_path):
+    model, tok = tiny_pair
+    saver = ckpt.Checkpointer(tmp_path, model, tok, {}, keep=2)
+    for step in (1, 2, 3):
+        saver.save_step(step)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
+    assert saver.save(3, "final") == tmp_path / "final"
+    assert ckpt.load_state(tmp_path / "final")["step"] == 3

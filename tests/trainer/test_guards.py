@@ -85,3 +85,36 @@ def test_bad_step_guard_counts_resets_and_stops():
         "inputs; the gradient norm is not finite: lower optim.lr; the last good checkpoint is "
         "runs/x/checkpoints/step-3"
     )
+
+
+def test_optimizer_pass_sums_the_parts_and_skips_a_non_finite_one():
+    """Two parts of the loss 0.5 * (w0 + w1)^2, each weighted 1/2: the gradient of the whole,
+    (w0 + w1) * [1, 1] = [3, 3] at w = [1, 2]; one step of SGD at lr 0.1 moves w to [0.7, 1.7]."""
+    from thinkrl.trainer.common import optimizer_pass
+
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    calls = []
+
+    def loss_of(part):
+        loss = 0.5 * model.w.sum() ** 2 * part  # each part weighs 1/2
+        return loss, float(loss.detach())
+
+    total, gn, cause = optimizer_pass(
+        model, opt, [0.5, 0.5], loss_of, 1e9, sched=sched, before_step=lambda: calls.append(1)
+    )
+    assert cause is None and math.isclose(total, 4.5) and math.isclose(gn, math.sqrt(18), rel_tol=1e-6)
+    torch.testing.assert_close(model.w.detach(), torch.tensor([0.7, 1.7]), atol=1e-6, rtol=0)
+    assert calls == [1] and sched.last_epoch == 1
+
+    before = model.w.detach().clone()
+    total, _, cause = optimizer_pass(
+        model, opt, [0.5, float("nan")], loss_of, 1e9, sched=sched, before_step=lambda: calls.append(1)
+    )
+    assert cause == "nan_loss" and math.isnan(total)
+    assert (
+        torch.equal(model.w.detach(), before) and model.w.grad is None
+    )  # nothing applied, gradients dropped
+    assert calls == [1] and sched.last_epoch == 1

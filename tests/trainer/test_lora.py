@@ -4,19 +4,18 @@ second model), checkpoints stay plain HF folders, and a resumed LoRA run is exac
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from thinkrl.cli import main
-from thinkrl.config import Config, ConfigError, LoraConfig, build_config
+from thinkrl.config import ConfigError, LoraConfig, build_config
 from thinkrl.models import load_model
-from thinkrl.trainer import rl
-from thinkrl.trainer.batch import split_grouped_micro_batches
+from thinkrl.trainer import parts
+from thinkrl.trainer.batch import logps_of, split_grouped_micro_batches
 from thinkrl.trainer.common import apply_lora
-from thinkrl.trainer.rl import Reference, _logps_of, build_parts
+from thinkrl.trainer.rl import Reference, build_parts
 
 TINY_RUN = [
     "model=tiny-random",
@@ -42,11 +41,8 @@ def micro_batches(pad_id):
     return split_grouped_micro_batches(PROMPTS, COMPLETIONS, [0, 1], 2, 4, pad_id)
 
 
-def parts_stub():
-    """The two fields ``_logps_of`` reads: the temperature (1.0 here) and bf16 (off)."""
-    cfg = Config()
-    cfg.rollout.temperature = 1.0
-    return SimpleNamespace(cfg=cfg, bf16=False)
+# What the log-probs are computed with: the untempered model (temperature 1.0), in fp32.
+AS = {"temperature": 1.0, "bf16": False}
 
 
 def with_lora(model, random_b: bool):
@@ -84,22 +80,22 @@ def test_lora_section_from_overrides_and_yaml(tmp_path):
 def test_reference_with_the_adapter_off_equals_the_base_model(tiny):
     model, tok = tiny
     policy = with_lora(model, random_b=True)
-    mbs, p = micro_batches(tok.pad_token_id), parts_stub()
+    mbs = micro_batches(tok.pad_token_id)
     base, _ = load_model("tiny-random")  # a second, freshly loaded copy of the base weights
-    expected = _logps_of(base, mbs, N, T, p)  # [N, T]
-    ref = Reference(policy, adapter_off=True).logps(p, mbs, N, T)
+    expected = logps_of(base, mbs, N, T, **AS)  # [N, T]
+    ref = Reference(policy, adapter_off=True).logps(mbs, N, T, **AS)
     assert torch.equal(ref, expected)  # the same matmuls on the same weights: bit for bit
-    pol = _logps_of(policy, mbs, N, T, p)
+    pol = logps_of(policy, mbs, N, T, **AS)
     assert (pol - expected).abs().max() > 1e-2  # the adapter does change the policy...
-    assert torch.equal(_logps_of(policy, mbs, N, T, p), pol)  # ...and is back on after the reference pass
+    assert torch.equal(logps_of(policy, mbs, N, T, **AS), pol)  # ...and is back on after the reference pass
 
 
 def test_fresh_adapter_policy_equals_its_reference_exactly(tiny):
     model, tok = tiny
     policy = with_lora(model, random_b=False)  # B = 0: W + (alpha / r) * 0 * A adds exactly zero
-    mbs, p = micro_batches(tok.pad_token_id), parts_stub()
-    pol = _logps_of(policy, mbs, N, T, p)
-    ref = Reference(policy, adapter_off=True).logps(p, mbs, N, T)
+    mbs = micro_batches(tok.pad_token_id)
+    pol = logps_of(policy, mbs, N, T, **AS)
+    ref = Reference(policy, adapter_off=True).logps(mbs, N, T, **AS)
     assert torch.equal(pol, ref)
     assert pol.abs().sum() > 0  # real log-probs, not an all-zero mask
 
@@ -111,7 +107,7 @@ def _count_loads(monkeypatch) -> list:
         calls.append(name)
         return load_model(name, **kw)
 
-    monkeypatch.setattr(rl, "load_model", counting)
+    monkeypatch.setattr(parts, "load_model", counting)  # where build_parts looks it up
     return calls
 
 

@@ -5,7 +5,7 @@ Shapes: ``B`` sequences in a batch, ``T`` completion tokens (padded). ``mask`` i
 
 An algorithm is a recipe of parts selected by name in ``AlgoConfig``: an advantage
 estimator, a policy loss, a KL estimator placed in the loss or in the reward, and a
-loss aggregation. GRPO, Dr. GRPO, RLOO, REINFORCE(++), PPO and Kimi's mirror descent
+loss aggregation; :func:`policy_objective` assembles them for one micro-batch. GRPO, Dr. GRPO, RLOO, REINFORCE(++), PPO and Kimi's mirror descent
 all run in the one loop of ``thinkrl.trainer.rl``.
 """
 
@@ -19,6 +19,7 @@ from thinkrl.algorithms.losses import (
     tis_weights,
     value_loss,
 )
+from thinkrl.algorithms.objective import Objective, aggregation_share, policy_objective
 
 
 def loss_agg_for(advantage: str, loss: str, configured: str | None = None) -> str:
@@ -64,12 +65,15 @@ __all__ = [
     "Advantages",
     "LossParams",
     "MovingAverage",
+    "Objective",
     "advantage_weighted",
     "aggregate",
+    "aggregation_share",
     "group_stats",
     "kl_in_for",
     "loss_agg_for",
     "needs_values",
+    "policy_objective",
     "takes_token_rewards",
     "tis_weights",
     "uses_batch_statistics",

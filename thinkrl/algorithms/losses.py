@@ -187,29 +187,31 @@ def value_loss(
 
 
 # ---------------------------------------------------------------------------
-# Aggregation: [B, T] token losses -> scalar. Signature: fn(x, mask, norm) -> Tensor
+# Aggregation: [B, T] token losses -> scalar. Signature: fn(x, mask, norm) -> Tensor. Each mode
+# declares the ``unit`` it averages over (tokens or sequences), which weighs the micro-batches of
+# a step (thinkrl/algorithms/objective.py: aggregation_share).
 
 
-@LOSS_AGGREGATIONS.register("token_mean")
+@LOSS_AGGREGATIONS.register("token_mean", unit="tokens")
 def token_mean(x: Tensor, mask: Tensor, norm: float) -> Tensor:
     """Mean over all completion tokens in the batch (DAPO's token-level loss)."""
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-@LOSS_AGGREGATIONS.register("seq_mean_token_mean")
+@LOSS_AGGREGATIONS.register("seq_mean_token_mean", unit="sequences")
 def seq_mean_token_mean(x: Tensor, mask: Tensor, norm: float) -> Tensor:
     """Mean over each sequence's tokens, then over sequences (GRPO as published)."""
     per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
     return per_seq.mean()
 
 
-@LOSS_AGGREGATIONS.register("seq_mean_token_sum")
+@LOSS_AGGREGATIONS.register("seq_mean_token_sum", unit="sequences")
 def seq_mean_token_sum(x: Tensor, mask: Tensor, norm: float) -> Tensor:
     """Sum over each sequence's tokens, mean over sequences."""
     return (x * mask).sum(-1).mean()
 
 
-@LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm")
+@LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm", unit="sequences")
 def seq_mean_token_sum_norm(x: Tensor, mask: Tensor, norm: float) -> Tensor:
     """Token sum divided by a constant (the generation budget), mean over sequences (Dr. GRPO)."""
     return (x * mask).sum(-1).mean() / norm

@@ -136,6 +136,22 @@ def split_grouped_micro_batches(
     return out
 
 
+def fill_rows(mbs: list[MicroBatch], N: int, T: int, per_mb) -> Tensor:
+    """The step tensor [N, T] whose rows ``mb.index`` hold ``per_mb(mb)`` [b, T'] for each
+    micro-batch in ``mbs``, zero elsewhere (padding, rows in no micro-batch). It lives on the CPU,
+    with the step's other [N, T] tensors, whatever device ``per_mb`` computes on."""
+    out = torch.zeros(N, T)
+    for mb in mbs:
+        out[mb.index, : mb.mask.shape[1]] = per_mb(mb).to(out.device)
+    return out
+
+
+def logps_of(model, mbs: list[MicroBatch], N: int, T: int, *, temperature: float, bf16: bool) -> Tensor:
+    """Log-probs [N, T] of every row in ``mbs`` under ``model``, without gradients."""
+    with torch.no_grad():
+        return fill_rows(mbs, N, T, lambda mb: token_logps(model, mb, temperature=temperature, bf16=bf16)[0])
+
+
 def split_micro_batches(
     prompts: list[list[int]], completions: list[list[int]], rows: list[int], size: int, pad_id: int
 ) -> list[MicroBatch]:

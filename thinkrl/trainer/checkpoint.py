@@ -15,6 +15,9 @@ A checkpoint survives a crash (``kill -9``, a power cut) at any moment:
   at every moment one of the two names holds a whole checkpoint, and
   :func:`recover` puts ``NAME.old`` back if a crash struck in between.
 
+:class:`Checkpointer` is the one place where a trainer's state (optimizer, schedule, RNGs, ...)
+is assembled for a checkpoint and put back on resume.
+
 :func:`find_resumable` verifies each candidate (manifest, then the state loading with
 ``weights_only=True``) and falls back to the previous one with a warning.
 
@@ -44,9 +47,10 @@ import numpy as np
 import torch
 
 from thinkrl.config import ConfigError
+from thinkrl.distributed import torch_dist as dist
 from thinkrl.models import save_model
 from thinkrl.trainer.common import is_lora, merged_copy
-from thinkrl.trainer.interrupt import failpoint
+from thinkrl.trainer.interrupt import Interrupted, failpoint
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,16 @@ def set_rng_state(s: dict) -> None:
     np.random.set_state(
         (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
     )
+
+
+class _Rng:
+    """The process's random generators, as a component of the trainer state."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, s: dict) -> None:
+        set_rng_state(s)
 
 
 # ---------------------------------------------------------------------------
@@ -339,3 +353,97 @@ def load_adapter(model, path: Path) -> None:
             f"the LoRA adapter in {where} does not fit lora.target_modules: it has "
             f"{result.unexpected_keys[:2]}; resume with the run's own lora.* settings"
         )
+
+
+# ---------------------------------------------------------------------------
+# The trainer state of a run
+
+
+class Checkpointer:
+    """A run's checkpoints: the weights and tokenizer (an HF folder), the trainer state beside
+    them, assembled here once (:meth:`state_dict`) and restored here once (:meth:`load_state_dict`).
+
+    ``components`` maps each state key to an object with ``state_dict()`` and
+    ``load_state_dict()``, or to None (saved as None: a part this run does not have); the
+    process's RNGs are added as ``rng``. A resumed state must hold the ``required`` keys; the
+    others are loaded when the state has them (checkpoints older than a component lack it).
+    ``extra`` is written as it is into every state. ``sidecars`` are models saved beside the HF
+    folder (the PPO critic): objects with ``save_beside(run_dir, name)``, ``load_beside(run_dir,
+    path)`` and ``prune_beside(run_dir, keep)``. Only rank 0 writes; every rank waits for it."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        model,
+        tok,
+        components: dict,
+        *,
+        required: tuple[str, ...] = (),
+        extra: dict | None = None,
+        sidecars: tuple = (),
+        keep: int = 0,
+    ):
+        self.run_dir, self.model, self.tok = Path(run_dir), model, tok
+        self.components = {**components, "rng": _Rng()}
+        self.required = (*required, "rng")
+        self.extra, self.sidecars, self.keep = extra or {}, tuple(sidecars), keep
+
+    def state_dict(self, step: int) -> dict:
+        parts = {k: (c.state_dict() if c is not None else None) for k, c in self.components.items()}
+        return {"step": step, **parts, **self.extra}
+
+    def load_state_dict(self, state: dict) -> int:
+        """Put ``state`` back into the components; returns its step."""
+        for key, c in self.components.items():
+            if key in self.required:
+                if key not in state:
+                    raise CheckpointError(f"the trainer state has no '{key}': it is not this trainer's")
+                c.load_state_dict(state[key])
+            elif c is not None and state.get(key):
+                c.load_state_dict(state[key])
+        return state["step"]
+
+    def save(self, step: int, name: str) -> Path:
+        """Checkpoint the state after ``step`` as ``final`` or ``checkpoints/step-N``."""
+        path = self.run_dir / name if name == "final" else self.run_dir / "checkpoints" / name
+        state = self.state_dict(step)
+        if dist.is_main():  # the replicas are equal: rank 0's weights and optimizer are everyone's
+            for s in self.sidecars:  # first, so that every policy checkpoint has its sidecars
+                s.save_beside(self.run_dir, name)
+            save_checkpoint(path, self.model, self.tok, state)
+            prune_checkpoints(self.run_dir, self.keep)
+            kept = {p.name for _, p in list_checkpoints(self.run_dir)}
+            for s in self.sidecars:
+                s.prune_beside(self.run_dir, kept)
+        dist.barrier()
+        return path
+
+    def save_step(self, step: int) -> Path:
+        return self.save(step, f"step-{step}")
+
+    def after_step(self, step: int, every: int, stop, between=None) -> None:
+        """After a step that is not the last: the checkpoint every ``every`` steps (0: none), then
+        ``between()`` (a held-out eval), then a stop request (``stop``: a StopRequests), which may
+        have come during the step, the save or ``between``: the step is saved, if it was not, and
+        Interrupted raised. Every rank stops together."""
+        saved = bool(every) and step % every == 0
+        if saved:
+            self.save_step(step)
+        if between is not None:
+            between()
+        if dist.any_true(stop.requested):
+            if not saved:
+                self.save_step(step)
+            raise Interrupted(
+                f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue with resume=true",
+                stop.signum,
+            )
+
+    def restore(self, path: Path, state: dict) -> int:
+        """Resume from the checkpoint at ``path`` whose trainer state is ``state`` (the weights
+        were loaded with the model); returns its step."""
+        step = self.load_state_dict(state)
+        for s in self.sidecars:
+            s.load_beside(self.run_dir, Path(path))
+        log.info("resumed from %s at step %d", path, step)
+        return step

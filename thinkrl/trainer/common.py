@@ -175,10 +175,15 @@ def lr_schedule(warmup_steps: int, total_steps: int, schedule: str = "cosine", m
     return f
 
 
+def adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) over ``params``, fused: one kernel pass per tensor
+    instead of one per operation. Every trainer's optimizer (policy, critic, SFT, DPO, RM)."""
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
+
+
 def make_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
-    """AdamW with linear warmup then cosine decay to 10% of ``lr``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    """AdamW over the trainable parameters, with linear warmup then cosine decay to 10% of ``lr``."""
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(warmup_steps, total_steps))
 
 
@@ -195,25 +200,48 @@ def bucketed_steps(lengths: list[int], batch_size: int, seed: int, total: int):
         epoch += 1
 
 
-def optimizer_step(model, opt, sched, loss: torch.Tensor, max_grad_norm: float) -> tuple[float, str | None]:
-    """Backward, clip, step the optimizer and the schedule; returns the pre-clip grad norm
-    and why the update was skipped (a non-finite loss or norm, thinkrl/trainer/guards.py)
-    or None when it was applied. With many ranks the gradients are summed over them before
-    the clip (each rank's loss is its weighted share, thinkrl/trainer/supervised.py); a
-    non-finite loss on one rank makes the summed norm non-finite, so all ranks skip together."""
+def optimizer_pass(
+    model, opt, parts, loss_of, max_grad_norm: float, *, sched=None, before_step=None
+) -> tuple[float, float, str | None]:
+    """One optimizer step over the micro-batches ``parts``: the one backward loop of every trainer.
+
+    ``loss_of(part)`` returns ``(loss, value)``: the part's share of the step's loss (a tensor to
+    backpropagate) and the float to add to the step's loss. The gradients (and the summed value)
+    are then summed over the ranks, clipped to ``max_grad_norm`` and applied, with ``before_step()``
+    called just before the update and ``sched`` stepped after it. A non-finite loss or gradient
+    norm applies nothing (thinkrl/trainer/guards.py); a non-finite loss on one rank makes the
+    summed loss non-finite, so all ranks skip together. Returns the step's loss (over every rank),
+    the pre-clip gradient norm and why the update was skipped, or None when it was applied."""
     from thinkrl.distributed import torch_dist as dist
 
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    dist.sum_gradients(model.parameters())  # one process: nothing happens
+    total = 0.0
+    for part in parts:
+        loss, value = loss_of(part)
+        loss.backward()
+        total += value
+    (total,) = dist.sum_gradients(model.parameters(), total)  # one process: nothing happens
     gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
-    cause = skip_cause(float(loss.detach()), gn)
+    cause = skip_cause(total, gn)
     if cause is not None:
         opt.zero_grad(set_to_none=True)
-        return gn, cause
+        return total, gn, cause
+    if before_step is not None:
+        before_step()
     opt.step()
-    sched.step()
-    return gn, None
+    if sched is not None:
+        sched.step()
+    return total, gn, None
+
+
+def optimizer_step(model, opt, sched, loss: torch.Tensor, max_grad_norm: float) -> tuple[float, str | None]:
+    """Backward, clip, step the optimizer and the schedule on one loss (each rank's loss is its
+    weighted share, thinkrl/trainer/supervised.py); returns the pre-clip grad norm and why the
+    update was skipped, or None (see :func:`optimizer_pass`)."""
+    _, gn, cause = optimizer_pass(
+        model, opt, [loss], lambda x: (x, float(x.detach())), max_grad_norm, sched=sched
+    )
+    return gn, cause
 
 
 def finished(out: Path) -> bool:

@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from thinkrl.algorithms import aggregate, value_loss
+from thinkrl.algorithms import aggregate, aggregation_share, value_loss
+from thinkrl.errors import ConfigError
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
-from thinkrl.trainer.batch import MicroBatch, completion_hidden
+from thinkrl.trainer.batch import MicroBatch, completion_hidden, fill_rows
 from thinkrl.trainer.checkpoint import fsync_path
-from thinkrl.trainer.guards import skip_cause
+from thinkrl.trainer.common import adamw, optimizer_pass
 
 
 class ValueModel(nn.Module):
@@ -69,9 +70,7 @@ class Critic:
         bf16: bool = False,
     ):
         self.model = value_model
-        self.optimizer = torch.optim.AdamW(
-            value_model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True
-        )
+        self.optimizer = adamw(value_model.parameters(), lr, weight_decay, betas)
         self.vf_clip, self.max_grad_norm, self.bf16 = vf_clip, max_grad_norm, bf16
 
     @classmethod
@@ -90,10 +89,7 @@ class Critic:
     @torch.no_grad()
     def values(self, mbs: list[MicroBatch], N: int, T: int) -> Tensor:
         """V(s_t) for every completion token of the step: [N, T], zero on padding."""
-        out = torch.zeros(N, T)
-        for mb in mbs:
-            out[mb.index, : mb.mask.shape[1]] = self.model(mb, self.bf16)
-        return out
+        return fill_rows(mbs, N, T, lambda mb: self.model(mb, self.bf16))
 
     def update(
         self, mbs: list[MicroBatch], returns: Tensor, old_values: Tensor, num_iterations: int = 1
@@ -102,15 +98,14 @@ class Critic:
 
         A pass with a non-finite loss or gradient norm is not applied and ends the update, as
         for the policy (thinkrl/trainer/guards.py); the metrics then say ``critic_skip_cause``."""
-        total = float(sum(mb.mask.sum() for mb in mbs))
+        total = max(float(sum(mb.mask.sum() for mb in mbs)), 1.0)
         self.model.train()
         sums = {"value_loss": 0.0, "vf_clip_frac": 0.0}
-        gn = torch.tensor(0.0)
-        cause = None
+        gn, cause = 0.0, None
         for it in range(num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            pass_loss = 0.0
-            for mb in mbs:
+            last = it == num_iterations - 1
+
+            def loss_of(mb: MicroBatch) -> tuple[Tensor, float]:
                 m = mb.mask  # [b, T']
                 Tm = m.shape[1]
                 v = self.model(mb, self.bf16)  # [b, T']
@@ -118,18 +113,15 @@ class Critic:
                     v, old_values[mb.index, :Tm], returns[mb.index, :Tm], m, self.vf_clip
                 )
                 loss = aggregate(tok_loss, m, "token_mean")
-                weight = float(m.sum()) / max(total, 1.0)
-                (loss * weight).backward()
-                pass_loss += loss.item() * weight
-                if it == num_iterations - 1:
+                weight = aggregation_share("token_mean", m.shape[0], float(m.sum()), len(mbs), total)
+                if last:
                     sums["value_loss"] += loss.item() * weight
                     sums["vf_clip_frac"] += lm["vf_clip_frac"] * weight
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-            cause = skip_cause(pass_loss, float(gn))
+                return loss * weight, loss.item() * weight
+
+            _, gn, cause = optimizer_pass(self.model, self.optimizer, mbs, loss_of, self.max_grad_norm)
             if cause is not None:
-                self.optimizer.zero_grad(set_to_none=True)
                 break
-            self.optimizer.step()
         out = {
             **sums,
             "critic_grad_norm": float(gn),
@@ -161,12 +153,23 @@ class Critic:
         fsync_path(path.parent)
         return path
 
+    # -- beside the policy's checkpoints (thinkrl/trainer/checkpoint.py: Checkpointer) ----
+
+    def save_beside(self, run_dir: Path, name: str) -> None:
+        self.save(critic_path(run_dir, name), with_optimizer=name != "final")
+
+    def load_beside(self, run_dir: Path, path: Path) -> None:
+        cpath = critic_path(run_dir, path.name)
+        if not cpath.is_file():
+            raise ConfigError(f"{path} has no critic checkpoint ({cpath}); cannot resume a gae run")
+        self.load_state_dict(torch.load(cpath, weights_only=True, map_location="cpu"))
+
+    def prune_beside(self, run_dir: Path, keep: set[str]) -> None:
+        prune_critic(run_dir, keep)
+
 
 def _full_mask(mbs: list[MicroBatch], like: Tensor) -> Tensor:
-    mask = torch.zeros_like(like)  # [N, T]
-    for mb in mbs:
-        mask[mb.index, : mb.mask.shape[1]] = mb.mask
-    return mask
+    return fill_rows(mbs, *like.shape, lambda mb: mb.mask)  # [N, T]
 
 
 def value_stats(values: Tensor, returns: Tensor, mask: Tensor) -> dict:

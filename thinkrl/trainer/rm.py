@@ -118,9 +118,26 @@ def split_pairs(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pai
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
 
-def train_rm(cfg: RMConfig) -> Path:
+def _setup(cfg: RMConfig, found, dev: str, bf16: bool):
+    """The reward model (from the policy model, or the checkpoint being resumed), its tokenizer,
+    the train and held-out pairs, and the held-out pair accuracy before training."""
     from transformers import AutoModelForSequenceClassification
 
+    rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
+    causal, tok = load_model(cfg.model)
+    pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
+    train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    need(len(train_pairs) > 0, "no pairs left to train on after holding out eval_fraction")
+    if found is None:
+        rm = reward_model_from(causal).to(dev)
+        before = pair_accuracy(rm, eval_pairs, tok.pad_token_id, bf16)
+    else:  # the checkpoint holds the head and the backbone as trained so far
+        rm = AutoModelForSequenceClassification.from_pretrained(found[0]).to(dev)
+        before = found[1]["pair_accuracy_before"]
+    return rm, tok, train_pairs, eval_pairs, before
+
+
+def train_rm(cfg: RMConfig) -> Path:
     from thinkrl.trainer import checkpoint as ckpt
     from thinkrl.trainer.common import seed_everything
 
@@ -131,19 +148,8 @@ def train_rm(cfg: RMConfig) -> Path:
     dev = device.resolve_device(cfg.device)
     device.setup(dev)
     bf16 = device.use_bf16(cfg.dtype, dev)
-    rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
-    causal, tok = load_model(cfg.model)
-    pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
-    train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
-    need(len(train_pairs) > 0, "no pairs left to train on after holding out eval_fraction")
+    rm, tok, train_pairs, eval_pairs, before = _setup(cfg, found, dev, bf16)
     pad = tok.pad_token_id
-    if found is None:
-        rm = reward_model_from(causal).to(dev)
-        before = pair_accuracy(rm, eval_pairs, pad, bf16)
-    else:  # the checkpoint holds the head and the backbone as trained so far
-        rm = AutoModelForSequenceClassification.from_pretrained(found[0]).to(dev)
-        before = found[1]["pair_accuracy_before"]
-    del causal
     lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train_pairs]
     total = cfg.max_steps or -(-len(train_pairs) // cfg.batch_size) * cfg.epochs
     opt, sched = make_optimizer(rm, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total)

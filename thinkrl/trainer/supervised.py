@@ -104,7 +104,16 @@ def run_steps(
     returns its path. ``extra_state`` goes into every checkpoint's trainer state."""
     out = Path(cfg.output_dir)
     guard = BadStepGuard(cfg.max_bad_steps)
-    start = _restore(opt, sched, guard, *found) if found else 0
+    saver = ckpt.Checkpointer(
+        out,
+        model,
+        tok,
+        {"optimizer": opt, "scheduler": sched, "guard": guard},
+        required=("optimizer", "scheduler"),
+        extra=extra_state,
+        keep=cfg.keep_checkpoints,
+    )
+    start = saver.restore(*found) if found else 0
     main = dist.is_main()  # only rank 0 writes files
     metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start) if main else None
     if dist.world_size() > 1:
@@ -113,46 +122,18 @@ def run_steps(
             f"batch_size={cfg.batch_size} is smaller than the {dist.world_size()} processes: each needs rows",
         )
 
-    def save(step: int, path: Path) -> None:
-        state = {
-            "step": step,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": ckpt.rng_state(),
-            "guard": guard.state_dict(),
-            **(extra_state or {}),
-        }
-        if main:  # the replicas are equal: rank 0's weights and optimizer are everyone's
-            ckpt.save_checkpoint(path, model, tok, state)
-            ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
-        dist.barrier()
-
     model.train()
     step = start
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=total,
-        initial=start,
-        desc=name,
-        disable=not cfg.progress or not dist.is_main(),
-        dynamic_ncols=True,
+        total=total, initial=start, desc=name, disable=not cfg.progress or not main, dynamic_ncols=True
     )
     with bar, StopRequests() as stop:
         for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
             if step <= start:
                 continue  # the batch order is a pure function of the seed: skip what the checkpoint did
-            loss, m = _sharded_loss(step_loss, idx)
-            gn, cause = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                "loss": float(loss.detach()),
-                **m,
-                "grad_norm": gn,
-                "lr": sched.get_last_lr()[0],
-                **({"skip_cause": cause} if cause else {}),
-            }
+            metrics = {"step": step, "epoch": epoch, **_train_step(model, opt, sched, step_loss, idx, cfg)}
             guard.record(step, metrics)
             if main:
                 metrics_log.write(metrics)
@@ -162,21 +143,24 @@ def run_steps(
                 raise guard.error(ckpt.latest_checkpoint(out))
             if step == total:
                 break
-            saved = bool(cfg.save_every) and step % cfg.save_every == 0
-            if saved:
-                save(step, out / "checkpoints" / f"step-{step}")
-            if dist.any_true(stop.requested):  # it may have come during the save; all ranks stop together
-                if not saved:
-                    save(step, out / "checkpoints" / f"step-{step}")
-                raise Interrupted(
-                    f"{stop.name} during step {step}: saved checkpoints/step-{step}; continue "
-                    "with resume=true",
-                    stop.signum,
-                )
-        save(step, out / "final")
+            saver.after_step(step, cfg.save_every, stop)
+        saver.save(step, "final")
     if dist.any_true(stop.requested):
         raise Interrupted(f"{stop.name} during the last step: final/ saved", stop.signum)
     return out / "final"
+
+
+def _train_step(model, opt, sched, step_loss: StepLoss, idx: list[int], cfg) -> dict:
+    """One optimizer step on the batch ``idx``; returns its metrics."""
+    loss, m = _sharded_loss(step_loss, idx)
+    gn, cause = optimizer_step(model, opt, sched, loss, cfg.max_grad_norm)
+    return {
+        "loss": float(loss.detach()),
+        **m,
+        "grad_norm": gn,
+        "lr": sched.get_last_lr()[0],
+        **({"skip_cause": cause} if cause else {}),
+    }
 
 
 def _sharded_loss(step_loss: StepLoss, idx: list[int]) -> tuple[torch.Tensor, dict]:
@@ -196,15 +180,6 @@ def _sharded_loss(step_loss: StepLoss, idx: list[int]) -> tuple[torch.Tensor, di
     if "targets" in m:
         out["targets"] = int(tot["count"])
     return loss * (count / tot["count"]), out
-
-
-def _restore(opt, sched, guard: BadStepGuard, path: Path, state: dict) -> int:
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"])
-    guard.load_state_dict(state.get("guard", {}))
-    log.info("resumed from %s at step %d", path, state["step"])
-    return state["step"]
 
 
 def start_weights(cfg, out: Path) -> tuple[tuple[Path, dict] | None, str]:
