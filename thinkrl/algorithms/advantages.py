@@ -106,7 +106,7 @@ def discounted_returns(r: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
 def gae_advantages(
     r: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
 ) -> tuple[Tensor, Tensor]:
-    """GAE(gamma, lambda) (Schulman et al. 2016, eq. (16); seed §6.2.3).
+    """GAE(gamma, lambda) (Schulman et al. 2016, eq. (16)).
 
     delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with V = 0 after the last real token
     (the episode ends there); A_t = delta_t + gamma lambda A_{t+1}. Returns (adv,
@@ -189,7 +189,7 @@ def rloo(b: AdvantageInput) -> Advantages:
 
 @ADVANTAGES.register(
     "reinforce", loss_agg="seq_mean_token_sum", kl_in="reward"
-)  # eq. (6.17) of the seed: 1/N sum_n sum_t
+)  # the policy-gradient estimate averages over sequences and sums over tokens: 1/N sum_n sum_t
 def reinforce(b: AdvantageInput) -> Advantages:
     """REINFORCE: A_t = R_t - b, the discounted return-to-go minus an optional baseline.
 
@@ -243,7 +243,7 @@ def gae(b: AdvantageInput) -> Advantages:
     """PPO's advantage: GAE(gamma, lambda) on KL-shaped token rewards, from a learned critic.
 
     Schulman et al. 2016 (GAE), Schulman et al. 2017 (PPO), Ouyang et al. 2022
-    (token reward -beta*KL plus the outcome at the end); seed §6.2.3-6.2.4.
+    (token reward -beta*KL plus the outcome at the end).
     ``returns`` (A + V before whitening) are the critic's targets; the advantages are
     then whitened over the batch, as in InstructGPT-style PPO.
     Departures: the episode ends at the last completion token (V = 0 after it, no

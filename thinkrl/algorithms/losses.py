@@ -65,8 +65,8 @@ def ppo_clip(
 ) -> tuple[Tensor, dict]:
     """PPO's clipped surrogate, per token: -min(ratio * A, clip(ratio, 1-e_low, 1+e_high) * A).
 
-    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. (7); seed eq.
-    (6.29) and GRPO's eq. (6.34) per token. ``clip_high > clip_low`` is DAPO's
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. (7), and
+    GRPO's objective (Shao et al. 2024, eq. (3)) per token. ``clip_high > clip_low`` is DAPO's
     clip-higher (Yu et al. 2025). Where the ratio is clipped in the direction of the
     advantage, the gradient is 0.
     """

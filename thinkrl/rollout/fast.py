@@ -159,10 +159,9 @@ def _unnormalised_probs(logits: Tensor, temperature: float) -> tuple[Tensor, Ten
     """For logits [b, V] fp32 (overwritten): ``z = (logits - max) / temperature`` in base-2 units
     (returned, in the same storage) and the unnormalised probabilities ``2^z`` [b, V] (a new tensor).
 
-    Base 2 because ``exp2`` runs ~3x faster than ``exp`` on CPU here
-    (benchmarks/decode_small_ops.py). Arguments below -115 are raised to -115 first: exp
-    kernels are many times slower on arguments whose result underflows (14-40x, same
-    benchmark), which a sharp or low-temperature distribution over a large vocabulary has
+    Base 2 because ``exp2`` is faster than ``exp`` on CPU (benchmarks/decode_small_ops.py;
+    docs/speed.md). Arguments below -115 are raised to -115 first: exp kernels are much
+    slower on arguments whose result underflows (same benchmark), which a sharp or low-temperature distribution over a large vocabulary has
     in numbers; a token there has probability below 2e-35, so no probability moves by more
     than 1e-30 relative. -inf (banned) entries become 2^-115 too: callers zero them where
     they must be 0."""
@@ -680,7 +679,7 @@ class FastEngine(Engine):
             return out
         kv = [
             (k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) for k, v in kv
-        ]  # plain copies: ~3x faster than k[rep]
+        ]  # plain copies, faster than the gather k[rep]
         valid = valid[rep]
         valid[:, P:] = c_mask
         # Query i (completion position i, predicting token i+1) sees the prompt and tokens 0..i.
