@@ -33,12 +33,7 @@ TINY_RUN = [
 def test_training_time_eval_equals_thinkrl_eval_on_the_final_checkpoint(tmp_path, monkeypatch):
     import thinkrl.trainer.rl as rl
     from thinkrl.cli import main
-    from thinkrl.config import build_config
-    from thinkrl.eval import eval_settings, evaluate
-    from thinkrl.models import load_model
-    from thinkrl.rollout import engine_on
-    from thinkrl.tasks import build_task
-    from thinkrl.tasks.templates import drop_long_prompts
+    from thinkrl.eval import evaluate
 
     states = []  # the random state each training-time eval started from
 
@@ -55,27 +50,19 @@ def test_training_time_eval_equals_thinkrl_eval_on_the_final_checkpoint(tmp_path
     assert got["summary"]["n"] == 4 and all(len(r["samples"]) == 2 for r in got["records"])
     assert got["summary"]["response_len_max"] <= 5  # eval.max_new_tokens, not rollout's 6
 
-    # what `thinkrl eval model=run/final` runs (thinkrl/cli.py cmd_eval), from the same random state
-    cfg = build_config(str(run / "config.yaml"), [])
-    task = build_task(cfg.task)
-    model, tok = load_model(str(run / "final"))
-    drop_long_prompts(task, tok, cfg.task)
-    engine = engine_on(
-        cfg.rollout.backend,
-        model,
-        tok,
-        batch_size=cfg.eval.batch_size,
-        dtype=cfg.dtype,
-        device_name=cfg.device,
-    )
-    torch.set_rng_state(states[0])
-    want = evaluate(engine, tok, task.eval[: cfg.eval.n], cfg.task, **eval_settings(cfg))
-    json_round_trip = json.loads(json.dumps(want))
-    for s in (got["summary"], json_round_trip["summary"]):
+    # `thinkrl eval model=run/final` (which reads the run's config.yaml), from the same random state
+    import thinkrl.eval as ev
+
+    def from_the_same_state(*a, **kw):
+        torch.set_rng_state(states[0])
+        return evaluate(*a, **kw)
+
+    monkeypatch.setattr(ev, "evaluate", from_the_same_state)
+    assert main(["eval", f"model={run / 'final'}", f"output={tmp_path / 'eval.json'}", "progress=false"]) == 0
+    (want,) = json.loads((tmp_path / "eval.json").read_text())["results"].values()
+    for s in (got["summary"], want["summary"]):
         s.pop("seconds")
-    assert {k: v for k, v in got["summary"].items() if k not in ("step", "label")} == json_round_trip[
-        "summary"
-    ]
-    assert got["records"] == json_round_trip["records"]
+    assert {k: v for k, v in got["summary"].items() if k not in ("step", "label")} == want["summary"]
+    assert got["records"] == want["records"]
     # sampled at temperature 0.7: the two samples of some question differ
     assert any(r["samples"][0]["completion"] != r["samples"][1]["completion"] for r in got["records"])
