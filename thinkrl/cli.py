@@ -295,6 +295,7 @@ def cmd_difficulty(args: list[str]) -> int:
         max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
+        progress=cfg.progress,
     )
     write_rows(rows, Path(output))
     mean = sum(r["pass_rate"] for r in rows) / len(rows)

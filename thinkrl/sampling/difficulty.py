@@ -29,14 +29,25 @@ def estimate_pass_rates(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    progress: bool = False,
 ) -> list[dict]:
-    """One row per example: question, answer, task, correct (of k) and pass_rate = correct / k."""
+    """One row per example: question, answer, task, correct (of k) and pass_rate = correct / k.
+    ``progress``: a bar over the questions (``thinkrl difficulty``; silent off a terminal)."""
     from thinkrl.rewards import RewardModel
     from thinkrl.rollout import SamplingParams
     from thinkrl.rollout.scoring import sample_and_score
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    g = sample_and_score(engine, tokenizer, examples, task_cfg, k, params, RewardModel({"accuracy": 1.0}))
+    g = sample_and_score(
+        engine,
+        tokenizer,
+        examples,
+        task_cfg,
+        k,
+        params,
+        RewardModel({"accuracy": 1.0}),
+        progress="difficulty" if progress else None,
+    )
     acc = g.parts["accuracy"]  # [len(examples) * k]
     rows = []
     for i, ex in enumerate(examples):
