@@ -119,6 +119,13 @@ def test_a_progress_bar_splits_the_calls_but_not_the_sampling():
         ["e\nP:"],
     ]  # exact_chunk(4, 2)
     engine.calls.clear()
+    many = examples(*[f"q{i}" for i in range(100)])
+    sample_and_score(
+        engine, None, many, PLAIN, 2, SamplingParams(), RewardModel({"format": 1.0}), progress="x"
+    )
+    # at most 20 calls: 2 * ceil(100 / (2 * 20)) = 6 prompts a call, 16 of them and one of 4
+    assert [len(c[0]) for c in engine.calls] == [6] * 16 + [4]
+    engine.calls.clear()
     seeded = SamplingParams(seed=3)  # a seeded call stays one call: chunks would each restart the seed
     sample_and_score(engine, None, exs, PLAIN, 2, seeded, RewardModel({"format": 1.0}), progress="eval")
     assert len(engine.calls) == 1

@@ -42,8 +42,8 @@ def sample_and_score(
       (``distributed.seed_by_group``); None: one call with ``params.seed``.
     - ``timings``: the seconds spent are added to its ``time_generate`` and ``time_score``.
     - ``progress``: the label of a progress bar over the prompts (silent off a terminal);
-      the prompts then go to the engine in the calls :func:`exact_chunk` sizes, which sample
-      the same tokens as one call. None: no bar.
+      the prompts then go to the engine in up to ``BAR_CALLS`` calls of a multiple of
+      :func:`exact_chunk` prompts, which sample the same tokens as one call. None: no bar.
     """
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
@@ -73,6 +73,11 @@ def score_rollout(rewards, examples: list, rendered: list, ro: Rollout, n: int, 
     return Groups(examples, rendered, ro, texts, totals, parts)
 
 
+# At most this many engine calls behind a progress bar, so that a backend that batches a whole
+# call itself (vllm) still gets large calls.
+BAR_CALLS = 20
+
+
 def exact_chunk(batch_size: int, n: int) -> int:
     """Prompts per engine call that split the prompts only where both built-in engines split
     them anyway: ``fast`` every ``batch_size // n`` prompts, ``hf`` every ``batch_size`` rows
@@ -86,7 +91,8 @@ def _generate(engine, prompts: list[str], n: int, params: SamplingParams, group_
     if group_seeds is not None:  # one call per group, each with its own seed
         calls = [([p], dataclasses.replace(params, seed=next(group_seeds))) for p in prompts]
     elif progress is not None and params.seed is None and getattr(engine, "batch_size", None):
-        step = exact_chunk(engine.batch_size, n)
+        c = exact_chunk(engine.batch_size, n)
+        step = c * math.ceil(len(prompts) / (c * BAR_CALLS))  # a multiple of c: still exact
         calls = [(prompts[s : s + step], params) for s in range(0, len(prompts), step)] or [(prompts, params)]
     else:  # a seeded call is one call: chunks would each restart the seed
         calls = [(prompts, params)]
