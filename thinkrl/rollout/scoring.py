@@ -92,7 +92,7 @@ def _generate(engine, prompts: list[str], n: int, params: SamplingParams, group_
         calls = [([p], dataclasses.replace(params, seed=next(group_seeds))) for p in prompts]
     elif progress is not None and params.seed is None and getattr(engine, "batch_size", None):
         c = exact_chunk(engine.batch_size, n)
-        step = c * math.ceil(len(prompts) / (c * BAR_CALLS))  # a multiple of c: still exact
+        step = c * max(1, math.ceil(len(prompts) / (c * BAR_CALLS)))  # a multiple of c: still exact
         calls = [(prompts[s : s + step], params) for s in range(0, len(prompts), step)] or [(prompts, params)]
     else:  # a seeded call is one call: chunks would each restart the seed
         calls = [(prompts, params)]
