@@ -148,7 +148,13 @@ def cmd_eval(args: list[str]) -> int:
             if env is not None:  # episodes in the environment, e.g. with the python tool
                 return evaluate_episodes(engine, tok, env, task.eval[: cfg.eval.n], cfg, **settings)
             return evaluate(
-                engine, tok, task.eval[: cfg.eval.n], cfg.task, **settings, thinking_budget=budget
+                engine,
+                tok,
+                task.eval[: cfg.eval.n],
+                cfg.task,
+                **settings,
+                thinking_budget=budget,
+                progress=cfg.progress,
             )
 
         runs.append((name, {b: run(b) for b in budgets} if budgets else run(None)))
@@ -320,6 +326,7 @@ def cmd_difficulty(args: list[str]) -> int:
         max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
+        progress=cfg.progress,
     )
     write_rows(rows, Path(output))
     mean = sum(r["pass_rate"] for r in rows) / len(rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from thinkrl.config import REFLECTION_WORDS, ConfigError, TaskConfig
@@ -11,9 +10,10 @@ from thinkrl.eval.calibration import answer_confidence, expected_calibration_err
 from thinkrl.eval.metrics import majority_vote, pass_at_k, reflection_stats
 from thinkrl.rewards import RewardModel, extract_answer
 from thinkrl.rollout import Engine, SamplingParams
+from thinkrl.rollout.scoring import completion_stats, mode_stats, sample_and_score
 from thinkrl.rollout.thinking import WAIT_PHRASE
+from thinkrl.sampling.dynamic import Groups
 from thinkrl.tasks import Example
-from thinkrl.tasks.templates import render_prompt
 
 
 def eval_settings(cfg) -> dict:
@@ -44,6 +44,7 @@ def evaluate(
     reflection_words=REFLECTION_WORDS,
     thinking_budget: int | None = None,
     min_thinking: int = 0,
+    progress: bool = False,
 ) -> dict:
     """Score ``samples`` completions per held-out example (one greedy one by default).
 
@@ -53,67 +54,64 @@ def evaluate(
     (:mod:`thinkrl.rollout.thinking`) and the summary adds ``forced_rate``, the share of
     responses whose thinking the budget cut short. ``min_thinking`` > 0 keeps each response
     thinking at least that many tokens (s1's "Wait" extension) and adds ``wait_rate``, the
-    share of responses that were made to go on.
+    share of responses that were made to go on. ``progress``: a bar over the questions
+    (``thinkrl eval``; silent off a terminal).
     """
     if not examples:
         raise ConfigError(
             "no held-out examples to evaluate on: the task has no eval set (check eval.n, task.eval_size)"
         )
-    k = samples
-    rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
-    t0 = time.perf_counter()
-    ro = engine.generate_text(
-        [r[0] for r in rendered],
+    k, timings = samples, {}
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        thinking_budget=thinking_budget,
+        min_thinking=min_thinking,
+    )
+    g = sample_and_score(
+        engine,
+        tokenizer,
+        examples,
+        task_cfg,
         k,
-        SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            thinking_budget=thinking_budget,
-            min_thinking=min_thinking,
-        ),
+        params,
+        RewardModel({"accuracy": 1.0, "format": 1.0}),
+        timings=timings,
+        progress="eval" if progress else None,
     )
-    seconds = time.perf_counter() - t0
-    texts = [rendered[i // k][1] + t for i, t in enumerate(ro.texts)]  # [n * k]
-    _, parts = RewardModel({"accuracy": 1.0, "format": 1.0}).score(
-        texts, [ex for ex in examples for _ in range(k)]
-    )
-    acc, fmt = parts["accuracy"], parts["format"]
-    n = len(examples)
-    lengths = [len(c) for c in ro.completion_ids]
+    ro, N = g.ro, len(g.totals)  # N = n * k
     summary = {
-        "n": n,
+        "n": len(examples),
         "samples": k,
-        "accuracy": sum(acc) / (n * k),
-        "format_rate": sum(fmt) / (n * k),
-        "response_len_mean": sum(lengths) / (n * k),
-        "response_len_max": max(lengths),
-        "truncation_rate": sum(ro.truncated) / (n * k),
-        **reflection_stats(texts, reflection_words),
-        "seconds": round(seconds, 2),
+        **completion_stats(g),
+        **reflection_stats(g.texts, reflection_words),
+        "seconds": round(timings["time_generate"], 2),
     }
-    modes = [ex.meta.get("thinking") for ex in examples]
-    if any(modes):  # task.thinking: accuracy, form and length per thinking mode
-        summary["by_mode"] = {}
-        for mode in sorted({m for m in modes if m}):
-            rows = [q * k + j for q, m in enumerate(modes) if m == mode for j in range(k)]
-            summary["by_mode"][mode] = {
-                "accuracy": sum(acc[i] for i in rows) / len(rows),
-                "format_rate": sum(fmt[i] for i in rows) / len(rows),
-                "response_len_mean": sum(lengths[i] for i in rows) / len(rows),
-                "n": len(rows) // k,
-            }
+    if by_mode := mode_stats(g):  # task.thinking: accuracy, form and length per thinking mode
+        summary["by_mode"] = by_mode
     if thinking_budget is not None:
         summary["thinking_budget"] = thinking_budget
-        summary["forced_rate"] = sum(any(f) for f in ro.forced or []) / (n * k)
+        summary["forced_rate"] = sum(any(f) for f in ro.forced or []) / N
     if min_thinking:
         summary["min_thinking"] = min_thinking
         wait = tokenizer(WAIT_PHRASE, add_special_tokens=False).input_ids
-        summary["wait_rate"] = sum(
-            _forced_run(c, f, wait) for c, f in zip(ro.completion_ids, ro.forced or [])
-        ) / (n * k)
+        summary["wait_rate"] = (
+            sum(_forced_run(c, f, wait) for c, f in zip(ro.completion_ids, ro.forced or [])) / N
+        )
+    records = _records(g, summary)
+    if ro.logps is not None:  # calibration: the model's confidence in its own final answer
+        _calibration(g, tokenizer, summary, records)
+    return {"summary": summary, "records": records}
+
+
+def _records(g: Groups, summary: dict) -> list[dict]:
+    """One record per question (its first sample; with k > 1 all k, its pass rate and whether
+    the majority answer is right); adds ``pass@k`` and ``maj@k`` to ``summary`` for k > 1."""
+    k, n = g.group_size(), len(g)
+    acc, fmt, texts = g.parts["accuracy"], g.parts["format"], g.texts
     records = []
     maj_hits = 0
-    for q, ex in enumerate(examples):
+    for q, ex in enumerate(g.examples):
         rows = range(q * k, (q + 1) * k)
         rec = {
             "question": ex.question,
@@ -135,15 +133,20 @@ def evaluate(
     if k > 1:
         summary[f"pass@{k}"] = sum(pass_at_k(k, int(sum(acc[q * k : (q + 1) * k])), k) for q in range(n)) / n
         summary[f"maj@{k}"] = maj_hits / n
-    if ro.logps is not None:  # calibration: the model's confidence in its own final answer
-        conf = [answer_confidence(c, lp, tokenizer) for c, lp in zip(ro.completion_ids, ro.logps)]
-        have = [(c, acc[i] == 1.0) for i, c in enumerate(conf) if c is not None]
-        if have:
-            summary["ece"] = expected_calibration_error([c for c, _ in have], [ok for _, ok in have])
-            summary["answer_confidence_mean"] = sum(c for c, _ in have) / len(have)
-        for q, rec in enumerate(records):
-            rec["confidence"] = conf[q * k]
-    return {"summary": summary, "records": records}
+    return records
+
+
+def _calibration(g: Groups, tokenizer, summary: dict, records: list[dict]) -> None:
+    """ECE and the mean confidence of the answers the model committed to (into ``summary``),
+    and each record's confidence."""
+    k, acc = g.group_size(), g.parts["accuracy"]
+    conf = [answer_confidence(c, lp, tokenizer) for c, lp in zip(g.ro.completion_ids, g.ro.logps)]
+    have = [(c, acc[i] == 1.0) for i, c in enumerate(conf) if c is not None]
+    if have:
+        summary["ece"] = expected_calibration_error([c for c, _ in have], [ok for _, ok in have])
+        summary["answer_confidence_mean"] = sum(c for c, _ in have) / len(have)
+    for q, rec in enumerate(records):
+        rec["confidence"] = conf[q * k]
 
 
 def _forced_run(ids: list[int], forced: list[bool], phrase: list[int]) -> bool:

@@ -24,10 +24,13 @@ from thinkrl.config import TaskConfig
 from thinkrl.data import write_rows
 from thinkrl.models import load_model
 from thinkrl.pipeline.teacher import EndpointConfig, as_response, chat_completion
+from thinkrl.progress import progress_bar
 from thinkrl.rewards import RewardModel
-from thinkrl.rollout import SamplingParams, engine_on
+from thinkrl.rollout import Rollout, SamplingParams, engine_on
+from thinkrl.rollout.scoring import sample_and_score, score_rollout
+from thinkrl.sampling.dynamic import Groups
 from thinkrl.tasks import build_task
-from thinkrl.tasks.templates import chat_messages, render_prompt
+from thinkrl.tasks.templates import chat_messages
 from thinkrl.trainer.common import need
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class SampleConfig:
     require_format: bool = True  # <think>...</think> <answer>...</answer> exactly
     max_foreign_script: float = 0.05  # share of letters outside the dominant script (mixed-language filter)
     dedup: bool = True
+    progress: bool = True  # a bar over the prompts (silent off a terminal)
     # The reward that decides "correct": the task's own check by default; `judge` (an
     # OpenAI-compatible endpoint, docs/rewards.md) for answers that rules cannot verify, with
     # its options in verifier_args (url, model, ...). A reward of 1 counts as correct.
@@ -134,37 +138,46 @@ def context_messages(question: str, cfg: TaskConfig) -> list[dict]:
     return [{**m, "weight": 0} if m["role"] == "assistant" else m for m in chat_messages(question, cfg)]
 
 
-def generate(
-    cfg: SampleConfig, examples: list, tok, model
-) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:
-    """``n`` responses per example from the endpoint or the local model: texts, token counts, truncated."""
-    n = cfg.n
-    if cfg.endpoint.base_url:
-        texts, trunc = [], []
+def sample_scored(cfg: SampleConfig, examples: list, tok, model, scorer: RewardModel) -> list[Groups]:
+    """``n`` responses per example from the endpoint or the local model, scored by ``scorer``:
+    one :class:`Groups` per example (an endpoint may answer with fewer than ``n``)."""
+    if not cfg.endpoint.base_url:
+        engine = engine_on(
+            cfg.backend, model, tok, batch_size=cfg.batch_size, dtype=cfg.dtype, device_name=cfg.device
+        )
+        params = SamplingParams(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
+        )
+        g = sample_and_score(
+            engine,
+            tok,
+            examples,
+            cfg.task,
+            cfg.n,
+            params,
+            scorer,
+            progress="sample" if cfg.progress else None,
+        )
+        return [g.select([q]) for q in range(len(g))]
+    out = []
+    with progress_bar(len(examples), "sample", enabled=cfg.progress, unit="prompt") as bar:
         for ex in examples:
             msgs = [
                 {k: v for k, v in m.items() if k != "weight"} for m in context_messages(ex.question, cfg.task)
             ]
             got = chat_completion(
-                cfg.endpoint, msgs, n=n, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens
+                cfg.endpoint, msgs, n=cfg.n, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens
             )
-            texts.append([as_response(r, c) for r, c in got])
-            trunc.append([False] * len(got))
-        lens = [[len(tok(t, add_special_tokens=False).input_ids) for t in row] for row in texts]
-        return texts, lens, trunc
-    engine = engine_on(
-        cfg.backend, model, tok, batch_size=cfg.batch_size, dtype=cfg.dtype, device_name=cfg.device
-    )
-    rendered = [render_prompt(ex.question, tok, cfg.task) for ex in examples]
-    ro = engine.generate_text(
-        [r[0] for r in rendered],
-        n,
-        SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p),
-    )
-    texts = [[rendered[i][1] + ro.texts[i * n + j] for j in range(n)] for i in range(len(examples))]
-    lens = [[len(ro.completion_ids[i * n + j]) for j in range(n)] for i in range(len(examples))]
-    trunc = [[ro.truncated[i * n + j] for j in range(n)] for i in range(len(examples))]
-    return texts, lens, trunc
+            texts = [as_response(r, c) for r, c in got]
+            ro = Rollout(
+                prompt_ids=[[] for _ in texts],
+                completion_ids=[tok(t, add_special_tokens=False).input_ids for t in texts],
+                texts=texts,
+                truncated=[False] * len(texts),
+            )
+            out.append(score_rollout(scorer, [ex], [("", "")], ro, len(texts), max_tokens=cfg.max_new_tokens))
+            bar.update(1)
+    return out
 
 
 def _row(question: str, answer: str, s: Sample, cfg: SampleConfig) -> dict:
@@ -212,17 +225,16 @@ def run_sample(cfg: SampleConfig) -> dict:
     task = build_task(cfg.task)
     examples = task.next_batch(min(cfg.prompts, len(task.train)))
     model, tok = load_model(cfg.model)
-    texts, lens, trunc = generate(cfg, examples, tok, model)
     scorer = RewardModel(
         {cfg.verifier: 1.0, "format": 1.0}, {cfg.verifier: cfg.verifier_args} if cfg.verifier_args else None
     )
     rows, reasons, pair_rows = [], Counter(), []
     as_pairs = dataclasses.replace(cfg, mode="pairs")
     all_lens, kept_lens, n_correct = [], [], 0
-    for ex, t, ln, tr in zip(examples, texts, lens, trunc):
-        _, parts = scorer.score(t, [ex] * len(t))
-        samples = [Sample(r, k, a >= 1, "") for r, k, a in zip(t, ln, parts[cfg.verifier])]
-        judge(samples, parts["format"], tr, cfg)
+    for g in sample_scored(cfg, examples, tok, model, scorer):
+        ex, ln = g.examples[0], [len(c) for c in g.ro.completion_ids]
+        samples = [Sample(r, k, a >= 1, "") for r, k, a in zip(g.texts, ln, g.parts[cfg.verifier])]
+        judge(samples, g.parts["format"], g.ro.truncated, cfg)
         reasons.update(s.reason for s in samples)
         n_correct += sum(s.correct for s in samples)
         all_lens += ln

@@ -29,21 +29,26 @@ def estimate_pass_rates(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    progress: bool = False,
 ) -> list[dict]:
-    """One row per example: question, answer, task, correct (of k) and pass_rate = correct / k."""
+    """One row per example: question, answer, task, correct (of k) and pass_rate = correct / k.
+    ``progress``: a bar over the questions (``thinkrl difficulty``; silent off a terminal)."""
     from thinkrl.rewards import RewardModel
     from thinkrl.rollout import SamplingParams
-    from thinkrl.tasks.templates import render_prompt
+    from thinkrl.rollout.scoring import sample_and_score
 
-    rendered = [render_prompt(ex.question, tokenizer, task_cfg) for ex in examples]
-    ro = engine.generate_text(
-        [r[0] for r in rendered],
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    g = sample_and_score(
+        engine,
+        tokenizer,
+        examples,
+        task_cfg,
         k,
-        SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+        params,
+        RewardModel({"accuracy": 1.0}),
+        progress="difficulty" if progress else None,
     )
-    texts = [rendered[i // k][1] + t for i, t in enumerate(ro.texts)]  # [len(examples) * k]
-    _, parts = RewardModel({"accuracy": 1.0}).score(texts, [ex for ex in examples for _ in range(k)])
-    acc = parts["accuracy"]
+    acc = g.parts["accuracy"]  # [len(examples) * k]
     rows = []
     for i, ex in enumerate(examples):
         correct = int(sum(acc[i * k : (i + 1) * k]))

@@ -16,7 +16,6 @@ thinkrl/trainer/update.py, its loss thinkrl/algorithms/objective.py), checkpoint
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -39,9 +38,9 @@ from thinkrl.distributed import torch_dist as dist
 from thinkrl.envs.episodes import evaluate_episodes, generate_and_score_episodes, tool_metrics
 from thinkrl.eval import eval_settings, evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
-from thinkrl.rollout import Rollout, SamplingParams
+from thinkrl.rollout import SamplingParams
+from thinkrl.rollout.scoring import completion_stats, mode_stats, sample_and_score
 from thinkrl.sampling import Groups, collect_groups
-from thinkrl.tasks.templates import render_prompt
 from thinkrl.trainer import update
 from thinkrl.trainer.batch import logps_of, policy_token_mask, split_grouped_micro_batches
 from thinkrl.trainer.common import seed_everything as seed_everything  # the Ray driver's
@@ -208,90 +207,46 @@ def _untrained(p: Parts, step: int, seen: Groups, dyn_stats: dict, timings: dict
 
 def generate_and_score(p: Parts, examples: list, timings: dict, seeds=None) -> Groups:
     """G completions for each prompt, and their rewards; adds to ``timings``. ``seeds``: an
-    iterator of per-group sampling seeds (``distributed.seed_by_group``), one engine call each."""
-    cfg, G = p.cfg, p.cfg.rollout.group_size
+    iterator of per-group sampling seeds (``distributed.seed_by_group``), one engine call each,
+    or one seed for the step's one call (see ``_group_seeds``)."""
+    cfg, r = p.cfg, p.cfg.rollout
     if p.env is not None and p.env.multi_turn:  # turns and observations (thinkrl/envs/episodes.py)
         return generate_and_score_episodes(p.engine, p.tok, p.env, p.rewards, cfg, examples, timings)
-    t0 = time.perf_counter()
-    rendered = [render_prompt(ex.question, p.tok, cfg.task) for ex in examples]
+    one_seed = seeds is None or isinstance(seeds, int)
     params = SamplingParams(
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
         seed=seeds if isinstance(seeds, int) else None,
     )
-    if seeds is None or isinstance(seeds, int):
-        ro = p.engine.generate_text([r[0] for r in rendered], G, params)
-    else:  # one call per group, each with its own seed
-        ro = _concat_rollouts(
-            [
-                p.engine.generate_text([r[0]], G, dataclasses.replace(params, seed=next(seeds)))
-                for r in rendered
-            ]
-        )
-    timings["time_generate"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exs = [ex for ex in examples for _ in range(G)]  # [N]
-    texts = [rendered[i // G][1] + t for i, t in enumerate(ro.texts)]  # the reward sees prefill + completion
-    totals, parts = p.rewards.score(
-        texts,
-        exs,
-        group_size=G,
-        context={
-            "num_tokens": [len(c) for c in ro.completion_ids],
-            "max_tokens": cfg.rollout.max_new_tokens,
-            "truncated": list(ro.truncated),
-        },
+    return sample_and_score(
+        p.engine,
+        p.tok,
+        examples,
+        cfg.task,
+        r.group_size,
+        params,
+        p.rewards,
+        group_seeds=None if one_seed else seeds,
+        timings=timings,
     )
-    timings["time_score"] += time.perf_counter() - t0
-    return Groups(examples, rendered, ro, texts, totals, parts)
-
-
-def _concat_rollouts(parts: list[Rollout]) -> Rollout:
-    def cat(name: str):
-        got = [getattr(ro, name) for ro in parts]
-        return None if any(v is None for v in got) else [x for v in got for x in v]
-
-    return Rollout(**{f.name: cat(f.name) for f in dataclasses.fields(Rollout)})
 
 
 def _sample_metrics(cfg: Config, g: Groups) -> dict:
     N = len(g.totals)
     rewards = torch.tensor(g.totals, dtype=torch.float32)  # [N]
-    lengths = [len(c) for c in g.ro.completion_ids]  # [N]
-    acc, fmt = g.parts.get("accuracy"), g.parts.get("format")
     return {
         "reward": float(rewards.mean()),
         "reward_std": float(rewards.std()) if N > 1 else 0.0,
         **{f"reward/{k}": sum(v) / N for k, v in g.parts.items()},
-        "accuracy": sum(acc) / N if acc is not None else float("nan"),
-        "format_rate": sum(fmt) / N if fmt is not None else float("nan"),
-        "response_len_mean": sum(lengths) / N,
-        "response_len_max": max(lengths),
-        "truncation_rate": sum(g.ro.truncated) / N,
+        **completion_stats(g),
         "zero_std_groups": 1.0 - len(g.varied()) / len(g),
         **reflection_stats(g.texts, cfg.eval.reflection_words),
         "generated_seqs": N,
-        **_mode_metrics(g),
+        # accuracy, form and length per thinking mode (task.thinking): accuracy/on, ...
+        **{f"{k}/{mode}": v for mode, m in mode_stats(g).items() for k, v in m.items() if k != "n"},
     }
-
-
-def _mode_metrics(g: Groups) -> dict:
-    """Accuracy, form and length per thinking mode (``task.thinking``: ``accuracy/on``, ...)."""
-    G = len(g.totals) // max(1, len(g))
-    modes = [g.examples[i // G].meta.get("thinking") for i in range(len(g.totals))]
-    out = {}
-    for mode in sorted({m for m in modes if m}):
-        rows = [i for i, m in enumerate(modes) if m == mode]
-        for name, values in (
-            ("accuracy", g.parts.get("accuracy")),
-            ("format_rate", g.parts.get("format")),
-            ("response_len_mean", [len(c) for c in g.ro.completion_ids]),
-        ):
-            if values is not None:
-                out[f"{name}/{mode}"] = sum(values[i] for i in rows) / len(rows)
-    return out
 
 
 def _samples(cfg: Config, step: int, g: Groups) -> list[dict]:
