@@ -102,12 +102,7 @@ class _NoWriter:
 
 
 def progress_bar(cfg: Config, start: int):
-    from tqdm.auto import tqdm
+    from thinkrl import progress
 
-    return tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        desc="train",
-        disable=not cfg.progress or not dist.is_main(),
-        dynamic_ncols=True,
-    )
+    enabled = cfg.progress and dist.is_main()
+    return progress.progress_bar(cfg.max_steps, "train", enabled=enabled, initial=start, tty_only=False)

@@ -124,11 +124,9 @@ def run_steps(
 
     model.train()
     step = start
-    from tqdm.auto import tqdm
+    from thinkrl.progress import progress_bar
 
-    bar = tqdm(
-        total=total, initial=start, desc=name, disable=not cfg.progress or not main, dynamic_ncols=True
-    )
+    bar = progress_bar(total, name, enabled=cfg.progress and main, initial=start, tty_only=False)
     with bar, StopRequests() as stop:
         for step, epoch, idx in bucketed_steps(lengths, cfg.batch_size, cfg.seed, total):
             if step <= start:
