@@ -211,7 +211,7 @@ def _supervised(train_fn, cls, args: list[str]) -> Path:
 
 def cmd_push(args: list[str]) -> int:
     """Upload a model folder (a run's ``final/``, a checkpoint) to the Hugging Face Hub."""
-    from thinkrl.hub import check_repo_id, push_folder
+    from thinkrl.hub import push_folder
 
     folder, items = _split(args)
     opts = dict(item.split("=", 1) for item in items)
@@ -221,7 +221,7 @@ def cmd_push(args: list[str]) -> int:
     private = opts.get("private", "false").lower()
     if private not in ("true", "false"):
         raise ConfigError(f"private: expected true or false, got {opts['private']!r}")
-    print(f"pushed {folder} to {push_folder(folder, check_repo_id(opts['repo']), private=private == 'true')}")
+    print(f"pushed {folder} to {push_folder(folder, opts['repo'], private=private == 'true')}")
     return 0
 
 

@@ -98,6 +98,6 @@ def push_after(run, push: dict | None, folder_of) -> object:
     """Run ``run()``, then (rank 0, when asked) push the folder ``folder_of(result)``."""
     result = run()
     if push is not None and os.environ.get("RANK", "0") == "0":
-        url = push_folder(folder_of(result), push["repo_id"], private=push["private"])
-        print(f"pushed {folder_of(result)} to {url}")
+        folder = folder_of(result)
+        print(f"pushed {folder} to {push_folder(folder, push['repo_id'], private=push['private'])}")
     return result
