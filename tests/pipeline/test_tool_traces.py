@@ -201,3 +201,23 @@ def test_coldstart_pipeline_runs_tiny(tmp_path):
     assert (run / "03-tool_rl" / "final" / "config.json").is_file()
     after = rows(run / "03-tool_rl" / "evals.jsonl")[-1]
     assert after["label"] == "after" and "tool/episodes_with_call" in after
+
+
+def test_a_prompt_without_the_think_prefill_gets_it_in_the_first_turn(tmp_path):
+    task = tmp_path / "q.jsonl"
+    task.write_text(
+        "".join(json.dumps({"question": q, "answer": "5"}) + "\n" for q in ("2 + 3 =", "9 - 4 ="))
+    )
+    cfg = TracesConfig(
+        output=str(tmp_path / "t.jsonl"),
+        style="tool",
+        task=TaskConfig(name=str(task), eval_size=0, template="plain", prefill=""),
+    )
+    write_traces(cfg)
+    r = next(r for r in rows(tmp_path / "t.jsonl") if r["prompt"] == "2 + 3 =")
+    assert r["turns"][0]["text"].startswith("<think> ") and r["turns"][0]["text"].endswith(
+        "<python>print(2 + 3)</python>"
+    )
+    assert r["turns"][1]["text"] == "\n<output>\n5\n</output>\n"
+    with pytest.raises(ConfigError, match="max_tool_calls must be >= 1"):
+        TracesConfig(style="tool", env=EnvConfig(name="python", max_tool_calls=0)).validate()

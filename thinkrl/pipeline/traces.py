@@ -72,6 +72,10 @@ class TracesConfig:
                 self.env.name == "python",
                 f"traces style tool writes <python> calls: it needs env.name=python, not '{self.env.name}'",
             )
+            need(
+                self.env.max_tool_calls >= 1,
+                "traces style tool makes one call: env.max_tool_calls must be >= 1",
+            )
             from thinkrl.envs import validate_env
 
             validate_env(self.env)
@@ -143,17 +147,23 @@ TOOL_OPENERS = ("Let me compute it.", "I will run it in Python.", "Let me add it
 TOOL_CLOSERS = ("The result is {r}.", "Python printed {r}, so the answer is {r}.", "So it is {r}.")
 
 
-def tool_call_turn(terms: list[int], opener: str) -> str:
-    """The first policy turn: a sentence, then a program that prints the sum of ``terms``."""
+def tool_call_turn(terms: list[int], opener: str, think: str = "") -> str:
+    """The first policy turn: a sentence, then a program that prints the sum of ``terms``.
+    ``think`` opens the thinking where the prompt's prefill does not (``<think>``)."""
     expr = str(terms[0]) + "".join(f" {'-' if t < 0 else '+'} {abs(t)}" for t in terms[1:])
-    return f" {opener} <python>print({expr})</python>"
+    return f"{think} {opener} <python>print({expr})</python>"
 
 
-def tool_trace(env, example, terms: list[int], rng: random.Random) -> dict | None:
+def opens_thinking(task: TaskConfig) -> bool:
+    """Whether the task's prompt ends in ``<think>`` (the r1_zero template's, or the prefill)."""
+    return task.template == "r1_zero" or "<think>" in task.prefill
+
+
+def tool_trace(env, example, terms: list[int], rng: random.Random, think: str = "") -> dict | None:
     """One episode of ``env``: the call, the environment's real observation (``env.step``
     runs the program in the sandbox), and an answer turn that states the printed number;
     None when the call failed or printed no single integer."""
-    call = tool_call_turn(terms, rng.choice(TOOL_OPENERS))
+    call = tool_call_turn(terms, rng.choice(TOOL_OPENERS), think)
     closer = rng.choice(TOOL_CLOSERS)
     obs, _, done, info = env.step(env.reset(example), call)
     printed = re.fullmatch(r"\s*<output>\s*(-?\d+)\s*</output>\s*", obs or "")
@@ -179,7 +189,8 @@ def _tool_rows(cfg: TracesConfig, todo: list, skipped: dict) -> list[dict]:
     from thinkrl.envs import build_env
 
     env = build_env(cfg.env)
-    jobs = [(ex, terms, random.Random(f"{cfg.seed}-{i}")) for i, (ex, terms) in enumerate(todo)]
+    think = "" if opens_thinking(cfg.task) else "<think>"
+    jobs = [(ex, terms, random.Random(f"{cfg.seed}-{i}"), think) for i, (ex, terms) in enumerate(todo)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         traces = list(pool.map(lambda job: tool_trace(env, *job), jobs))
     rows = []
@@ -214,12 +225,13 @@ def write_traces(cfg: TracesConfig) -> dict:
         todo.append((ex, terms))
     if cfg.style == "tool":
         rows = _tool_rows(cfg, todo, skipped)
-    for ex, terms in todo if cfg.style == "long_cot" else ():
-        k = rng.randint(cfg.min_rechecks, cfg.max_rechecks)
-        rows.append(
-            {"prompt": ex.question, "completion": "<think>" + worked_solution(terms, k), "rechecks": k}
-        )
-    if not rows and todo:
+    else:
+        for ex, terms in todo:
+            k = rng.randint(cfg.min_rechecks, cfg.max_rechecks)
+            rows.append(
+                {"prompt": ex.question, "completion": "<think>" + worked_solution(terms, k), "rechecks": k}
+            )
+    if not rows and todo:  # style tool: every call failed or printed something else
         raise DataError(
             f"traces: no tool call of {len(todo)} gave the answer (skipped: {skipped}); "
             "check that the sandbox runs Python (docs/rewards.md)"
