@@ -8,6 +8,11 @@ Two SFT row formats are read:
 - ``{"prompt": question, "completion": response}``: the prompt is rendered with
   the task template (``render_prompt``, the same text RL and eval feed the model)
   and the completion (which starts with ``<think>``) is the response.
+- ``{"prompt": question, "env": name, "turns": [{"role", "text"}, ...]}``: a multi-turn
+  episode (the ``traces`` stage's tool style, or an RL episode record), encoded as the RL
+  rollout of environment ``env`` sees it (``encode_episode``): the prompt with the
+  environment's system prompt, then each turn; the loss covers the ``assistant`` turns
+  only, never a ``tool`` observation.
 
 Preference rows are ``{"prompt": question, "chosen": response, "rejected": response}``.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from thinkrl.tasks import DataError
@@ -112,6 +118,53 @@ def encode_prompt_completion(prompt: str, completion: str, tok, task_cfg) -> Enc
     return Encoded(ctx + tgt, [IGNORE] * len(ctx) + tgt)
 
 
+def encode_episode(prompt: str, env_name: str, turns: list, tok, task_cfg) -> Encoded:
+    """A multi-turn episode, token for token as the RL rollout builds it (thinkrl/envs/episodes.py):
+
+        episode prompt (context) | turn 1 (target) | obs 1 (context) | turn 2 (target) | EOS (target)
+
+    The prompt is ``episode_prompt(env.reset(example))``, the very text RL and eval render
+    (the environment's system prompt included, the task's prefill at its end), so train and
+    test prompts match. Each turn is encoded on its own, as RL appends an observation's ids;
+    joined text is never re-encoded, so no token straddles a turn boundary and the mask
+    follows the turns exactly. ``turns`` follow the prefill (an RL episode record's turns);
+    the episode must start and end with an ``assistant`` turn."""
+    from thinkrl.envs.episodes import episode_prompt
+    from thinkrl.tasks import Example
+
+    if not isinstance(turns, list) or not turns:
+        raise DataError("'turns' must be a non-empty list of {role, text}")
+    for t in turns:
+        if (
+            not isinstance(t, dict)
+            or t.get("role") not in ("assistant", "tool")
+            or not isinstance(t.get("text"), str)
+        ):
+            raise DataError("each turn needs 'role' (assistant or tool) and a string 'text'")
+    if turns[0]["role"] != "assistant" or turns[-1]["role"] != "assistant":
+        raise DataError("an episode starts and ends with an assistant turn")
+    text, _ = episode_prompt(_env(env_name).reset(Example(prompt, "")), tok, task_cfg)
+    ids = tok(text, add_special_tokens=False).input_ids
+    labels = [IGNORE] * len(ids)
+    for t in turns:
+        _extend(ids, labels, tok, t["text"], train=t["role"] == "assistant")
+    ids.append(tok.eos_token_id)  # the policy's last turn ends with EOS: it learns to stop
+    labels.append(tok.eos_token_id)
+    return Encoded(ids, labels)
+
+
+@lru_cache(maxsize=8)
+def _env(name: str):
+    """The registered environment ``name`` (with its default settings: its reset reads none)."""
+    from thinkrl.config import ConfigError, EnvConfig
+    from thinkrl.envs import build_env
+
+    try:
+        return build_env(EnvConfig(name=str(name)))
+    except ConfigError as e:
+        raise DataError(f"'env': {e}") from None
+
+
 def encode_sft_rows(rows: list[dict], tok, task_cfg, max_len: int, source: str = "data") -> list[Encoded]:
     """Encode every row; rows longer than ``max_len`` tokens are cut, rows left with no target dropped."""
     out = []
@@ -123,10 +176,19 @@ def encode_sft_rows(rows: list[dict], tok, task_cfg, max_len: int, source: str =
                 enc = encode_messages(row["messages"], tok)
             except DataError as e:
                 raise DataError(f"{source}: row {n}: {e}") from None
+        elif "turns" in row and "prompt" in row:
+            try:
+                enc = encode_episode(
+                    str(row["prompt"]), row.get("env", "single_turn"), row["turns"], tok, task_cfg
+                )
+            except DataError as e:
+                raise DataError(f"{source}: row {n}: {e}") from None
         elif "prompt" in row and "completion" in row:
             enc = encode_prompt_completion(str(row["prompt"]), str(row["completion"]), tok, task_cfg)
         else:
-            raise DataError(f"{source}: row {n} needs 'messages', or 'prompt' and 'completion'")
+            raise DataError(
+                f"{source}: row {n} needs 'messages', 'prompt' and 'completion', or 'prompt' and 'turns'"
+            )
         enc = Encoded(enc.input_ids[:max_len], enc.labels[:max_len])
         if any(t != IGNORE for t in enc.labels[1:]):
             out.append(enc)

@@ -10,6 +10,20 @@ ones), followed by between ``min_rechecks`` and ``max_rechecks`` re-checks, each
 correct inverse computation. The re-checks carry no new information, which is what
 long2short should learn to drop.
 
+``style: tool`` writes tool-use traces instead, the SFT cold start of tool-integrated
+reasoning (ReTool, Feng et al. 2025, cold-starts on code-interleaved traces before RL; R1's
+cold start is the same idea for plain chains of thought). Each trace is an episode of the
+``python`` environment (thinkrl/envs/python.py), kept turn by turn as RL records it:
+
+    assistant: " Let me compute it. <python>print(141 - 365 - 623)</python>"
+    tool:      "\n<output>\n-847\n</output>\n"   (the sandbox's real output, via env.step)
+    assistant: " The result is -847. </think> <answer> -847 </answer>"
+
+The turns follow the prompt's prefill (``<think>``), as in an RL episode record. The final
+turn states the number the program printed; a trace whose output disagrees with the gold
+answer is skipped and counted. SFT renders the prompt with the environment's system prompt
+and trains on the assistant turns only (thinkrl/data, ``encode_episode``).
+
 Only questions of the form ``... a + b - c =`` (reasoning-gym's ``chain_sum``, or any
 task whose question ends in such an expression) can be written out; other rows are
 skipped and counted, as are rows whose gold answer disagrees with the expression.
@@ -21,15 +35,18 @@ import json
 import logging
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thinkrl.config import TaskConfig
+from thinkrl.config import EnvConfig, TaskConfig
 from thinkrl.data import write_rows
 from thinkrl.tasks import DataError, answers_match, build_task
 from thinkrl.trainer.common import need
 
 log = logging.getLogger(__name__)
+
+STYLES = ("long_cot", "tool")
 
 # An integer expression at the end of the question: "12 - 7 + 30 =" (optional trailing "?").
 EXPR = re.compile(r"(-?\d+(?:\s*[-+]\s*\d+)+)\s*=?\s*\??\s*$")
@@ -42,11 +59,26 @@ class TracesConfig:
     min_rechecks: int = 0  # redundant re-checks per solution, drawn uniformly from [min, max]
     max_rechecks: int = 3
     seed: int = 0
+    style: str = "long_cot"  # long_cot: worked steps + re-checks | tool: a python call and its real output
     task: TaskConfig = field(default_factory=TaskConfig)
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(name="python"))  # style tool: runs the calls
 
     def validate(self) -> None:
         need(0 <= self.min_rechecks <= self.max_rechecks, "need 0 <= min_rechecks <= max_rechecks")
         need(self.prompts >= 0, "prompts must be >= 0 (0: every training question)")
+        need(self.style in STYLES, f"traces style '{self.style}' unknown; choose from: {', '.join(STYLES)}")
+        if self.style == "tool":
+            need(
+                self.env.name == "python",
+                f"traces style tool writes <python> calls: it needs env.name=python, not '{self.env.name}'",
+            )
+            need(
+                self.env.max_tool_calls >= 1,
+                "traces style tool makes one call: env.max_tool_calls must be >= 1",
+            )
+            from thinkrl.envs import validate_env
+
+            validate_env(self.env)
 
 
 def parse_terms(question: str) -> list[int] | None:
@@ -110,12 +142,78 @@ def worked_solution(terms: list[int], rechecks: int) -> str:
     return " " + " ".join(steps + checks) + f" </think> <answer> {total} </answer>"
 
 
+# The tool trace's phrasing, drawn per row so the model does not learn one sentence only.
+TOOL_OPENERS = ("Let me compute it.", "I will run it in Python.", "Let me add it up with Python.")
+TOOL_CLOSERS = ("The result is {r}.", "Python printed {r}, so the answer is {r}.", "So it is {r}.")
+
+
+def tool_call_turn(terms: list[int], opener: str, think: str = "") -> str:
+    """The first policy turn: a sentence, then a program that prints the sum of ``terms``.
+    ``think`` opens the thinking where the prompt's prefill does not (``<think>``)."""
+    expr = str(terms[0]) + "".join(f" {'-' if t < 0 else '+'} {abs(t)}" for t in terms[1:])
+    return f"{think} {opener} <python>print({expr})</python>"
+
+
+def opens_thinking(task: TaskConfig) -> bool:
+    """Whether the task's prompt ends in ``<think>`` (the r1_zero template's, or the prefill)."""
+    return task.template == "r1_zero" or "<think>" in task.prefill
+
+
+def tool_trace(env, example, terms: list[int], rng: random.Random, think: str = "") -> dict | None:
+    """One episode of ``env``: the call, the environment's real observation (``env.step``
+    runs the program in the sandbox), and an answer turn that states the printed number;
+    None when the call failed or printed no single integer."""
+    call = tool_call_turn(terms, rng.choice(TOOL_OPENERS), think)
+    closer = rng.choice(TOOL_CLOSERS)
+    obs, _, done, info = env.step(env.reset(example), call)
+    printed = re.fullmatch(r"\s*<output>\s*(-?\d+)\s*</output>\s*", obs or "")
+    if done or info.get("tool_status") != "ok" or printed is None:
+        return None
+    r = printed.group(1)
+    return {
+        "prompt": example.question,
+        "env": env.cfg.name,
+        "turns": [
+            {"role": "assistant", "text": call},
+            {"role": "tool", "text": obs, "tool_status": info["tool_status"]},
+            {"role": "assistant", "text": f" {closer.format(r=r)} </think> <answer> {r} </answer>"},
+        ],
+        "result": r,
+    }
+
+
+def _tool_rows(cfg: TracesConfig, todo: list, skipped: dict) -> list[dict]:
+    """Run every trace's call in the sandbox, a few at once (each mostly waits on its process);
+    each row draws its phrasing from its own seeded generator, so the rows do not depend on
+    the order the calls finish in."""
+    from thinkrl.envs import build_env
+
+    env = build_env(cfg.env)
+    think = "" if opens_thinking(cfg.task) else "<think>"
+    jobs = [(ex, terms, random.Random(f"{cfg.seed}-{i}"), think) for i, (ex, terms) in enumerate(todo)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        traces = list(pool.map(lambda job: tool_trace(env, *job), jobs))
+    rows = []
+    for (ex, _), tr in zip(todo, traces):
+        if tr is None:
+            skipped["tool failed"] += 1
+        elif not answers_match(tr["result"], ex.answer):
+            skipped["tool output disagrees"] += 1
+        else:
+            rows.append(tr)
+    return rows
+
+
 def write_traces(cfg: TracesConfig) -> dict:
-    """Write prompt/completion rows to ``cfg.output``; returns counts (also in ``<output>.stats.json``)."""
+    """Write SFT rows to ``cfg.output`` (prompt/completion, or multi-turn ``turns`` for style
+    tool); returns counts (also in ``<output>.stats.json``)."""
     task = build_task(cfg.task)
     examples = task.train[: cfg.prompts] if cfg.prompts else task.train
     rng = random.Random(cfg.seed)
     rows, skipped = [], {"not an expression": 0, "answer disagrees": 0}
+    if cfg.style == "tool":
+        skipped.update({"tool failed": 0, "tool output disagrees": 0})
+    todo = []
     for ex in examples:
         terms = parse_terms(ex.question)
         if terms is None or len(terms) < 2:
@@ -124,9 +222,19 @@ def write_traces(cfg: TracesConfig) -> dict:
         if not answers_match(str(sum(terms)), ex.answer):
             skipped["answer disagrees"] += 1
             continue
-        k = rng.randint(cfg.min_rechecks, cfg.max_rechecks)
-        rows.append(
-            {"prompt": ex.question, "completion": "<think>" + worked_solution(terms, k), "rechecks": k}
+        todo.append((ex, terms))
+    if cfg.style == "tool":
+        rows = _tool_rows(cfg, todo, skipped)
+    else:
+        for ex, terms in todo:
+            k = rng.randint(cfg.min_rechecks, cfg.max_rechecks)
+            rows.append(
+                {"prompt": ex.question, "completion": "<think>" + worked_solution(terms, k), "rechecks": k}
+            )
+    if not rows and todo:  # style tool: every call failed or printed something else
+        raise DataError(
+            f"traces: no tool call of {len(todo)} gave the answer (skipped: {skipped}); "
+            "check that the sandbox runs Python (docs/rewards.md)"
         )
     if not rows:
         raise DataError(
@@ -137,12 +245,11 @@ def write_traces(cfg: TracesConfig) -> dict:
         if n:
             log.warning("traces: skipped %d of %d questions (%s)", n, len(examples), why)
     write_rows(cfg.output, rows)
-    stats = {
-        "prompts": len(examples),
-        "rows": len(rows),
-        "skipped": skipped,
-        "rechecks_mean": sum(r["rechecks"] for r in rows) / len(rows),
-    }
+    stats = {"prompts": len(examples), "rows": len(rows), "skipped": skipped}
+    if cfg.style == "long_cot":
+        stats["rechecks_mean"] = sum(r["rechecks"] for r in rows) / len(rows)
+    else:
+        stats["tool_calls_per_row"] = sum(t["role"] == "tool" for r in rows for t in r["turns"]) / len(rows)
     Path(cfg.output).with_suffix(".stats.json").write_text(json.dumps(stats, indent=2))
     log.info("traces: wrote %d rows to %s", len(rows), cfg.output)
     return stats
