@@ -246,9 +246,7 @@ class DistributedConfig:
     """Data parallelism under torchrun (thinkrl/distributed/torch_dist.py, docs/distributed.md)
     and the trainer/rollout split on Ray (thinkrl/distributed/ray_*.py, docs/distributed-ray.md)."""
 
-    strategy: str = (
-        "ddp"  # ddp: replicated weights, summed gradients | fsdp: not supported by the trainers yet
-    )
+    strategy: str = "ddp"  # ddp: replicated weights, summed gradients | fsdp: FSDP2-sharded policy (train)
     # Seed each group's sampling by (seed, step, group index in the global batch), one engine
     # call per group: rollouts then do not depend on the world size (slower: smaller batches).
     # False: one batched call per step, seeded per step and rank when there are several ranks.

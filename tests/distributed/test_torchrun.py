@@ -49,6 +49,21 @@ algo: {{advantage: reinforce_pp, mini_batches: 2, entropy_coef: 0.01}}
 distributed: {{seed_by_group: true}}
 """
 
+# DAPO dynamic sampling: a binary reward on two samples per prompt leaves many groups with equal
+# rewards, so steps refill, with refills (4 - kept) that do not always split over two ranks.
+THIRDS = """
+def thirds(completion, example):
+    return float(sum(map(ord, completion)) % 3 == 0)
+"""
+DYNAMIC_CONFIG = (
+    RL_CONFIG.replace('"{reward}:byte_sum"', '"{reward}:thirds"')
+    .replace("prompts_per_step: 2, group_size: 4", "prompts_per_step: 4, group_size: 2")
+    .replace(
+        "algo: {{advantage: reinforce_pp, mini_batches: 2, entropy_coef: 0.01}}",
+        "algo: {{advantage: grpo, mini_batches: 2}}\nsampling: {{dynamic: true, max_rounds: 8}}",
+    )
+)
+
 
 def thinkrl(nproc: int, *args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
     env = {
@@ -179,3 +194,173 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_one_config_error(rl_runs)
     # one line per rank and no traceback through thinkrl (torchrun then prints its own report)
     assert res.stderr.count("thinkrl: error:") == 2 and "thinkrl/trainer" not in res.stderr
     assert not (rl_runs / "odd").exists()  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(rl_runs):
+    """The same two steps over two ranks with the policy sharded by FSDP2 (one unit). Each of
+    the two mini-batches holds one rank's group only, so the other rank runs a dummy pass to
+    keep FSDP's collectives in step."""
+    thinkrl(2, "train", "rl.yaml", "output_dir=fsdp", "distributed.strategy=fsdp", cwd=rl_runs)
+    return rl_runs / "fsdp"
+
+
+def test_fsdp_two_ranks_equal_one_process_and_ddp(rl_runs, fsdp_run):
+    one, two = rl_runs / "one", rl_runs / "two"
+    m1, mf = metrics(one), metrics(fsdp_run)
+    assert [m["step"] for m in mf] == [1, 2]
+    for a, b in zip(m1, mf):
+        assert_same_step(a, b)
+    for a, b in zip(metrics(two), mf):
+        assert_same_step(a, b)
+    assert (one / "samples.jsonl").read_text() == (fsdp_run / "samples.jsonl").read_text()
+    for name in ("checkpoints/step-1", "final"):
+        assert_same_weights(weights(one / name), weights(fsdp_run / name))
+        assert_same_weights(weights(two / name), weights(fsdp_run / name))
+    # the optimizer state was gathered from the shards: whole moments, as one process saves them
+    s1 = torch.load(one / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=False)["optimizer"]
+    sf = torch.load(fsdp_run / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=False)["optimizer"]
+    assert s1["state"].keys() == sf["state"].keys()
+    for i in s1["state"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sf["state"][i][k], s1["state"][i][k], rtol=1e-4, atol=1e-7)
+    # a full HF folder, as one process writes it (the tied embedding saved once)
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(fsdp_run / "final")
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    assert_same_weights(
+        {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight"}, weights(fsdp_run / "final")
+    )
+
+
+def test_fsdp_checkpoint_resumes_in_one_process_and_on_two_ranks(rl_runs, fsdp_run):
+    """step-1 of the FSDP run, resumed by one process (DDP path) and by two FSDP ranks (the
+    whole optimizer state re-sharded): both redo step 2 exactly."""
+    for name, nproc, extra in (("fsdp_r1", 1, []), ("fsdp_r2", 2, ["distributed.strategy=fsdp"])):
+        run = rl_runs / name
+        shutil.copytree(fsdp_run, run)
+        shutil.rmtree(run / "final")
+        shutil.rmtree(run / "checkpoints" / "step-2", ignore_errors=True)
+        (run / "checkpoints" / "latest").write_text("step-1\n")
+        thinkrl(nproc, "train", "rl.yaml", f"output_dir={name}", "resume=true", *extra, cwd=rl_runs)
+        m = metrics(run)
+        assert [x["step"] for x in m] == [1, 2]
+        assert_same_step(m[1], metrics(fsdp_run)[1])
+        assert_same_weights(weights(run / "final"), weights(fsdp_run / "final"))
+
+
+def test_fsdp_refuses_what_it_does_not_shard(rl_runs):
+    res = thinkrl(
+        2,
+        "train",
+        "rl.yaml",
+        "output_dir=fsdp_lora",
+        "distributed.strategy=fsdp",
+        "lora.enabled=true",
+        cwd=rl_runs,
+        ok=False,
+    )
+    assert "thinkrl: error: distributed.strategy=fsdp does not support lora.enabled=true" in res.stderr
+    assert "thinkrl/trainer" not in res.stderr
+
+
+def test_dynamic_sampling_two_ranks_equal_one_process(tmp_path):
+    """Every round is decided on the gathered groups, so both see the same rounds, keep the
+    same groups, and train on the same batch."""
+    (tmp_path / "thirds.py").write_text(THIRDS)
+    (tmp_path / "dyn.yaml").write_text(DYNAMIC_CONFIG.format(reward=tmp_path / "thirds.py"))
+    thinkrl(1, "train", "dyn.yaml", "output_dir=one", cwd=tmp_path)
+    thinkrl(2, "train", "dyn.yaml", "output_dir=two", cwd=tmp_path)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert sum(m["dynamic_rounds"] for m in m1) > 0  # some step refilled
+    assert any(m["dynamic_generated_groups"] % 2 for m in m1)  # with a refill that did not split evenly
+    for a, b in zip(m1, m2):
+        assert_same_step(a, b)
+        for k in ("dynamic_rounds", "dynamic_kept_groups", "dynamic_generated_groups"):
+            assert a[k] == b[k], k
+        assert a["dynamic_kept_groups"] == 4 and "dynamic_dropped_groups" not in b
+    assert (tmp_path / "one" / "samples.jsonl").read_text() == (
+        tmp_path / "two" / "samples.jsonl"
+    ).read_text()
+    for name in ("checkpoints/step-1", "final"):
+        assert_same_weights(weights(tmp_path / "one" / name), weights(tmp_path / "two" / name))
+
+
+def test_gae_two_ranks_equal_one_process(rl_runs):
+    """PPO's critic is replicated like the policy: its gradients are summed over the ranks and its
+    loss normalised by the global token count; GAE whitens over the gathered batch."""
+    cfg = (rl_runs / "rl.yaml").read_text()
+    gae = "algo: {advantage: gae, mini_batches: 2, critic_lr: 0.001}"
+    (rl_runs / "gae.yaml").write_text(
+        cfg.replace("algo: {advantage: reinforce_pp, mini_batches: 2, entropy_coef: 0.01}", gae)
+    )
+    assert gae in (rl_runs / "gae.yaml").read_text()
+    thinkrl(1, "train", "gae.yaml", "output_dir=gae_one", cwd=rl_runs)
+    thinkrl(2, "train", "gae.yaml", "output_dir=gae_two", cwd=rl_runs)
+    one, two = rl_runs / "gae_one", rl_runs / "gae_two"
+    for a, b in zip(metrics(one), metrics(two)):
+        assert_same_step(a, b)
+        for k in ("value_loss", "value_mean", "vf_explained_var"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k
+        assert a["critic_grad_norm"] == pytest.approx(b["critic_grad_norm"], rel=1e-5)
+    assert metrics(one)[1]["critic_grad_norm"] > 0.1  # the critic really trained
+    assert_same_weights(weights(one / "final"), weights(two / "final"))
+    c1 = torch.load(one / "critic" / "final.pt", weights_only=True)["model"]
+    c2 = torch.load(two / "critic" / "final.pt", weights_only=True)["model"]
+    assert_same_weights(c1, c2)
+    assert float(c1["head.weight"].abs().max()) > 1e-4  # moved from its zero init
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_sft_and_dpo_fsdp_two_ranks_equal_one_process(tmp_path, command):
+    """Two steps with a checkpoint after each: the FSDP ranks' loss, grad norm and gathered
+    weights are one process's; the step-1 checkpoint then resumes in one process."""
+    if command == "sft":
+        rows = [
+            {"prompt": f"What is {a} + {b}?", "completion": f"<answer> {a + b} </answer>" + " x" * a}
+            for a, b in ((1, 2), (30, 4), (5, 66), (7, 8))
+        ]
+    else:
+        rows = [
+            {
+                "prompt": f"What is {a} + {b}?",
+                "chosen": f"<answer> {a + b} </answer>",
+                "rejected": f"<answer> {a - b} </answer>" + " y" * a,
+            }
+            for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))
+        ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "model=tiny-random",
+        "data=rows.jsonl",
+        "batch_size=4",
+        "max_steps=2",
+        "lr=1e-3",
+        "dtype=fp32",
+        "progress=false",
+        "save_every=1",
+        "task.template=plain",
+    ]
+    thinkrl(1, command, *args, "output_dir=one", cwd=tmp_path)
+    thinkrl(2, command, *args, "output_dir=fsdp", "strategy=fsdp", cwd=tmp_path)
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    m1, mf = metrics(one), metrics(fsdp)
+    assert [m["step"] for m in mf] == [1, 2]
+    for a, b in zip(m1, mf):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert m1[1]["loss"] != pytest.approx(m1[0]["loss"], abs=1e-3)  # the first step changed the model
+    # DPO: AdamW's first step divides each gradient by its own magnitude, so an entry whose
+    # gradient is ~0 turns the float-order noise of the summed gradient into a ~1e-5 weight
+    # difference (the DDP ranks show the same 1.2e-5 here, bit for bit FSDP's); a step moves
+    # the weights by ~1e-3.
+    atol = 1e-5 if command == "sft" else 3e-5
+    for name in ("checkpoints/step-1", "final"):
+        assert_same_weights(weights(one / name), weights(fsdp / name), atol=atol)
+    shutil.rmtree(fsdp / "final")
+    shutil.rmtree(fsdp / "checkpoints" / "step-2", ignore_errors=True)
+    (fsdp / "checkpoints" / "latest").write_text("step-1\n")
+    thinkrl(1, command, *args, "output_dir=fsdp", "resume=true", cwd=tmp_path)
+    assert metrics(fsdp)[1]["loss"] == pytest.approx(m1[1]["loss"], abs=1e-5)
+    assert_same_weights(weights(one / "final"), weights(fsdp / "final"), atol=atol)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from thinkrl import device
+from thinkrl.distributed.torch_dist import even_passes, fsdp_root
 from thinkrl.rollout import shared_prefix_len
 
 
@@ -147,9 +148,15 @@ def fill_rows(mbs: list[MicroBatch], N: int, T: int, per_mb) -> Tensor:
 
 
 def logps_of(model, mbs: list[MicroBatch], N: int, T: int, *, temperature: float, bf16: bool) -> Tensor:
-    """Log-probs [N, T] of every row in ``mbs`` under ``model``, without gradients."""
+    """Log-probs [N, T] of every row in ``mbs`` under ``model``, without gradients. A sharded
+    policy's ranks run as many passes each (:func:`~thinkrl.distributed.torch_dist.even_passes`)."""
     with torch.no_grad():
-        return fill_rows(mbs, N, T, lambda mb: token_logps(model, mb, temperature=temperature, bf16=bf16)[0])
+        return fill_rows(
+            even_passes(model, mbs),
+            N,
+            T,
+            lambda mb: token_logps(model, mb, temperature=temperature, bf16=bf16)[0],
+        )
 
 
 def split_micro_batches(
@@ -206,6 +213,12 @@ def token_logps(
 
     Only the real completion tokens go through the LM head, in chunks, by
     :class:`HeadLogProbs`: no [b, T, V] logits tensor is ever built."""
+    kw = dict(temperature=temperature, bf16=bf16, with_entropy=with_entropy, entropy_grad=entropy_grad)
+    root = fsdp_root(model)  # a sharded policy: all of it inside its FSDP root's forward
+    return root(_token_logps, mb, **kw) if root is not None else _token_logps(model, mb, **kw)
+
+
+def _token_logps(model, mb: MicroBatch, *, temperature, bf16, with_entropy, entropy_grad):
     inner, head = _backbone_and_head(model)
     mb = mb.to(head.weight.device)
     P = mb.prompt_len

@@ -95,6 +95,21 @@ def set_rng_state(s: dict) -> None:
     )
 
 
+class _Optimizer:
+    """An optimizer as a checkpoint component: its state with whole tensors, whatever the
+    world size and strategy (a sharded policy's moments are gathered on save and re-sharded
+    on load: thinkrl/distributed/torch_dist.py)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return dist.optimizer_state(self.optimizer)
+
+    def load_state_dict(self, sd: dict) -> None:
+        dist.load_optimizer_state(self.optimizer, sd)
+
+
 class _Rng:
     """The process's random generators, as a component of the trainer state."""
 
@@ -384,7 +399,10 @@ class Checkpointer:
         keep: int = 0,
     ):
         self.run_dir, self.model, self.tok = Path(run_dir), model, tok
-        self.components = {**components, "rng": _Rng()}
+        self.components = {
+            k: _Optimizer(c) if isinstance(c, torch.optim.Optimizer) else c for k, c in components.items()
+        }
+        self.components["rng"] = _Rng()
         self.required = (*required, "rng")
         self.extra, self.sidecars, self.keep = extra or {}, tuple(sidecars), keep
 
@@ -406,11 +424,12 @@ class Checkpointer:
     def save(self, step: int, name: str) -> Path:
         """Checkpoint the state after ``step`` as ``final`` or ``checkpoints/step-N``."""
         path = self.run_dir / name if name == "final" else self.run_dir / "checkpoints" / name
-        state = self.state_dict(step)
+        state = self.state_dict(step)  # on every rank: a sharded optimizer's moments are gathered
+        weights = dist.full_model(self.model)  # fsdp: the whole weights, gathered (a collective)
         if dist.is_main():  # the replicas are equal: rank 0's weights and optimizer are everyone's
             for s in self.sidecars:  # first, so that every policy checkpoint has its sidecars
                 s.save_beside(self.run_dir, name)
-            save_checkpoint(path, self.model, self.tok, state)
+            save_checkpoint(path, weights, self.tok, state)
             prune_checkpoints(self.run_dir, self.keep)
             kept = {p.name for _, p in list_checkpoints(self.run_dir)}
             for s in self.sidecars:

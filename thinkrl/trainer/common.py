@@ -216,7 +216,7 @@ def optimizer_pass(
 
     opt.zero_grad(set_to_none=True)
     total = 0.0
-    for part in parts:
+    for part in dist.even_passes(model, parts):  # fsdp: every rank runs as many passes
         loss, value = loss_of(part)
         loss.backward()
         total += value

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from thinkrl.algorithms import aggregate, aggregation_share, value_loss
+from thinkrl.distributed import torch_dist as dist
 from thinkrl.errors import ConfigError
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
@@ -76,8 +77,10 @@ class Critic:
     @classmethod
     def from_config(cls, cfg, bf16: bool, dev: str = "cpu") -> Critic:
         a = cfg.algo
+        value_model = build_value_model(a.critic_model or cfg.model).to(dev)
+        dist.broadcast_parameters(value_model)  # many ranks: equal replicas, kept equal by summed gradients
         return cls(
-            build_value_model(a.critic_model or cfg.model).to(dev),
+            value_model,
             lr=a.critic_lr,
             betas=cfg.optim.betas,
             weight_decay=cfg.optim.weight_decay,
@@ -98,7 +101,8 @@ class Critic:
 
         A pass with a non-finite loss or gradient norm is not applied and ends the update, as
         for the policy (thinkrl/trainer/guards.py); the metrics then say ``critic_skip_cause``."""
-        total = max(float(sum(mb.mask.sum() for mb in mbs)), 1.0)
+        # many ranks: the global token count, so the summed gradients are the one-process gradient
+        total = max(dist.sum_floats([float(sum(mb.mask.sum() for mb in mbs))])[0], 1.0)
         self.model.train()
         sums = {"value_loss": 0.0, "vf_clip_frac": 0.0}
         gn, cause = 0.0, None
@@ -123,9 +127,9 @@ class Critic:
             if cause is not None:
                 break
         out = {
-            **sums,
+            **dist.reduce_dict(sums),
             "critic_grad_norm": float(gn),
-            **value_stats(old_values, returns, _full_mask(mbs, returns)),
+            **value_stats(*dist.gather_rows(old_values, returns, _full_mask(mbs, returns))),
         }
         return out if cause is None else {**out, "critic_skip_cause": cause}
 

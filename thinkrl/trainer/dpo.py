@@ -103,7 +103,9 @@ def train_dpo(cfg: DPOConfig) -> Path:
     from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
-    dist.init()  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
+    dist.init(
+        cfg.strategy
+    )  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
     found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -130,6 +132,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
             f"{found and found[0]} was written by another loss or "
             "other data: resume it with the run's own loss and data",
         )
+    dist.shard_policy(model)  # strategy=fsdp: after the reference pass, before the optimizer
     lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs]
     total = cfg.max_steps or -(-len(pairs) // cfg.batch_size) * cfg.epochs
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total)

@@ -118,10 +118,16 @@ def build_parts(cfg: Config, resume_from: Path | None = None) -> Parts:
     with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
         model, tok = load_policy(cfg, resume_from, dev)
     dist.broadcast_parameters(model)  # equal replicas from the start, whatever the loading did
+    dist.shard_policy(model)  # distributed.strategy=fsdp: FSDP2 shards it in place, before the optimizer
     drop_long_prompts(task, tok, cfg.task)
     ref = Reference.for_policy(model, tok, cfg, bf16, dev) if cfg.algo.kl_coef > 0 else None  # beta = 0: none
     engine = build_engine(
-        cfg.rollout.backend, model, tok, batch_size=cfg.rollout.batch_size, bf16=bf16, device=dev
+        cfg.rollout.backend,
+        dist.full_model(model, refresh=False),
+        tok,
+        batch_size=cfg.rollout.batch_size,
+        bf16=bf16,
+        device=dev,
     )
     log.info("rollout engine: %s", engine.describe())
     trainable = [q for q in model.parameters() if q.requires_grad]  # with LoRA: the adapters only

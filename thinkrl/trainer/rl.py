@@ -16,7 +16,6 @@ thinkrl/trainer/update.py, its loss thinkrl/algorithms/objective.py), checkpoint
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -30,7 +29,6 @@ from thinkrl.algorithms import (
     POLICY_LOSSES,
     AdvantageInput,
     kl_in_for,
-    needs_values,
     uses_batch_statistics,
 )
 from thinkrl.config import Config, ConfigError
@@ -40,7 +38,7 @@ from thinkrl.eval import eval_settings, evaluate, write_json
 from thinkrl.eval.metrics import reflection_stats
 from thinkrl.rollout import SamplingParams
 from thinkrl.rollout.scoring import completion_stats, mode_stats, sample_and_score
-from thinkrl.sampling import Groups, collect_groups
+from thinkrl.sampling import Groups
 from thinkrl.trainer import update
 from thinkrl.trainer.batch import logps_of, policy_token_mask, split_grouped_micro_batches
 from thinkrl.trainer.common import seed_everything as seed_everything  # the Ray driver's
@@ -69,17 +67,16 @@ def rl_step(p: Parts, step: int) -> tuple[dict, list[dict]]:
     # 1-2. Sample G completions for each prompt and score them. With DAPO dynamic sampling,
     # groups whose rewards are all equal are dropped and refilled (thinkrl/sampling/dynamic.py).
     timings = {"time_generate": 0.0, "time_score": 0.0}
-    draw, seeds = dist.sharded_draw(p.sampler.next_batch), _group_seeds(cfg, step)
-    kept, seen, dyn_stats = collect_groups(
-        draw,
-        lambda exs: generate_and_score(p, exs, timings, seeds),
+    # With many ranks, kept is this rank's share and seen every rank's groups (for metrics and
+    # the sampler): thinkrl/distributed/torch_dist.py
+    kept, seen, dyn_stats = dist.collect_groups(
+        p.sampler.next_batch,
+        lambda exs, seeds: generate_and_score(p, exs, timings, seeds),
         cfg.rollout.prompts_per_step,
         dynamic=cfg.sampling.dynamic,
         max_rounds=cfg.sampling.max_rounds,
+        seeds=_group_seeds(cfg, step),
     )
-    seen = dist.gather_groups(
-        seen, draw.last
-    )  # with many ranks: every rank's groups, for metrics and the sampler
     samples = _samples(cfg, step, seen)
     if not all(math.isfinite(r) for r in seen.totals):  # a NaN reward would make its group's advantages NaN
         return _untrained(p, step, seen, dyn_stats, timings, skip_cause="nan_reward"), samples
@@ -119,7 +116,7 @@ def learn(p: Parts, step: int, kept: Groups, seen: Groups, dyn_stats: dict, timi
 
     # 4. Update the policy (and the critic).
     train_metrics = policy_update(p, ro, est.adv, mask, fixed, step=step)
-    p.engine.sync_weights(p.model)  # the next rollouts sample from the updated policy
+    p.engine.sync_weights(dist.full_model(p.model))  # the next rollouts sample from the updated policy
     skipped = "skip_cause" in train_metrics  # the policy was not updated: neither are the critic and baseline
     if token_kl is not None:
         kl_sum, n_tok = dist.sum_floats([float(token_kl.sum()), float(mask.sum())])
@@ -178,14 +175,13 @@ def _step_metrics(
 
 
 def _group_seeds(cfg: Config, step: int):
-    """How this step's rollouts are seeded: an iterator of this rank's per-group seeds
-    (``distributed.seed_by_group``: one engine call per group); one seed for the step's
+    """How this step's rollouts are seeded: per-group seeds by the group's index in the step's
+    global order (``distributed.seed_by_group``: one engine call per group); one seed for the step's
     batched call, from the step and the rank, when there are several ranks (each rank then
     samples its own stream, also after a resume, which restores rank 0's RNG); or None in
     one process: one batched call on the process's RNG, as always."""
     if cfg.distributed.seed_by_group:
-        start = dist.rank() * (cfg.rollout.prompts_per_step // dist.world_size())
-        return (dist.group_seed(cfg.seed, step, g) for g in itertools.count(start))
+        return dist.GroupSeeds(cfg.seed, step)
     if dist.world_size() > 1:
         return dist.group_seed(cfg.seed, step, -1 - dist.rank())
     return None
@@ -427,18 +423,9 @@ def _check_distributed(cfg: Config) -> None:
     if dist.world_size() == 1:
         return
     dist.check_divisible(cfg.rollout.prompts_per_step, "rollout.prompts_per_step")
-    if cfg.sampling.dynamic:
-        raise ConfigError(
-            "sampling.dynamic=true is not data-parallel yet (ranks would refill different numbers "
-            "of groups): run it in one process"
-        )
     if cfg.env.name != "single_turn":
         raise ConfigError(
             f"env.name={cfg.env.name} (multi-turn episodes) is not data-parallel yet (their sampling "
             "is not seeded per rank): run it in one process"
         )
-    if needs_values(cfg.algo.advantage):
-        raise ConfigError(
-            "algo.advantage=gae is not data-parallel yet (its critic trains in one process): run it "
-            "in one process"
-        )
+    dist.check_fsdp(cfg.lora.enabled, cfg.optim.gradient_checkpointing)

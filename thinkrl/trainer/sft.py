@@ -139,7 +139,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     from thinkrl.trainer.common import seed_everything
 
     out = Path(cfg.output_dir)
-    dist.init()  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
+    dist.init(
+        cfg.strategy
+    )  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
     found, weights = start_weights(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -159,6 +161,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     model = apply_lora(model, cfg.lora)
     if found is not None and cfg.lora.enabled:
         load_adapter(model, found[0])
+    dist.check_fsdp(cfg.lora.enabled, cfg.gradient_checkpointing)
+    dist.shard_policy(model)  # strategy=fsdp: FSDP2 shards it in place, before the optimizer
     lengths = [len(e.input_ids) for e in data]
     per_epoch = -(-len(data) // cfg.batch_size)
     total = cfg.max_steps or per_epoch * cfg.epochs

@@ -63,6 +63,7 @@ class SupervisedConfig:
     seed: int = 0
     dtype: str = "auto"  # auto | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N (thinkrl/device.py)
+    strategy: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2-sharded; docs/distributed.md)
     progress: bool = True
     save_every: int = 100  # steps between checkpoints (0: none); the last step goes to final/
     keep_checkpoints: int = 2  # newest step checkpoints kept (0: all)
@@ -115,6 +116,7 @@ def run_steps(
     )
     start = saver.restore(*found) if found else 0
     main = dist.is_main()  # only rank 0 writes files
+    step_loss = dist.through_root(model, step_loss)  # fsdp: each step's pass inside the FSDP root
     metrics_log = JsonlWriter(out / "metrics.jsonl", truncate_after_step=start) if main else None
     if dist.world_size() > 1:
         need(
