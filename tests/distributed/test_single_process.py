@@ -12,7 +12,6 @@ def test_one_process_helpers_are_identities(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert dist.init() == 1 and dist.world_size() == 1 and dist.rank() == 0 and dist.is_main()
     assert not torch.distributed.is_initialized()  # no process group was created
-    assert dist.shard([1, 2, 3]) == [1, 2, 3]
     assert dist.sum_floats([1.5, 2.0]) == [1.5, 2.0]
     assert dist.any_true(False) is False and dist.any_true(True) is True
     assert dist.reduce_dict({"a": 1.0}) == {"a": 1.0}

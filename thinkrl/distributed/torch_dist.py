@@ -117,15 +117,6 @@ def check_divisible(n: int, what: str) -> None:
         )
 
 
-def shard(items: list) -> list:
-    """This rank's contiguous share of ``items`` (whose length the world size divides)."""
-    n = world_size()
-    if n == 1:
-        return items
-    k = len(items) // n
-    return items[rank() * k : (rank() + 1) * k]
-
-
 def group_seed(seed: int, step: int, index: int) -> int:
     """The sampling seed of group ``index`` (in the global batch) of ``step``: a function of
     nothing else, so a group's completions do not depend on the world size."""
