@@ -96,13 +96,10 @@ def _model_args(items: list[str], short: dict) -> tuple[list[str], str | None, l
 
 
 def cmd_eval(args: list[str]) -> int:
-    from thinkrl import sandbox
     from thinkrl.config import build_config
-    from thinkrl.envs import build_env
     from thinkrl.envs.episodes import evaluate_episodes
-    from thinkrl.eval import eval_settings, evaluate, format_mode_table, format_table, write_json
+    from thinkrl.eval import eval_settings, evaluate
     from thinkrl.eval.budget import parse_budgets
-    from thinkrl.eval.calibration import write_reliability
     from thinkrl.models import load_model
     from thinkrl.rollout import engine_on
     from thinkrl.tasks import build_task
@@ -119,16 +116,7 @@ def cmd_eval(args: list[str]) -> int:
     base = _eval_base(models[0]) if config is None else {}
     cfg = build_config(config, overrides, base=base)
     task = build_task(cfg.task)
-    sandbox.configure(cfg.sandbox.allow_unconfined)
-    env = build_env(cfg.env)
-    if not env.multi_turn:
-        env = None
-    elif budgets:
-        raise ConfigError(
-            f"thinking_budget=... is not supported with env.name={cfg.env.name}; evaluate without it"
-        )
-    elif getattr(env, "runs_code", False):
-        sandbox.require_isolation()
+    env = _eval_env(cfg, budgets)
     settings = eval_settings(cfg)
     k, temperature = settings["samples"], settings["temperature"]
     runs = []  # (model, its result, or its results per budget); a model may be listed twice
@@ -165,16 +153,42 @@ def cmd_eval(args: list[str]) -> int:
     if budgets:
         _report_budgets(runs, budgets, output, head)
     else:
-        print(format_table([(name, res["summary"]) for name, res in runs]))
-        by_mode = format_mode_table([(name, res["summary"]) for name, res in runs])
-        if by_mode:
-            print("\nper thinking mode (task.thinking):\n" + by_mode)
-        write_json(output, {**head, "results": dict(runs)})
-        png = write_reliability(runs, output.with_name(f"{output.stem}_reliability.png"))
-        if png is not None:  # confidences need an engine that returns log-probs (rollout.backend=fast)
-            print(f"wrote {png} (accuracy against the confidence in the final answer)")
+        _report_runs(runs, output, head)
     print(f"wrote {output}")
     return 0
+
+
+def _eval_env(cfg, budgets):
+    """The multi-turn environment to evaluate in, or None for single-turn generation."""
+    from thinkrl import sandbox
+    from thinkrl.envs import build_env
+
+    sandbox.configure(cfg.sandbox.allow_unconfined)
+    env = build_env(cfg.env)
+    if not env.multi_turn:
+        return None
+    if budgets:
+        raise ConfigError(
+            f"thinking_budget=... is not supported with env.name={cfg.env.name}; evaluate without it"
+        )
+    if getattr(env, "runs_code", False):
+        sandbox.require_isolation()
+    return env
+
+
+def _report_runs(runs: list, output: Path, head: dict) -> None:
+    """The table per model (and per thinking mode), the JSON results and the reliability plot."""
+    from thinkrl.eval import format_mode_table, format_table, write_json
+    from thinkrl.eval.calibration import write_reliability
+
+    print(format_table([(name, res["summary"]) for name, res in runs]))
+    by_mode = format_mode_table([(name, res["summary"]) for name, res in runs])
+    if by_mode:
+        print("\nper thinking mode (task.thinking):\n" + by_mode)
+    write_json(output, {**head, "results": dict(runs)})
+    png = write_reliability(runs, output.with_name(f"{output.stem}_reliability.png"))
+    if png is not None:  # confidences need an engine that returns log-probs (rollout.backend=fast)
+        print(f"wrote {png} (accuracy against the confidence in the final answer)")
 
 
 def _report_budgets(

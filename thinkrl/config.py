@@ -495,27 +495,14 @@ def check_dtype(dtype: str) -> None:
 
 def validate(cfg: Config) -> None:
     from thinkrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
-    from thinkrl.rewards import check_options, resolve
     from thinkrl.tasks.templates import TEMPLATES
-    from thinkrl.trainer.common import SCHEDULES
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
 
     need(cfg.max_steps >= 1, "max_steps must be >= 1")
-    need(cfg.rollout.group_size >= 2, "rollout.group_size must be >= 2 (GRPO compares samples in a group)")
-    need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
-    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
-    need(cfg.rollout.temperature > 0, "rollout.temperature must be > 0 for RL sampling")
-    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
-    from thinkrl.rollout import ENGINES  # the registered backends
-
-    worker_only = ("vllm", "openai")  # engines of Ray rollout workers (thinkrl/distributed/ray_*.py)
-    need(
-        cfg.rollout.backend in ENGINES or cfg.rollout.backend in worker_only,
-        f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: {', '.join(ENGINES.names() + list(worker_only))}",
-    )
+    _validate_rollout(cfg, need)
     need(
         cfg.distributed.strategy in ("ddp", "fsdp"),
         f"distributed.strategy '{cfg.distributed.strategy}' unknown; choose from: ddp, fsdp",
@@ -525,20 +512,7 @@ def validate(cfg: Config) -> None:
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef must be >= 0")
     need(cfg.algo.clip_eps > 0, "algo.clip_eps must be > 0")
     _validate_algo(cfg, need)
-    need(cfg.optim.lr > 0, "optim.lr must be > 0")
-    need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
-    need(
-        cfg.optim.max_bad_steps >= 1,
-        "optim.max_bad_steps must be >= 1 (skipped updates in a row that stop a run)",
-    )
-    need(
-        cfg.save_every >= 0 and cfg.keep_checkpoints >= 0,
-        "save_every and keep_checkpoints must be >= 0 (0: no step checkpoints, keep all of them)",
-    )
-    need(
-        cfg.optim.schedule in SCHEDULES,
-        f"optim.schedule '{cfg.optim.schedule}' unknown; choose from: {', '.join(SCHEDULES.names())}",
-    )
+    _validate_optim(cfg, need)
     check_dtype(cfg.dtype)
     need(
         cfg.task.template in TEMPLATES,
@@ -553,6 +527,54 @@ def validate(cfg: Config) -> None:
     if cfg.algo.loss_agg is not None:
         LOSS_AGGREGATIONS.check(cfg.algo.loss_agg)
     _validate_data(cfg, need)
+    _validate_env(cfg, need)
+    validate_lora(cfg.lora)
+    for i, shot in enumerate(cfg.task.fewshot):
+        need(
+            isinstance(shot, dict) and set(shot) == {"question", "response"},
+            f"task.fewshot[{i}] must be a mapping with exactly the keys 'question' and 'response'",
+        )
+    _validate_rewards(cfg, need)
+
+
+def _validate_rollout(cfg: Config, need) -> None:
+    """Sampling settings and the rollout backend."""
+    from thinkrl.rollout import ENGINES  # the registered backends
+
+    need(cfg.rollout.group_size >= 2, "rollout.group_size must be >= 2 (GRPO compares samples in a group)")
+    need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
+    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    need(cfg.rollout.temperature > 0, "rollout.temperature must be > 0 for RL sampling")
+    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
+    worker_only = ("vllm", "openai")  # engines of Ray rollout workers (thinkrl/distributed/ray_*.py)
+    need(
+        cfg.rollout.backend in ENGINES or cfg.rollout.backend in worker_only,
+        f"rollout.backend '{cfg.rollout.backend}' unknown; choose from: {', '.join(ENGINES.names() + list(worker_only))}",
+    )
+
+
+def _validate_optim(cfg: Config, need) -> None:
+    """Optimizer, schedule and checkpoint settings."""
+    from thinkrl.trainer.common import SCHEDULES
+
+    need(cfg.optim.lr > 0, "optim.lr must be > 0")
+    need(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    need(
+        cfg.optim.max_bad_steps >= 1,
+        "optim.max_bad_steps must be >= 1 (skipped updates in a row that stop a run)",
+    )
+    need(
+        cfg.save_every >= 0 and cfg.keep_checkpoints >= 0,
+        "save_every and keep_checkpoints must be >= 0 (0: no step checkpoints, keep all of them)",
+    )
+    need(
+        cfg.optim.schedule in SCHEDULES,
+        f"optim.schedule '{cfg.optim.schedule}' unknown; choose from: {', '.join(SCHEDULES.names())}",
+    )
+
+
+def _validate_env(cfg: Config, need) -> None:
+    """The environment, and what a multi-turn one rules out."""
     from thinkrl.envs import validate_env
 
     validate_env(cfg.env)
@@ -561,12 +583,12 @@ def validate(cfg: Config) -> None:
         f"env.name={cfg.env.name} with algo.advantage=gae: the critic would be trained on tool-output "
         "tokens; multi-turn episodes support the critic-free estimators (grpo, dr_grpo, rloo, reinforce*)",
     )
-    validate_lora(cfg.lora)
-    for i, shot in enumerate(cfg.task.fewshot):
-        need(
-            isinstance(shot, dict) and set(shot) == {"question", "response"},
-            f"task.fewshot[{i}] must be a mapping with exactly the keys 'question' and 'response'",
-        )
+
+
+def _validate_rewards(cfg: Config, need) -> None:
+    """The rewards, their weights and their options."""
+    from thinkrl.rewards import check_options, resolve
+
     need(len(cfg.rewards) > 0, "rewards: at least one reward is needed")
     for name, w in cfg.rewards.items():
         resolve(name)

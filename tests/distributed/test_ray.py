@@ -227,3 +227,37 @@ def test_unschedulable_workers_fail_with_one_message(tmp_path, capsys):
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_a_reward_model_scores_in_the_rollout_workers(tmp_path):
+    """rewards={rm: 1.0}: each worker actor loads the reward model beside its engine and scores
+    its groups there. Its scores equal the same model's in this process for the same texts, and
+    they tell the completions apart (a constant would pass a weaker check)."""
+    from thinkrl.rewards import RewardModel
+    from thinkrl.trainer.rm import RMConfig, train_rm
+
+    rows = [{"prompt": f"question {i}?", "chosen": "yes yes", "rejected": "no no"} for i in range(16)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = train_rm(
+        RMConfig(
+            model="tiny-random",
+            data=str(tmp_path / "pairs.jsonl"),
+            output_dir=str(tmp_path / "rm"),
+            batch_size=8,
+            dtype="fp32",
+            progress=False,
+        )
+    )
+    d = Driver(cfg_of(tmp_path / "run", "max_steps=1", "rewards={rm: 1.0}", f"reward_args.rm.path={final}"))
+    try:
+        jobs, _ = d.batch(1)
+    finally:
+        d.close()
+    here = RewardModel({"rm": 1.0}, {"rm": {"path": str(final)}})
+    assert len(jobs) == 2
+    for j in jobs:
+        totals, parts = here.score(j.texts, [j.example] * len(j.texts), group_size=len(j.texts))
+        assert j.parts["rm"] == pytest.approx(list(parts["rm"]), abs=1e-5)
+        assert j.totals == pytest.approx(list(totals), abs=1e-5)
+    got = [v for j in jobs for v in j.parts["rm"]]
+    assert len({round(v, 6) for v in got}) == len(got)

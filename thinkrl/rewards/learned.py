@@ -9,6 +9,12 @@ without gradients. Choose it with ``rewards.rm=1.0 reward_args.rm.path=runs/rm/f
 - ``apply_to``: ``all``, or ``no_answer``. With ``no_answer``, examples that have a reference
   answer score 0 here, and the rule-based rewards judge them. That is DeepSeek-R1's stage 4:
   rules on reasoning prompts, a reward model on general ones.
+- ``device``: where the reward model runs, ``auto`` (the default: this process's GPU where
+  there is one, as for the engine, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+Under ``distributed.backend=ray`` every rollout worker (a Ray actor) loads its own copy of the
+reward model beside its engine and scores its groups there, in the workers, not the learner.
+``normalize=running`` then keeps one running mean and std per worker.
 
 ``judge``: an OpenAI-compatible endpoint (any server, ``thinkrl serve`` included) is asked, with
 a template, whether the prediction matches the reference (``mode=verdict``), or to grade it
@@ -41,28 +47,33 @@ from thinkrl.rewards.base import REWARDS, RewardFailure, extract_answer, group_r
 
 
 @lru_cache(maxsize=4)
-def load_reward_model(path: str):
-    """``(model, tokenizer, task config)`` of a ``thinkrl rm`` folder, in eval mode, frozen."""
+def load_reward_model(path: str, device: str = "auto"):
+    """``(model, tokenizer, task config)`` of a ``thinkrl rm`` folder, in eval mode, frozen, on
+    ``device`` (auto | cpu | cuda | cuda:N; auto: this process's GPU where there is one)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from thinkrl.config import TaskConfig
+    from thinkrl.device import resolve_device
     from thinkrl.trainer.rm import RM_FILE
 
     _check_rm_folder(path)
     folder = Path(path)
     meta = json.loads((folder / RM_FILE).read_text())
     rm = AutoModelForSequenceClassification.from_pretrained(folder).eval().requires_grad_(False)
+    rm = rm.to(resolve_device(device))
     tok = AutoTokenizer.from_pretrained(folder)
     return rm, tok, TaskConfig(**meta["task"])
 
 
 @torch.no_grad()
-def rm_scores(path: str, questions: list[str], completions: list[str], batch_size: int = 16) -> list[float]:
+def rm_scores(
+    path: str, questions: list[str], completions: list[str], batch_size: int = 16, device: str = "auto"
+) -> list[float]:
     """The reward model's score of each (question, completion), rendered as in training."""
     from thinkrl.data import encode_prompt_completion
     from thinkrl.trainer.rm import scores
 
-    rm, tok, task_cfg = load_reward_model(path)
+    rm, tok, task_cfg = load_reward_model(path, device)
     seqs = [encode_prompt_completion(q, c, tok, task_cfg).input_ids for q, c in zip(questions, completions)]
     out: list[float] = []
     for s in range(0, len(seqs), batch_size):
@@ -115,13 +126,14 @@ def rm(
     normalize: str = "none",
     apply_to: str = "all",
     batch_size: int = 16,
+    device: str = "auto",
 ) -> list[float]:
     """A ``thinkrl rm`` reward model's scores of one prompt's completions (see module docstring)."""
     if apply_to not in ("all", "no_answer"):
         raise ValueError(f"rm reward: apply_to must be all or no_answer, got {apply_to!r}")
     if apply_to == "no_answer" and all(str(ex.answer).strip() for ex in examples):
         return [0.0] * len(completions)  # the rules judge these
-    raw = rm_scores(path, [ex.question for ex in examples], completions, batch_size)
+    raw = rm_scores(path, [ex.question for ex in examples], completions, batch_size, device)
     values = normalized(raw, normalize, path)
     if apply_to == "no_answer":
         values = [0.0 if str(ex.answer).strip() else v for v, ex in zip(values, examples)]
@@ -143,9 +155,23 @@ rm.validate = lambda options: _check_rm_folder(str(options.get("path", "")))
 def rm_at(path: str):
     """The ``rm`` reward bound to ``path`` (the ``rm:PATH`` form of a reward name)."""
 
-    def bound(completions, examples, *, normalize: str = "none", apply_to: str = "all", batch_size: int = 16):
+    def bound(
+        completions,
+        examples,
+        *,
+        normalize: str = "none",
+        apply_to: str = "all",
+        batch_size: int = 16,
+        device: str = "auto",
+    ):
         return rm(
-            completions, examples, path=path, normalize=normalize, apply_to=apply_to, batch_size=batch_size
+            completions,
+            examples,
+            path=path,
+            normalize=normalize,
+            apply_to=apply_to,
+            batch_size=batch_size,
+            device=device,
         )
 
     bound.group = True

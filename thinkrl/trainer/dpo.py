@@ -28,7 +28,7 @@ from thinkrl.models import load_model
 from thinkrl.tasks import DataError
 from thinkrl.trainer.batch import make_micro_batch, token_logps
 from thinkrl.trainer.common import make_optimizer, need
-from thinkrl.trainer.supervised import SupervisedConfig, run_steps, start_weights
+from thinkrl.trainer.supervised import SupervisedConfig, begin, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +100,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     """Train and write ``output_dir/final``; returns its path. Checkpoints and ``resume=true``
     as in the RL loop (thinkrl/trainer/supervised.py). The reference log-probs, computed once
     from the starting model, travel in every checkpoint, so a resumed run uses the same ones."""
-    from thinkrl.trainer.common import seed_everything
-
     out = Path(cfg.output_dir)
-    dist.init(
-        cfg.strategy
-    )  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
-    found, weights = start_weights(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    dev = device.resolve_device(cfg.device)
-    device.setup(dev)
-    bf16 = device.use_bf16(cfg.dtype, dev)
+    found, weights, dev, bf16 = begin(cfg, out)
     rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
     with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
         model, tok = load_model(weights)

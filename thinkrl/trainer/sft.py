@@ -36,7 +36,7 @@ from thinkrl.trainer.common import (
     need,
     pack,
 )
-from thinkrl.trainer.supervised import SupervisedConfig, run_steps, start_weights
+from thinkrl.trainer.supervised import SupervisedConfig, begin, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +136,8 @@ def load_teacher(name: str, tok):
 def train_sft(cfg: SFTConfig) -> Path:
     """Train and write an HF model folder to ``output_dir/final``; returns that path.
     Checkpoints and ``resume=true`` as in the RL loop (thinkrl/trainer/supervised.py)."""
-    from thinkrl.trainer.common import seed_everything
-
     out = Path(cfg.output_dir)
-    dist.init(
-        cfg.strategy
-    )  # under torchrun: data-parallel over the ranks (thinkrl/distributed/torch_dist.py)
-    found, weights = start_weights(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    dev = device.resolve_device(cfg.device)
-    device.setup(dev)
-    bf16 = device.use_bf16(cfg.dtype, dev)
+    found, weights, dev, bf16 = begin(cfg, out)
     rows = read_rows(cfg.data)
     with dist.main_first():  # rank 0 builds a built-in model's cache folder, the others then load it
         model, tok = load_model(weights)

@@ -194,3 +194,20 @@ def start_weights(cfg, out: Path) -> tuple[tuple[Path, dict] | None, str]:
             f"lora.enabled={'false' if lora else 'true'} (and the same lora.* settings)"
         )
     return found, (str(found[0]) if found is not None and not lora else cfg.model)
+
+
+def begin(cfg, out: Path) -> tuple[tuple[Path, dict] | None, str, str, bool]:
+    """What ``sft`` and ``dpo`` do first: join the ranks (under torchrun, data-parallel:
+    thinkrl/distributed/torch_dist.py), find the checkpoint to resume, seed, and choose the
+    device and the dtype. Returns ``(found, weights, device, bf16)``; ``found`` and ``weights``
+    as :func:`start_weights` returns them."""
+    from thinkrl import device
+    from thinkrl.trainer.common import seed_everything
+
+    dist.init(cfg.strategy)
+    found, weights = start_weights(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    dev = device.resolve_device(cfg.device)
+    device.setup(dev)
+    return found, weights, dev, device.use_bf16(cfg.dtype, dev)
