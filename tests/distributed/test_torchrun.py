@@ -250,6 +250,24 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_on_two_ranks(rl_runs, fsdp_r
         assert_same_weights(weights(run / "final"), weights(fsdp_run / "final"))
 
 
+def test_fsdp_with_activation_checkpointing_equals_one_process(rl_runs):
+    """optim.gradient_checkpointing=true under FSDP2: the layers recomputed in backward run on
+    the weights the root gathered, so both steps equal the one-process run without it."""
+    thinkrl(
+        2,
+        "train",
+        "rl.yaml",
+        "output_dir=fsdp_gc",
+        "distributed.strategy=fsdp",
+        "optim.gradient_checkpointing=true",
+        cwd=rl_runs,
+    )
+    one, gc = rl_runs / "one", rl_runs / "fsdp_gc"
+    for a, b in zip(metrics(one), metrics(gc), strict=True):
+        assert_same_step(a, b)
+    assert_same_weights(weights(one / "final"), weights(gc / "final"))
+
+
 def test_fsdp_refuses_what_it_does_not_shard(rl_runs):
     res = thinkrl(
         2,
@@ -358,6 +376,19 @@ def test_sft_and_dpo_fsdp_two_ranks_equal_one_process(tmp_path, command):
     atol = 1e-5 if command == "sft" else 3e-5
     for name in ("checkpoints/step-1", "final"):
         assert_same_weights(weights(one / name), weights(fsdp / name), atol=atol)
+    if command == "sft":  # with activation checkpointing: the same steps
+        thinkrl(
+            2,
+            command,
+            *args,
+            "output_dir=fsdp_gc",
+            "strategy=fsdp",
+            "gradient_checkpointing=true",
+            cwd=tmp_path,
+        )
+        for a, b in zip(m1, metrics(tmp_path / "fsdp_gc"), strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert_same_weights(weights(one / "final"), weights(tmp_path / "fsdp_gc" / "final"), atol=atol)
     shutil.rmtree(fsdp / "final")
     shutil.rmtree(fsdp / "checkpoints" / "step-2", ignore_errors=True)
     (fsdp / "checkpoints" / "latest").write_text("step-1\n")

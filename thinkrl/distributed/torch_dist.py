@@ -297,18 +297,14 @@ def shard_policy(model) -> None:
     _SHARDED[model] = _Sharded(root, mirror)
 
 
-def check_fsdp(lora: bool, gradient_checkpointing: bool) -> None:
-    """What :func:`shard_policy` does not handle (untested with FSDP2 here): one clear error."""
-    if strategy() != "fsdp":
-        return
-    for on, what in (
-        (lora, "lora.enabled=true"),
-        (gradient_checkpointing, "optim.gradient_checkpointing=true"),
-    ):
-        if on:
-            raise ConfigError(
-                f"distributed.strategy=fsdp does not support {what} yet: use distributed.strategy=ddp"
-            )
+def check_fsdp(lora: bool) -> None:
+    """What :func:`shard_policy` does not handle (untested with FSDP2 here): one clear error.
+    Activation checkpointing is handled: the one root unit gathers the whole model before its
+    backward, so the layers recomputed during backward find their full weights."""
+    if strategy() == "fsdp" and lora:
+        raise ConfigError(
+            "distributed.strategy=fsdp does not support lora.enabled=true yet: use distributed.strategy=ddp"
+        )
 
 
 def fsdp_root(model) -> torch.nn.Module | None:
