@@ -268,19 +268,30 @@ def test_fsdp_with_activation_checkpointing_equals_one_process(rl_runs):
     assert_same_weights(weights(one / "final"), weights(gc / "final"))
 
 
-def test_fsdp_refuses_what_it_does_not_shard(rl_runs):
-    res = thinkrl(
-        2,
-        "train",
-        "rl.yaml",
-        "output_dir=fsdp_lora",
-        "distributed.strategy=fsdp",
-        "lora.enabled=true",
-        cwd=rl_runs,
-        ok=False,
-    )
-    assert "thinkrl: error: distributed.strategy=fsdp does not support lora.enabled=true" in res.stderr
-    assert "thinkrl/trainer" not in res.stderr
+def test_fsdp_with_lora_equals_one_process_and_resumes(rl_runs):
+    """LoRA under FSDP2, with the KL reference (the base, adapters off): the adapters and the
+    merged weights of two sharded ranks are one process's, and the sharded run's step-1
+    checkpoint (its adapter) resumes on two ranks to the same final adapter."""
+    lora = ["lora.enabled=true", "algo.kl_coef=0.05"]
+    thinkrl(1, "train", "rl.yaml", "output_dir=lora_one", *lora, cwd=rl_runs)
+    thinkrl(2, "train", "rl.yaml", "output_dir=lora_fsdp", "distributed.strategy=fsdp", *lora, cwd=rl_runs)
+    one, sharded = rl_runs / "lora_one", rl_runs / "lora_fsdp"
+    for a, b in zip(metrics(one), metrics(sharded), strict=True):
+        assert_same_step(a, b)
+    assert metrics(one)[1]["kl"] > 0  # the reference was used
+    adapter = "final/adapter/adapter_model.safetensors"
+    assert_same_weights(load_file(one / adapter), load_file(sharded / adapter))
+    assert_same_weights(weights(one / "final"), weights(sharded / "final"))
+    assert max(float(v.abs().max()) for k, v in load_file(one / adapter).items() if "lora_B" in k) > 0
+    run = rl_runs / "lora_r2"
+    shutil.copytree(sharded, run)
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-2", ignore_errors=True)
+    (run / "checkpoints" / "latest").write_text("step-1\n")
+    args = ["output_dir=lora_r2", "resume=true", "distributed.strategy=fsdp", *lora]
+    thinkrl(2, "train", "rl.yaml", *args, cwd=rl_runs)
+    assert_same_step(metrics(run)[1], metrics(sharded)[1])
+    assert_same_weights(load_file(run / adapter), load_file(sharded / adapter))
 
 
 def test_dynamic_sampling_two_ranks_equal_one_process(tmp_path):
@@ -389,6 +400,16 @@ def test_sft_and_dpo_fsdp_two_ranks_equal_one_process(tmp_path, command):
         for a, b in zip(m1, metrics(tmp_path / "fsdp_gc"), strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert_same_weights(weights(one / "final"), weights(tmp_path / "fsdp_gc" / "final"), atol=atol)
+        # and with LoRA: one process and two sharded ranks train the same adapter
+        lora = ["lora.enabled=true", "lr=1e-2"]
+        thinkrl(1, command, *args, "output_dir=lora_one", *lora, cwd=tmp_path)
+        thinkrl(2, command, *args, "output_dir=lora_fsdp", "strategy=fsdp", *lora, cwd=tmp_path)
+        for a, b in zip(metrics(tmp_path / "lora_one"), metrics(tmp_path / "lora_fsdp"), strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        adapter = "final/adapter/adapter_model.safetensors"
+        assert_same_weights(
+            load_file(tmp_path / "lora_one" / adapter), load_file(tmp_path / "lora_fsdp" / adapter)
+        )
     shutil.rmtree(fsdp / "final")
     shutil.rmtree(fsdp / "checkpoints" / "step-2", ignore_errors=True)
     (fsdp / "checkpoints" / "latest").write_text("step-1\n")

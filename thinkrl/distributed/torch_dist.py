@@ -297,16 +297,6 @@ def shard_policy(model) -> None:
     _SHARDED[model] = _Sharded(root, mirror)
 
 
-def check_fsdp(lora: bool) -> None:
-    """What :func:`shard_policy` does not handle (untested with FSDP2 here): one clear error.
-    Activation checkpointing is handled: the one root unit gathers the whole model before its
-    backward, so the layers recomputed during backward find their full weights."""
-    if strategy() == "fsdp" and lora:
-        raise ConfigError(
-            "distributed.strategy=fsdp does not support lora.enabled=true yet: use distributed.strategy=ddp"
-        )
-
-
 def fsdp_root(model) -> torch.nn.Module | None:
     """The FSDP root whose forward must wrap every computation on ``model``, or None."""
     s = _SHARDED.get(model)

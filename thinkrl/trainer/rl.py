@@ -428,4 +428,3 @@ def _check_distributed(cfg: Config) -> None:
             f"env.name={cfg.env.name} (multi-turn episodes) is not data-parallel yet (their sampling "
             "is not seeded per rank): run it in one process"
         )
-    dist.check_fsdp(cfg.lora.enabled)

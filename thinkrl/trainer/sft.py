@@ -151,7 +151,6 @@ def train_sft(cfg: SFTConfig) -> Path:
     model = apply_lora(model, cfg.lora)
     if found is not None and cfg.lora.enabled:
         load_adapter(model, found[0])
-    dist.check_fsdp(cfg.lora.enabled)
     dist.shard_policy(model)  # strategy=fsdp: FSDP2 shards it in place, before the optimizer
     lengths = [len(e.input_ids) for e in data]
     per_epoch = -(-len(data) // cfg.batch_size)
