@@ -647,10 +647,6 @@ def _validate_distributed(cfg: Config, need) -> None:
         )
         return
     need(not cfg.sampling.dynamic, "sampling.dynamic is not supported with distributed.backend=ray yet")
-    need(
-        not cfg.lora.enabled,
-        "lora.enabled is not supported with distributed.backend=ray yet (workers load full weights)",
-    )
     need(not cfg.resume, "resume is not supported with distributed.backend=ray yet")
     need(
         cfg.algo.advantage != "gae",

@@ -261,3 +261,27 @@ def test_a_reward_model_scores_in_the_rollout_workers(tmp_path):
         assert j.totals == pytest.approx(list(totals), abs=1e-5)
     got = [v for j in jobs for v in j.parts["rm"]]
     assert len({round(v, 6) for v in got}) == len(got)
+
+
+def test_lora_workers_sample_with_the_merged_weights(tmp_path):
+    """lora.enabled=true: each sync sends the learner's merged weights (base + scaled B·A), so
+    after two updates every worker's model equals the merged policy, which is no longer the
+    base; the same run on Ray actors finishes and saves the adapter."""
+    from thinkrl.models import load_model
+    from thinkrl.trainer.common import merged_copy
+
+    d = Driver(cfg_of(tmp_path / "local", "max_steps=2", "lora.enabled=true"), local=True)
+    try:
+        for s in (1, 2):
+            d.step(s)
+        merged = merged_copy(d.p.model).state_dict()
+        for w in d.pool.workers.values():
+            got = w.engine.model.state_dict()
+            assert w.version == 2 and got.keys() == merged.keys()
+            assert all(torch.equal(got[k], merged[k]) for k in merged)
+    finally:
+        d.close()
+    base = load_model("tiny-random")[0].state_dict()
+    assert any(not torch.equal(base[k], merged[k]) for k in merged)
+    rc = main(["train", *TINY, f"output_dir={tmp_path / 'ray'}", "max_steps=2", "lora.enabled=true"])
+    assert rc == 0 and (tmp_path / "ray" / "final" / "adapter" / "adapter_config.json").is_file()

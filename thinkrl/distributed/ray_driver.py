@@ -62,7 +62,10 @@ class Driver:
 
     def sync(self) -> float:
         t0 = time.perf_counter()
-        state = {k: v.detach().cpu().clone() for k, v in self.p.model.state_dict().items()}
+        from thinkrl.trainer.common import merged_copy
+
+        # with LoRA the workers get the merged weights: their engines hold a plain model
+        state = {k: v.detach().cpu().clone() for k, v in merged_copy(self.p.model).state_dict().items()}
         self.pool.sync(state, self.version, state_checksum(state))
         return time.perf_counter() - t0
 
