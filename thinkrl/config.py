@@ -647,7 +647,6 @@ def _validate_distributed(cfg: Config, need) -> None:
         )
         return
     need(not cfg.sampling.dynamic, "sampling.dynamic is not supported with distributed.backend=ray yet")
-    need(not cfg.resume, "resume is not supported with distributed.backend=ray yet")
     need(
         cfg.algo.advantage != "gae",
         "algo.advantage=gae (a critic) is not supported with distributed.backend=ray yet",

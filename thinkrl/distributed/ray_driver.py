@@ -23,7 +23,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from thinkrl.config import Config, save_config
+from thinkrl.config import Config
 from thinkrl.distributed.ray_engine import Seq
 from thinkrl.distributed.ray_pool import LocalPool, RayPool
 from thinkrl.distributed.ray_worker import GroupJob, state_checksum
@@ -34,18 +34,32 @@ from thinkrl.trainer.guards import TrainingError
 log = logging.getLogger(__name__)
 
 
+class Counters:
+    """The ids the next drawn group and sequence get. A sequence's id seeds its sampling, so a
+    checkpoint keeps them (as the optional ``ray_counters`` component) and a resumed run
+    samples what the uninterrupted one would have."""
+
+    def __init__(self):
+        self.seq = self.group = 0
+
+    def state_dict(self) -> dict:
+        return {"seq": self.seq, "group": self.group}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seq, self.group = state["seq"], state["group"]
+
+
 class Driver:
     def __init__(self, cfg: Config, local: bool = False):
-        from thinkrl.trainer import rl
+        from thinkrl.trainer.run import setup
 
         self.cfg, self.G = cfg, cfg.rollout.group_size
-        self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        rl.seed_everything(cfg.seed)
-        self.p = rl.build_parts(cfg)  # the learner
-        save_config(cfg, self.out / "config.yaml")
-        self.version = 0  # learner updates so far; the workers sample with the weights of this version
-        self.next_seq = self.next_group = 0
+        self.ids = Counters()
+        # the learner, restored from the last checkpoint with resume=true; its logs and checkpointer
+        self.run = setup(cfg, extra_components={"ray_counters": self.ids})
+        self.p, self.out = self.run.p, self.run.out
+        # learner updates so far; the workers sample with the weights of this version
+        self.version = self.run.start
         self.examples: dict[
             int, object
         ] = {}  # group uid -> the drawn example (the sampler tracks these objects)
@@ -78,11 +92,11 @@ class Driver:
         for ex in self.p.sampler.next_batch(n):
             rendered = render_prompt(ex.question, self.p.tok, self.cfg.task)
             ids = self.p.tok(rendered[0], add_special_tokens=False).input_ids
-            seqs = [Seq(uid=self.next_seq + k, prompt_ids=ids) for k in range(self.G)]
-            self.next_seq += self.G
-            jobs.append(GroupJob(uid=self.next_group, rendered=rendered, example=ex, seqs=seqs))
-            self.examples[self.next_group] = ex
-            self.next_group += 1
+            seqs = [Seq(uid=self.ids.seq + k, prompt_ids=ids) for k in range(self.G)]
+            self.ids.seq += self.G
+            jobs.append(GroupJob(uid=self.ids.group, rendered=rendered, example=ex, seqs=seqs))
+            self.examples[self.ids.group] = ex
+            self.ids.group += 1
         return jobs
 
     def launch(self) -> None:
@@ -207,28 +221,24 @@ def version_stats(jobs: list[GroupJob], learner_version: int) -> dict:
 
 def train_ray(cfg: Config) -> dict:
     """``thinkrl train ... distributed.backend=ray``: the single-process ``train`` with the rollout
-    split out to Ray actors. Returns the held-out results."""
+    split out to Ray actors. Returns the held-out results. With ``resume=true`` it continues
+    from the last checkpoint; sequences in flight when the run stopped are drawn again."""
     from thinkrl.trainer import rl
-    from thinkrl.trainer.guards import BadStepGuard
-    from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
+    from thinkrl.trainer.logs import plot_metrics, read_jsonl
 
     drv = Driver(cfg)
-    out, p = drv.out, drv.p
-    guard = BadStepGuard(cfg.optim.max_bad_steps)
-    logs = {
-        name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=0) for name in ("metrics", "samples")
-    }
-    JsonlWriter(out / "evals.jsonl", truncate_after_step=-1)
+    run, p, out = drv.run, drv.p, drv.out
     results: dict = {}
+    step = run.start
     try:
-        if cfg.eval.before:
+        if cfg.eval.before and run.start == 0:
             results["before"] = rl._run_eval(p, 0, "before", out)
         t0 = time.monotonic()
-        for step in range(1, cfg.max_steps + 1):
+        for step in range(run.start + 1, cfg.max_steps + 1):
             metrics, samples = drv.step(step)
-            guard.record(step, metrics)
-            logs["metrics"].write(metrics)
-            logs["samples"].write_many(samples)
+            run.guard.record(step, metrics)
+            run.logs["metrics"].write(metrics)
+            run.logs["samples"].write_many(samples)
             log.info(
                 "step %d: reward %.3f, staleness %.2f, dropped %d, %.1f s",
                 step,
@@ -237,12 +247,12 @@ def train_ray(cfg: Config) -> dict:
                 metrics["dropped_seqs"],
                 metrics["step_time"],
             )
-            if guard.exhausted:
-                raise guard.error(None)
+            if run.guard.exhausted:
+                raise run.guard.error(None)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                rl._save_step(p, guard, out, step)
+                run.checkpointer.save_step(step)
         results["train_minutes"] = (time.monotonic() - t0) / 60
-        rl._save(p, guard, out, cfg.max_steps, out / "final")
+        run.checkpointer.save(cfg.max_steps, "final")
     finally:
         drv.close()
     if cfg.eval.after:

@@ -41,11 +41,9 @@ from thinkrl.rollout.scoring import completion_stats, mode_stats, sample_and_sco
 from thinkrl.sampling import Groups
 from thinkrl.trainer import update
 from thinkrl.trainer.batch import logps_of, policy_token_mask, split_grouped_micro_batches
-from thinkrl.trainer.common import seed_everything as seed_everything  # the Ray driver's
-from thinkrl.trainer.guards import BadStepGuard
 from thinkrl.trainer.interrupt import Interrupted, StopRequests, failpoint
 from thinkrl.trainer.logs import JsonlWriter, plot_metrics, read_jsonl
-from thinkrl.trainer.parts import Parts, checkpointer
+from thinkrl.trainer.parts import Parts
 from thinkrl.trainer.parts import Reference as Reference  # imported from here by tests
 from thinkrl.trainer.parts import build_parts as build_parts
 from thinkrl.trainer.parts import load_policy as load_policy
@@ -407,15 +405,6 @@ def _periodic_eval(run: Run, step: int, stop: StopRequests) -> None:
     """The held-out eval every ``eval.every`` steps, unless a stop was requested."""
     if run.p.cfg.eval.every and step % run.p.cfg.eval.every == 0 and not stop_requested(stop) and run.main:
         _run_eval(run.p, step, f"step-{step}", run.out)
-
-
-def _save(p: Parts, guard: BadStepGuard, out: Path, step: int, path: Path) -> None:
-    """Checkpoint the state after ``step`` at ``path`` (``checkpoints/step-N`` or ``final``); the Ray driver's."""
-    checkpointer(p, guard, out).save(step, path.name)
-
-
-def _save_step(p: Parts, guard: BadStepGuard, out: Path, step: int) -> None:
-    checkpointer(p, guard, out).save_step(step)
 
 
 def _check_distributed(cfg: Config) -> None:

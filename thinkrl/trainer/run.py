@@ -36,8 +36,10 @@ class Run:
         return dist.is_main()  # only rank 0 writes files (config, logs, evals, plots, checkpoints)
 
 
-def setup(cfg: Config) -> Run:
-    """After the process group is up: the resume point, the parts and their restored state, the logs."""
+def setup(cfg: Config, extra_components: dict | None = None) -> Run:
+    """After the process group is up: the resume point, the parts and their restored state, the
+    logs. ``extra_components``: more objects with a state to checkpoint, each optional on
+    resume (the Ray driver's sequence ids)."""
     out = Path(cfg.output_dir)
     with dist.main_first():  # rank 0 alone tidies the folder after a crash
         found = ckpt.resume_point(out, cfg.resume)
@@ -50,6 +52,7 @@ def setup(cfg: Config) -> Run:
         save_config(cfg, out / "config.yaml")
     guard = BadStepGuard(cfg.optim.max_bad_steps)
     saver = checkpointer(p, guard, out)
+    saver.components.update(extra_components or {})
     start = saver.restore(*found) if found else 0
     logs = {
         name: JsonlWriter(out / f"{name}.jsonl", truncate_after_step=start) if main else _NoWriter()
