@@ -175,6 +175,14 @@ class Driver:
         metrics.update(
             stats, **version_stats(jobs, learner_version=self.version - 1), policy_version=self.version
         )
+        log.info(
+            "step %d: reward %.3f, staleness %.2f, dropped %d, %.1f s",
+            step,
+            metrics["reward"],
+            metrics["staleness_mean"],
+            metrics["dropped_seqs"],
+            metrics["step_time"],
+        )
         return metrics, rl._samples(self.cfg, step, g)
 
     def close(self) -> None:
@@ -217,54 +225,6 @@ def version_stats(jobs: list[GroupJob], learner_version: int) -> dict:
     for d in sorted(set(lags)):
         out[f"token_share/lag{d}"] = lags.count(d) / n
     return out
-
-
-def train_ray(cfg: Config) -> dict:
-    """``thinkrl train ... distributed.backend=ray``: the single-process ``train`` with the rollout
-    split out to Ray actors. Returns the held-out results. With ``resume=true`` it continues
-    from the last checkpoint; sequences in flight when the run stopped are drawn again."""
-    from thinkrl.trainer import rl
-    from thinkrl.trainer.logs import plot_metrics, read_jsonl
-
-    drv = Driver(cfg)
-    run, p, out = drv.run, drv.p, drv.out
-    results: dict = {}
-    step = run.start
-    try:
-        if cfg.eval.before and run.start == 0:
-            results["before"] = rl._run_eval(p, 0, "before", out)
-        t0 = time.monotonic()
-        for step in range(run.start + 1, cfg.max_steps + 1):
-            metrics, samples = drv.step(step)
-            run.guard.record(step, metrics)
-            run.logs["metrics"].write(metrics)
-            run.logs["samples"].write_many(samples)
-            log.info(
-                "step %d: reward %.3f, staleness %.2f, dropped %d, %.1f s",
-                step,
-                metrics["reward"],
-                metrics["staleness_mean"],
-                metrics["dropped_seqs"],
-                metrics["step_time"],
-            )
-            if run.guard.exhausted:
-                raise run.guard.error(None)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                run.checkpointer.save_step(step)
-        results["train_minutes"] = (time.monotonic() - t0) / 60
-        run.checkpointer.save(cfg.max_steps, "final")
-    finally:
-        drv.close()
-    if cfg.eval.after:
-        results["after"] = rl._run_eval(p, cfg.max_steps, "after", out)
-    if cfg.plot:
-        plot_metrics(
-            read_jsonl(out / "metrics.jsonl"),
-            out / "curves.png",
-            title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} on Ray",
-            evals=list(read_jsonl(out / "evals.jsonl")),
-        )
-    return results
 
 
 def worker_pythonpath() -> str:

@@ -241,5 +241,6 @@ class RayPool:
         for a in self.actors.values():
             ray.kill(a, no_restart=True)
         self.actors = {}
-        if self.owns:
+        if self.owns:  # a second close does nothing
             ray.shutdown()
+            self.owns = False

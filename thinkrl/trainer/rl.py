@@ -327,13 +327,29 @@ def train(cfg: Config) -> dict:
     Crash safety (docs/checkpoints.md): a ``kill -9`` loses at most
     the steps since the last checkpoint, and a resumed run continues exactly. SIGINT and
     SIGTERM stop after the current step and save it (thinkrl/trainer/interrupt.py)."""
-    if cfg.distributed.backend == "ray":  # rollout workers on Ray, the same steps (docs/distributed-ray.md)
-        from thinkrl.distributed.ray_driver import train_ray
+    ray = cfg.distributed.backend == "ray"
+    if ray:  # rollout workers on Ray, the learner here: the same loop (docs/distributed-ray.md)
+        from thinkrl.distributed.ray_driver import Driver
 
-        return train_ray(cfg)
-    dist.init(cfg.distributed.strategy)
-    _check_distributed(cfg)
-    run = setup(cfg)
+        driver = Driver(cfg)
+        run, step_fn, release = driver.run, driver.step, driver.close
+    else:
+        dist.init(cfg.distributed.strategy)
+        _check_distributed(cfg)
+        run = setup(cfg)
+        step_fn, release = (lambda step: rl_step(run.p, step)), (lambda: None)
+    try:
+        return _run(run, step_fn, release, " on Ray" if ray else "")
+    finally:
+        release()  # _run has released them already, unless it failed before that
+
+
+def _run(run: Run, step_fn, release, where: str) -> dict:
+    """The run after setup, in one process or with Ray rollout workers: the steps
+    (``step_fn(step) -> (metrics, samples)``) with their logs, trackers, checkpoints, signals,
+    ``max_minutes`` and the monitor; the final checkpoint; then ``release()`` (the rollout
+    workers, before the held-out eval, which runs on the learner's engine)."""
+    cfg = run.p.cfg
     results: dict = {}
     if cfg.eval.before and run.start == 0 and run.main:
         results["before"] = _run_eval(run.p, 0, "before", run.out)
@@ -343,12 +359,13 @@ def train(cfg: Config) -> dict:
     t_start = time.monotonic()  # max_minutes counts the training loop of this process
     try:
         with StopRequests() as stop:
-            step = _train_loop(run, stop, t_start, trackers)
+            step = _train_loop(run, stop, t_start, trackers, step_fn)
             results["train_minutes"] = (time.monotonic() - t_start) / 60
             log.info("training loop: steps %d-%d in %.2f min", run.start + 1, step, results["train_minutes"])
             run.checkpointer.save(step, "final")  # step < max_steps when max_minutes stopped the run
     finally:
         trackers.close()
+        release()
     if stop_requested(stop):
         raise Interrupted(
             f"{stop.name} during the last step: final/ saved, held-out eval skipped", stop.signum
@@ -361,14 +378,14 @@ def train(cfg: Config) -> dict:
         plot_metrics(
             read_jsonl(run.out / "metrics.jsonl"),
             run.out / "curves.png",
-            title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} + {cfg.algo.loss}",
+            title=f"{cfg.model} on {cfg.task.name}: {cfg.algo.advantage} + {cfg.algo.loss}{where}",
             evals=list(read_jsonl(run.out / "evals.jsonl")),
         )
     return results
 
 
-def _train_loop(run: Run, stop: StopRequests, t_start: float, trackers: Trackers) -> int:
-    """Steps ``start + 1`` .. ``max_steps``; returns the last step done.
+def _train_loop(run: Run, stop: StopRequests, t_start: float, trackers: Trackers, step_fn) -> int:
+    """Steps ``start + 1`` .. ``max_steps`` (each ``step_fn(step)``); returns the last step done.
 
     Order within a step, which crash safety rests on: the step runs; its metrics and samples
     are written (fsynced); only then may it be checkpointed. A stop request is looked at only
@@ -378,7 +395,7 @@ def _train_loop(run: Run, stop: StopRequests, t_start: float, trackers: Trackers
     step = run.start
     try:
         for step in range(run.start + 1, cfg.max_steps + 1):
-            metrics, samples = rl_step(run.p, step)
+            metrics, samples = step_fn(step)
             overoptimised = record_step(run, step, metrics, samples, trackers, bar)
             if step == cfg.max_steps:
                 break  # the last step goes to final/ only
