@@ -78,8 +78,14 @@ class Driver:
         t0 = time.perf_counter()
         from thinkrl.trainer.common import merged_copy
 
-        # with LoRA the workers get the merged weights: their engines hold a plain model
-        state = {k: v.detach().cpu().clone() for k, v in merged_copy(self.p.model).state_dict().items()}
+        # with LoRA the workers get the merged weights: their engines hold a plain model. A
+        # merge is already a copy of its own; the learner's own tensors are cloned, since the
+        # next update changes them in place
+        model = merged_copy(self.p.model)
+        own = model is self.p.model
+        state = {
+            k: v.detach().cpu().clone() if own else v.detach().cpu() for k, v in model.state_dict().items()
+        }
         self.pool.sync(state, self.version, state_checksum(state))
         return time.perf_counter() - t0
 
