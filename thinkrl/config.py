@@ -646,10 +646,10 @@ def _validate_distributed(cfg: Config, need) -> None:
             f"rollout.backend={ro.backend} runs in rollout workers: add distributed.backend=ray",
         )
         return
-    need(not cfg.sampling.dynamic, "sampling.dynamic is not supported with distributed.backend=ray yet")
     need(
-        cfg.algo.advantage != "gae",
-        "algo.advantage=gae (a critic) is not supported with distributed.backend=ray yet",
+        cfg.env.name == "single_turn",
+        f"env.name={cfg.env.name} (multi-turn episodes) does not run in Ray rollout workers yet, "
+        "which sample single-turn completions only: run it in one process",
     )
     need(
         ro.backend != "openai" or bool(ro.server_url),

@@ -250,7 +250,7 @@ def test_a_reward_model_scores_in_the_rollout_workers(tmp_path):
     )
     d = Driver(cfg_of(tmp_path / "run", "max_steps=1", "rewards={rm: 1.0}", f"reward_args.rm.path={final}"))
     try:
-        jobs, _ = d.batch(1)
+        jobs, _, _ = d.batch(1)
     finally:
         d.close()
     here = RewardModel({"rm": 1.0}, {"rm": {"path": str(final)}})
@@ -316,3 +316,125 @@ def test_resume_continues_exactly(tmp_path):
         load_file(run / "final" / "model.safetensors"),
     )
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _both_pools(cfgs, steps):
+    """The same run through the in-process pool and through Ray actors (max_staleness=0):
+    per-step metrics (timings left out) and final weights of each."""
+    runs = {}
+    for name, local in (("sync", True), ("async", False)):
+        d = Driver(cfgs(name), local=local)
+        try:
+            runs[name] = (
+                [d.step(s)[0] for s in range(1, steps + 1)],
+                {k: v.clone() for k, v in d.p.model.state_dict().items()},
+                d,
+            )
+        finally:
+            d.close()
+    (ms, ws, ds), (ma, wa, _) = runs["sync"], runs["async"]
+    for a, b in zip(ms, ma, strict=True):
+        keep = [k for k in a if not k.startswith(TIMING) and k not in ("rollout_workers", "worker_share")]
+        assert json.dumps({k: a[k] for k in keep}) == json.dumps({k: b[k] for k in keep})
+    assert all(torch.equal(ws[k], wa[k]) for k in ws)
+    return ms, ds
+
+
+def parity_reward(tmp_path) -> str:
+    """A reward in a file (the worker actors load it by path): the parity of the completion's
+    byte sum, 0 or 1, so a group of G=2 is all-equal half the time."""
+    (tmp_path / "parity.py").write_text(
+        "def parity(completion, example):\n    return float(sum(map(ord, completion)) % 2)\n"
+    )
+    return f"rewards={{{tmp_path / 'parity.py'}:parity: 1.0}}"
+
+
+def test_dynamic_sampling_on_ray(tmp_path):
+    """sampling.dynamic=true under Ray: groups whose rewards are all equal are seen but not
+    trained on, and refill iterations ask for the missing groups only, until 2 are kept or 2
+    refills ran. A parity reward makes half the groups of G=2 all-equal, so refills happen.
+    The Ray run equals the in-process one step for step."""
+    extra = [
+        "max_steps=3",
+        "rollout.max_staleness=0",
+        "sampling.dynamic=true",
+        "sampling.max_rounds=2",
+        parity_reward(tmp_path),
+        "algo.entropy_coef=0.0",
+    ]
+    ms, _ = _both_pools(lambda name: cfg_of(tmp_path / name, *extra), 3)
+    for m in ms:
+        assert 0 <= m["dynamic_rounds"] <= 2
+        assert m["dynamic_kept_groups"] <= 2  # a refill asks only for what is missing
+        assert m["dynamic_kept_groups"] == 2 or m["dynamic_rounds"] == 2  # full, or the cap was hit
+        assert m["generated_seqs"] == 2 * m["dynamic_generated_groups"]
+        assert m["trained_seqs"] == 2 * m["dynamic_kept_groups"]
+    assert sum(m["dynamic_rounds"] for m in ms) > 0  # some step refilled: the test is not vacuous
+    assert sum(m["dynamic_generated_groups"] - m["dynamic_kept_groups"] for m in ms) > 0
+
+
+def test_gae_critic_on_ray(tmp_path):
+    """algo.advantage=gae under Ray: the critic lives with the learner in the driver; the Ray
+    run equals the in-process one, and the critic learns: its zero-initialised values get a
+    loss from the parity rewards at step 1 and have moved by step 2."""
+    extra = ["max_steps=2", "rollout.max_staleness=0", "algo.advantage=gae", "algo.loss=ppo_clip"]
+    ms, d = _both_pools(lambda name: cfg_of(tmp_path / name, *extra, parity_reward(tmp_path)), 2)
+    assert d.p.critic is not None
+    assert ms[0]["value_mean"] == 0.0 and ms[0]["value_loss"] > 0
+    assert ms[1]["value_mean"] != 0.0
+
+
+def _session_pids(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (Linux /proc; empty elsewhere)."""
+    out = []
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            if d.isdigit() and int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[3]) == sid:
+                out.append(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def test_ctrl_c_stops_a_ray_run_at_a_step_and_it_resumes(tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the whole process group: the driver and the Ray
+    cluster it started) stops the run after the current step, saves that step, exits 130 and
+    leaves no Ray process behind; resume=true then continues from that step."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "thinkrl", "train", *TINY, f"output_dir={out}", "ray.num_cpus=2"]
+    env = {**os.environ, "PYTHONPATH": worker_pythonpath()}
+    p = subprocess.Popen(
+        [*cmd, "max_steps=500"], start_new_session=True, stderr=subprocess.PIPE, text=True, env=env
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while p.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before its first step"
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        err = p.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError("the Ray run did not stop within 120 s of SIGINT") from None
+    n = metrics.read_text().count("\n")
+    assert p.returncode == 130
+    assert err.strip().splitlines()[-1] == (
+        f"thinkrl: interrupted: SIGINT during step {n}: saved checkpoints/step-{n}; continue with resume=true"
+    )
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{n}"
+    deadline = time.monotonic() + 30
+    while _session_pids(p.pid) and time.monotonic() < deadline:  # raylet, GCS and workers shut down
+        time.sleep(0.5)
+    assert _session_pids(p.pid) == []
+    done = subprocess.run(
+        [*cmd, f"max_steps={n + 1}", "resume=true"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, n + 2))

@@ -105,6 +105,11 @@ def test_config_errors():
         build_config(None, ["distributed.backend=mpi"])
     with pytest.raises(ConfigError, match="rollout.backend=vllm runs in rollout workers"):
         build_config(None, ["rollout.backend=vllm"])
+    # the workers sample single-turn completions: a multi-turn env is refused, not silently ignored
+    with pytest.raises(
+        ConfigError, match="env.name=python .multi-turn episodes. does not run in Ray rollout"
+    ):
+        build_config(None, ["distributed.backend=ray", "env.name=python"])
 
 
 def test_vllm_weight_names():

@@ -18,6 +18,7 @@ ones. The synchronous reference run is this same driver with an in-process pool
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -105,11 +106,12 @@ class Driver:
             self.ids.group += 1
         return jobs
 
-    def launch(self) -> None:
+    def launch(self, groups: int | None = None) -> None:
         """Start one rollout iteration with the current weights: the carried-over groups plus
-        fresh prompts up to ``rollout.prompts_per_step`` groups."""
+        fresh prompts up to ``groups`` (default ``rollout.prompts_per_step``) groups."""
         r = self.cfg.rollout
-        jobs = self.carry + self._fresh(max(0, r.prompts_per_step - len(self.carry)))
+        want = r.prompts_per_step if groups is None else groups
+        jobs = self.carry + self._fresh(max(0, want - len(self.carry)))
         self.carry = []
         budget = r.partial_tokens or r.max_new_tokens
         self.inflight.append(self.pool.submit(jobs, self.version, budget))
@@ -126,30 +128,48 @@ class Driver:
             del self.examples[j.uid]
         return finished, lost * self.G, times
 
-    def batch(self, step: int) -> tuple[list[GroupJob], dict]:
-        """The finished groups to train step ``step`` on. Up to k + 1 iterations stay in flight
+    def batch(self, step: int) -> tuple[list[GroupJob], list[GroupJob], dict]:
+        """The finished groups of step ``step``: ``(kept, seen, stats)``, the groups to train on
+        and every group finished for this step. Up to k + 1 iterations stay in flight
         (k = rollout.max_staleness), each launched with the weights current at its launch; the
-        oldest is collected until some group has finished."""
+        oldest is collected until some group has finished.
+
+        With DAPO dynamic sampling (``sampling.dynamic``) a group whose rewards are all equal is
+        seen but not kept, and iterations are collected until ``rollout.prompts_per_step``
+        groups are kept or ``sampling.max_rounds`` more iterations have returned finished
+        groups. A refill iteration asks only for the groups still missing, as the
+        single-process loop does (thinkrl/sampling/dynamic.py); iterations launched ahead are
+        full, so with ``max_staleness`` >= 1 a step may keep more than ``prompts_per_step``."""
+        cfg = self.cfg
+        n, dynamic = cfg.rollout.prompts_per_step, cfg.sampling.dynamic
         ahead = max(
-            1, min(self.cfg.rollout.max_staleness + 1, self.cfg.max_steps - step + 1)
+            1, min(cfg.rollout.max_staleness + 1, cfg.max_steps - step + 1)
         )  # no launches past the end
         t0 = time.perf_counter()
-        done, dropped, iters, busy = [], 0, 0, {"generate_s": 0.0, "score_s": 0.0}
-        while not done:
+        kept, seen, dropped, iters, rounds = [], [], 0, 0, -1
+        busy = {"generate_s": 0.0, "score_s": 0.0}
+        while True:
             while len(self.inflight) < ahead:
                 self.launch()
             got, lost, times = self.collect()
-            done += got
+            seen += got
+            kept += [j for j in got if varied(j)] if dynamic else got
             dropped += lost
             iters += 1
+            rounds += bool(got)
             busy = {k: busy[k] + times[k] for k in busy}
-            if (
-                iters > self.cfg.rollout.partial_max_iters + ahead + 1
-            ):  # cannot happen unless every group is lost
+            if not dynamic and kept:
+                break
+            if dynamic and (len(kept) >= n or rounds >= cfg.sampling.max_rounds):
+                break
+            if not seen and iters > cfg.rollout.partial_max_iters + ahead + 1:
+                # cannot happen unless every group is lost
                 raise TrainingError(
                     f"step {step}: {iters} rollout iterations returned no finished group "
                     f"({dropped} sequences lost with dead workers)"
                 )
+            if dynamic and seen and len(self.inflight) < ahead:
+                self.launch(n - len(kept))  # the refill: only the groups still missing
         stats = {
             "dropped_seqs": dropped,
             "rollout_iters": iters,
@@ -160,24 +180,38 @@ class Driver:
             "worker_time_generate": busy["generate_s"],
             "worker_time_score": busy["score_s"],
         }
-        return sorted(done, key=lambda j: j.uid), stats
+        if dynamic:
+            stats.update(
+                dynamic_rounds=max(0, rounds),
+                dynamic_kept_groups=len(kept),
+                dynamic_generated_groups=len(seen),
+            )
+        return sorted(kept, key=lambda j: j.uid), sorted(seen, key=lambda j: j.uid), stats
 
     # -- one step --------------------------------------------------------------------------
 
     def step(self, step: int) -> tuple[dict, list[dict]]:
         from thinkrl.trainer import rl
 
-        jobs, stats = self.batch(step)
-        g = to_groups(jobs)
-        self.p.sampler.update(g.examples, g.success())
+        jobs, seen_jobs, stats = self.batch(step)
+        seen = to_groups(seen_jobs)
+        dyn_stats = {k: stats.pop(k) for k in list(stats) if k.startswith("dynamic_")}
+        self.p.sampler.update(seen.examples, seen.success())  # prioritized sampling tracks every group seen
         # generation and scoring ran in the workers; the driver's share of them is its wait
         timings = {"time_generate": stats["time_wait_rollout"], "time_score": 0.0}
-        metrics = rl.learn(self.p, step, g, g, {}, timings)
+        if not all(math.isfinite(r) for r in seen.totals):  # NaN advantages would poison the update
+            metrics = rl._untrained(self.p, step, seen, dyn_stats, timings, skip_cause="nan_reward")
+        elif not jobs:  # dynamic sampling hit its cap without one group that has a learning signal
+            metrics = rl._untrained(self.p, step, seen, dyn_stats, timings)
+        else:
+            metrics = rl.learn(self.p, step, to_groups(jobs), seen, dyn_stats, timings)
+        # one version per step, also for a step that trained nothing (its sync is then the same weights)
         self.version += 1
         stats["time_sync"] = self.sync()
         metrics["step_time"] += stats["time_sync"]
         g_s = stats["worker_time_generate"] + stats["worker_time_score"]
-        stats["worker_share"] = g_s / max(1e-9, g_s + metrics["time_train"] + stats["time_sync"])
+        t_train = metrics.get("time_train", 0.0)
+        stats["worker_share"] = g_s / max(1e-9, g_s + t_train + stats["time_sync"])
         metrics.update(
             stats, **version_stats(jobs, learner_version=self.version - 1), policy_version=self.version
         )
@@ -189,7 +223,7 @@ class Driver:
             metrics["dropped_seqs"],
             metrics["step_time"],
         )
-        return metrics, rl._samples(self.cfg, step, g)
+        return metrics, rl._samples(self.cfg, step, seen)
 
     def close(self) -> None:
         self.pool.close()
@@ -214,6 +248,11 @@ def to_groups(jobs: list[GroupJob]) -> Groups:
         [t for j in jobs for t in j.totals],
         parts,
     )
+
+
+def varied(job: GroupJob) -> bool:
+    """Whether a scored group's rewards differ (DAPO keeps only these: the others have zero advantage)."""
+    return max(job.totals) != min(job.totals)
 
 
 def version_stats(jobs: list[GroupJob], learner_version: int) -> dict:
