@@ -438,3 +438,17 @@ def test_ctrl_c_stops_a_ray_run_at_a_step_and_it_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(1, n + 2))
+
+
+def test_a_nan_reward_trains_nothing(tmp_path):
+    """A reward that returns NaN would make its group's advantages NaN: the driver's step trains
+    nothing and says why, as the single-process step does, and the weights stay as they were."""
+    (tmp_path / "nan.py").write_text("def nan(completion, example):\n    return float('nan')\n")
+    d = Driver(cfg_of(tmp_path, "max_steps=1", f"rewards={{{tmp_path / 'nan.py'}:nan: 1.0}}"), local=True)
+    try:
+        before = {k: v.clone() for k, v in d.p.model.state_dict().items()}
+        m, _ = d.step(1)
+        assert m["skip_cause"] == "nan_reward" and m["trained_seqs"] == 0 and m["generated_seqs"] == 4
+        assert all(torch.equal(before[k], v) for k, v in d.p.model.state_dict().items())
+    finally:
+        d.close()
