@@ -69,3 +69,45 @@ def test_scores_are_deterministic_and_a_batch_equals_its_rows(tiny_pair):
     assert torch.equal(batch, again)
     torch.testing.assert_close(batch, one, atol=1e-5, rtol=1e-5)
     assert len(set(batch.tolist())) == 3  # the head is not constant
+
+
+def test_lora_rm_trains_its_head_and_adapters_and_saves_the_merged_model(tmp_path):
+    """lora.enabled=true: the backbone's own weights stay frozen, the adapters and the new head
+    train; final/ is the merged plain model, whose scores equal the LoRA model's."""
+    from thinkrl.rewards.learned import load_reward_model
+    from thinkrl.trainer.rm import _setup
+
+    data = _toy_pairs(tmp_path / "pairs.jsonl")
+    cfg = RMConfig(
+        model="tiny-random",
+        data=str(data),
+        output_dir=str(tmp_path / "rm"),
+        epochs=3,
+        batch_size=8,
+        lr=3e-3,
+        eval_fraction=0.25,
+        dtype="fp32",
+        progress=False,
+    )
+    cfg.lora.enabled, cfg.lora.r = True, 4
+    cfg.validate()
+    rm, tok, _, eval_pairs, _ = _setup(cfg, None, "cpu", False)
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".score." in n for n in trainable)
+    assert any(".score." in n for n in trainable)
+    final = train_rm(cfg)
+    meta = json.loads((final / "thinkrl_rm.json").read_text())
+    assert meta["lora"]["r"] == 4 and meta["pair_accuracy"] == 1.0
+    merged, _, _ = load_reward_model(str(final), "cpu")
+    assert type(merged).__name__ == "LlamaForSequenceClassification"
+    # the merged folder scores as the trained LoRA model did: reload it from its adapter
+    from thinkrl.trainer.checkpoint import load_adapter
+
+    load_adapter(rm, final)
+    seqs = [p.prompt + p.chosen for p in eval_pairs] + [p.prompt + p.rejected for p in eval_pairs]
+    with torch.no_grad():
+        want = scores(rm.eval(), seqs, tok.pad_token_id)
+        got = scores(merged, seqs, tok.pad_token_id)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    n = len(eval_pairs)
+    assert bool((got[:n] > got[n:]).all())

@@ -99,12 +99,18 @@ def test_sft_into_a_folder_with_checkpoints_needs_resume(tmp_path, capsys):
     ]
 
 
-def test_rm_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True])
+def test_rm_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, lora):
     rows = [{"prompt": f"question {i}?", "chosen": "yes yes", "rejected": "no no"} for i in range(20)]
     data = write(tmp_path / "pairs.jsonl", rows)
-    cmd = ["rm", *COMMON, f"data={data}", "lr=0.003", "batch_size=4", "eval_fraction=0.2"]
+    extra = ["lora.enabled=true", "lora.r=4"] if lora else []
+    cmd = ["rm", *COMMON, f"data={data}", "lr=0.003", "batch_size=4", "eval_fraction=0.2", *extra]
     u, r = interrupted_and_resumed(cmd, tmp_path, monkeypatch)
     assert same_weights(r / "final", u / "final")
+    if lora:  # the adapter saved with the head (peft's modules_to_save), resumed on top of the base
+        assert same_weights(r / "final", u / "final", "adapter/adapter_model.safetensors")
+        names = load_file(u / "final" / "adapter" / "adapter_model.safetensors").keys()
+        assert any(n.endswith("score.weight") for n in names) and any("lora_A" in n for n in names)
     mu, mr = read_jsonl(u / "metrics.jsonl"), read_jsonl(r / "metrics.jsonl")
     assert [m["step"] for m in mr] == [1, 2, 3, 4] and mr == mu
     assert json.loads((r / "final" / "thinkrl_rm.json").read_text()) == json.loads(

@@ -29,8 +29,12 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def apply_lora(model, lora: LoraConfig):
-    """Wrap ``model`` with LoRA adapters (Hu et al. 2021) when enabled; otherwise return it."""
+def apply_lora(
+    model, lora: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None
+):
+    """Wrap ``model`` with LoRA adapters (Hu et al. 2021) when enabled; otherwise return it.
+    ``modules_to_save``: modules trained in full beside the adapters and saved with them (a
+    reward model's new head)."""
     if not lora.enabled:
         return model
     from peft import LoraConfig as PeftLora
@@ -44,7 +48,8 @@ def apply_lora(model, lora: LoraConfig):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing for a user to change
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -10,7 +10,11 @@ log-likelihood (Bradley and Terry 1952; Ouyang et al. 2022, eq. 1), optionally w
 
 A seeded held-out share of the pairs gives the pair accuracy: the fraction scored in the right
 order. Checkpoints, ``resume=true``, the guards against non-finite losses and a clean stop on
-Ctrl-C are those of ``thinkrl sft`` (thinkrl/trainer/supervised.py). The output folder
+Ctrl-C are those of ``thinkrl sft`` (thinkrl/trainer/supervised.py). With ``lora.enabled=true``
+the backbone trains LoRA adapters and the head trains in full beside them (peft's
+``modules_to_save``); checkpoints hold the adapter with the head, which a resumed run loads
+on top of the base, and ``final/`` the merged model, so the ``rm:PATH`` reward loads either
+kind the same way. The output folder
 (``final/``) is an ordinary ``AutoModelForSequenceClassification``
 folder with its tokenizer, plus ``thinkrl_rm.json`` (the chat-template settings the prompts
 were rendered with and the held-out accuracy), which the ``rm:PATH`` reward reads.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,10 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from thinkrl import device
+from thinkrl.config import LoraConfig, validate_lora
 from thinkrl.data import read_rows
 from thinkrl.models import load_model
 from thinkrl.rollout import autocast
-from thinkrl.trainer.common import make_optimizer, need
+from thinkrl.trainer.common import apply_lora, is_lora, make_optimizer, need
 from thinkrl.trainer.dpo import Pair, encode_pairs
 from thinkrl.trainer.supervised import SupervisedConfig, run_steps
 
@@ -48,9 +53,11 @@ class RMConfig(SupervisedConfig):
     output_dir: str = "runs/rm"
     margin: float = 0.0  # Bradley-Terry with a margin: chosen must beat rejected by this much
     eval_fraction: float = 0.1  # seeded share of the pairs held out for pair accuracy
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the backbone; the head trains in full
 
     def validate(self) -> None:
         super().validate()
+        validate_lora(self.lora)
         need(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
         need(self.margin >= 0, "margin must be >= 0")
 
@@ -76,12 +83,14 @@ def reward_model_from(causal_lm):
 
 def scores(rm, seqs: list[list[int]], pad_id: int, bf16: bool = False) -> torch.Tensor:
     """r for each token sequence: the head on the hidden state of its last token, [B]. Right
-    padding and an explicit gather make a batch equal to its rows scored one by one."""
+    padding and an explicit gather make a batch equal to its rows scored one by one. A LoRA
+    model is called through its wrapped model, whose layers hold the adapters."""
+    rm = rm.get_base_model() if is_lora(rm) else rm
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])  # [B, L]
     attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])  # [B, L]
     last = torch.tensor([len(s) - 1 for s in seqs])  # [B]
-    dev = rm.score.weight.device
+    dev = next(rm.score.parameters()).device
     ids, attn, last = (device.to(x, dev) for x in (ids, attn, last))
     with autocast(bf16, dev):
         hidden = getattr(rm, rm.base_model_prefix)(
@@ -123,26 +132,34 @@ def _setup(cfg: RMConfig, found, dev: str, bf16: bool):
     the train and held-out pairs, and the held-out pair accuracy before training."""
     from transformers import AutoModelForSequenceClassification
 
+    from thinkrl.trainer.checkpoint import load_adapter
+
     rows = read_rows(cfg.data, need=("prompt", "chosen", "rejected"))
     causal, tok = load_model(cfg.model)
     pairs = encode_pairs(rows, tok, cfg.task, cfg.max_len)
     train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
     need(len(train_pairs) > 0, "no pairs left to train on after holding out eval_fraction")
-    if found is None:
+    if found is None or cfg.lora.enabled:  # LoRA resumes from the base plus the saved adapter and head
         rm = reward_model_from(causal).to(dev)
-        before = pair_accuracy(rm, eval_pairs, tok.pad_token_id, bf16)
+        rm = apply_lora(rm, cfg.lora, task_type="SEQ_CLS", modules_to_save=["score"])
+        if found is not None:
+            load_adapter(rm, found[0])
     else:  # the checkpoint holds the head and the backbone as trained so far
         rm = AutoModelForSequenceClassification.from_pretrained(found[0]).to(dev)
-        before = found[1]["pair_accuracy_before"]
+    before = (
+        pair_accuracy(rm, eval_pairs, tok.pad_token_id, bf16)
+        if found is None
+        else found[1]["pair_accuracy_before"]
+    )
     return rm, tok, train_pairs, eval_pairs, before
 
 
 def train_rm(cfg: RMConfig) -> Path:
-    from thinkrl.trainer import checkpoint as ckpt
     from thinkrl.trainer.common import seed_everything
+    from thinkrl.trainer.supervised import start_weights
 
     out = Path(cfg.output_dir)
-    found = ckpt.resume_point(out, cfg.resume)
+    found, _ = start_weights(cfg, out)  # also: a LoRA checkpoint resumes only with lora.enabled=true
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     dev = device.resolve_device(cfg.device)
@@ -185,6 +202,7 @@ def train_rm(cfg: RMConfig) -> Path:
         "pair_accuracy_before": before,
         "pair_accuracy": after,
         "margin": cfg.margin,
+        "lora": asdict(cfg.lora) if cfg.lora.enabled else None,  # final/ holds the merged weights
         "head": "score: Linear(hidden, 1, bias=False) on the last token's final hidden state",
     }
     (final / RM_FILE).write_text(json.dumps(meta, indent=2))
