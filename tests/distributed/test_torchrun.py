@@ -416,3 +416,57 @@ def test_sft_and_dpo_fsdp_two_ranks_equal_one_process(tmp_path, command):
     thinkrl(1, command, *args, "output_dir=fsdp", "resume=true", cwd=tmp_path)
     assert metrics(fsdp)[1]["loss"] == pytest.approx(m1[1]["loss"], abs=1e-5)
     assert_same_weights(weights(one / "final"), weights(fsdp / "final"), atol=atol)
+
+
+# A multi-turn environment for tiny-random's random bytes: a turn ends at any vowel or digit
+# (about one token in 17), the environment answers the first turn with an observation, and the
+# episode ends after the second turn.
+CHATTER = """
+from thinkrl.envs import question_messages, register
+
+
+@register("chatter")
+class Chatter:
+    multi_turn = True
+    stop = tuple("aeiouAEIOU0123456789")
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
+    def reset(self, example):
+        return question_messages(example)
+
+    def step(self, messages, turn):
+        if any(m["role"] == "assistant" for m in messages):
+            return None, None, True, {"reason": "answered"}
+        return "[ok]", None, False, {}
+"""
+
+
+@pytest.mark.parametrize("decoder", ["cache", "reprefill"])
+def test_multi_turn_two_ranks_equal_one_process(tmp_path, decoder):
+    """Multi-turn episodes are data-parallel: with seed_by_group each group's episodes are a
+    function of its seed alone (one stream per episode with the cache decoder, one seeded call
+    per group with the re-prefill decoder), so two ranks sample the one process's episodes,
+    observations and loss masks included, and train to the same weights."""
+    (tmp_path / "reward.py").write_text(REWARD)
+    (tmp_path / "chatter.py").write_text(CHATTER)
+    cfg = RL_CONFIG.format(reward=tmp_path / "reward.py").replace(
+        "rollout: {prompts_per_step: 2, group_size: 4, max_new_tokens: 8}",
+        "rollout: {prompts_per_step: 2, group_size: 4, max_new_tokens: 24}\n"
+        f"env: {{name: chatter, max_turns: 3, decoder: {decoder}}}\n"
+        f"plugins: [{tmp_path / 'chatter.py'}]\nlog_samples: 8",
+    )
+    assert "name: chatter" in cfg
+    (tmp_path / "mt.yaml").write_text(cfg)
+    thinkrl(1, "train", "mt.yaml", "output_dir=one", cwd=tmp_path)
+    thinkrl(2, "train", "mt.yaml", "output_dir=two", cwd=tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        assert_same_step(a, b)
+        assert a["tool/calls_per_episode"] == b["tool/calls_per_episode"]
+    samples = (one / "samples.jsonl").read_text()
+    assert samples == (two / "samples.jsonl").read_text()
+    turns = [[t["role"] for t in json.loads(x)["episode"]["turns"]] for x in samples.splitlines()]
+    assert ["assistant", "tool", "assistant"] in turns  # real episodes: an observation between turns
+    assert_same_weights(weights(one / "final"), weights(two / "final"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -115,14 +116,30 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(2, 2 * (os.cpu_count() or 1)), thread_name_prefix="env")
 
 
+def episode_seed(seed: int, index: int) -> int:
+    """The sampling seed of episode ``index`` of a call seeded ``seed``."""
+    return zlib.crc32(f"{seed}/episode/{index}".encode())
+
+
 def run_episodes(
-    env, decoder, tok, examples: list, task_cfg, G: int, params: SamplingParams, max_turns: int
+    env,
+    decoder,
+    tok,
+    examples: list,
+    task_cfg,
+    G: int,
+    params: SamplingParams,
+    max_turns: int,
+    seed: int | None = None,
 ) -> tuple[list[Episode], list[tuple[str, str]]]:
     """G episodes per example, all run to their end; returns them (rows g*G .. g*G+G-1 are
     example g's) and each example's rendered (prompt text, prefill).
 
     ``params.max_new_tokens`` bounds the whole episode after its prompt (turns and
-    observations), so the trainer's [N, T] tensors stay as large as in a single-turn run."""
+    observations), so the trainer's [N, T] tensors stay as large as in a single-turn run.
+    ``seed``: with the cache-append decoder each episode samples from its own stream
+    (``episode_seed(seed, i)``), whatever the others do; with the re-prefill decoder the call
+    runs from the random state ``seed``. None: the process's random state, as it is."""
     rendered = [episode_prompt(env.reset(ex), tok, task_cfg) for ex in examples]
     prompt_ids = [tok(r[0], add_special_tokens=False).input_ids for r in rendered]
     eps = [
@@ -131,8 +148,26 @@ def run_episodes(
         for _ in range(G)
     ]
     if getattr(decoder, "concurrent", False):
-        _run_concurrent(env, decoder, tok, eps, params, max_turns)
+        _run_concurrent(env, decoder, tok, eps, params, max_turns, seed)
         return eps, rendered
+    from thinkrl.device import seeded
+
+    with seeded(seed, _device_of(decoder)):
+        _run_rounds(env, decoder, tok, eps, params, max_turns)
+    return eps, rendered
+
+
+def _device_of(decoder) -> str:
+    model = getattr(getattr(decoder, "engine", None), "model", None)
+    try:
+        return str(next(model.parameters()).device)
+    except (AttributeError, StopIteration, TypeError):
+        return "cpu"
+
+
+def _run_rounds(env, decoder, tok, eps: list[Episode], params: SamplingParams, max_turns: int) -> None:
+    """Episodes in rounds (the re-prefill decoder): the live ones take their next turn
+    together, then their environment steps run concurrently."""
     budget = params.max_new_tokens
     decoder.open([e.prompt_ids for e in eps])
     try:
@@ -152,7 +187,6 @@ def run_episodes(
                     decoder.extend(i, obs_ids)
     finally:
         decoder.close()
-    return eps, rendered
 
 
 def after_turn(e: Episode, t, text: str, step, tok, budget: int, last_turn: bool) -> list[int] | None:
@@ -181,7 +215,9 @@ def after_turn(e: Episode, t, text: str, step, tok, budget: int, last_turn: bool
     return obs_ids
 
 
-def _run_concurrent(env, decoder, tok, eps: list[Episode], params: SamplingParams, max_turns: int) -> None:
+def _run_concurrent(
+    env, decoder, tok, eps: list[Episode], params: SamplingParams, max_turns: int, seed: int | None = None
+) -> None:
     """Every episode at its own turn (``decoder``: a :class:`thinkrl.envs.decoders.CacheAppend`).
 
     Each decode step runs every slot that is writing a turn. A slot whose turn ends waits,
@@ -195,7 +231,11 @@ def _run_concurrent(env, decoder, tok, eps: list[Episode], params: SamplingParam
     budget = params.max_new_tokens
     dec = decoder.slots(len(eps), max(len(e.prompt_ids) for e in eps) + budget + 1)
     slot = {
-        dec.add(e.prompt_ids, dataclasses.replace(params, max_new_tokens=budget)): i
+        dec.add(
+            e.prompt_ids,
+            dataclasses.replace(params, max_new_tokens=budget),
+            seed=None if seed is None else episode_seed(seed, i),
+        ): i
         for i, e in enumerate(eps)
     }
     ids: dict[int, list[int]] = {i: [] for i in range(len(eps))}
@@ -276,9 +316,15 @@ def score_episodes(
     return texts, totals, parts
 
 
-def generate_and_score_episodes(engine, tok, env, rewards, cfg, examples: list, timings: dict, decoder=None):
+def generate_and_score_episodes(
+    engine, tok, env, rewards, cfg, examples: list, timings: dict, decoder=None, seeds=None
+):
     """What the trainer's generate_and_score does, for a multi-turn environment: Groups of G
-    scored episodes per example, their rollout carrying the loss mask and turn records."""
+    scored episodes per example, their rollout carrying the loss mask and turn records.
+    ``seeds`` as for single-turn rollouts: None (the process's random state), one int for
+    the whole call (a rank's own stream under torchrun), or an iterator of per-group seeds
+    (``distributed.seed_by_group``: one call per group, so a group's episodes depend on its
+    seed alone, on whatever rank runs it)."""
     from thinkrl.envs.decoders import make_decoder
     from thinkrl.sampling import Groups
 
@@ -290,16 +336,16 @@ def generate_and_score_episodes(engine, tok, env, rewards, cfg, examples: list, 
         top_p=cfg.rollout.top_p,
         top_k=cfg.rollout.top_k,
     )
-    eps, rendered = run_episodes(
-        env,
-        decoder or make_decoder(engine, tok, cfg.env.decoder),
-        tok,
-        examples,
-        cfg.task,
-        G,
-        params,
-        cfg.env.max_turns,
-    )
+    decoder = decoder or make_decoder(engine, tok, cfg.env.decoder)
+    if seeds is None or isinstance(seeds, int):
+        calls = [(examples, seeds)]
+    else:
+        calls = [([ex], next(seeds)) for ex in examples]
+    eps, rendered = [], []
+    for exs, seed in calls:
+        e, r = run_episodes(env, decoder, tok, exs, cfg.task, G, params, cfg.env.max_turns, seed)
+        eps += e
+        rendered += r
     timings["time_generate"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     texts, totals, parts = score_episodes(rewards, eps, G, cfg.rollout.max_new_tokens)

@@ -31,7 +31,7 @@ from thinkrl.algorithms import (
     kl_in_for,
     uses_batch_statistics,
 )
-from thinkrl.config import Config, ConfigError
+from thinkrl.config import Config
 from thinkrl.distributed import torch_dist as dist
 from thinkrl.envs.episodes import evaluate_episodes, generate_and_score_episodes, tool_metrics
 from thinkrl.eval import eval_settings, evaluate, write_json
@@ -205,7 +205,9 @@ def generate_and_score(p: Parts, examples: list, timings: dict, seeds=None) -> G
     or one seed for the step's one call (see ``_group_seeds``)."""
     cfg, r = p.cfg, p.cfg.rollout
     if p.env is not None and p.env.multi_turn:  # turns and observations (thinkrl/envs/episodes.py)
-        return generate_and_score_episodes(p.engine, p.tok, p.env, p.rewards, cfg, examples, timings)
+        return generate_and_score_episodes(
+            p.engine, p.tok, p.env, p.rewards, cfg, examples, timings, seeds=seeds
+        )
     one_seed = seeds is None or isinstance(seeds, int)
     params = SamplingParams(
         max_new_tokens=r.max_new_tokens,
@@ -429,8 +431,3 @@ def _check_distributed(cfg: Config) -> None:
     if dist.world_size() == 1:
         return
     dist.check_divisible(cfg.rollout.prompts_per_step, "rollout.prompts_per_step")
-    if cfg.env.name != "single_turn":
-        raise ConfigError(
-            f"env.name={cfg.env.name} (multi-turn episodes) is not data-parallel yet (their sampling "
-            "is not seeded per rank): run it in one process"
-        )
