@@ -646,11 +646,12 @@ def _validate_distributed(cfg: Config, need) -> None:
             f"rollout.backend={ro.backend} runs in rollout workers: add distributed.backend=ray",
         )
         return
-    need(
-        cfg.env.name == "single_turn",
-        f"env.name={cfg.env.name} (multi-turn episodes) does not run in Ray rollout workers yet, "
-        "which sample single-turn completions only: run it in one process",
-    )
+    if cfg.env.name != "single_turn":  # multi-turn episodes run whole, on the in-process engines
+        need(
+            ro.backend in ("fast", "hf") and ro.partial_tokens == 0,
+            f"env.name={cfg.env.name} (multi-turn episodes) on Ray needs rollout.backend=fast or hf "
+            "and rollout.partial_tokens=0: an episode runs to its end within one rollout iteration",
+        )
     need(
         ro.backend != "openai" or bool(ro.server_url),
         "rollout.backend=openai needs rollout.server_url (e.g. http://127.0.0.1:8000/v1)",

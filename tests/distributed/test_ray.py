@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 
 from thinkrl.cli import main  # noqa: E402
 from thinkrl.config import build_config  # noqa: E402
-from thinkrl.distributed.ray_driver import Driver, worker_pythonpath  # noqa: E402
+from thinkrl.distributed.ray_driver import Driver, to_groups, worker_pythonpath  # noqa: E402
 from thinkrl.distributed.ray_engine import Seq  # noqa: E402
 from thinkrl.distributed.ray_pool import RayPool  # noqa: E402
 from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncError, state_checksum  # noqa: E402
@@ -452,3 +452,57 @@ def test_a_nan_reward_trains_nothing(tmp_path):
         assert all(torch.equal(before[k], v) for k, v in d.p.model.state_dict().items())
     finally:
         d.close()
+
+
+CHATTER = '''
+from thinkrl.envs import question_messages, register
+
+
+@register("chatter_ray")
+class Chatter:
+    """Turns end at any vowel or digit of tiny-random's random bytes; the first turn gets an
+    observation, the second ends the episode."""
+
+    multi_turn = True
+    stop = tuple("aeiouAEIOU0123456789")
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
+    def reset(self, example):
+        return question_messages(example)
+
+    def step(self, messages, turn):
+        if any(m["role"] == "assistant" for m in messages):
+            return None, None, True, {"reason": "answered"}
+        return "[ok]", None, False, {}
+'''
+
+
+def test_multi_turn_episodes_run_in_the_rollout_workers(tmp_path):
+    """env.name=<a multi-turn env> on Ray: each worker runs its groups' episodes whole (tool
+    steps in the worker) from a seed of the group's uid; the Ray run equals the in-process pool
+    step for step, and its batches carry the episodes' observations and loss masks."""
+    (tmp_path / "chatter.py").write_text(CHATTER)
+    extra = [
+        "max_steps=2",
+        "rollout.max_staleness=0",
+        "rollout.max_new_tokens=24",
+        f"plugins=[{tmp_path / 'chatter.py'}]",
+        "env.name=chatter_ray",
+        "env.max_turns=3",
+        parity_reward(tmp_path),
+    ]
+    ms, d = _both_pools(lambda name: cfg_of(tmp_path / name, *extra), 2)
+    assert all(m["tool/calls_per_episode"] > 0 for m in ms)
+    d = Driver(cfg_of(tmp_path / "batch", *extra), local=True)
+    try:
+        jobs, _, _ = d.batch(1)
+    finally:
+        d.close()
+    g = to_groups(jobs)
+    roles = [[t["role"] for t in e["turns"]] for e in g.ro.episodes]
+    assert ["assistant", "tool", "assistant"] in roles
+    for ep, mask, ids in zip(g.ro.episodes, g.ro.loss_mask, g.ro.completion_ids):
+        assert len(mask) == len(ids) and sum(mask) == ep["policy_tokens"]
+        assert len(mask) - sum(mask) == ep["env_tokens"]  # observation tokens are never trained on

@@ -105,11 +105,9 @@ def test_config_errors():
         build_config(None, ["distributed.backend=mpi"])
     with pytest.raises(ConfigError, match="rollout.backend=vllm runs in rollout workers"):
         build_config(None, ["rollout.backend=vllm"])
-    # the workers sample single-turn completions: a multi-turn env is refused, not silently ignored
-    with pytest.raises(
-        ConfigError, match="env.name=python .multi-turn episodes. does not run in Ray rollout"
-    ):
-        build_config(None, ["distributed.backend=ray", "env.name=python"])
+    # an episode runs whole in one iteration, on an in-process engine
+    with pytest.raises(ConfigError, match=r"env.name=python \(multi-turn episodes\) on Ray needs rollout"):
+        build_config(None, ["distributed.backend=ray", "env.name=python", "rollout.partial_tokens=8"])
 
 
 def test_vllm_weight_names():

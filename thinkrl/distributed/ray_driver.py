@@ -238,6 +238,8 @@ def to_groups(jobs: list[GroupJob]) -> Groups:
         texts=[t[len(j.rendered[1]) :] for j in jobs for t in j.texts],
         truncated=[s.truncated for s in seqs],
         logps=[s.logps for s in seqs],
+        loss_mask=None if jobs[0].loss_masks is None else [m for j in jobs for m in j.loss_masks],
+        episodes=None if jobs[0].episodes is None else [e for j in jobs for e in j.episodes],
     )
     parts = {k: [v for j in jobs for v in j.parts[k]] for k in jobs[0].parts}
     return Groups(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,10 @@ class GroupJob:
     texts: list[str] = field(default_factory=list)  # prefill + completion, once scored
     totals: list[float] = field(default_factory=list)
     parts: dict = field(default_factory=dict)
+    # multi-turn episodes (thinkrl/envs): per sequence, 1 on policy tokens, 0 on observations,
+    # and the turn-by-turn records; None for single-turn completions
+    loss_masks: list[list[int]] | None = None
+    episodes: list[dict] | None = None
 
     @property
     def done(self) -> bool:
@@ -55,16 +60,29 @@ class GroupJob:
 class RolloutWorker:
     def __init__(self, cfg, worker_id: int):
         from thinkrl.device import use_bf16
+        from thinkrl.envs import build_env
         from thinkrl.models import load_model
+        from thinkrl.plugins import load_plugins
         from thinkrl.rewards import RewardModel
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        load_plugins(cfg.plugins)  # what the user registered (rewards, tasks, envs) exists here too
         self.cfg, self.worker_id = cfg, worker_id
         model, self.tok = load_model(cfg.model)
         model.requires_grad_(False)
-        self.engine = build_worker_engine(cfg, model, self.tok, use_bf16(cfg.dtype))
+        bf16 = use_bf16(cfg.dtype)
+        self.engine = build_worker_engine(cfg, model, self.tok, bf16)
         self.rewards = RewardModel(cfg.rewards, cfg.reward_args)
+        env = build_env(cfg.env)
+        self.env, self.episode_engine = None, None
+        if env.multi_turn:  # episodes run on the single-process engine, beside the seeded one
+            from thinkrl.rollout import build_engine
+
+            self.env = env
+            self.episode_engine = build_engine(
+                cfg.rollout.backend, model, self.tok, batch_size=cfg.rollout.batch_size, bf16=bf16
+            )
         self.version: int | None = None  # no policy until the first sync
         self.delay_s = 0.0  # tests only: sleep this long inside each rollout (to kill a worker mid-step)
 
@@ -84,6 +102,8 @@ class RolloutWorker:
                 "way, so this worker refuses them"
             )
         self.engine.load_state_dict(state, version)
+        if self.episode_engine is not None:  # its copy of the weights follows the model's
+            self.episode_engine.sync_weights(self.engine.model)
         self.version = version
         return {"worker": self.worker_id, "version": version, "checksum": got}
 
@@ -98,6 +118,8 @@ class RolloutWorker:
             )
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.env is not None:
+            return self._episodes(jobs, version)
         r = self.cfg.rollout
         params = SamplingParams(
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k
@@ -112,6 +134,37 @@ class RolloutWorker:
         t1 = time.perf_counter()
         self._score([j for j in jobs if j.done and not j.totals])
         return jobs, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
+
+    def _episodes(self, jobs: list[GroupJob], version: int) -> tuple[list[GroupJob], dict]:
+        """Each group's G multi-turn episodes, run to their end and scored here (tool calls in the
+        worker's sandbox), one group at a time from a seed of (run seed, group uid): what a
+        group samples depends on neither the worker nor the other groups."""
+        from thinkrl.envs.episodes import generate_and_score_episodes
+
+        t = {"time_generate": 0.0, "time_score": 0.0}
+        for j in jobs:
+            seed = zlib.crc32(f"{self.cfg.seed}/ray-group/{j.uid}".encode())
+            g = generate_and_score_episodes(
+                self.episode_engine,
+                self.tok,
+                self.env,
+                self.rewards,
+                self.cfg,
+                [j.example],
+                t,
+                seeds=iter([seed]),
+            )
+            ro = g.ro
+            j.rendered = g.rendered[0]  # the environment's opening messages, through the template
+            for k, s in enumerate(j.seqs):
+                s.prompt_ids, s.tokens = ro.prompt_ids[k], list(ro.completion_ids[k])
+                s.logps = list(ro.logps[k]) if ro.logps is not None else [0.0] * len(s.tokens)
+                s.versions = [version] * len(s.tokens)
+                s.iters, s.done, s.truncated = s.iters + 1, True, ro.truncated[k]
+            j.loss_masks, j.episodes = ro.loss_mask, ro.episodes
+            j.texts, j.totals = list(g.texts), list(g.totals)
+            j.parts = {k: list(v) for k, v in g.parts.items()}
+        return jobs, {"generate_s": t["time_generate"], "score_s": t["time_score"]}
 
     def _score(self, jobs: list[GroupJob]) -> None:
         if not jobs:
