@@ -154,3 +154,38 @@ def test_vllm_logprob_extraction():
     assert sampled_logprobs(out) == ([5, 9], [-0.5, -2.25])
     with pytest.raises(ValueError, match="no log-prob per sampled token"):
         sampled_logprobs(SimpleNamespace(token_ids=[5], logprobs=None))
+
+
+def test_packed_weights_travel_out_of_band_and_unpack_bit_for_bit():
+    """pack_state: numpy arrays, which pickle protocol 5 (Ray's) hands over as out-of-band
+    buffers, so the pickled stream itself holds no tensor bytes; bf16 goes as its int16 bits.
+    Unpacked, every tensor is the original, dtype and bits, and the digest is the same."""
+    import pickle
+
+    from thinkrl.distributed.ray_worker import is_packed, pack_state, unpack_state
+
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "w": torch.randn(64, 32, generator=g),
+        "b": torch.randn(32, generator=g).bfloat16(),
+        "steps": torch.arange(5),
+        "t": torch.randn(8, 4, generator=g)[:, :2],  # not contiguous
+    }
+    packed = pack_state(state)
+    assert is_packed(packed) and not is_packed(state)
+    buffers = []
+    stream = pickle.dumps(packed, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 4 and len(stream) < 1000  # 8 KiB of fp32 alone in the tensors
+    back = unpack_state(pickle.loads(stream, buffers=buffers))
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert state_checksum(back) == state_checksum(state)
+    # and a worker takes them as it takes tensors
+    cfg = build_config(None, ["model=tiny-random", "distributed.backend=ray", "dtype=fp32"])
+    w = RolloutWorker(cfg, 0)
+    sd = {k: v.clone() for k, v in w.engine.model.state_dict().items()}
+    sd = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    assert w.load_weights(3, pack_state(sd), state_checksum(sd))["version"] == 3
+    got = w.engine.model.state_dict()
+    assert all(torch.equal(got[k], sd[k]) for k in sd)

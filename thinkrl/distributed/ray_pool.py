@@ -8,7 +8,7 @@ import logging
 import time
 
 from thinkrl.config import ConfigError
-from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncError
+from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncError, pack_state
 from thinkrl.trainer.guards import TrainingError
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class RayPool:
                     f"a rollout iteration did not return within ray.rollout_timeout_s="
                     f"{self.cfg.ray.rollout_timeout_s:g} s; stopping rather than waiting forever"
                 )
-        ref = ray.put(state)
+        ref = ray.put(pack_state(state))  # numpy arrays: zero-copy reads in the workers
 
         def call(wid):
             return self.actors[wid].load_weights.remote(version, ref, checksum)

@@ -36,6 +36,36 @@ def state_checksum(state: dict) -> str:
     return h.hexdigest()
 
 
+def pack_state(state: dict) -> dict:
+    """A state dict as numpy arrays, for Ray's object store: numpy buffers travel out of band
+    (pickle protocol 5), written into the store once and read by a worker on the same node
+    without a copy, where pickling torch tensors copies every byte on both sides (smollm2-135m:
+    benchmarks/ray_weight_sync.py). bf16, which numpy lacks, travels as its int16 bits."""
+    out = {}
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        out[name] = (bits.numpy(), str(t.dtype).removeprefix("torch."))
+    return out
+
+
+def unpack_state(packed: dict) -> dict:
+    """The tensors of :func:`pack_state`'s arrays (sharing their memory: read them, or copy)."""
+    import warnings
+
+    out = {}
+    with warnings.catch_warnings():  # arrays from the object store are read-only; nothing writes them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, (a, dtype) in packed.items():
+            t = torch.from_numpy(a)
+            out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
+    return out
+
+
+def is_packed(state: dict) -> bool:
+    return bool(state) and isinstance(next(iter(state.values())), tuple)
+
+
 @dataclass
 class GroupJob:
     """The G samples of one prompt, moving between the driver and the workers until done."""
@@ -93,7 +123,10 @@ class RolloutWorker:
         self.delay_s = seconds
 
     def load_weights(self, version: int, state: dict, checksum: str) -> dict:
-        """Take the learner's weights of ``version``; refuse them if their digest is not ``checksum``."""
+        """Take the learner's weights of ``version`` (tensors, or :func:`pack_state`'s arrays);
+        refuse them if their digest is not ``checksum``."""
+        if is_packed(state):
+            state = unpack_state(state)
         got = state_checksum(state)
         if got != checksum:
             raise WeightSyncError(
