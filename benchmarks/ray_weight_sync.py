@@ -7,7 +7,9 @@ first sync of each is a warm-up, left out of the mean):
   sent it before (``ray.put(state)``; each worker's ``ray.get`` unpickles a copy);
 - ``numpy arrays``: ``RayPool.sync`` today, the same dict as numpy arrays
   (``pack_state``), which pickle protocol 5 hands over out of band: written into the store
-  once, read by the workers without a copy.
+  once, read by the workers without a copy;
+- ``collective``: ``ray.weight_sync=collective``, a gloo broadcast from the driver in a
+  process group of the driver and the workers (NCCL on GPU workers; not run here).
 
 Every variant ends with the worker checking the digest and loading the weights into its
 engine, and confirms the version, so the times are the whole sync. The driver's own share
@@ -48,16 +50,20 @@ def main() -> None:
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}},
     )
-    cfg = build_config(
-        None,
-        [
-            f"model={args.model}",
-            "dtype=fp32",
-            "distributed.backend=ray",
-            f"distributed.rollout_workers={args.workers}",
-            "ray.sync_timeout_s=600",
-        ],
-    )
+
+    def cfg_for(weight_sync: str):
+        return build_config(
+            None,
+            [
+                f"model={args.model}",
+                "dtype=fp32",
+                "distributed.backend=ray",
+                f"distributed.rollout_workers={args.workers}",
+                "ray.sync_timeout_s=600",
+                f"ray.weight_sync={weight_sync}",
+            ],
+        )
+
     model = load_model(args.model)[0]
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
@@ -70,7 +76,19 @@ def main() -> None:
         f"{args.model}: {len(state)} tensors, {mb:.0f} MiB; driver side, every variant: "
         f"clone {t1 - t0:.2f} s, digest {t2 - t1:.2f} s"
     )
-    pool = RayPool(cfg)
+
+    def timed(name: str, fn) -> float:
+        times = []
+        for v in range(1, args.syncs + 1):
+            t = time.perf_counter()
+            fn(v)
+            times.append(time.perf_counter() - t)
+        mean = statistics.mean(times[1:] or times)
+        print(f"  {name:<14} s/sync {mean:6.2f}   ({', '.join(f'{x:.2f}' for x in times)})")
+        return mean
+
+    rows = {}
+    pool = RayPool(cfg_for("object_store"))
     try:
 
         def torch_tensors(version: int) -> None:  # the object store, tensors pickled in band
@@ -78,26 +96,20 @@ def main() -> None:
             acks = ray.get([a.load_weights.remote(version, ref, checksum) for a in pool.actors.values()])
             assert all(a["version"] == version for a in acks)
 
-        def numpy_arrays(version: int) -> None:
-            pool.sync(state, version, checksum)
-
-        rows = {}
-        version = 0
-        for name, fn in (("torch tensors", torch_tensors), ("numpy arrays", numpy_arrays)):
-            times = []
-            for _ in range(args.syncs):
-                version += 1
-                t = time.perf_counter()
-                fn(version)
-                times.append(time.perf_counter() - t)
-            rows[name] = statistics.mean(times[1:] or times)
-            print(f"  {name:<14} s/sync {rows[name]:6.2f}   ({', '.join(f'{x:.2f}' for x in times)})")
-        base = rows["torch tensors"]
-        for name, s in rows.items():
-            print(f"{name:<14} {s:6.2f} s per sync  {base / s:5.1f}x faster than torch tensors")
+        rows["torch tensors"] = timed("torch tensors", torch_tensors)
+        rows["numpy arrays"] = timed("numpy arrays", lambda v: pool.sync(state, v, checksum))
+    finally:
+        pool.close()
+    pool = RayPool(cfg_for("collective"))
+    try:
+        rows["collective"] = timed("collective", lambda v: pool.sync(state, v, checksum))
+        print(f"  ({pool.backend} broadcast)")
     finally:
         pool.close()
         ray.shutdown()
+    base = rows["torch tensors"]
+    for name, s in rows.items():
+        print(f"{name:<14} {s:6.2f} s per sync  {base / s:5.1f}x faster than torch tensors")
 
 
 if __name__ == "__main__":

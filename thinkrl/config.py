@@ -266,6 +266,9 @@ class RayConfig:
     max_restarts: int = 1  # times Ray restarts a dead rollout worker before the run drops it
     sync_timeout_s: float = 120.0  # a worker must confirm new weights within this, or fail loudly
     rollout_timeout_s: float = 1800.0  # one rollout iteration on one worker must return within this
+    # how new weights reach the workers: object_store (Ray's; dead workers dropped or restarted) |
+    # collective (a broadcast in a process group of their own: gloo on CPU, NCCL on GPU)
+    weight_sync: str = "object_store"
 
 
 @dataclass
@@ -622,6 +625,10 @@ def _validate_distributed(cfg: Config, need) -> None:
     need(
         r.cpus_per_worker > 0 and r.gpus_per_worker >= 0,
         "ray.cpus_per_worker must be > 0, ray.gpus_per_worker >= 0",
+    )
+    need(
+        r.weight_sync in ("object_store", "collective"),
+        f"ray.weight_sync '{r.weight_sync}' unknown; choose from: object_store, collective",
     )
     need(
         r.placement in ("split", "colocated"),

@@ -6,9 +6,18 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
+
+import torch
 
 from thinkrl.config import ConfigError
-from thinkrl.distributed.ray_worker import GroupJob, RolloutWorker, WeightSyncError, pack_state
+from thinkrl.distributed.ray_worker import (
+    GroupJob,
+    RolloutWorker,
+    WeightSyncError,
+    pack_state,
+    worker_threads,
+)
 from thinkrl.trainer.guards import TrainingError
 
 log = logging.getLogger(__name__)
@@ -26,27 +35,41 @@ def add_times(times: list[dict]) -> dict:
     return {"generate_s": sum(t["generate_s"] for t in times), "score_s": sum(t["score_s"] for t in times)}
 
 
+@contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class LocalPool:
     """``distributed.rollout_workers`` workers in this process, run one after another at
-    ``submit``: the synchronous reference. It splits work as :class:`RayPool` does, because
-    the batch a sequence shares changes its log-probs in the last float bits (its tokens are
+    ``submit``: the synchronous reference. It splits work as :class:`RayPool` does, and runs
+    each worker on as many torch threads as an actor gets, because both the batch a sequence
+    shares and the thread count change its log-probs in the last float bits (its tokens are
     the same under any split: ray_engine.py)."""
 
     def __init__(self, cfg):
+        self.threads = worker_threads(cfg)
         self.workers = {i: RolloutWorker(cfg, i) for i in range(cfg.distributed.rollout_workers)}
 
     def alive(self) -> int:
         return len(self.workers)
 
     def sync(self, state: dict, version: int, checksum: str) -> None:
-        for w in self.workers.values():
-            w.load_weights(version, state, checksum)
+        with torch_threads(self.threads):
+            for w in self.workers.values():
+                w.load_weights(version, state, checksum)
 
     def submit(self, jobs: list[GroupJob], version: int, budget: int):
-        return [
-            self.workers[wid].rollout(js, version, budget)
-            for wid, js in split(jobs, sorted(self.workers)).items()
-        ]
+        with torch_threads(self.threads):
+            return [
+                self.workers[wid].rollout(js, version, budget)
+                for wid, js in split(jobs, sorted(self.workers)).items()
+            ]
 
     def wait(self, handle) -> tuple[list[GroupJob], int, dict]:
         return [j for js, _ in handle for j in js], 0, add_times([t for _, t in handle])
@@ -68,6 +91,7 @@ class RayPool:
         from thinkrl.distributed.ray_driver import worker_pythonpath
 
         self.cfg, self.owns, self.actors = cfg, False, {}
+        self.group = None  # ray.weight_sync=collective: the driver's rank 0 of the weight group
         if not ray.is_initialized():
             try:
                 ray.init(
@@ -98,7 +122,9 @@ class RayPool:
             num_cpus=cfg.ray.cpus_per_worker,
             num_gpus=cfg.ray.gpus_per_worker,
         )
-        self.actors = {i: actor.remote(cfg, i) for i in range(cfg.distributed.rollout_workers)}
+        self.actors = {
+            i: actor.remote(cfg, i, own_process=True) for i in range(cfg.distributed.rollout_workers)
+        }
         self.pending: dict[int, list] = {i: [] for i in self.actors}  # rollout calls not yet collected
         need = f"{cfg.distributed.rollout_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker:g}"
         if cfg.ray.gpus_per_worker:
@@ -108,6 +134,34 @@ class RayPool:
             self.cfg.ray.sync_timeout_s,
             "start and load the model",
             hint=f"does the cluster have the {need} it needs?",
+        )
+        if cfg.ray.weight_sync == "collective":
+            self._join(ray)
+
+    def _join(self, ray) -> None:
+        """Form the weight group: the driver as rank 0 (it hosts the store), worker i as rank i + 1."""
+        import torch
+
+        from thinkrl.distributed import ray_collective
+
+        timeout = self.cfg.ray.sync_timeout_s
+        host, port, world = ray.util.get_node_ip_address(), ray_collective.free_port(), len(self.actors) + 1
+        gpu = self.cfg.ray.gpus_per_worker > 0 and torch.cuda.is_available()
+        self.backend, self.device = ("nccl", "cuda") if gpu else ("gloo", "cpu")
+        calls = {
+            i: a.join_weight_group.remote(host, port, world, i + 1, self.backend, timeout)
+            for i, a in self.actors.items()
+        }
+        try:
+            self.group = ray_collective.make_group(host, port, world, 0, self.backend, timeout)
+        except RuntimeError as e:  # includes torch's DistStoreError: some rank never came
+            raise WeightSyncError(
+                f"the weight group ({self.backend}, {world} ranks at {host}:{port}) did not form within "
+                f"ray.sync_timeout_s={timeout:g} s: {str(e).splitlines()[0]}"
+            ) from None
+        self._get(calls, timeout, "join the weight group")
+        log.info(
+            "weight sync: %s broadcast to %d workers (%s:%d)", self.backend, len(self.actors), host, port
         )
 
     def alive(self) -> int:
@@ -125,6 +179,12 @@ class RayPool:
         ``max_restarts`` spent: the pool drops it) or being restarted by Ray."""
         from ray.exceptions import ActorUnavailableError
 
+        if self.group is not None:
+            raise WeightSyncError(
+                f"rollout worker {wid} died ({type(err).__name__}); with ray.weight_sync=collective "
+                "its weight group cannot go on without it, so the run stops (ray.weight_sync="
+                "object_store drops or restarts dead workers)"
+            )
         if isinstance(err, ActorUnavailableError):
             log.warning("rollout worker %d died; Ray restarts it and the next weight sync reloads it", wid)
             return
@@ -191,6 +251,8 @@ class RayPool:
                     f"a rollout iteration did not return within ray.rollout_timeout_s="
                     f"{self.cfg.ray.rollout_timeout_s:g} s; stopping rather than waiting forever"
                 )
+        if self.group is not None:
+            return self._broadcast(state, version, checksum)
         ref = ray.put(pack_state(state))  # numpy arrays: zero-copy reads in the workers
 
         def call(wid):
@@ -202,6 +264,31 @@ class RayPool:
             f"confirm the weights of policy version {version}",
             retry=call,
         )
+        self._check_acks(acks, version, checksum)
+
+    def _broadcast(self, state: dict, version: int, checksum: str) -> None:
+        """ray.weight_sync=collective: every worker joins the broadcast (a Ray call each), rank 0
+        sends; then the acknowledgements, as for the object store."""
+        from thinkrl.distributed import ray_collective
+
+        buckets = ray_collective.layout(state)
+        calls = {i: a.receive_weights.remote(version, checksum, buckets) for i, a in self.actors.items()}
+        try:
+            ray_collective.send(self.group, state, buckets, self.device)
+        except RuntimeError as e:  # a member gone (connection closed) or the group's timeout
+            self._get(
+                calls, self.cfg.ray.sync_timeout_s, "receive the broadcast"
+            )  # a worker's own error first
+            raise WeightSyncError(
+                f"broadcasting the weights of policy version {version} failed: {str(e).splitlines()[0]}"
+            ) from None
+        acks = self._get(
+            calls, self.cfg.ray.sync_timeout_s, f"confirm the weights of policy version {version}"
+        )
+        self._check_acks(acks, version, checksum)
+
+    @staticmethod
+    def _check_acks(acks: dict, version: int, checksum: str) -> None:
         for wid, ack in acks.items():
             if ack["version"] != version or ack["checksum"] != checksum:
                 raise WeightSyncError(

@@ -87,16 +87,22 @@ class GroupJob:
         return all(s.done for s in self.seqs)
 
 
+def worker_threads(cfg) -> int:
+    """The torch threads a rollout worker runs on: ``threads`` if set, else the whole CPUs it
+    reserves (``ray.cpus_per_worker``, at least 1; Ray's own OMP_NUM_THREADS for an actor)."""
+    return cfg.threads or max(1, int(cfg.ray.cpus_per_worker))
+
+
 class RolloutWorker:
-    def __init__(self, cfg, worker_id: int):
+    def __init__(self, cfg, worker_id: int, own_process: bool = False):
         from thinkrl.device import use_bf16
         from thinkrl.envs import build_env
         from thinkrl.models import load_model
         from thinkrl.plugins import load_plugins
         from thinkrl.rewards import RewardModel
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        if own_process:  # an actor; in the driver's process LocalPool sets the threads per call
+            torch.set_num_threads(worker_threads(cfg))
         load_plugins(cfg.plugins)  # what the user registered (rewards, tasks, envs) exists here too
         self.cfg, self.worker_id = cfg, worker_id
         model, self.tok = load_model(cfg.model)
@@ -114,10 +120,45 @@ class RolloutWorker:
                 cfg.rollout.backend, model, self.tok, batch_size=cfg.rollout.batch_size, bf16=bf16
             )
         self.version: int | None = None  # no policy until the first sync
+        self.group, self.received_bytes = None, 0  # the weight group (ray.weight_sync=collective)
         self.delay_s = 0.0  # tests only: sleep this long inside each rollout (to kill a worker mid-step)
 
     def pid(self) -> int:
         return os.getpid()
+
+    # -- ray.weight_sync=collective (ray_collective.py) ------------------------------------
+
+    def join_weight_group(
+        self, host: str, port: int, world: int, rank: int, backend: str, timeout_s: float
+    ) -> int:
+        from thinkrl.distributed import ray_collective
+
+        self.group = ray_collective.make_group(host, port, world, rank, backend, timeout_s)
+        self.group_device = "cuda" if backend == "nccl" else "cpu"
+        return rank
+
+    def receive_weights(self, version: int, checksum: str, buckets: list) -> dict:
+        """Take part in the broadcast of the weights of ``version``, then check and load them as
+        :meth:`load_weights` does."""
+        from thinkrl.distributed import ray_collective
+
+        if self.group is None:
+            raise WeightSyncError(
+                f"rollout worker {self.worker_id} is in no weight group: it cannot receive a broadcast"
+            )
+        try:
+            state, nbytes = ray_collective.receive(self.group, buckets, self.group_device)
+        except RuntimeError as e:
+            raise WeightSyncError(
+                f"rollout worker {self.worker_id}: the broadcast of policy version {version} failed "
+                f"({str(e).splitlines()[0]})"
+            ) from None
+        self.received_bytes += nbytes
+        return self.load_weights(version, state, checksum)
+
+    def received(self) -> int:
+        """Bytes of weights this worker received through its weight group so far."""
+        return self.received_bytes
 
     def set_delay(self, seconds: float) -> None:
         self.delay_s = seconds
