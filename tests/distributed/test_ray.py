@@ -4,9 +4,11 @@ sync that fails loudly, bounded staleness, partial rollouts, a killed worker."""
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -469,29 +471,7 @@ def test_a_nan_reward_trains_nothing(tmp_path):
         d.close()
 
 
-CHATTER = '''
-from thinkrl.envs import question_messages, register
-
-
-@register("chatter_ray")
-class Chatter:
-    """Turns end at any vowel or digit of tiny-random's random bytes; the first turn gets an
-    observation, the second ends the episode."""
-
-    multi_turn = True
-    stop = tuple("aeiouAEIOU0123456789")
-
-    def __init__(self, cfg=None):
-        self.cfg = cfg
-
-    def reset(self, example):
-        return question_messages(example)
-
-    def step(self, messages, turn):
-        if any(m["role"] == "assistant" for m in messages):
-            return None, None, True, {"reason": "answered"}
-        return "[ok]", None, False, {}
-'''
+CHATTER = Path(__file__).with_name("chatter_env.py")  # copied to tmp_path by the tests
 
 
 @pytest.mark.parametrize("decoder", ["reprefill", "cache"])
@@ -508,13 +488,13 @@ def test_multi_turn_episodes_run_in_the_rollout_workers(tmp_path, monkeypatch, d
 
     monkeypatch.setattr(ENVS, "_items", dict(ENVS._items))  # the plugin's env is gone after the test
     monkeypatch.setattr(ENVS, "_traits", dict(ENVS._traits))
-    (tmp_path / "chatter.py").write_text(CHATTER)
+    shutil.copy(CHATTER, tmp_path / "chatter.py")
     extra = [
         "max_steps=2",
         "rollout.max_staleness=0",
         "rollout.max_new_tokens=24",
         f"plugins=[{tmp_path / 'chatter.py'}]",
-        "env.name=chatter_ray",
+        "env.name=chatter",
         "env.max_turns=3",
         f"env.decoder={decoder}",
         parity_reward(tmp_path),

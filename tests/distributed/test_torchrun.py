@@ -421,26 +421,7 @@ def test_sft_and_dpo_fsdp_two_ranks_equal_one_process(tmp_path, command):
 # A multi-turn environment for tiny-random's random bytes: a turn ends at any vowel or digit
 # (about one token in 17), the environment answers the first turn with an observation, and the
 # episode ends after the second turn.
-CHATTER = """
-from thinkrl.envs import question_messages, register
-
-
-@register("chatter")
-class Chatter:
-    multi_turn = True
-    stop = tuple("aeiouAEIOU0123456789")
-
-    def __init__(self, cfg=None):
-        self.cfg = cfg
-
-    def reset(self, example):
-        return question_messages(example)
-
-    def step(self, messages, turn):
-        if any(m["role"] == "assistant" for m in messages):
-            return None, None, True, {"reason": "answered"}
-        return "[ok]", None, False, {}
-"""
+CHATTER = Path(__file__).with_name("chatter_env.py")  # copied to tmp_path by the tests
 
 
 @pytest.mark.parametrize("decoder", ["cache", "reprefill"])
@@ -450,7 +431,7 @@ def test_multi_turn_two_ranks_equal_one_process(tmp_path, decoder):
     per group with the re-prefill decoder), so two ranks sample the one process's episodes,
     observations and loss masks included, and train to the same weights."""
     (tmp_path / "reward.py").write_text(REWARD)
-    (tmp_path / "chatter.py").write_text(CHATTER)
+    shutil.copy(CHATTER, tmp_path / "chatter.py")
     cfg = RL_CONFIG.format(reward=tmp_path / "reward.py").replace(
         "rollout: {prompts_per_step: 2, group_size: 4, max_new_tokens: 8}",
         "rollout: {prompts_per_step: 2, group_size: 4, max_new_tokens: 24}\n"

@@ -26,11 +26,9 @@ def _toy_pairs(path, n=48):
     return path
 
 
-def test_training_raises_held_out_pair_accuracy_and_saves_a_loadable_model(tmp_path):
-    from thinkrl.rewards.learned import load_reward_model, rm_scores
-
-    data = _toy_pairs(tmp_path / "pairs.jsonl")
-    cfg = RMConfig(
+def _toy_config(tmp_path, data) -> RMConfig:
+    """3 epochs over the toy pairs, a quarter held out, fp32."""
+    return RMConfig(
         model="tiny-random",
         data=str(data),
         output_dir=str(tmp_path / "rm"),
@@ -41,6 +39,13 @@ def test_training_raises_held_out_pair_accuracy_and_saves_a_loadable_model(tmp_p
         dtype="fp32",
         progress=False,
     )
+
+
+def test_training_raises_held_out_pair_accuracy_and_saves_a_loadable_model(tmp_path):
+    from thinkrl.rewards.learned import load_reward_model, rm_scores
+
+    data = _toy_pairs(tmp_path / "pairs.jsonl")
+    cfg = _toy_config(tmp_path, data)
     cfg.validate()
     final = train_rm(cfg)
     meta = json.loads((final / "thinkrl_rm.json").read_text())
@@ -78,17 +83,7 @@ def test_lora_rm_trains_its_head_and_adapters_and_saves_the_merged_model(tmp_pat
     from thinkrl.trainer.rm import _setup
 
     data = _toy_pairs(tmp_path / "pairs.jsonl")
-    cfg = RMConfig(
-        model="tiny-random",
-        data=str(data),
-        output_dir=str(tmp_path / "rm"),
-        epochs=3,
-        batch_size=8,
-        lr=3e-3,
-        eval_fraction=0.25,
-        dtype="fp32",
-        progress=False,
-    )
+    cfg = _toy_config(tmp_path, data)
     cfg.lora.enabled, cfg.lora.r = True, 4
     cfg.validate()
     rm, tok, _, eval_pairs, _ = _setup(cfg, None, "cpu", False)
