@@ -47,6 +47,18 @@ TIMING = ("time_", "worker_time_", "step_time", "tokens_per_s")
 LOGP_DERIVED = ("logp_mismatch", "tis_weight", "loss", "grad_norm", "entropy", "ratio", "clip_frac", "kl")
 
 
+def compared(m: dict) -> list[str]:
+    """The metrics two runs must agree on: all but timings and the pool's own size."""
+    return [k for k in m if not k.startswith(TIMING) and k not in ("rollout_workers", "worker_share")]
+
+
+def assert_same_steps(ms: list[dict], ma: list[dict]) -> None:
+    """Per-step metrics equal bit for bit (as JSON, so NaN equals NaN), step for step."""
+    for a, b in zip(ms, ma, strict=True):
+        keep = compared(a)
+        assert json.dumps({k: a[k] for k in keep}) == json.dumps({k: b[k] for k in keep})
+
+
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
     ray.init(
@@ -113,9 +125,7 @@ def test_staleness0_async_equals_sync(tmp_path):
         finally:
             d.close()
     (ms, ws), (ma, wa) = runs["sync"], runs["async"]
-    for a, b in zip(ms, ma):
-        keep = [k for k in a if not k.startswith(TIMING) and k not in ("rollout_workers", "worker_share")]
-        assert json.dumps({k: a[k] for k in keep}) == json.dumps({k: b[k] for k in keep})  # NaN == NaN
+    assert_same_steps(ms, ma)
     assert any(m["trained_seqs"] > 0 and m["loss"] != 0 for m in ms)  # the updates were real
     assert all(torch.equal(ws[k], wa[k]) for k in ws)
 
@@ -310,9 +320,7 @@ def test_resume_continues_exactly(tmp_path):
     full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [1, 2, 3]
-    for a, b in zip(full, again, strict=True):
-        keep = [k for k in a if not k.startswith(TIMING) and k not in ("rollout_workers", "worker_share")]
-        assert json.dumps({k: a[k] for k in keep}) == json.dumps({k: b[k] for k in keep})
+    assert_same_steps(full, again)
     assert full[2]["loss"] != full[1]["loss"]  # the steps differ, so the equality is not trivial
     wa, wb = (
         load_file(tmp_path / "full" / "final" / "model.safetensors"),
@@ -338,22 +346,20 @@ def _both_pools(cfgs, steps, exact: bool = True):
         finally:
             d.close()
     (ms, ws, ds), (ma, wa, _) = runs["sync"], runs["async"]
-    for a, b in zip(ms, ma, strict=True):
-        keep = [k for k in a if not k.startswith(TIMING) and k not in ("rollout_workers", "worker_share")]
-        if exact:
-            assert json.dumps({k: a[k] for k in keep}) == json.dumps({k: b[k] for k in keep})
-        else:
-            assert sorted(keep) == sorted(k for k in b if k in keep)
-            for k in keep:
-                if k.startswith(LOGP_DERIVED):
-                    assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
-                else:
-                    assert a[k] == b[k], k
     if exact:
+        assert_same_steps(ms, ma)
         assert all(torch.equal(ws[k], wa[k]) for k in ws)
-    else:
-        for k in ws:
-            torch.testing.assert_close(ws[k], wa[k], rtol=0, atol=1e-6, msg=k)
+        return ms, ds
+    for a, b in zip(ms, ma, strict=True):
+        keep = compared(a)
+        assert sorted(keep) == sorted(k for k in b if k in keep)
+        for k in keep:
+            if k.startswith(LOGP_DERIVED):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+            else:
+                assert a[k] == b[k], k
+    for k in ws:
+        torch.testing.assert_close(ws[k], wa[k], rtol=0, atol=1e-6, msg=k)
     return ms, ds
 
 
@@ -535,9 +541,7 @@ def test_collective_weight_sync_equals_the_object_store(tmp_path):
         finally:
             d.close()
     (m0, w0, got0), (m1, w1, got1) = runs["object_store"], runs["collective"]
-    for a, b in zip(m0, m1, strict=True):
-        keep = [k for k in a if not k.startswith(TIMING) and k not in ("rollout_workers", "worker_share")]
-        assert json.dumps({k: a[k] for k in keep}) == json.dumps({k: b[k] for k in keep})
+    assert_same_steps(m0, m1)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert got0 == [0, 0] and got1 == [3 * nbytes] * 2
 

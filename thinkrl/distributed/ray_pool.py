@@ -140,8 +140,6 @@ class RayPool:
 
     def _join(self, ray) -> None:
         """Form the weight group: the driver as rank 0 (it hosts the store), worker i as rank i + 1."""
-        import torch
-
         from thinkrl.distributed import ray_collective
 
         timeout = self.cfg.ray.sync_timeout_s
@@ -276,9 +274,8 @@ class RayPool:
         try:
             ray_collective.send(self.group, state, buckets, self.device)
         except RuntimeError as e:  # a member gone (connection closed) or the group's timeout
-            self._get(
-                calls, self.cfg.ray.sync_timeout_s, "receive the broadcast"
-            )  # a worker's own error first
+            # a worker's own error, if it raised one, says more than the broken connection
+            self._get(calls, self.cfg.ray.sync_timeout_s, "receive the broadcast")
             raise WeightSyncError(
                 f"broadcasting the weights of policy version {version} failed: {str(e).splitlines()[0]}"
             ) from None
