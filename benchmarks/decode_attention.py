@@ -3,7 +3,7 @@ kernel (thinkrl/rollout/decode_attention.c), at the default rollout's shapes: 8 
 137 tokens x 8 samples, smollm2's 3 key heads x 3 query heads of 64, and generated slot t
 of 128 (milliseconds per call, median of 200; the C kernel with 1 and with all threads).
 ``THINKRL_KERNEL_MARCH=haswell`` times an AVX2-only build of the kernel; ``--dtype fp32``
-times the torch path on fp32 caches beside the bf16 kernel (the engine's fp32 path).
+times both on fp32 caches (the engine's fp32 path).
 
     python benchmarks/decode_attention.py [--t 64] [--dtype bf16|fp32]
 """
@@ -68,16 +68,14 @@ def main() -> None:
     )
     print(
         f"threads={torch.get_num_threads()} rows={b} prompt={P} t={t} torch path on {args.dtype} caches, "
-        f"C kernel (bf16 caches) built for -march={_march()}"
+        f"C kernel built for -march={_march()}"
     )
     print(f"torch ops (cascade): {torch_ms:.3f} ms")
     fn = decode_attention_kernel()
     if fn is None:
         print("C kernel: not available on this machine")
         return
-    if dt != torch.bfloat16:  # the kernel reads bf16 caches: time it on a bf16 copy of the inputs
-        cache, q, k, v = [c.bfloat16() for c in cache], q.bfloat16(), k.bfloat16(), v.bfloat16()
-    out = torch.empty(b, nkv * rep * hd, dtype=torch.bfloat16)
+    out = torch.empty(b, nkv * rep * hd, dtype=dt)
     threads = torch.get_num_threads()
     for nt in sorted({1, threads}):
         torch.set_num_threads(nt)

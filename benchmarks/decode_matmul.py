@@ -1,10 +1,16 @@
-"""The decode step's matmul shapes (64 rows, smollm2-135m's weights) three ways, side by side:
-``F.linear``, ``torch.mm`` on a pre-transposed weight, and the rollout engine's prepacked
-linear (bf16: oneDNN's ``_linear_pointwise`` on a weight reordered once by
-``_reorder_linear_weight``; fp32: MKL's packed sgemm, ``_mkl_linear``). Prints GFLOP/s per
-shape and the largest difference from F.linear, in both dtypes where the CPU packs them.
+"""The decode step's matmul shapes (smollm2-135m's weights) every way the engine could run them,
+side by side: ``F.linear``, ``torch.mm`` on a pre-transposed weight, and each prepacked linear
+this CPU has (oneDNN's ``_linear_pointwise`` on a weight reordered once by
+``_reorder_linear_weight``, in bf16 and in fp32; MKL's packed sgemm, ``_mkl_linear``, in fp32).
 
-    python benchmarks/decode_matmul.py [--rows 64] [--dtypes bf16,fp32]
+Two tables per dtype and row count:
+
+- per shape, the same weight again and again (it stays in cache): GFLOP/s and the largest
+  difference from F.linear;
+- one whole decode step's linears, 30 layers with their own weights and the LM head, as the
+  engine runs them (weights read from memory each step): milliseconds and GFLOP/s.
+
+    python benchmarks/decode_matmul.py [--rows 64,8] [--dtypes bf16,fp32]
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from thinkrl import device
 # (in, out) of smollm2-135m's decode linears: o_proj, k/v (one of them), down, fused QKV,
 # fused gate/up, the LM head.
 SHAPES = [(576, 576), (576, 192), (1536, 576), (576, 960), (576, 3072), (576, 49152)]
+LAYER = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # one layer: fused QKV, o, gate/up, down
+LAYERS, HEAD = 30, (576, 49152)
 
 
 def seconds(fn, reps: int = 50) -> float:
@@ -31,36 +39,76 @@ def seconds(fn, reps: int = 50) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def packers(dt: torch.dtype, rows: int) -> dict[str, device.Packer]:
+    p = device.plan()
+    if dt == torch.bfloat16:
+        return {"oneDNN": device.Packer(dt, rows, True)} if p.onednn_prepack else {}
+    out = {}
+    if p.onednn_fp32_prepack:
+        out["oneDNN"] = device.Packer(dt, rows, True)
+    if p.mkl_prepack:
+        out["MKL"] = device.Packer(dt, rows, False)
+    return out
+
+
+def step_table(name: str, dt: torch.dtype, M: int, pk: dict[str, device.Packer]) -> None:
+    """One decode step's linears, every layer with its own weights (read from memory, as in the
+    engine), each way."""
+    mats = [torch.randn(n, k, dtype=dt) / k**0.5 for _ in range(LAYERS) for k, n in LAYER]
+    mats.append(torch.randn(HEAD[1], HEAD[0], dtype=dt) / HEAD[0] ** 0.5)
+    wts = [w.t().contiguous() for w in mats]
+    xs = {k: torch.randn(M, k, dtype=dt) for k in (576, 1536)}
+    flop = sum(2 * M * w.numel() for w in mats)
+    steps = {
+        "F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in mats],
+        "mm(W^T)": lambda: [torch.mm(xs[w.shape[0]], w) for w in wts],
+    }
+    for kind, p in pk.items():
+        packed = [p.pack(w) for w in mats]
+        steps[f"{kind} packed"] = lambda p=p, packed=packed: [
+            p.linear(xs[w.shape[1]], w, pw) for w, pw in zip(mats, packed)
+        ]
+    print(f"{name}, {M} rows, one decode step's linears ({LAYERS} layers + LM head, {flop / 1e9:.2f} GFLOP):")
+    times = {way: seconds(fn, reps=5) for way, fn in steps.items()}
+    for way, sec in times.items():
+        print(
+            f"  {way:>14}: {sec * 1e3:7.1f} ms  {flop / sec / 1e9:5.0f} GFLOP/s  "
+            f"{times['F.linear'] / sec:4.2f}x F.linear"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--rows", default="64,8")
     ap.add_argument("--dtypes", default="bf16,fp32")
     args = ap.parse_args()
-    M = args.rows
     torch.manual_seed(0)
-    print(f"CPU: {device.plan().describe()}")
+    print(f"CPU: {device.plan().describe()}; threads={torch.get_num_threads()}")
     for name in args.dtypes.split(","):
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-        packer = device.packer(dt, M, True)
-        if packer is None:
-            print(f"{name}: this CPU cannot prepack {name} weights; skipped")
-            continue
-        print(f"rows={M} threads={torch.get_num_threads()} {name} ({packer.name} prepack); GFLOP/s")
-        print(
-            f"{'in x out':>12} {'F.linear':>9} {'mm(W^T)':>8} {'prepacked':>10} {'ratio':>6} {'max diff':>9}"
-        )
-        for k, n in SHAPES:
-            x, w = torch.randn(M, k, dtype=dt), torch.randn(n, k, dtype=dt)
-            wt, pw = w.t().contiguous(), packer.pack(w)
-            flop = 2 * M * k * n
-            t_lin = seconds(lambda: F.linear(x, w))
-            t_mm = seconds(lambda: torch.mm(x, wt))
-            t_pk = seconds(lambda: packer.linear(x, w, pw))
-            diff = F.linear(x, w).float() - packer.linear(x, w, pw).float()
-            print(
-                f"{k:>5} x {n:<5} {flop / t_lin / 1e9:>9.0f} {flop / t_mm / 1e9:>8.0f} {flop / t_pk / 1e9:>10.0f} "
-                f"{t_lin / t_pk:>5.2f}x {diff.abs().max().item():>9.3g}"
-            )
+        for M in (int(r) for r in args.rows.split(",")):
+            pk = packers(dt, M)
+            if not pk:
+                print(f"{name}: this CPU cannot prepack {name} weights; skipped")
+                continue
+            ways = ["F.linear", "mm(W^T)", *(f"{k} packed" for k in pk)]
+            print(f"\n{name}, {M} rows, one shape at a time (in cache): GFLOP/s, max |diff| from F.linear")
+            print(f"{'in x out':>12} " + " ".join(f"{w:>14}" for w in ways))
+            for k, n in SHAPES:
+                x, w = torch.randn(M, k, dtype=dt), torch.randn(n, k, dtype=dt) / k**0.5
+                wt = w.t().contiguous()
+                fns = {"F.linear": lambda: F.linear(x, w), "mm(W^T)": lambda: torch.mm(x, wt)}
+                for kind, p in pk.items():
+                    pw = p.pack(w)
+                    fns[f"{kind} packed"] = lambda p=p, pw=pw: p.linear(x, w, pw)
+                want = F.linear(x, w).float()
+                cells = []
+                for way in ways:
+                    rate = 2 * M * k * n / seconds(fns[way]) / 1e9
+                    diff = (fns[way]().float() - want).abs().max().item()
+                    cells.append(f"{rate:>6.0f} ({diff:.0e})")
+                print(f"{k:>5} x {n:<5} " + " ".join(f"{c:>14}" for c in cells))
+            step_table(name, dt, M, pk)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,27 @@ def fast_paths_off(monkeypatch):
     prepacked weights, no C kernel (the switches of thinkrl/device.py)."""
     from thinkrl import device
 
-    for name in ("THINKRL_BF16", "THINKRL_PREPACK", "THINKRL_KERNELS"):
+    for name in device.SWITCHES:
         monkeypatch.setenv(name, "0")
     device.reset()
     yield device.plan()
+    monkeypatch.undo()
+    device.reset()
+
+
+@pytest.fixture
+def cpu_switches(monkeypatch):
+    """``cpu_switches(THINKRL_ONEDNN_FP32="0", ...)`` sets thinkrl/device.py switches and returns
+    the plan made under them; the switches and the plan are restored afterwards."""
+    from thinkrl import device
+
+    def set_switches(**env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        device.reset()
+        return device.plan()
+
+    yield set_switches
     monkeypatch.undo()
     device.reset()
 

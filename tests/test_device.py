@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from thinkrl import device
 from thinkrl.config import ConfigError
@@ -45,15 +46,14 @@ def test_bf16_asked_for_on_an_emulating_cpu_is_honoured_with_a_warning(fake_plan
 
 def test_the_switches_force_every_path_off(fast_paths_off):
     p = fast_paths_off
-    assert set(p.forced_off) == {"THINKRL_BF16", "THINKRL_PREPACK", "THINKRL_KERNELS"}
-    assert not (p.auto_bf16 or p.onednn_prepack or p.mkl_prepack or p.kernel)
+    assert set(p.forced_off) == {"THINKRL_BF16", "THINKRL_PREPACK", "THINKRL_ONEDNN_FP32", "THINKRL_KERNELS"}
+    assert not (p.auto_bf16 or p.onednn_prepack or p.onednn_fp32_prepack or p.mkl_prepack or p.kernel)
+    assert device.packer(torch.float32, 8, None) is None and device.packer(torch.bfloat16, 8, None) is None
     assert device.use_bf16("auto") is False
     assert "forced off" in p.describe() and "dtype=auto is fp32" in p.describe()
 
 
 def test_the_plan_matches_what_torch_reports():
-    import torch
-
     p = device.plan()
     assert p.capability == torch.backends.cpu.get_cpu_capability()
     if p.native_bf16:
@@ -61,6 +61,8 @@ def test_the_plan_matches_what_torch_reports():
     if p.onednn_prepack:  # a probe that passed means the op really runs here
         w = torch.randn(16, 8).bfloat16()
         torch.ops.mkldnn._reorder_linear_weight(w, 4)
+    if p.onednn_fp32_prepack:
+        torch.ops.mkldnn._reorder_linear_weight(torch.randn(16, 8), 4)
     assert p.cpu in p.describe() and p.capability in p.describe()
 
 
@@ -118,3 +120,29 @@ def test_seeded_draws_repeat_and_restore_the_global_stream():
     assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
     torch.manual_seed(7)
     assert torch.equal(torch.rand(3), a)  # seed 7 is torch's own seed 7
+
+
+def test_fp32_weights_are_packed_by_onednn_and_by_mkl_when_switched(cpu_switches):
+    """oneDNN packs the fp32 weights where its probe passed; THINKRL_ONEDNN_FP32=0 gives MKL's
+    packing instead, and both compute F.linear (with and without a bias, on fewer rows than
+    the packing was made for)."""
+    p = device.plan()
+    if not (p.onednn_fp32_prepack or p.mkl_prepack):
+        pytest.skip(f"no fp32 prepack on this CPU ({p.cpu}, {p.capability}) or switched off")
+    g = torch.Generator().manual_seed(0)
+    w, x, b = torch.randn(96, 40, generator=g), torch.randn(3, 40, generator=g), torch.randn(96, generator=g)
+    kinds = {}
+    for flag in ("1", "0"):
+        cpu_switches(THINKRL_ONEDNN_FP32=flag)
+        pk = device.packer(torch.float32, 16, None)
+        if pk is None:
+            continue
+        kinds[flag] = pk.name
+        packed = pk.pack(w)
+        torch.testing.assert_close(pk.linear(x, w, packed), x @ w.T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pk.linear(x, w, packed, b), x @ w.T + b, atol=1e-5, rtol=1e-5)
+    if p.onednn_fp32_prepack:
+        assert kinds["1"] == "oneDNN fp32"
+    if p.mkl_prepack:
+        assert kinds["0"] == "MKL fp32"
+    assert device.packer(torch.float32, 16, False) is None  # the engine's prepack=False

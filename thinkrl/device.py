@@ -14,7 +14,10 @@ AMX on x86, the BF16 extension on Arm), fp32 everywhere else, and each fast path
 probed once, by running it, rather than assumed:
 
 - ``onednn_prepack``: oneDNN's prepacked bf16 linear (the engine's bf16 weights);
-- ``mkl_prepack``: MKL's packed sgemm weights (the engine's fp32 weights);
+- ``onednn_fp32_prepack``: oneDNN's prepacked fp32 linear (the engine's fp32 weights, first
+  choice: on the AVX2-only AMD EPYC of issue 18 it ran a 64-row decode step's linears 1.2x
+  and an 8-row step's 1.9x faster than MKL's packed sgemm, benchmarks/decode_matmul.py);
+- ``mkl_prepack``: MKL's packed sgemm weights (the fp32 fallback where oneDNN's does not run);
 - ``kernel``: the engine's C decode-attention kernel (built and checked in
   ``rollout/kernels.py``; this flag only says whether it may be tried).
 
@@ -23,8 +26,8 @@ CUDA path uses bf16 autocast where the GPU has it, SDPA attention and pinned cop
 
 Each can be forced off for testing or debugging, which is how the test suite runs
 every fallback on every CPU: ``THINKRL_BF16=0`` (auto picks fp32),
-``THINKRL_PREPACK=0`` (no prepacked weights of either kind), ``THINKRL_KERNELS=0`` (no
-C kernel). :func:`plan` reads them once; :func:`reset` forgets the cached plan.
+``THINKRL_PREPACK=0`` (no prepacked weights of any kind), ``THINKRL_ONEDNN_FP32=0`` (fp32
+weights packed by MKL, not oneDNN), ``THINKRL_KERNELS=0`` (no C kernel). :func:`plan` reads them once; :func:`reset` forgets the cached plan.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class CpuPlan:
     native_bf16: bool  # bf16 dot-product instructions (AVX512-BF16, AMX-BF16, Arm BF16)
     bf16_runs: bool  # oneDNN runs bf16 at all (natively or emulated)
     onednn_prepack: bool  # oneDNN's prepacked bf16 linear runs and agrees with F.linear
+    onednn_fp32_prepack: bool  # oneDNN's prepacked fp32 linear runs and agrees with F.linear
     mkl_prepack: bool  # MKL's packed fp32 linear runs and agrees with F.linear
     kernel: bool  # the C decode-attention kernel may be built and tried
     forced_off: tuple[str, ...] = ()  # switches set to 0 in the environment
@@ -68,7 +72,8 @@ class CpuPlan:
             name
             for name, on in (
                 ("oneDNN bf16 prepack", self.onednn_prepack),
-                ("MKL fp32 prepack", self.mkl_prepack),
+                ("oneDNN fp32 prepack", self.onednn_fp32_prepack),
+                ("MKL fp32 prepack", self.mkl_prepack and not self.onednn_fp32_prepack),
                 ("C kernel", self.kernel),
             )
             if on
@@ -78,6 +83,9 @@ class CpuPlan:
             f"{self.cpu} ({self.capability}, bf16 {'native' if self.native_bf16 else 'emulated' if self.bf16_runs else 'none'}): "
             f"dtype=auto is {'bf16' if self.auto_bf16 else 'fp32'}; fast paths: {', '.join(fp) or 'none'}{off}"
         )
+
+
+SWITCHES = ("THINKRL_BF16", "THINKRL_PREPACK", "THINKRL_ONEDNN_FP32", "THINKRL_KERNELS")
 
 
 def _off(name: str) -> bool:
@@ -136,36 +144,45 @@ class Packer:
     """Prepacked linear weights: ``pack(w)`` once per sync, then ``linear(x, w, packed, b)``
     computes ``x @ w.T + b`` from the packed copy. The packed layouts skip the reorder that
     F.linear does inside every call: at the decode shapes (64 rows x 576 -> 1536, 49152, ...)
-    1.2-2.6x faster in bf16 and 1.2-1.7x in fp32 (benchmarks/decode_matmul.py). Both ops are
-    private to torch, so the engine checks them against F.linear at every sync."""
+    1.2-2.6x faster in bf16 and 1.2-1.9x in fp32 (benchmarks/decode_matmul.py). bf16 weights
+    are always oneDNN's; fp32 ones oneDNN's (``onednn=True``) or MKL's packed sgemm. The ops
+    are private to torch, so the engine checks them against F.linear at every sync."""
 
-    def __init__(self, dtype: torch.dtype, batch_size: int):
+    def __init__(self, dtype: torch.dtype, batch_size: int, onednn: bool = True):
         self.dtype, self.batch_size = dtype, batch_size
-        self.name = "oneDNN bf16" if dtype == torch.bfloat16 else "MKL fp32"
+        self.onednn = onednn or dtype == torch.bfloat16
+        fmt = "bf16" if dtype == torch.bfloat16 else "fp32"
+        self.name = f"oneDNN {fmt}" if self.onednn else f"MKL {fmt}"
 
     def pack(self, w: Tensor) -> Tensor:
-        if self.dtype == torch.bfloat16:
+        if self.onednn:
             return torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size)
         return torch.ops.mkl._mkl_reorder_linear_weight(w, self.batch_size)
 
     def linear(self, x: Tensor, w: Tensor, packed: Tensor, b: Tensor | None = None) -> Tensor:
-        if self.dtype == torch.bfloat16:
+        if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         return torch.ops.mkl._mkl_linear(x, packed, w, b, self.batch_size)
 
 
-def _packs(dtype: torch.dtype) -> bool:
-    """A small linear through :class:`Packer` equals F.linear (bf16: 1e-2, fp32: 1e-5)."""
+def _packs(dtype: torch.dtype, onednn: bool) -> bool:
+    """A small linear through :class:`Packer` equals F.linear (bf16: 1e-2, fp32: 1e-5),
+    without and with a bias, on fewer rows than the packing was made for."""
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(48, 32, generator=g).to(dtype), torch.randn(5, 32, generator=g).to(dtype)
-    p = Packer(dtype, 8)
-    return agrees(p.linear(x, w, p.pack(w)), F.linear(x, w), 1e-2 if dtype == torch.bfloat16 else 1e-5)
+    b = torch.randn(48, generator=g).to(dtype)
+    p = Packer(dtype, 8, onednn)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    packed = p.pack(w)
+    return agrees(p.linear(x, w, packed), F.linear(x, w), tol) and agrees(
+        p.linear(x, w, packed, b), F.linear(x, w, b), tol
+    )
 
 
 @functools.cache
 def plan() -> CpuPlan:
     """The machine's plan, probed once per process."""
-    forced = tuple(n for n in ("THINKRL_BF16", "THINKRL_PREPACK", "THINKRL_KERNELS") if _off(n))
+    forced = tuple(n for n in SWITCHES if _off(n))
     bf16_runs = _bf16_runs()
     prepack_ok = "THINKRL_PREPACK" not in forced
     return CpuPlan(
@@ -177,10 +194,14 @@ def plan() -> CpuPlan:
         onednn_prepack=prepack_ok
         and bf16_runs
         and torch.backends.mkldnn.is_available()
-        and _probe("oneDNN bf16 prepack", lambda: _packs(torch.bfloat16)),
+        and _probe("oneDNN bf16 prepack", lambda: _packs(torch.bfloat16, True)),
+        onednn_fp32_prepack=prepack_ok
+        and "THINKRL_ONEDNN_FP32" not in forced
+        and torch.backends.mkldnn.is_available()
+        and _probe("oneDNN fp32 prepack", lambda: _packs(torch.float32, True)),
         mkl_prepack=prepack_ok
         and torch.backends.mkl.is_available()
-        and _probe("MKL fp32 prepack", lambda: _packs(torch.float32)),
+        and _probe("MKL fp32 prepack", lambda: _packs(torch.float32, False)),
         kernel="THINKRL_KERNELS" not in forced,
         forced_off=forced,
     )
@@ -227,8 +248,11 @@ def use_bf16(dtype: str, dev: str = "cpu") -> bool:
 def packer(dtype: torch.dtype, batch_size: int, wanted: bool | None) -> Packer | None:
     """The packer for ``dtype`` where the device plan says it runs (``wanted``: None asks the plan)."""
     p = plan()
-    ok = p.onednn_prepack if dtype == torch.bfloat16 else p.mkl_prepack
-    return Packer(dtype, batch_size) if (ok if wanted is None else wanted and ok) else None
+    if dtype == torch.bfloat16:
+        ok, onednn = p.onednn_prepack, True
+    else:  # oneDNN's fp32 packing where it runs, MKL's otherwise
+        ok, onednn = p.onednn_fp32_prepack or p.mkl_prepack, p.onednn_fp32_prepack
+    return Packer(dtype, batch_size, onednn) if (ok if wanted is None else wanted and ok) else None
 
 
 def resolve_device(name: str) -> str:

@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-from thinkrl import device
 from thinkrl.rollout import HFEngine, SamplingParams
 from thinkrl.rollout.fast import FastEngine
 from thinkrl.trainer.batch import make_micro_batch, token_logps
@@ -77,23 +76,51 @@ def test_bf16_logps_stay_close_to_fp32(tiny_pair, kernel):
     assert 0 < gap < 0.05  # bf16 keeps 8 bits of mantissa: log-prob errors of a few hundredths
 
 
-@pytest.mark.parametrize("bf16,atol", [(True, 2e-2), (False, 1e-5)])
-def test_prepacked_weights_give_the_same_tokens_and_logps(lively, bf16, atol):
-    """The prepacked linears (oneDNN's for bf16 weights, MKL's packed sgemm for fp32) compute
-    what F.linear computes on the same weights. Skipped, with the reason, on a CPU where the
-    library cannot pack (oneDNN's bf16 prepack needs AVX-512 or AVX-NE-CONVERT)."""
-    plan = device.plan()
-    if not (plan.onednn_prepack if bf16 else plan.mkl_prepack):
+def test_fp32_decode_attention_in_c_gives_the_same_tokens_and_logps(lively):
+    """In fp32 the C kernel (where it builds) and the torch-ops path sample the same tokens with
+    log-probs equal to 1e-4 (as the engine and the training forward are), the rest of the
+    engine being the same."""
+    from thinkrl.rollout.fast import checked_kernel
+
+    if checked_kernel(torch.float32) is None:
+        pytest.skip("no C kernel here (no compiler, or THINKRL_KERNELS=0)")
+    model, tok = lively
+    prompts = [chat(tok, q) for q in PROMPTS]
+    engines = FastEngine(model, tok, bf16=False), FastEngine(model, tok, bf16=False, kernel=False)
+    assert engines[0].kernel is not None and engines[1].kernel is None
+    outs = []
+    for eng in engines:
+        torch.manual_seed(5)
+        outs.append(eng.generate_text(prompts, 3, SamplingParams(max_new_tokens=16, temperature=1.0)))
+    assert outs[0].completion_ids == outs[1].completion_ids
+    for a, b in zip(outs[0].logps, outs[1].logps):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind,atol", [("oneDNN bf16", 2e-2), ("oneDNN fp32", 1e-5), ("MKL fp32", 1e-5)])
+def test_prepacked_weights_give_the_same_tokens_and_logps(lively, kind, atol, cpu_switches):
+    """The prepacked linears (oneDNN's for bf16 weights; oneDNN's for fp32 ones, or MKL's packed
+    sgemm with THINKRL_ONEDNN_FP32=0) compute what F.linear computes on the same weights.
+    Skipped, with the reason, on a CPU where the library cannot pack (oneDNN's bf16 prepack
+    needs AVX-512 or AVX-NE-CONVERT)."""
+    bf16 = kind.endswith("bf16")
+    plan = cpu_switches(**({"THINKRL_ONEDNN_FP32": "0"} if kind == "MKL fp32" else {}))
+    ok = {
+        "oneDNN bf16": plan.onednn_prepack,
+        "oneDNN fp32": plan.onednn_fp32_prepack,
+        "MKL fp32": plan.mkl_prepack,
+    }
+    if not ok[kind]:
         why = (
             "switched off (THINKRL_PREPACK=0)"
             if "THINKRL_PREPACK" in plan.forced_off
             else "does not run on this CPU"
         )
-        pytest.skip(f"{'oneDNN bf16' if bf16 else 'MKL fp32'} prepack {why} ({plan.cpu}, {plan.capability})")
+        pytest.skip(f"{kind} prepack {why} ({plan.cpu}, {plan.capability})")
     model, tok = lively
     prompts = [chat(tok, q) for q in PROMPTS]
     packed, plain = FastEngine(model, tok, bf16=bf16), FastEngine(model, tok, bf16=bf16, prepack=False)
-    assert packed.prepack and not plain.prepack
+    assert packed.prepack and packed.packer.name == kind and not plain.prepack
     outs = []
     for eng in (packed, plain):
         torch.manual_seed(3)
@@ -166,6 +193,7 @@ def test_min_new_tokens_bans_eos_until_reached(lively):
     with torch.no_grad():  # give EOS twice the logit of prompt 0's greedy first token: it now wins early
         head = model.get_output_embeddings().weight
         head[tok.eos_token_id] = 2 * head[first[0][0]]
+    eng.sync_weights(model)  # the engine samples from its copy of the weights until told
     torch.manual_seed(0)
     free = eng.generate_text(prompts, 4, SamplingParams(max_new_tokens=20))
     assert any(not t for t in free.truncated)  # without the ban some rows stop early: the ban matters
@@ -275,6 +303,7 @@ def test_logps_stay_exact_while_finished_rows_are_dropped(lively, paths, request
     with torch.no_grad():  # make EOS likely enough that rows end at many different steps
         head = model.get_output_embeddings().weight
         head[tok.eos_token_id] = 1.2 * head[first[0][0]]
+    eng.sync_weights(model)
     torch.manual_seed(0)
     ro = eng.generate_text(prompts, 8, SamplingParams(max_new_tokens=24, temperature=1.0))
     lengths = sorted(len(c) for c in ro.completion_ids)
@@ -288,17 +317,20 @@ def test_logps_stay_exact_while_finished_rows_are_dropped(lively, paths, request
     torch.testing.assert_close(engine * mb.mask, logp, atol=1e-4, rtol=0)
 
 
-def _attention_case(seed: int, dropped: bool, rep: int = 3, hd: int = 16):
-    """Random decode-attention inputs: 3 prompts (left padding 0, 2, 5 of P = 9) x 4 samples,
-    3 key heads x ``rep`` query heads each of size ``hd``, generated slot t = 5 of T = 8;
-    optionally with rows 1, 6, 7 and 10 dropped."""
+def _attention_case(
+    seed: int, dropped: bool, rep: int = 3, hd: int = 16, dtype=torch.bfloat16, sharp: float = 1.0
+):
+    """Random decode-attention inputs in ``dtype``: 3 prompts (left padding 0, 2, 5 of P = 9)
+    x 4 samples, 3 key heads x ``rep`` query heads each of size ``hd``, generated slot t = 5
+    of T = 8; optionally with rows 1, 6, 7 and 10 dropped. ``sharp`` scales the queries: at 30
+    most scores lie more than 87 under their row's maximum, where e^x leaves fp32's normal range."""
     from thinkrl.rollout.fast import _DecodeState
 
     g, n, nkv, P, T, t = 3, 4, 3, 9, 8, 5
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape):
-        return torch.randn(*shape, generator=gen).bfloat16()
+        return torch.randn(*shape, generator=gen).to(dtype)
 
     pstart = torch.tensor([0, 2, 5])
     alive = torch.tensor([0, 2, 3, 4, 5, 8, 9, 11]) if dropped else torch.arange(g * n)
@@ -311,11 +343,12 @@ def _attention_case(seed: int, dropped: bool, rep: int = 3, hd: int = 16):
     )
     if dropped:
         st.q_buf, st.p_buf = (
-            torch.zeros(nkv, g * n, rep, hd).bfloat16(),
-            torch.zeros(nkv, g * n, rep, P).bfloat16(),
+            torch.zeros(nkv, g * n, rep, hd).to(dtype),
+            torch.zeros(nkv, g * n, rep, P).to(dtype),
         )
     cache = [r(nkv, g, hd, P), r(nkv, g, P, hd), r(nkv, b, hd, T), r(nkv, b, T, hd)]
     qkv = r(b, (nkv * rep + 2 * nkv) * hd)  # the fused projection's output: query, key and value heads
+    qkv[:, : nkv * rep * hd] *= sharp
     q, k, v = (
         qkv[:, : nkv * rep * hd],
         qkv[:, nkv * rep * hd : (nkv * rep + nkv) * hd],
@@ -330,25 +363,38 @@ def _attention_case(seed: int, dropped: bool, rep: int = 3, hd: int = 16):
             )
             vals = torch.cat([cache[1][h, grp, ps:], cache[3][h, i, :t], v[i, h * hd : (h + 1) * hd][None]])
             qh = q[i].view(nkv * rep, hd)[h * rep : (h + 1) * rep]
-            want[i, h * rep : (h + 1) * rep] = torch.softmax(qh.float() @ keys.float().T, -1) @ vals.float()
+            want[i, h * rep : (h + 1) * rep] = (
+                torch.softmax(qh.double() @ keys.double().T, -1) @ vals.double()
+            ).float()
     return st, cache, q, k, v, want.view(b, -1)
 
 
-@pytest.mark.parametrize("dropped,rep,hd", [(False, 3, 16), (True, 3, 16), (True, 7, 80)])
-def test_decode_attention_paths_equal_an_fp32_reference(dropped, rep, hd):
+CASES = [
+    (d, r, h, 1.0, dt)
+    for dt in ("bf16", "fp32")
+    for d, r, h in ((False, 3, 16), (True, 3, 16), (True, 7, 80))
+]
+
+
+@pytest.mark.parametrize("dropped,rep,hd,sharp,dtype", CASES + [(False, 3, 16, 30.0, "fp32")])
+def test_decode_attention_paths_equal_a_reference(dropped, rep, hd, sharp, dtype):
     """The torch-ops cascade attention and the C kernel (where it builds) both compute
     softmax(q K^T) V over a row's prompt (shared by its group, left padding masked) and its
-    generated tokens, and both write the new key/value into generated slot t. (7 query heads
-    per key head and hd 80 take the kernel's paths for more than 4 queries and a last block
-    of 16 dimensions.)"""
+    generated tokens, and both write the new key/value into generated slot t, on bf16 and on
+    fp32 caches. (7 query heads per key head and hd 80 take the kernel's paths for more than 4
+    queries and a last block of 16 dimensions; ``sharp`` its exponential's underflow.)"""
     from thinkrl.rollout.fast import _cascade_attention
     from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
 
-    st, cache, q, k, v, want = _attention_case(0, dropped, rep, hd)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    st, cache, q, k, v, want = _attention_case(0, dropped, rep, hd, dtype, sharp)
+    # bf16: the torch path rounds scores and probabilities to bf16; the kernel only its output.
+    # fp32: both round as fp32 arithmetic does (the reference is fp64), scores of size ~sharp.
+    tol_torch, tol_kernel = (3e-2, 1e-2) if dtype == torch.bfloat16 else (1e-5 * sharp, 1e-5 * sharp)
     b, nkv, hd = q.shape[0], cache[0].shape[0], cache[0].shape[2]
     c1 = [x.clone() for x in cache]
     got = _cascade_attention(q.reshape(b, -1, hd), k.reshape(b, nkv, hd), v.reshape(b, nkv, hd), c1, st)
-    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)  # bf16 scores and probabilities
+    torch.testing.assert_close(got.float(), want, atol=tol_torch, rtol=tol_torch)
     assert torch.equal(c1[2][:, :, :, st.t], k.reshape(b, nkv, hd).transpose(0, 1))
     assert torch.equal(c1[3][:, :, st.t], v.reshape(b, nkv, hd).transpose(0, 1))
     fn = decode_attention_kernel()
@@ -358,7 +404,7 @@ def test_decode_attention_paths_equal_an_fp32_reference(dropped, rep, hd):
     out = decode_attention(
         fn, q, k, v, *c2, st.group, st.pstart, st.t, torch.empty(b, q.shape[1], dtype=q.dtype)
     )
-    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)  # fp32 inside: only the output rounds
+    torch.testing.assert_close(out.float(), want, atol=tol_kernel, rtol=tol_kernel)
     assert torch.equal(c2[2], c1[2]) and torch.equal(c2[3], c1[3])
 
 
@@ -427,7 +473,8 @@ def test_kernel_built_for_an_older_x86_cpu_agrees(monkeypatch, tmp_path, march):
     fn = kernels.decode_attention_kernel()
     if fn is None:
         pytest.skip("no C kernel here (no compiler, or THINKRL_KERNELS=0)")
-    assert fast._kernel_error(fn) < 2e-2
+    assert fast._kernel_error(fn, torch.bfloat16) < fast.KERNEL_TOL[torch.bfloat16] == 2e-2
+    assert fast._kernel_error(fn, torch.float32) < fast.KERNEL_TOL[torch.float32] == 1e-5
 
 
 def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(lively, monkeypatch):

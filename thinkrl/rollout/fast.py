@@ -254,22 +254,23 @@ def _cascade_attention(q: Tensor, k: Tensor, v: Tensor, cache: list[Tensor], st:
     return op.add_(og).transpose(0, 1).reshape(b, nh * hd)
 
 
-_CHECKED: dict = {}  # -march target -> the checked kernel or None
+_CHECKED: dict = {}  # (-march target, dtype) -> the checked kernel or None
+KERNEL_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-5}  # bf16 outputs carry 8 bits of mantissa
 
 
-def checked_kernel():
-    """The C decode-attention kernel, once it has computed what :func:`_cascade_attention`
-    computes on a small random problem (ragged prompts, 3 query heads per key head, a partly
-    filled generated cache); None, with a warning, if it cannot be built or disagrees.
-    Checked once per process and build target."""
+def checked_kernel(dtype: torch.dtype = torch.bfloat16):
+    """The C decode-attention kernel for ``dtype`` caches, once it has computed what
+    :func:`_cascade_attention` computes on a small random problem (ragged prompts, 3 query
+    heads per key head, a partly filled generated cache); None, with a warning, if it cannot
+    be built or disagrees. Checked once per process, build target and dtype."""
     from thinkrl.rollout.kernels import _march
 
-    key = _march()
+    key = (_march(), dtype)
     if key not in _CHECKED:
         fn, _CHECKED[key] = decode_attention_kernel(), None
         if fn is not None:
-            err = _kernel_error(fn)
-            if err <= 2e-2:  # bf16 outputs: 8 bits of mantissa
+            err = _kernel_error(fn, dtype)
+            if err <= KERNEL_TOL[dtype]:
                 _CHECKED[key] = fn
             else:
                 import logging
@@ -281,14 +282,14 @@ def checked_kernel():
     return _CHECKED[key]
 
 
-def _kernel_error(fn) -> float:
-    """Max |kernel - torch path| over one decode step of a small problem (bf16 caches)."""
+def _kernel_error(fn, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Max |kernel - torch path| over one decode step of a small problem (``dtype`` caches)."""
     gen = torch.Generator().manual_seed(0)
     g, n, nkv, rep, hd, P, T, t = 2, 2, 2, 3, 16, 5, 4, 2
     b, nh = g * n, nkv * rep
 
     def r(*shape):
-        return torch.randn(*shape, generator=gen).bfloat16()
+        return torch.randn(*shape, generator=gen).to(dtype)
 
     pstart = torch.tensor([0, 2])  # the second prompt is left-padded by 2
     caches = [r(nkv, g, hd, P), r(nkv, g, P, hd), r(nkv, b, hd, T), r(nkv, b, T, hd)]
@@ -320,7 +321,7 @@ def _kernel_error(fn) -> float:
         group,
         pstart,
         t,
-        torch.empty(b, nh * hd, dtype=torch.bfloat16),
+        torch.empty(b, nh * hd, dtype=dtype),
     ).float()
     return float((got - want).abs().max())
 
@@ -364,9 +365,9 @@ class FastEngine(Engine):
         self._closing: dict | None = None  # the thinking phrases' token ids, tokenized once
         self.packer = device.packer(self.dtype, batch_size, prepack)
         self.head_packed = None
-        # decode attention in C (bf16 caches, head dims of 16k) where it builds and agrees with the torch path
+        # decode attention in C (head dims of 16k) where it builds and agrees with the torch path
         use = device.plan().kernel if kernel is None else kernel and device.plan().kernel
-        self.kernel = checked_kernel() if use and bf16 and self.hd % 16 == 0 else None
+        self.kernel = checked_kernel(self.dtype) if use and self.hd % 16 == 0 else None
         self.sync()
 
     @classmethod

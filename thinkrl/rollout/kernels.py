@@ -77,7 +77,7 @@ def _build(march: str) -> Path:
 
 
 def decode_attention_kernel():
-    """The loaded C function (bf16 caches), or None where it cannot be had."""
+    """The loaded C function (bf16 or fp32 caches), or None where it cannot be had."""
     march = _march()
     if march not in _libs:
         _libs[march] = None
@@ -87,7 +87,7 @@ def decode_attention_kernel():
             try:
                 lib = ctypes.CDLL(str(_build(march)))
                 fn = lib.decode_attention
-                fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 12
+                fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 13
                 fn.restype = ctypes.c_int
                 _libs[march] = lib
             except Exception as e:  # noqa: BLE001 (any failure means: use the torch path)
@@ -111,14 +111,19 @@ def decode_attention(
     out: Tensor,
 ) -> Tensor:
     """Run the kernel (see ``decode_attention.c`` for the layouts); writes slot ``t`` of the
-    generated caches and returns ``out`` [b, nh * hd]."""
+    generated caches and returns ``out`` [b, nh * hd]. The tensors other than ``group`` and
+    ``pstart`` are all bf16 or all fp32."""
     nkv, g, hd, P = kp_t.shape
     b, T = kg_t.shape[1], kg_t.shape[3]
     rep = q.shape[1] // (nkv * hd)
+    dt = kp_t.dtype
+    if dt not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"decode_attention: bf16 or fp32 caches, not {dt}")
     for x in (kp_t, vp, kg_t, vg, out, group, pstart):
         assert x.is_contiguous()
-    for x in (q, knew, vnew, kp_t, out):
-        assert x.stride(-1) == 1 and x.dtype == torch.bfloat16
+    for x in (q, knew, vnew, kp_t, vp, kg_t, vg, out):
+        assert x.stride(-1) == 1 and x.dtype == dt
+    assert group.dtype == pstart.dtype == torch.int64
     rc = fn(
         q.data_ptr(),
         knew.data_ptr(),
@@ -142,6 +147,7 @@ def decode_attention(
         knew.stride(0),
         vnew.stride(0),
         torch.get_num_threads(),
+        int(dt == torch.float32),
     )
     if rc != 0:
         raise MemoryError("decode_attention: a worker could not allocate its buffers")
