@@ -15,8 +15,9 @@ probed once, by running it, rather than assumed:
 
 - ``onednn_prepack``: oneDNN's prepacked bf16 linear (the engine's bf16 weights);
 - ``onednn_fp32_prepack``: oneDNN's prepacked fp32 linear (the engine's fp32 weights, first
-  choice: on the AVX2-only AMD EPYC of issue 18 it ran a 64-row decode step's linears 1.2x
-  and an 8-row step's 1.9x faster than MKL's packed sgemm, benchmarks/decode_matmul.py);
+  choice: on the AVX2-only AMD EPYC of issue 18 it ran a 64-row decode step's linears
+  1.1-1.2x and an 8-row step's 1.9-2.2x faster than MKL's packed sgemm, which packs for one
+  row count only; benchmarks/decode_matmul.py, docs/speed.md);
 - ``mkl_prepack``: MKL's packed sgemm weights (the fp32 fallback where oneDNN's does not run);
 - ``kernel``: the engine's C decode-attention kernel (built and checked in
   ``rollout/kernels.py``; this flag only says whether it may be tried).
