@@ -11,20 +11,6 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
-def fast_paths_off(monkeypatch):
-    """Every CPU fast path switched off, as on a CPU that has none: fp32 for dtype=auto, no
-    prepacked weights, no C kernel (the switches of thinkrl/device.py)."""
-    from thinkrl import device
-
-    for name in device.SWITCHES:
-        monkeypatch.setenv(name, "0")
-    device.reset()
-    yield device.plan()
-    monkeypatch.undo()
-    device.reset()
-
-
-@pytest.fixture
 def cpu_switches(monkeypatch):
     """``cpu_switches(THINKRL_ONEDNN_FP32="0", ...)`` sets thinkrl/device.py switches and returns
     the plan made under them; the switches and the plan are restored afterwards."""
@@ -39,6 +25,15 @@ def cpu_switches(monkeypatch):
     yield set_switches
     monkeypatch.undo()
     device.reset()
+
+
+@pytest.fixture
+def fast_paths_off(cpu_switches):
+    """Every CPU fast path switched off, as on a CPU that has none: fp32 for dtype=auto, no
+    prepacked weights, no C kernel (the switches of thinkrl/device.py)."""
+    from thinkrl import device
+
+    return cpu_switches(**dict.fromkeys(device.SWITCHES, "0"))
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,8 @@ CUDA path uses bf16 autocast where the GPU has it, SDPA attention and pinned cop
 Each can be forced off for testing or debugging, which is how the test suite runs
 every fallback on every CPU: ``THINKRL_BF16=0`` (auto picks fp32),
 ``THINKRL_PREPACK=0`` (no prepacked weights of any kind), ``THINKRL_ONEDNN_FP32=0`` (fp32
-weights packed by MKL, not oneDNN), ``THINKRL_KERNELS=0`` (no C kernel). :func:`plan` reads them once; :func:`reset` forgets the cached plan.
+weights packed by MKL, not oneDNN), ``THINKRL_KERNELS=0`` (no C kernel). :func:`plan`
+reads them once; :func:`reset` forgets the cached plan.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 /* Decode attention for thinkrl's fast engine: one new token per batch row, bf16 or fp32
- * caches (and inputs and output of the same type), fp32 arithmetic. Compiled on first use by thinkrl/rollout/kernels.py (gcc -O3
- * -march=native) and called through ctypes; the torch-ops path in fast.py computes the
- * same thing and is used wherever this file cannot be built.
+ * caches (and inputs and output of the same type), fp32 arithmetic. Compiled on first use
+ * by thinkrl/rollout/kernels.py (gcc -O3 -march=native) and called through ctypes; the
+ * torch-ops path in fast.py computes the same thing and is used wherever this file cannot
+ * be built.
  *
  * Why a kernel: per layer and step the torch path runs ~11 small operators (two score
  * matmuls over a few hundred 3 x 64 matrices, a concatenation, the mask, a softmax, two
