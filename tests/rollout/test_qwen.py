@@ -215,6 +215,46 @@ def test_a_qwen2_with_a_sliding_window_falls_back(tmp_path, caplog):
     ]
 
 
+def _grouped_equals_full_rows(model, tok):
+    """A grouped micro-batch's log-probs and gradients equal its full rows' (fp32; gradients
+    to 1e-5 of their largest entry)."""
+    prompts = [tok(chat(tok, q), add_special_tokens=False).input_ids for q in QUESTIONS[:2]]
+    comps = [[40, 41, 42, 43, 44], [50], [60, 61, 62], [70, 71]]
+    grouped = make_grouped_micro_batch(prompts, comps, [0, 1, 2, 3], 2, tok.pad_token_id)
+    full = make_micro_batch([prompts[i // 2] for i in range(4)], comps, [0, 1, 2, 3], tok.pad_token_id)
+    grads = []
+    for mb in (full, grouped):
+        model.zero_grad()
+        logp, _ = token_logps(model, mb)
+        logp.sum().backward()
+        grads.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = grads
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for x, y in zip(ga, gb):  # the shaken weights make gradients of up to ~100: fp32 sums err ~1e-4
+        torch.testing.assert_close(x, y, atol=1e-5 * max(1.0, x.abs().max().item()), rtol=1e-4)
+
+
+def test_packed_training_forward_equals_the_full_rows(qwen):
+    """Qwen2's biases and Qwen3's per-head norms sit inside the layers the packed pass runs."""
+    from thinkrl.rollout.packed import packable
+
+    _, model, tok = qwen
+    model = copy.deepcopy(model).train()
+    assert packable(model.config)
+    _grouped_equals_full_rows(model, tok)
+
+
+def test_a_qwen2_with_a_sliding_window_trains_on_full_rows(tmp_path):
+    """Packed attention never cuts attention short, so a sliding-window model's grouped
+    micro-batches run their full rows, through the model's own masks."""
+    from thinkrl.rollout.packed import packable
+
+    build_tiny_model(tmp_path, "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    model, tok = load_model(str(tmp_path))
+    assert not packable(model.config)
+    _grouped_equals_full_rows(model.train(), tok)
+
+
 def test_unsupported_names_each_feature_the_engine_lacks():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 

@@ -152,6 +152,62 @@ def test_a_prefix_shared_by_all_prompts_runs_once_with_the_same_logps_and_gradie
     _assert_same_logps_and_gradients(model, a, b, grouped)
 
 
+def test_packed_completions_give_the_logps_and_gradients_of_the_full_rows(tiny, monkeypatch):
+    """The completions of a grouped micro-batch run packed, in one pass of their 14 input
+    tokens (each row's but its last); the log-probs and gradients equal those of the full
+    rows, which a model that cannot pack runs (fp32)."""
+    import thinkrl.trainer.batch as batch
+
+    model, _ = tiny
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    comps = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10, 11, 12, 13], [11], [12, 13, 14, 15, 16, 17]]
+    mb = make_grouped_micro_batch(prompts, comps, list(range(6)), group_size=3, pad_id=0)
+    shapes = []
+    inner = model.model
+    real = inner.forward
+    monkeypatch.setattr(
+        inner, "forward", lambda *a, **k: shapes.append(tuple(k["input_ids"].shape)) or real(*a, **k)
+    )
+    weights = torch.arange(1.0, 8.0)  # unequal weights per position
+    results = []
+    for packs in (True, False):
+        monkeypatch.setattr(batch, "packable", lambda config, packs=packs: packs)
+        shapes.clear()
+        model.zero_grad()
+        logp, _ = token_logps(model, mb)  # [6, 7]
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()], list(shapes)))
+    (a, ga, calls_packed), (b, gb, calls_full) = results
+    assert calls_packed == [(2, 5), (1, 14)]  # the prompts, then every completion in one packed row
+    assert calls_full == [(6, 12)]  # every row in full: prompt 5 + completion 7
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (a[2, 1:] == 0).all() and (a[3] != 0).all()
+    for g1, g2 in zip(ga, gb):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+    assert max(g.abs().max() for g in ga) > 1e-3  # not a comparison of zeros
+
+
+def test_a_model_whose_layers_skip_the_packed_attention_is_refused(tiny, monkeypatch):
+    """If a layer never calls the packed attention (a model that picks its attention some other
+    way), its output would be wrong; the pass says so instead."""
+    import thinkrl.trainer.batch as batch
+
+    model, _ = tiny
+    real = batch._packed_attention
+
+    def first_layer_only(module, *a, thinkrl_packed=None, **k):
+        out = real(module, *a, thinkrl_packed=thinkrl_packed, **k)
+        if module.layer_idx > 0:
+            thinkrl_packed["layers"].discard(module.layer_idx)
+        return out
+
+    monkeypatch.setattr(batch, "_packed_attention", first_layer_only)
+    mb = make_grouped_micro_batch([[5, 6, 7]], [[1, 2, 3], [4, 5]], [0, 1], group_size=2, pad_id=0)
+    with pytest.raises(RuntimeError, match="1 of 2 layers ran the packed attention"):
+        token_logps(model, mb)
+    assert model.model.config._attn_implementation != batch.PACKED_ATTENTION  # restored
+
+
 def test_split_grouped_micro_batches_keeps_groups_whole():
     prompts = [[1, 2]] * 2 + [[3]] * 2 + [[4, 5, 6]] * 2  # 3 groups of G = 2
     comps = [[7], [7, 7], [8], [8], [9, 9, 9], [9]]
@@ -200,17 +256,6 @@ def test_gradient_checkpointing_gives_the_same_logps_and_gradients(tiny, lora):
         torch.testing.assert_close(ga[n], gb[n], atol=1e-5, rtol=1e-4)
     assert any(g.abs().max() > 1e-3 for g in ga.values())  # not a comparison of zeros
     assert len(calls) == 2  # one full-row forward, recomputed once in backward: checkpointing was on
-
-
-def test_length_buckets_minimise_the_padded_area():
-    from thinkrl.trainer.batch import _length_buckets
-
-    # sorted lengths 1 1 2 2 3 4: cutting after the fourth costs 4*2 + 2*4 = 16 cells, the least
-    # (no cut: 6*4 = 24; after the second: 2*1 + 4*4 = 18)
-    short, long = _length_buckets(torch.tensor([3, 2, 1, 4, 1, 2]))
-    assert sorted(short.tolist()) == [1, 2, 4, 5] and sorted(long.tolist()) == [0, 3]
-    (only,) = _length_buckets(torch.tensor([5, 5, 5]))  # equal lengths: one bucket
-    assert sorted(only.tolist()) == [0, 1, 2]
 
 
 def test_fill_rows_places_each_micro_batch_at_its_rows():

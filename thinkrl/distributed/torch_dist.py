@@ -268,8 +268,8 @@ def shard_policy(model) -> None:
     - **One FSDP unit for the whole policy**, not one per decoder layer: FSDP's collectives run
       in its hooks, and every rank must run the same ones in the same order. The number of
       times the trainer calls a layer within one micro-batch depends on the data (a grouped
-      micro-batch runs its prompt, then one or two length buckets of completions, and a bucket
-      of one-token completions runs no layer at all), so per-layer units would deadlock. One
+      micro-batch runs its prompt, then its packed completions, and a micro-batch of one-token
+      completions runs no completion pass), so per-layer units would deadlock. One
       unit costs one all-gather in each forward and backward and one reduce-scatter per
       backward, whatever runs inside. Between passes each rank holds 1/N of the weights, of
       the gradients and of AdamW's moments; during a pass it holds the whole model.

@@ -44,6 +44,7 @@ from thinkrl.perf import tune_allocator
 from thinkrl.rollout.base import ENGINES, Engine, Rollout, SamplingParams, hits_stop, shared_prefix_len
 from thinkrl.rollout.hf import HFEngine
 from thinkrl.rollout.kernels import decode_attention, decode_attention_kernel
+from thinkrl.rollout.packed import Packed, pack_completions
 from thinkrl.rollout.thinking import BudgetTracker, budget_tracker, forced_logps
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -71,13 +72,13 @@ def unsupported(config) -> str | None:
         return "a bias on the attention output projection"  # attention_bias biases o_proj too
     if getattr(config, "mlp_bias", False):
         return "biases in the MLP"
-    window = _sliding_window(config)
+    window = sliding_window(config)
     if window:
         return f"sliding-window attention ({window} tokens)"
     return None
 
 
-def _sliding_window(config) -> int | None:
+def sliding_window(config) -> int | None:
     """The attention window of ``config`` where one can cut attention short, else None.
 
     Qwen2/3 name a window per layer (``layer_types``; off unless ``use_sliding_window``);
@@ -523,13 +524,17 @@ class FastEngine(Engine):
         pos: Tensor,
         kv: list[tuple[Tensor, Tensor]],
         start: int,
-        attn_mask: Tensor,
+        attn_mask: Tensor | None,
         all_hidden: bool = False,
+        packed: Packed | None = None,
     ) -> Tensor:
         """Run ``ids`` [b, s] at cache slots start..start+s-1; returns last-position logits [b, V] fp32,
         or with ``all_hidden`` the final-norm hidden states of every position [b, s, H].
 
         attn_mask: [b, 1, s, start+s] bool, True where a query may attend a key slot.
+        ``packed``: ``ids`` [1, n] are packed completions (thinkrl/rollout/packed.py) and ``kv``
+        their groups' prompt keys/values, [g, nkv, P, hd] per layer, which stay as they are;
+        ``start`` and ``attn_mask`` are unused.
         """
         b, s = ids.shape
         nh, nkv, hd, dt = self.nh, self.nkv, self.hd, self.dtype
@@ -546,11 +551,14 @@ class FastEngine(Engine):
                 q, k = _rms(q, L.qk_norm[:nh], self.eps).to(dt), _rms(k, L.qk_norm[nh:], self.eps).to(dt)
             q = self._rotate(q.transpose(1, 2), cos, sin)  # [b, nh, s, hd]
             k = self._rotate(k.transpose(1, 2), cos, sin)  # [b, nkv, s, hd]
-            kc[:, :, start:end] = k
-            vc[:, :, start:end] = v.view(b, s, nkv, hd).transpose(1, 2)
-            a = F.scaled_dot_product_attention(
-                q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask, enable_gqa=nkv != nh
-            )  # [b, nh, s, hd]
+            v = v.view(b, s, nkv, hd).transpose(1, 2)
+            if packed is not None:
+                a = packed.attend(q, k, v, kc, vc, eager=False)  # [1, nh, n, hd]
+            else:
+                kc[:, :, start:end], vc[:, :, start:end] = k, v
+                a = F.scaled_dot_product_attention(
+                    q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask, enable_gqa=nkv != nh
+                )  # [b, nh, s, hd]
             x = x + self._linear(a.transpose(1, 2).reshape(b, s, nh * hd), L.wo, P.get("wo")).float()
             h = _rms(x, L.ln_post, self.eps).to(dt)
             g, u = self._linear(h, L.wgu, P.get("wgu")).chunk(2, -1)  # [b, s, I] each
@@ -658,10 +666,10 @@ class FastEngine(Engine):
     def score(self, mb, temperature: float = 1.0) -> Tensor:
         """Log-probs [b, T] (zero on padding) of a trainer micro-batch's completion tokens
         (:class:`thinkrl.trainer.batch.MicroBatch`) under the engine's current weights, with
-        no autograd: each prompt is prefilled once, its keys/values repeated for its G
-        completions, and all completion tokens run in one forward pass. What the trainer's
-        ``token_logps`` computes, in bf16 with fused weights; used for frozen models
-        (the KL reference), whose weights are synced once."""
+        no autograd: each prompt is prefilled once, and all completion tokens then run in one
+        packed pass, with no padding (thinkrl/rollout/packed.py), against their prompt's
+        keys/values. What the trainer's ``token_logps`` computes, in the engine's dtype with
+        fused weights; used for frozen models (the KL reference), whose weights are synced once."""
         P, T = mb.prompt_len, mb.mask.shape[1]
         grouped = mb.prompt_ids is not None and mb.group_size > 1
         G = mb.group_size if grouped else 1
@@ -669,32 +677,17 @@ class FastEngine(Engine):
         p_mask = (mb.prompt_mask if grouped else mb.attention_mask[:, :P]).bool()  # [g, P]
         c_ids, c_mask = mb.input_ids[:, P:], mb.mask.bool()  # [b, T] right-padded
         g, b = p_ids.shape[0], c_ids.shape[0]
-        last, kv, _ = self._prefill([row[m].tolist() for row, m in zip(p_ids, p_mask)], extra=T)  # [g, V]
-        valid = torch.zeros(g, P + T, dtype=torch.bool)  # key slots holding real tokens
-        valid[:, :P] = p_mask
-        rep = torch.arange(g).repeat_interleave(G)  # [b]
+        last, kv, valid = self._prefill([row[m].tolist() for row, m in zip(p_ids, p_mask)])  # [g, V]
+        rep = torch.arange(g).repeat_interleave(G)  # [b] the prompt of each row
         out = torch.zeros(b, T)
         first = torch.log_softmax(last[rep] / temperature, -1).gather(-1, c_ids[:, :1]).squeeze(-1)  # [b]
         out[:, 0] = first * c_mask[:, 0]
         if T == 1:
             return out
-        kv = [
-            (k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) for k, v in kv
-        ]  # plain copies, faster than the gather k[rep]
-        valid = valid[rep]
-        valid[:, P:] = c_mask
-        # Query i (completion position i, predicting token i+1) sees the prompt and tokens 0..i.
-        causal = torch.ones(T - 1, T - 1, dtype=torch.bool).tril()  # [T-1, T-1]
-        keys = torch.cat(
-            [valid[:, None, :P].expand(b, T - 1, P), causal[None] & c_mask[:, None, : T - 1]], -1
-        )
-        start = p_mask.sum(-1)[rep, None]  # [b, 1] true prompt lengths
-        h = self._forward(
-            c_ids[:, : T - 1], start + torch.arange(T - 1)[None], kv, P, keys[:, None], all_hidden=True
-        )  # [b, T-1, H]
-        keep = c_mask[:, 1:]  # [b, T-1] positions whose next token is real
-        lp = self._head_logps(h[keep], c_ids[:, 1:][keep], temperature)  # [n]
-        out[:, 1:] = out[:, 1:].masked_scatter(keep, lp)
+        layout = pack_completions(c_ids, c_mask, rep, valid, valid.sum(-1)[rep])
+        h = self._forward(layout.ids[None], layout.pos[None], kv, 0, None, all_hidden=True, packed=layout)
+        lp = self._head_logps(h[0], c_ids[:, 1:][layout.keep], temperature)  # [n]
+        out[:, 1:] = out[:, 1:].masked_scatter(layout.keep, lp)
         return out
 
     HEAD_CHUNK = 128  # positions per LM-head matmul in score: [128, V] fp32 logits at a time

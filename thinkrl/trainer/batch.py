@@ -10,14 +10,18 @@ column earlier. Only those T columns go through the LM head, so prompt tokens
 cost no vocabulary projection.
 
 Grouped micro-batches go further: the G completions of one prompt share it, so
-the prompt is run once per group and its keys/values are copied to each of its
-rows (an index, so gradients flow back through the copies into the one prompt
-pass): the result is the same as running every row in full, at 1/G of the prompt
-cost (with a long system prompt and few-shot turns, the prompt is most of the
-tokens). The completions run in two length buckets, so one long sample does not
-pad the others. Under activation checkpointing
-(``optim.gradient_checkpointing``) the layers refuse a cache in training mode, so
-grouped micro-batches then run their full rows instead: same result, full prompt cost.
+the prompt is run once per group (and a prefix that every prompt shares, once), and
+each completion attends to its group's prompt keys/values (gradients flow back
+through them into the one prompt pass). The completions then run packed: all their
+real tokens end to end in one row, with no padding (thinkrl/rollout/packed.py), so
+one long sample does not pad the others. The result is the same as running every row
+in full, at 1/G of the prompt cost (with a long system prompt and few-shot turns, the
+prompt is most of the tokens) and none of the padding's.
+
+Grouped micro-batches run their full rows instead (same result, full cost) under
+activation checkpointing (``optim.gradient_checkpointing``: the layers refuse a cache
+in training mode), and for a model that cannot swap its attention for the packed one
+(:func:`~thinkrl.rollout.packed.packable`: another architecture, or a sliding window).
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from thinkrl import device
 from thinkrl.distributed.torch_dist import even_passes, fsdp_root
 from thinkrl.rollout import shared_prefix_len
+from thinkrl.rollout.packed import pack_completions, packable
 
 
 @dataclass
@@ -189,7 +193,7 @@ def completion_hidden(inner, mb: MicroBatch) -> Tensor:
     P = mb.prompt_len
     T = mb.mask.shape[1]
     mb = mb.to(inner.get_input_embeddings().weight.device)
-    if mb.prompt_ids is not None and mb.group_size > 1 and not _drops_cache(inner):
+    if mb.prompt_ids is not None and mb.group_size > 1 and packable(inner.config) and not _drops_cache(inner):
         return _grouped_hidden(inner, mb)  # [b, T, H]
     # Full rows: a grouped micro-batch holds them too (input_ids repeat each prompt G times).
     positions = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, P+T]; left padding shifts them
@@ -322,13 +326,9 @@ def _drops_cache(inner) -> bool:
 
 
 def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
-    """Hidden states that predict each completion token, running each prompt once.
-
-    The completions then run in (at most) two length buckets, each against its rows' copy
-    of the prompt keys/values: one long sample in a group would otherwise pad all G rows
-    of the micro-batch to its length (RL completions are mostly short with a long tail)."""
-    from transformers import DynamicCache
-
+    """Hidden states that predict each completion token, running each prompt once, then all
+    the completions packed in one pass, with no padding (thinkrl/rollout/packed.py), each
+    attending to its group's prompt keys/values."""
     G, P = mb.group_size, mb.prompt_len
     last, prompt_kv, kv_mask = _prompt_pass(inner, mb.prompt_ids, mb.prompt_mask)
     b, T = mb.mask.shape
@@ -338,26 +338,53 @@ def _grouped_hidden(inner, mb: MicroBatch) -> Tensor:
         return last[:, None]
     c_ids = mb.input_ids[:, P:]  # [b, T]
     start = mb.prompt_mask.sum(-1)[group]  # [b] true prompt lengths
-    hidden = last.new_zeros(b, T, last.shape[-1])  # [b, T, H]
-    for rows in _length_buckets(mb.mask.sum(-1).long()):
-        Tk = max(int(mb.mask[rows].sum(-1).max()), 1)
-        h = last[rows][:, None]  # [bk, 1, H]
-        if Tk > 1:
-            cache = DynamicCache()
-            for i, (k, v) in enumerate(prompt_kv):
-                cache.update(k[group[rows]], v[group[rows]], i)  # differentiable copy per row
-            attn = torch.cat([kv_mask[group[rows]], mb.attention_mask[rows, P : P + Tk - 1]], 1)
-            pos = start[rows, None] + torch.arange(Tk - 1, device=start.device)[None]  # [bk, Tk-1]
-            rest = inner(
-                input_ids=c_ids[rows, : Tk - 1],
-                attention_mask=attn,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state  # [bk, Tk-1, H]
-            h = torch.cat([h, rest], 1)  # [bk, Tk, H]
-        hidden = hidden.index_put((rows,), F.pad(h, (0, 0, 0, T - Tk)))
-    return hidden
+    layout = pack_completions(c_ids, mb.mask.bool(), group, kv_mask.bool(), start)
+    rest = _packed_pass(inner, layout, prompt_kv)  # [n, H]
+    out = last.new_zeros(b, T - 1, last.shape[-1]).masked_scatter(layout.keep[..., None], rest)
+    return torch.cat([last[:, None], out], 1)  # [b, T, H]
+
+
+PACKED_ATTENTION = "thinkrl_packed"  # the name of packed attention in transformers' registry
+
+
+def _packed_pass(inner, layout, prompt_kv: list) -> Tensor:
+    """Run the packed tokens of ``layout`` through the decoder, each attending to its group's
+    prompt keys/values ``prompt_kv`` (per layer, [g, nkv, P, hd]); returns [n, H]. The layers
+    run as they are; only their attention function is swapped, for this call."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    config = inner.config
+    eager = device.train_attention(str(layout.ids.device)) == "eager"  # plain matmuls on the CPU
+    run = {"layout": layout, "prompt_kv": prompt_kv, "eager": eager, "layers": set()}
+    before = config._attn_implementation
+    config._attn_implementation = PACKED_ATTENTION
+    try:
+        out = inner(
+            input_ids=layout.ids[None], position_ids=layout.pos[None], use_cache=False, thinkrl_packed=run
+        ).last_hidden_state[0]
+    finally:
+        config._attn_implementation = before
+    if len(run["layers"]) != len(prompt_kv):
+        raise RuntimeError(
+            f"{type(inner).__name__}: {len(run['layers'])} of {len(prompt_kv)} layers ran the packed "
+            "attention; this model cannot run packed completions"
+        )
+    return out
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, thinkrl_packed=None, **kwargs):
+    """transformers' attention interface for :func:`_packed_pass`: ``query`` [1, nh, n, hd]
+    and ``key``/``value`` [1, nkv, n, hd] of the packed tokens, after RoPE; returns the
+    attention output [1, n, nh, hd] (and no weights)."""
+    if thinkrl_packed is None or kwargs.get("softcap") is not None:
+        raise RuntimeError("packed attention runs only inside _packed_pass, without a logit soft-cap")
+    pk, pv = thinkrl_packed["prompt_kv"][module.layer_idx]
+    thinkrl_packed["layers"].add(module.layer_idx)
+    out = thinkrl_packed["layout"].attend(
+        query, key, value, pk, pv, scale=scaling, eager=thinkrl_packed["eager"]
+    )
+    return out.transpose(1, 2), None
 
 
 def _prompt_pass(inner, ids: Tensor, mask: Tensor) -> tuple[Tensor, list, Tensor]:
@@ -401,17 +428,3 @@ def _prompt_pass(inner, ids: Tensor, mask: Tensor) -> tuple[Tensor, list, Tensor
         input_ids=t_ids, attention_mask=kv_mask, position_ids=pos, past_key_values=cache, use_cache=True
     )
     return out.last_hidden_state[:, -1], [(c.keys, c.values) for c in out.past_key_values.layers], kv_mask
-
-
-def _length_buckets(lengths: Tensor) -> list[Tensor]:
-    """Split rows into one or two buckets by length, choosing the split that minimises the
-    padded area sum(bucket rows x bucket max length)."""
-    order = torch.argsort(lengths, stable=True)
-    ls = lengths[order].tolist()
-    n = len(ls)
-    best, cut = n * ls[-1], n
-    for k in range(1, n):
-        area = k * ls[k - 1] + (n - k) * ls[-1]
-        if area < best:
-            best, cut = area, k
-    return [order[:cut], order[cut:]] if cut < n else [order]
