@@ -52,7 +52,7 @@ class Packed:
         and values ``pk``, ``pv`` [g, nkv, P, hd] and the packed keys and values ``k``, ``v``
         [1, nkv, n, hd] of their own row, up to their own position; returns [1, nh, n, hd].
 
-        ``eager``: plain matmuls and a softmax in fp32, whose backward beats the fused kernel's on
+        ``eager``: plain matmuls and a softmax in fp32 (fp64 for fp64 inputs), whose backward beats the fused kernel's on
         the CPU (``device.train_attention``); otherwise ``scaled_dot_product_attention``."""
         nh, hd, nkv = q.shape[1], q.shape[3], k.shape[1]
         rep = nh // nkv  # query heads per key head: head h reads key head h // rep
@@ -66,7 +66,8 @@ class Packed:
             if eager:
                 s = torch.matmul(qj.reshape(nkv, rep * m, hd), kj.transpose(1, 2)) * scale  # [nkv, rep m, K]
                 s = s.view(nkv, rep, m, K).masked_fill(~mask, float("-inf"))
-                p = torch.softmax(s.float(), -1).to(qj.dtype).view(nkv, rep * m, K)
+                p = torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), -1)  # fp32 at least
+                p = p.to(qj.dtype).view(nkv, rep * m, K)
                 outs.append(torch.matmul(p, vj).view(nh, m, hd))
             else:
                 outs.append(

@@ -237,7 +237,7 @@ def _token_logps(model, mb: MicroBatch, *, temperature, bf16, with_entropy, entr
     logp, ent = HeadLogProbs.apply(
         hidden[keep], head.weight, targets, temperature, bf16, want_ent
     )  # [n] each
-    zeros = hidden.new_zeros(keep.shape, dtype=torch.float32)  # [b, T]
+    zeros = hidden.new_zeros(keep.shape, dtype=logp.dtype)  # [b, T]
     entropy = None
     if want_ent:
         entropy = zeros.masked_scatter(
@@ -265,8 +265,9 @@ class HeadLogProbs(torch.autograd.Function):
         ctx, h: Tensor, weight: Tensor, targets: Tensor, temperature: float, bf16: bool, with_entropy: bool
     ):
         n = h.shape[0]
-        w = weight.detach().to(torch.bfloat16 if bf16 else torch.float32)  # [V, H]
-        logp, lse, ent = (torch.zeros(n, device=h.device) for _ in range(3))  # [n] each
+        w = weight.detach().to(HeadLogProbs._matmul_dtype(weight, bf16))  # [V, H]
+        acc = torch.promote_types(w.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+        logp, lse, ent = (torch.zeros(n, device=h.device, dtype=acc) for _ in range(3))  # [n] each
         for s in range(0, n, HeadLogProbs.CHUNK):
             e = min(n, s + HeadLogProbs.CHUNK)
             z = HeadLogProbs._logits(h[s:e], w, temperature)  # [c, V] fp32
@@ -282,15 +283,21 @@ class HeadLogProbs(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    def _matmul_dtype(weight: Tensor, bf16: bool) -> torch.dtype:
+        """bf16 under autocast, else fp32 (fp64 for an fp64 model, the tests' exact reference)."""
+        return torch.bfloat16 if bf16 else torch.promote_types(weight.dtype, torch.float32)
+
+    @staticmethod
     def _logits(h: Tensor, w: Tensor, temperature: float) -> Tensor:
-        z = torch.matmul(h.to(w.dtype), w.t()).float()  # [c, V]
+        z = torch.matmul(h.to(w.dtype), w.t())  # [c, V]
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
         return z.div_(temperature) if temperature != 1.0 else z
 
     @staticmethod
     def backward(ctx, g_logp: Tensor, g_ent: Tensor):
         h, weight, targets, lse, ent = ctx.saved_tensors
         t = ctx.temperature
-        w = weight.detach().to(torch.bfloat16 if ctx.bf16 else torch.float32)  # [V, H]
+        w = weight.detach().to(HeadLogProbs._matmul_dtype(weight, ctx.bf16))  # [V, H]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = h.shape[0]
         gz_all = torch.empty(
