@@ -4,9 +4,9 @@ Same model (smollm2-135m, the plain fp32 copy thinkrl caches), same prompts (the
 default task's), same settings: 8 prompts x 8 generations, at most 128 new tokens,
 temperature 1.0, beta = 0.04 (so both keep a reference model), one optimizer step per
 batch (micro-batches: 16 for TRL, thinkrl's default 32), and one dtype for both: bf16
-where the CPU has bf16 instructions, fp32 otherwise (``thinkrl/device.py`` decides;
-``--dtype`` overrides; printed). TRL gets its best CPU settings (no gradient
-checkpointing).
+where the CPU has bf16 instructions that time faster than fp32, fp32 otherwise
+(``thinkrl/device.py`` decides; ``--dtype`` overrides; printed). TRL gets its best CPU
+settings (no gradient checkpointing).
 
 TRL is not a thinkrl dependency; install it for this benchmark only:
 
@@ -219,7 +219,7 @@ def main() -> None:
         "--dtype",
         default="auto",
         choices=["auto", "bf16", "fp32"],
-        help="both sides' dtype; auto: bf16 where the CPU has it natively, else fp32",
+        help="both sides' dtype; auto: bf16 where the CPU has it natively and it times faster, else fp32",
     )
     ap.add_argument("--side", choices=["thinkrl", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -2,8 +2,8 @@
 
 Same model, same prompts (the default task's chat prompts), same sampling settings
 (temperature 1.0, no top-p/top-k), in the dtype ``thinkrl/device.py`` picks for this CPU (bf16
-where it has bf16 instructions, fp32 otherwise; ``--dtype`` overrides), the same for every
-engine, and printed. Two workloads:
+where it has bf16 instructions that time faster than fp32, fp32 otherwise; ``--dtype``
+overrides), the same for every engine, and printed. Two workloads:
 
 - ``fixed``: 64 sequences x exactly 128 new tokens (end-of-sequence banned until then,
   ``min_new_tokens`` in both engines): the issue's yardstick, every row does the same work;

@@ -22,13 +22,54 @@ def fake_plan(monkeypatch):
     return make
 
 
-def test_auto_picks_bf16_only_where_it_is_native(fake_plan):
-    # AMX or AVX512-BF16: bf16; AVX-512 without BF16 (oneDNN emulates it, ~4x slower than
-    # fp32 on Ice Lake): fp32; AVX2 only (no bf16 at all): fp32.
-    for native, runs, want in ((True, True, True), (False, True, False), (False, False, False)):
-        fake_plan(native_bf16=native, bf16_runs=runs, forced_off=())
-        assert device.use_bf16("auto") is want
+def test_auto_picks_bf16_only_where_it_is_native_and_measured_faster(fake_plan):
+    # AMX (~9x fp32's rate) or Zen 4's AVX512-BF16 (~2.1x): bf16; AVX512-BF16 on a Xeon whose
+    # AMX is hidden (~0.5x) or just under the bar: fp32; AVX-512 without BF16 (oneDNN emulates
+    # it, ~4x slower than fp32 on Ice Lake): fp32; AVX2 only (no bf16 at all): fp32.
+    cases = [
+        (True, True, 9.0, True),
+        (True, True, 2.1, True),
+        (True, True, device.BF16_PAYS, True),
+        (True, True, 0.5, False),
+        (True, True, device.BF16_PAYS - 0.01, False),
+        (False, True, None, False),
+        (False, False, None, False),
+    ]
+    for native, runs, speedup, want in cases:
+        p = fake_plan(native_bf16=native, bf16_runs=runs, bf16_speedup=speedup, forced_off=())
+        assert device.use_bf16("auto") is want, (native, runs, speedup)
         assert device.use_bf16("fp32") is False
+        assert ("dtype=auto is bf16" in p.describe()) is want
+
+
+def test_bf16_asked_for_where_it_measured_slower_is_honoured_with_a_warning(fake_plan, caplog):
+    p = fake_plan(native_bf16=True, bf16_runs=True, bf16_speedup=0.48, forced_off=())
+    with caplog.at_level("WARNING"):
+        assert device.use_bf16("bf16") is True
+    assert "0.48x the fp32 rate" in caplog.text
+    assert "bf16 native, 0.48x fp32's matmul rate" in p.describe()
+
+
+def test_the_bf16_timing_is_a_ratio_of_two_real_matmul_rates(monkeypatch):
+    """The probe times torch.mm in both dtypes on the same shapes: with the clock stubbed so
+    every bf16 call takes 1 unit and every fp32 call 3, the ratio is exactly 3."""
+    import time
+
+    calls, clock = [], [0.0]
+    real_mm = torch.mm
+
+    def mm(a, b):
+        calls.append(a.dtype)
+        clock[0] += 1.0 if a.dtype == torch.bfloat16 else 3.0
+        return real_mm(a, b)
+
+    def perf_counter():
+        return clock[0]
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(time, "perf_counter", perf_counter)
+    assert device._bf16_speedup(rows=8, inner=16, out=32, reps=4) == pytest.approx(3.0)
+    assert calls.count(torch.float32) == calls.count(torch.bfloat16) == 5  # 1 warm-up + 4 timed each
 
 
 def test_bf16_where_it_cannot_run_is_one_clear_error(fake_plan):
@@ -58,6 +99,9 @@ def test_the_plan_matches_what_torch_reports():
     assert p.capability == torch.backends.cpu.get_cpu_capability()
     if p.native_bf16:
         assert p.bf16_runs  # native bf16 implies oneDNN's bf16 kernels
+        assert p.bf16_speedup is not None and p.bf16_speedup > 0  # and its rate was timed
+    else:
+        assert p.bf16_speedup is None
     if p.onednn_prepack:  # a probe that passed means the op really runs here
         w = torch.randn(16, 8).bfloat16()
         torch.ops.mkldnn._reorder_linear_weight(w, 4)

@@ -5,13 +5,16 @@ CPUs differ more than their ``torch`` build suggests. Seen on this project's mac
 
 - Intel with AMX, and AMD Zen 4 with AVX512-BF16: bf16 matmuls run natively, 2-8x the
   fp32 rate;
+- an Intel Xeon whose AMX the hypervisor hides (AVX512-BF16 only): bf16 runs natively but at
+  half the fp32 rate;
 - Intel Ice Lake (AVX-512 without BF16): oneDNN *emulates* bf16, at a quarter of the
   fp32 rate, so bf16 there is a slowdown, not a speed-up;
 - AMD with AVX2 only: no bf16 kernels at all, and oneDNN's bf16 weight prepack raises.
 
 So ``dtype=auto`` means bf16 only where the CPU has bf16 instructions (AVX512-BF16 or
-AMX on x86, the BF16 extension on Arm), fp32 everywhere else, and each fast path is
-probed once, by running it, rather than assumed:
+AMX on x86, the BF16 extension on Arm) *and* a bf16 matmul, timed once against an fp32 one,
+runs at least ``BF16_PAYS`` times faster; fp32 everywhere else. Each fast path is probed
+once, by running it, rather than assumed:
 
 - ``onednn_prepack``: oneDNN's prepacked bf16 linear (the engine's bf16 weights);
 - ``onednn_fp32_prepack``: oneDNN's prepacked fp32 linear (the engine's fp32 weights, first
@@ -63,11 +66,22 @@ class CpuPlan:
     mkl_prepack: bool  # MKL's packed fp32 linear runs and agrees with F.linear
     kernel: bool  # the C decode-attention kernel may be built and tried
     forced_off: tuple[str, ...] = ()  # switches set to 0 in the environment
+    # bf16 matmul rate / fp32 matmul rate, measured at a training shape where bf16 is native
+    # (None: not measured, bf16 is not native here)
+    bf16_speedup: float | None = None
+
+    @property
+    def bf16_pays(self) -> bool:
+        """Native bf16 that also runs clearly faster than fp32 here. Not every CPU with the
+        instructions does: on an Intel Xeon whose AMX the hypervisor hides (AVX512-BF16 only,
+        2026-12-07), oneDNN's bf16 matmul ran at half the fp32 rate."""
+        return self.native_bf16 and (self.bf16_speedup is None or self.bf16_speedup >= BF16_PAYS)
 
     @property
     def auto_bf16(self) -> bool:
-        """What ``dtype=auto`` picks: bf16 only where it is native (and not switched off)."""
-        return self.native_bf16 and "THINKRL_BF16" not in self.forced_off
+        """What ``dtype=auto`` picks: bf16 only where it is native and measured faster than
+        fp32 (and not switched off)."""
+        return self.bf16_pays and "THINKRL_BF16" not in self.forced_off
 
     def describe(self) -> str:
         fp = [
@@ -81,13 +95,23 @@ class CpuPlan:
             if on
         ]
         off = f"; forced off: {', '.join(self.forced_off)}" if self.forced_off else ""
+        bf16 = "native" if self.native_bf16 else "emulated" if self.bf16_runs else "none"
+        if self.native_bf16 and self.bf16_speedup is not None:
+            bf16 += f", {self.bf16_speedup:.2g}x fp32's matmul rate"
         return (
-            f"{self.cpu} ({self.capability}, bf16 {'native' if self.native_bf16 else 'emulated' if self.bf16_runs else 'none'}): "
+            f"{self.cpu} ({self.capability}, bf16 {bf16}): "
             f"dtype=auto is {'bf16' if self.auto_bf16 else 'fp32'}; fast paths: {', '.join(fp) or 'none'}{off}"
         )
 
 
 SWITCHES = ("THINKRL_BF16", "THINKRL_PREPACK", "THINKRL_ONEDNN_FP32", "THINKRL_KERNELS")
+
+# dtype=auto takes bf16 only where its matmuls run at least this many times the fp32 rate:
+# bf16 costs precision (the engine's log-probs then differ from the training forward's by up
+# to ~0.3, against 1e-4 in fp32), so it must buy a clear speed-up. Measured at 2048^3 on the
+# project's CPUs (docs/speed.md): AMX 1815 vs ~200 GFLOP/s; Zen 4 AVX512-BF16 390 vs 185;
+# an Intel Xeon with AVX512-BF16 but its AMX hidden, 158 vs 331.
+BF16_PAYS = 1.25
 
 
 def _off(name: str) -> bool:
@@ -120,6 +144,26 @@ def _native_bf16() -> bool:
     return False
 
 
+def _bf16_speedup(rows: int = 256, inner: int = 576, out: int = 1536, reps: int = 5) -> float:
+    """bf16's matmul rate over fp32's at a training shape (smollm2-135m's MLP up-projection
+    on ``rows`` tokens), on this process's threads: the best of ``reps`` interleaved timings
+    each, after a warm-up (about 30 ms in all on a 2-core CPU)."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(rows, inner, generator=g), torch.randn(inner, out, generator=g)
+    pairs = {torch.float32: (a32, b32), torch.bfloat16: (a32.bfloat16(), b32.bfloat16())}
+    for a, b in pairs.values():  # warm-up: oneDNN builds its kernels on the first call
+        torch.mm(a, b)
+    best = dict.fromkeys(pairs, float("inf"))
+    for _ in range(reps):
+        for dt, (a, b) in pairs.items():  # interleaved, so a busy moment slows both alike
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best[dt] = min(best[dt], time.perf_counter() - t)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
 def _bf16_runs() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -140,6 +184,15 @@ def _probe(name: str, fn) -> bool:
     except Exception as e:  # noqa: BLE001
         log.info("%s unavailable on this CPU (%s)", name, str(e).splitlines()[0][:200])
         return False
+
+
+def _probe_value(name: str, fn):
+    """``fn()``, or None where it fails (a private op missing from this build)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        log.info("%s unavailable on this CPU (%s)", name, str(e).splitlines()[0][:200])
+        return None
 
 
 class Packer:
@@ -187,11 +240,14 @@ def plan() -> CpuPlan:
     forced = tuple(n for n in SWITCHES if _off(n))
     bf16_runs = _bf16_runs()
     prepack_ok = "THINKRL_PREPACK" not in forced
+    # instructions oneDNN may not use (ONEDNN_MAX_CPU_ISA below them) are not native bf16 for us
+    native = _native_bf16() and bf16_runs
+    speedup = _probe_value("bf16 matmul timing", _bf16_speedup) if native else None
     return CpuPlan(
-        # instructions oneDNN may not use (ONEDNN_MAX_CPU_ISA below them) are not native bf16 for us
         cpu=_cpu_name(),
         capability=torch.backends.cpu.get_cpu_capability(),
-        native_bf16=_native_bf16() and bf16_runs,
+        native_bf16=native,
+        bf16_speedup=speedup,
         bf16_runs=bf16_runs,
         onednn_prepack=prepack_ok
         and bf16_runs
@@ -242,6 +298,12 @@ def use_bf16(dtype: str, dev: str = "cpu") -> bool:
             log.warning(
                 "dtype=bf16 on a CPU without bf16 instructions: oneDNN emulates it, "
                 "typically slower than fp32 (dtype=auto would pick fp32)"
+            )
+        elif not p.bf16_pays:
+            log.warning(
+                "dtype=bf16 on a CPU whose bf16 matmuls measured %.2gx the fp32 rate "
+                "(dtype=auto would pick fp32)",
+                p.bf16_speedup,
             )
         return True
     return p.auto_bf16
