@@ -177,22 +177,18 @@ def agrees(got: Tensor, want: Tensor, tol: float) -> bool:
     return bool(torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()))
 
 
-def _probe(name: str, fn) -> bool:
-    """Run a private op once on small inputs; any failure means: do without it."""
-    try:
-        return bool(fn())
-    except Exception as e:  # noqa: BLE001
-        log.info("%s unavailable on this CPU (%s)", name, str(e).splitlines()[0][:200])
-        return False
-
-
 def _probe_value(name: str, fn):
-    """``fn()``, or None where it fails (a private op missing from this build)."""
+    """``fn()``, or None where it fails (a private op missing from this build), logged."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001
         log.info("%s unavailable on this CPU (%s)", name, str(e).splitlines()[0][:200])
         return None
+
+
+def _probe(name: str, fn) -> bool:
+    """Run a private op once on small inputs; any failure means: do without it."""
+    return bool(_probe_value(name, fn))
 
 
 class Packer:

@@ -220,7 +220,7 @@ def _grouped_equals_full_rows(model, tok):
 
     The shaken weights give log-probs of size ~19, where fp32 rounding alone moves either
     path by 1-3e-5 from the fp64 value, and by a different amount on each CPU's kernels
-    (2026-12-07, Intel Xeon with AMX, uncapped and capped at AVX2). So the two layouts are
+    (2026-12-07, an Intel Xeon with AVX512-BF16 and no AMX, uncapped and capped at AVX2). So the two layouts are
     compared in fp64, where rounding cannot hide a real difference: log-probs to 1e-10. The
     gradients keep the fp32 tolerance, since transformers' RMSNorm computes in fp32 whatever
     the model's dtype (its backward then sums in fp32, in each layout's own order)."""

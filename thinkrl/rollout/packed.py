@@ -52,8 +52,9 @@ class Packed:
         and values ``pk``, ``pv`` [g, nkv, P, hd] and the packed keys and values ``k``, ``v``
         [1, nkv, n, hd] of their own row, up to their own position; returns [1, nh, n, hd].
 
-        ``eager``: plain matmuls and a softmax in fp32 (fp64 for fp64 inputs), whose backward beats the fused kernel's on
-        the CPU (``device.train_attention``); otherwise ``scaled_dot_product_attention``."""
+        ``eager``: plain matmuls and a softmax in fp32 (fp64 for fp64 inputs), whose backward
+        beats the fused kernel's on the CPU (``device.train_attention``); otherwise
+        ``scaled_dot_product_attention``."""
         nh, hd, nkv = q.shape[1], q.shape[3], k.shape[1]
         rep = nh // nkv  # query heads per key head: head h reads key head h // rep
         scale = hd**-0.5 if scale is None else scale

@@ -255,7 +255,7 @@ class HeadLogProbs(torch.autograd.Function):
     With z = h W^T / t, p = softmax(z), lse = log sum exp z, H = -sum p log p:
       d logp[y] / dz = onehot(y) - p,      dH / dz = -p (log p + H),
     and dz/dh = W / t, dz/dW = h / t. The matmuls run in bf16 when ``bf16`` (as under
-    autocast), the softmax algebra in fp32.
+    autocast), the softmax algebra in fp32 (all of it in fp64 for an fp64 model).
     """
 
     CHUNK = 128  # positions per chunk: [128, V] fp32 logits stay under glibc's 32 MB mmap limit
@@ -270,7 +270,7 @@ class HeadLogProbs(torch.autograd.Function):
         logp, lse, ent = (torch.zeros(n, device=h.device, dtype=acc) for _ in range(3))  # [n] each
         for s in range(0, n, HeadLogProbs.CHUNK):
             e = min(n, s + HeadLogProbs.CHUNK)
-            z = HeadLogProbs._logits(h[s:e], w, temperature)  # [c, V] fp32
+            z = HeadLogProbs._logits(h[s:e], w, temperature)  # [c, V] fp32 (fp64)
             lse[s:e] = torch.logsumexp(z, -1)
             logp[s:e] = z.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
             if with_entropy:
