@@ -4,6 +4,7 @@
 # to look like an AVX2-only one (x86 with AVX2: MKL, oneDNN and ATen capped at AVX2, the C
 # kernel built for haswell), so every machine checks the slowest CPU's paths too.
 set -euo pipefail
+THINKRL_EXTRAS=test
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ruff format --check thinkrl tests benchmarks scripts
